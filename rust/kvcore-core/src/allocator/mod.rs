@@ -1,0 +1,549 @@
+//! The fixed-budget paged block allocator.
+//!
+//! A pool of `num_blocks` physical blocks of `block_size` token slots backs any number of
+//! *tables*. A table is the ordered list of blocks that holds one stream of tokens: a whole
+//! sequence, or one (sequence, layer, kv-head) stream when budgets differ per head.
+//!
+//! ```text
+//!   table 7: blocks [4, 9, 2]   block_size 4   num_tokens 10
+//!
+//!   position   0  1  2  3 | 4  5  6  7 | 8  9  .  .
+//!   block      4  4  4  4 | 9  9  9  9 | 2  2  (free slots)
+//!   slot      16 17 18 19 |36 37 38 39 | 8  9
+//!             slot = block_id * block_size + offset
+//! ```
+//!
+//! Outcomes, following vLLM's convention: running out of blocks is an expected outcome
+//! ([`KvError::OutOfBlocks`], nothing changed); a bad table id or bad positions is a caller
+//! error; [`KvError::InvariantViolation`] is an allocator bug. Every method that can fail
+//! validates and checks capacity *before* it mutates anything, so a failed call leaves the
+//! allocator exactly as it was.
+
+mod compact;
+mod export;
+mod invariants;
+mod pool;
+mod prefix;
+
+use crate::error::{KvError, Result};
+use pool::{BlockHash, BlockPool};
+
+pub use compact::{CompactionPlan, Keep};
+pub use export::{FlashInferLayout, VllmLayout};
+
+/// A physical block id; `0` is the null block.
+pub type BlockId = u32;
+/// An opaque table handle: `(generation << 32) | slot index`, never negative.
+pub type TableId = i64;
+/// The null block: never handed out, used as padding in exported block tables.
+pub const NULL_BLOCK: BlockId = 0;
+
+/// Largest pool: block ids are exported as int32.
+const MAX_NUM_BLOCKS: usize = i32::MAX as usize;
+/// Table slots are retired instead of reused once their generation reaches this value, so
+/// ids stay positive and a stale id can never alias a newer table.
+const MAX_GENERATION: u32 = i32::MAX as u32;
+
+#[derive(Clone, Default, Debug)]
+pub(crate) struct Table {
+    pub(crate) blocks: Vec<BlockId>,
+    pub(crate) num_tokens: usize,
+    /// Chain hashes of the leading full blocks whose contents are known (registered or
+    /// adopted); `hashes.len() <= num_tokens / block_size`.
+    pub(crate) hashes: Vec<BlockHash>,
+}
+
+#[derive(Clone)]
+struct TableSlot {
+    generation: u32,
+    table: Option<Table>,
+    /// Last batch call that touched this slot; rejects a table listed twice in one batch.
+    stamp: u64,
+}
+
+/// What `append` did besides handing out slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// `Some((src, dst))` when the table's last block was shared: the table now points at
+    /// the private block `dst`, and the caller must copy block `src` into block `dst` in
+    /// every K/V pool before writing the new slots.
+    pub cow: Option<(BlockId, BlockId)>,
+}
+
+/// Counts for monitoring; `num_free + num_cached + num_used == capacity` always holds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AllocatorStats {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    /// `num_blocks - 1`: the null block is not usable.
+    pub capacity: usize,
+    /// Unreferenced blocks that hold no cached prefix; handed out first.
+    pub num_free_blocks: usize,
+    /// Unreferenced blocks that still hold a cached prefix; reclaimed in LRU order.
+    pub num_cached_blocks: usize,
+    /// Blocks referenced by at least one table.
+    pub num_used_blocks: usize,
+    /// Blocks referenced by two or more tables.
+    pub num_shared_blocks: usize,
+    pub num_tables: usize,
+    /// `num_used_blocks / capacity`.
+    pub usage: f64,
+}
+
+/// The allocator. Not internally synchronised: the bindings wrap it in a `Mutex`.
+#[derive(Clone)]
+pub struct BlockAllocator {
+    block_size: usize,
+    pool: BlockPool,
+    slots: Vec<TableSlot>,
+    free_slots: Vec<u32>,
+    num_tables: usize,
+    batch_stamp: u64,
+    /// Scratch buffer for keep positions, reused so compaction allocates nothing per call.
+    scratch_keep: Vec<i64>,
+}
+
+impl BlockAllocator {
+    /// A pool of `num_blocks` blocks (block 0 is the null block, so `num_blocks - 1` are
+    /// usable) of `block_size` token slots each.
+    ///
+    /// Errors: `InvalidArgument` when `num_blocks < 2`, `block_size == 0`, or slot ids would
+    /// not fit int64 / block ids int32.
+    pub fn new(num_blocks: usize, block_size: usize) -> Result<Self> {
+        if num_blocks < 2 {
+            return Err(KvError::InvalidArgument(format!(
+                "num_blocks must be at least 2 (block 0 is the reserved null block), got {num_blocks}"
+            )));
+        }
+        if num_blocks > MAX_NUM_BLOCKS {
+            return Err(KvError::InvalidArgument(format!(
+                "num_blocks must be at most {MAX_NUM_BLOCKS} (block ids are int32), got {num_blocks}"
+            )));
+        }
+        if block_size == 0 {
+            return Err(KvError::InvalidArgument(
+                "block_size must be positive, got 0".into(),
+            ));
+        }
+        if num_blocks
+            .checked_mul(block_size)
+            .is_none_or(|s| s > i64::MAX as usize)
+        {
+            return Err(KvError::InvalidArgument(format!(
+                "num_blocks * block_size must fit in int64 slot ids, got {num_blocks} * {block_size}"
+            )));
+        }
+        Ok(BlockAllocator {
+            block_size,
+            pool: BlockPool::new(num_blocks),
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            num_tables: 0,
+            batch_stamp: 0,
+            scratch_keep: Vec::new(),
+        })
+    }
+
+    #[inline]
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    #[inline]
+    pub fn num_blocks(&self) -> usize {
+        self.pool.ref_cnt.len()
+    }
+
+    /// Blocks an allocation can take now (free plus reclaimable cached).
+    #[inline]
+    pub fn num_available_blocks(&self) -> usize {
+        self.pool.num_available()
+    }
+
+    /// Reference count of every block, indexed by block id (entry 0 is the null block).
+    pub fn ref_counts(&self) -> &[u32] {
+        &self.pool.ref_cnt
+    }
+
+    /// The free queue from front (next handed out) to back, for tests and debugging.
+    pub fn free_queue(&self) -> Vec<BlockId> {
+        self.pool.queue()
+    }
+
+    pub fn stats(&self) -> AllocatorStats {
+        let capacity = self.pool.capacity();
+        let used = capacity - self.pool.num_free - self.pool.num_cached;
+        AllocatorStats {
+            num_blocks: self.num_blocks(),
+            block_size: self.block_size,
+            capacity,
+            num_free_blocks: self.pool.num_free,
+            num_cached_blocks: self.pool.num_cached,
+            num_used_blocks: used,
+            num_shared_blocks: self.pool.num_shared,
+            num_tables: self.num_tables,
+            usage: used as f64 / capacity as f64,
+        }
+    }
+
+    // ----------------------------------------------------------------------------------
+    // Table handles
+    // ----------------------------------------------------------------------------------
+
+    #[inline]
+    fn slot_index(&self, id: TableId) -> Result<usize> {
+        if id < 0 {
+            return Err(KvError::UnknownTable(id));
+        }
+        let idx = (id as u64 & 0xffff_ffff) as usize;
+        let generation = (id as u64 >> 32) as u32;
+        match self.slots.get(idx) {
+            Some(s) if s.generation == generation && s.table.is_some() => Ok(idx),
+            Some(s) if generation < s.generation => Err(KvError::TableFreed(id)),
+            _ => Err(KvError::UnknownTable(id)),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn table(&self, id: TableId) -> Result<&Table> {
+        let idx = self.slot_index(id)?;
+        Ok(self.slots[idx].table.as_ref().expect("checked by slot_index"))
+    }
+
+    #[inline]
+    fn table_at(&self, idx: usize) -> &Table {
+        self.slots[idx].table.as_ref().expect("live slot")
+    }
+
+    /// Resolves a batch of ids to slot indices, rejecting duplicates; mutates nothing but
+    /// the batch stamps (which carry no state between calls).
+    fn batch_indices(&mut self, ids: &[TableId], out: &mut Vec<usize>) -> Result<()> {
+        self.batch_stamp += 1;
+        let stamp = self.batch_stamp;
+        out.clear();
+        out.reserve(ids.len());
+        for &id in ids {
+            let idx = self.slot_index(id)?;
+            if self.slots[idx].stamp == stamp {
+                return Err(KvError::InvalidArgument(format!(
+                    "table {id} appears more than once in the batch"
+                )));
+            }
+            self.slots[idx].stamp = stamp;
+            out.push(idx);
+        }
+        Ok(())
+    }
+
+    fn insert_table(&mut self, table: Table) -> TableId {
+        self.num_tables += 1;
+        if let Some(idx) = self.free_slots.pop() {
+            let slot = &mut self.slots[idx as usize];
+            slot.table = Some(table);
+            ((slot.generation as i64) << 32) | idx as i64
+        } else {
+            let idx = self.slots.len();
+            assert!(idx < u32::MAX as usize, "more than 2^32 live tables");
+            self.slots.push(TableSlot {
+                generation: 0,
+                table: Some(table),
+                stamp: 0,
+            });
+            idx as i64
+        }
+    }
+
+    /// Creates an empty table. Never fails: an empty table holds no blocks.
+    pub fn create_table(&mut self) -> TableId {
+        self.insert_table(Table::default())
+    }
+
+    /// Number of tokens in the table.
+    pub fn num_tokens(&self, id: TableId) -> Result<usize> {
+        Ok(self.table(id)?.num_tokens)
+    }
+
+    /// The table's block ids in order.
+    pub fn block_table(&self, id: TableId) -> Result<&[BlockId]> {
+        Ok(&self.table(id)?.blocks)
+    }
+
+    /// Appends the slot id of every token of the table, in order, to `out`.
+    pub fn slots(&self, id: TableId, out: &mut Vec<i64>) -> Result<()> {
+        let t = self.table(id)?;
+        self.push_slots(t, 0, t.num_tokens, out);
+        Ok(())
+    }
+
+    #[inline]
+    fn push_slots(&self, t: &Table, start: usize, end: usize, out: &mut Vec<i64>) {
+        let bs = self.block_size;
+        out.reserve(end - start);
+        for pos in start..end {
+            out.push((t.blocks[pos / bs] as usize * bs + pos % bs) as i64);
+        }
+    }
+
+    // ----------------------------------------------------------------------------------
+    // Append, fork, free
+    // ----------------------------------------------------------------------------------
+
+    /// Blocks that appending `n` tokens to a table of `num_tokens` tokens takes from the
+    /// pool, counting the copy-on-write block when the partial last block is shared.
+    #[inline]
+    fn blocks_for_append(&self, t: &Table, n: usize) -> Option<usize> {
+        if n == 0 {
+            return Some(0);
+        }
+        let bs = self.block_size;
+        let used_in_last = t.num_tokens % bs;
+        let (room, cow) = if used_in_last == 0 {
+            (0, 0)
+        } else {
+            let last = *t.blocks.last().expect("partial table has a block");
+            (bs - used_in_last, usize::from(self.pool.ref_cnt[last as usize] > 1))
+        };
+        let rest = n.saturating_sub(room);
+        let fresh = rest.div_ceil(bs);
+        // Reject lengths whose slot ids could not be represented at all.
+        t.num_tokens.checked_add(n)?;
+        fresh.checked_add(cow)
+    }
+
+    /// Blocks `append(id, n)` would take from the pool right now (0 for `n == 0`).
+    pub fn blocks_needed(&self, id: TableId, n: usize) -> Result<usize> {
+        let t = self.table(id)?;
+        Ok(self.blocks_for_append(t, n).unwrap_or(usize::MAX))
+    }
+
+    fn out_of_blocks(&self, needed: usize) -> KvError {
+        KvError::OutOfBlocks {
+            needed,
+            available: self.pool.num_available(),
+            capacity: self.pool.capacity(),
+        }
+    }
+
+    /// Applies an append whose capacity was already checked.
+    fn append_at(&mut self, idx: usize, n: usize, out: &mut Vec<i64>) -> AppendOutcome {
+        let bs = self.block_size;
+        let mut table = self.slots[idx].table.take().expect("live slot");
+        let mut cow = None;
+        if n > 0 && table.num_tokens % bs != 0 {
+            let last_i = table.blocks.len() - 1;
+            let last = table.blocks[last_i];
+            if self.pool.ref_cnt[last as usize] > 1 {
+                let fresh = self.pool.pop();
+                self.pool.decref(last);
+                table.blocks[last_i] = fresh;
+                cow = Some((last, fresh));
+            } else {
+                // A partial block can still carry a hash when compaction shortened a shared
+                // full block and its other owners have since let go: its contents are about
+                // to change, so it leaves the prefix cache.
+                self.pool.unregister(last);
+            }
+        }
+        let start = table.num_tokens;
+        let end = start + n;
+        while table.blocks.len() * bs < end {
+            table.blocks.push(self.pool.pop());
+        }
+        table.num_tokens = end;
+        self.push_slots(&table, start, end, out);
+        self.slots[idx].table = Some(table);
+        AppendOutcome { cow }
+    }
+
+    /// Appends `n` token slots to a table and pushes their slot ids to `out`.
+    ///
+    /// Expected outcome: `OutOfBlocks` when the pool cannot supply the blocks (nothing
+    /// changed). Errors: unknown or freed table.
+    pub fn append(&mut self, id: TableId, n: usize, out: &mut Vec<i64>) -> Result<AppendOutcome> {
+        let idx = self.slot_index(id)?;
+        let needed = self
+            .blocks_for_append(self.table_at(idx), n)
+            .unwrap_or(usize::MAX);
+        if needed > self.pool.num_available() {
+            return Err(self.out_of_blocks(needed));
+        }
+        Ok(self.append_at(idx, n, out))
+    }
+
+    /// Appends `counts[i]` slots to `ids[i]` for every i, all or nothing.
+    ///
+    /// Slot ids go to `slots` table after table; `indptr` gets `ids.len() + 1` offsets into
+    /// it. Copy-on-write instructions go to `cow_src` / `cow_dst`.
+    ///
+    /// Errors: mismatched lengths, a table listed twice, unknown or freed tables, and the
+    /// expected `OutOfBlocks` when the whole batch does not fit (nothing changed).
+    pub fn append_batch(
+        &mut self,
+        ids: &[TableId],
+        counts: &[usize],
+        slots: &mut Vec<i64>,
+        indptr: &mut Vec<i64>,
+        cow_src: &mut Vec<BlockId>,
+        cow_dst: &mut Vec<BlockId>,
+    ) -> Result<()> {
+        if ids.len() != counts.len() {
+            return Err(KvError::InvalidArgument(format!(
+                "tables and counts must have the same length, got {} and {}",
+                ids.len(),
+                counts.len()
+            )));
+        }
+        let mut idxs = Vec::new();
+        self.batch_indices(ids, &mut idxs)?;
+        let mut needed = 0usize;
+        for (&idx, &n) in idxs.iter().zip(counts) {
+            needed = self
+                .blocks_for_append(self.table_at(idx), n)
+                .and_then(|b| needed.checked_add(b))
+                .unwrap_or(usize::MAX);
+        }
+        if needed > self.pool.num_available() {
+            return Err(self.out_of_blocks(needed));
+        }
+        indptr.reserve(ids.len() + 1);
+        indptr.push(slots.len() as i64);
+        for (&idx, &n) in idxs.iter().zip(counts) {
+            if let Some((s, d)) = self.append_at(idx, n, slots).cow {
+                cow_src.push(s);
+                cow_dst.push(d);
+            }
+            indptr.push(slots.len() as i64);
+        }
+        Ok(())
+    }
+
+    /// A new table sharing every block of `id` (ref counts go up; no block is taken).
+    /// Appending to either table later copies a shared partial last block on write.
+    pub fn fork(&mut self, id: TableId) -> Result<TableId> {
+        let child = self.table(id)?.clone();
+        for &b in &child.blocks {
+            self.pool.incref(b);
+        }
+        Ok(self.insert_table(child))
+    }
+
+    fn free_at(&mut self, idx: usize) {
+        let table = self.slots[idx].table.take().expect("live slot");
+        // Tail first: a cached tail block then sits ahead of its prefix in the LRU order and
+        // is evicted before it, as the prefix is the part most likely to be hit again.
+        for &b in table.blocks.iter().rev() {
+            self.pool.decref(b);
+        }
+        let slot = &mut self.slots[idx];
+        slot.generation += 1;
+        if slot.generation < MAX_GENERATION {
+            self.free_slots.push(idx as u32);
+        }
+        self.num_tables -= 1;
+    }
+
+    /// Frees a table: its blocks lose one reference each, tail first. Errors: unknown table,
+    /// or `TableFreed` on a double free.
+    pub fn free(&mut self, id: TableId) -> Result<()> {
+        let idx = self.slot_index(id)?;
+        self.free_at(idx);
+        Ok(())
+    }
+
+    /// Frees many tables, all or nothing (every id is validated first).
+    pub fn free_batch(&mut self, ids: &[TableId]) -> Result<()> {
+        let mut idxs = Vec::new();
+        self.batch_indices(ids, &mut idxs)?;
+        for idx in idxs {
+            self.free_at(idx);
+        }
+        Ok(())
+    }
+
+    // ----------------------------------------------------------------------------------
+    // Prefix caching
+    // ----------------------------------------------------------------------------------
+
+    /// Registers the table's full blocks that are not registered yet under their chained
+    /// hashes, so later tables can adopt them. `tokens` holds the token id of every position
+    /// of the table (`tokens.len() == num_tokens`). Returns how many blocks were newly
+    /// registered; a block whose hash already names another block is not registered again
+    /// (no de-duplication, as in vLLM), but the chain goes on through it.
+    ///
+    /// Pass the same `salt` for the whole life of a table.
+    pub fn register_prefix(
+        &mut self,
+        id: TableId,
+        tokens: &[i64],
+        salt: Option<&[u8]>,
+    ) -> Result<usize> {
+        let idx = self.slot_index(id)?;
+        let bs = self.block_size;
+        let n = self.table_at(idx).num_tokens;
+        if tokens.len() != n {
+            return Err(KvError::InvalidArgument(format!(
+                "token_ids must hold one id per token of the table ({n}), got {}",
+                tokens.len()
+            )));
+        }
+        let mut table = self.slots[idx].table.take().expect("live slot");
+        let num_full = table.num_tokens / bs;
+        let mut registered = 0;
+        for i in table.hashes.len()..num_full {
+            let parent = table.hashes.last().copied().unwrap_or(prefix::ROOT_HASH);
+            let h = prefix::hash_block(parent, &tokens[i * bs..(i + 1) * bs], salt);
+            registered += usize::from(self.pool.register(table.blocks[i], h));
+            table.hashes.push(h);
+        }
+        self.slots[idx].table = Some(table);
+        Ok(registered)
+    }
+
+    /// Makes an empty table adopt the longest cached prefix of `tokens`: every leading full
+    /// block whose chained hash is cached joins the table (ref count up; an unreferenced
+    /// cached block leaves the free queue). Returns the number of tokens hit, a multiple of
+    /// `block_size`. Takes no block from the pool, so it never runs out.
+    ///
+    /// A serving engine that needs logits for the last prompt token passes `tokens[..n-1]`,
+    /// as vLLM caps its hits at `num_tokens - 1`.
+    ///
+    /// Errors: unknown or freed table, or a table that already holds tokens.
+    pub fn adopt_prefix(
+        &mut self,
+        id: TableId,
+        tokens: &[i64],
+        salt: Option<&[u8]>,
+    ) -> Result<usize> {
+        let idx = self.slot_index(id)?;
+        if self.table_at(idx).num_tokens != 0 {
+            return Err(KvError::InvalidArgument(format!(
+                "adopt_prefix needs an empty table, table {id} holds {} tokens",
+                self.table_at(idx).num_tokens
+            )));
+        }
+        let bs = self.block_size;
+        let mut table = self.slots[idx].table.take().expect("live slot");
+        let mut parent = prefix::ROOT_HASH;
+        for chunk in tokens.chunks_exact(bs) {
+            let h = prefix::hash_block(parent, chunk, salt);
+            let Some(b) = self.pool.lookup(h) else { break };
+            self.pool.incref(b);
+            table.blocks.push(b);
+            table.hashes.push(h);
+            parent = h;
+        }
+        table.num_tokens = table.blocks.len() * bs;
+        let hit = table.num_tokens;
+        self.slots[idx].table = Some(table);
+        Ok(hit)
+    }
+
+    /// Drops every cached prefix held by unreferenced blocks (they become plain free blocks).
+    /// Blocks still referenced keep their registration. Returns how many were dropped.
+    pub fn reset_prefix_cache(&mut self) -> usize {
+        self.pool.reset_prefix_cache()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,17 @@
+//! kvcore-core: the logic of kvcore, with no Python in it.
+//!
+//! * [`allocator`]: the fixed-budget paged block allocator (ref counts, fork / copy-on-write,
+//!   prefix caching, compaction plans, page-table export).
+//! * [`error`]: the single error enum that the bindings map to Python exceptions.
+//!
+//! Vocabulary follows vLLM: `block_id`, `block_size`, `ref_cnt`, the null block (block 0,
+//! never handed out) and `slot = block_id * block_size + offset`.
+
+pub mod allocator;
+pub mod error;
+
+pub use allocator::{
+    AllocatorStats, AppendOutcome, BlockAllocator, BlockId, CompactionPlan, FlashInferLayout,
+    Keep, TableId, VllmLayout, NULL_BLOCK,
+};
+pub use error::{KvError, Result};
