@@ -1,0 +1,64 @@
+# kvcore developer loop. `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	$(PY) -m pip install -q "maturin>=1.9.4,<2" "numpy>=1.24" "pytest>=8" "hypothesis>=6.100" "mypy>=1.10" "ruff>=0.6" "matplotlib>=3.8"
+	touch $@
+
+.PHONY: setup
+setup: $(VENV)/.installed ## Create .venv with the build, test and bench tools
+
+.PHONY: dev
+dev: setup ## Build the extension in release mode into .venv (editable)
+	rm -f python/kvcore/_kvcore*.so
+	$(VENV)/bin/maturin develop --release -q
+
+.PHONY: wheel
+wheel: setup ## Build the release wheel into dist/ and install it into .venv
+	rm -rf dist python/kvcore/_kvcore*.so
+	$(VENV)/bin/maturin build --release -q -o dist
+	$(PY) -m pip install -q --force-reinstall --no-deps dist/kvcore-*.whl
+
+.PHONY: test
+test: wheel ## Build the wheel, then run cargo test, pytest and stubtest
+	cargo test --workspace --release -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m mypy.stubtest kvcore._kvcore
+
+.PHONY: test-slow
+test-slow: PYTEST_ARGS += --slow
+test-slow: test ## The test suite with the long property-based runs
+
+.PHONY: lint
+lint: setup ## cargo fmt --check, clippy -D warnings, ruff
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests bench
+	$(VENV)/bin/ruff format --check python tests bench
+
+.PHONY: fmt
+fmt: setup ## Format Rust and Python sources
+	cargo fmt --all
+	$(VENV)/bin/ruff format python tests bench
+	$(VENV)/bin/ruff check --fix python tests bench
+
+.PHONY: bench
+bench: wheel ## Run the allocator benchmark (release build) and write bench/results/
+	$(PY) bench/bench_allocator.py
+
+.PHONY: clean
+clean: ## Remove build outputs
+	rm -rf target dist python/kvcore/_kvcore*.so

@@ -1,0 +1,266 @@
+"""Rust core of kvcore (PyO3 bindings). Import the public names from ``kvcore``.
+
+Arrays cross the boundary as numpy arrays without per-element Python objects. Every method
+is safe to call from several threads; batch methods release the GIL while the core works.
+"""
+
+from typing import Final, final
+
+import numpy as np
+from numpy.typing import NDArray
+
+__version__: Final[str]
+build_profile: Final[str]
+"""``"release"`` or ``"debug"``: benchmarks refuse to run on a debug build."""
+
+Salt = int | str | bytes
+
+class KVCoreError(Exception):
+    """Base class of every error raised by kvcore's core."""
+
+class OutOfBlocksError(KVCoreError):
+    """The pool cannot supply the blocks a request needs. An expected outcome, not a bug:
+    the allocator is left exactly as it was before the call."""
+
+class UnknownTableError(KVCoreError, LookupError):
+    """A table id that this allocator never handed out."""
+
+class TableFreedError(KVCoreError, LookupError):
+    """A table id that was already freed (double free or use after free)."""
+
+class InvalidPositionsError(KVCoreError, ValueError):
+    """Keep positions out of range, unsorted or duplicated, or a mask of the wrong length."""
+
+class InvariantError(KVCoreError):
+    """``check_invariants`` found an inconsistency: a bug in kvcore, never a user error."""
+
+@final
+class BlockAllocator:
+    """A fixed budget of ``num_blocks`` physical KV blocks of ``block_size`` token slots.
+
+    Block 0 is the null block: never handed out, used as padding in exported tables, so
+    ``capacity == num_blocks - 1``. A *table* is the ordered list of blocks holding one
+    stream of tokens (a sequence, or one (sequence, layer, kv-head) stream). Token ``p`` of a
+    table lives in slot ``block_table[p // block_size] * block_size + p % block_size``.
+
+    Outcomes: running out of blocks raises :class:`OutOfBlocksError` and changes nothing;
+    a bad table id raises :class:`UnknownTableError` or :class:`TableFreedError`; wrong
+    argument types raise ``TypeError`` and wrong values ``ValueError`` (or a
+    :class:`KVCoreError` subclass that is also a ``ValueError``). Any call that raises leaves
+    the allocator unchanged.
+
+    Reuse order: blocks that never held a cached prefix are handed out first (the most
+    recently freed first); cached blocks are reclaimed only when those run out, least
+    recently freed first. A table frees its blocks tail first.
+
+    Args:
+        num_blocks: physical blocks in the pool, including the null block (>= 2).
+        block_size: token slots per block (>= 1).
+
+    Raises:
+        ValueError: a size is zero, negative or too large for int32 block ids / int64 slots.
+        TypeError: a size is not an int.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None: ...
+    @property
+    def num_blocks(self) -> int:
+        """Physical blocks, including the null block."""
+    @property
+    def block_size(self) -> int:
+        """Token slots per block."""
+    @property
+    def capacity(self) -> int:
+        """Usable blocks: ``num_blocks - 1``."""
+    @property
+    def num_free_blocks(self) -> int:
+        """Unreferenced blocks that hold no cached prefix."""
+    @property
+    def num_cached_blocks(self) -> int:
+        """Unreferenced blocks that still hold a cached prefix (reclaimable)."""
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks referenced by at least one table."""
+    @property
+    def num_shared_blocks(self) -> int:
+        """Blocks referenced by two or more tables."""
+    @property
+    def num_available_blocks(self) -> int:
+        """Blocks an allocation can take now: ``num_free_blocks + num_cached_blocks``."""
+    @property
+    def num_tables(self) -> int:
+        """Live tables."""
+    @property
+    def usage(self) -> float:
+        """``num_used_blocks / capacity``."""
+    def stats(self) -> dict[str, int | float]:
+        """All counters above in one dict (one lock acquisition, a consistent snapshot)."""
+    def create_table(self) -> int:
+        """Creates an empty table and returns its id. Never fails (an empty table holds no
+        blocks). Ids of freed tables are never handed out again."""
+    def create_tables(self, n: int) -> NDArray[np.int64]:
+        """Creates ``n`` empty tables; returns their ids, shape ``(n,)`` int64."""
+    def num_tokens(self, table: int) -> int:
+        """Tokens held by ``table``."""
+    def block_table(self, table: int) -> NDArray[np.int32]:
+        """Block ids of ``table`` in order, shape ``(ceil(num_tokens / block_size),)`` int32."""
+    def slot_mapping(self, table: int) -> NDArray[np.int64]:
+        """Slot id of every token of ``table`` in order, shape ``(num_tokens,)`` int64."""
+    def blocks_needed(self, table: int, num_tokens: int) -> int:
+        """Blocks ``append(table, num_tokens)`` would take from the pool right now, counting
+        a copy-on-write block."""
+    def append(
+        self, table: int, num_tokens: int
+    ) -> tuple[NDArray[np.int64], tuple[int, int] | None]:
+        """Appends ``num_tokens`` slots to ``table``.
+
+        If the table's last block is partially filled and shared with another table, the
+        table first moves onto a private copy: the second element is then
+        ``(src_block, dst_block)``, and the caller must copy block ``src_block`` to
+        ``dst_block`` in its K/V pools before writing the new slots. Otherwise it is None.
+
+        Returns:
+            ``(slots, cow)``: ``slots`` has shape ``(num_tokens,)`` int64.
+
+        Raises:
+            OutOfBlocksError: not enough blocks (expected outcome; nothing changed).
+            UnknownTableError, TableFreedError: bad ``table``.
+            ValueError: ``num_tokens`` is negative.
+        """
+    def append_batch(
+        self, tables: NDArray[np.int64], num_tokens: NDArray[np.int64] | int
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int32], NDArray[np.int32]]:
+        """Appends ``num_tokens[i]`` slots to ``tables[i]`` for every ``i``, all or nothing,
+        with the GIL released. ``num_tokens`` may be one int for every table (a decode step).
+
+        Args:
+            tables: ``(n,)`` int64 table ids, each at most once.
+            num_tokens: ``(n,)`` int64 counts, or an int.
+
+        Returns:
+            ``(slots, indptr, cow_src, cow_dst)``: ``slots`` int64, table ``i``'s slots being
+            ``slots[indptr[i]:indptr[i+1]]``; ``indptr`` ``(n + 1,)`` int64; the copy-on-write
+            block pairs as two int32 arrays of equal length.
+
+        Raises:
+            OutOfBlocksError: the batch does not fit (nothing changed).
+            ValueError: lengths differ, a table is listed twice, or a count is negative.
+        """
+    def fork(self, table: int) -> int:
+        """Creates a table that shares every block of ``table`` (ref counts go up; no block is
+        taken, so it never runs out). Returns the new id."""
+    def free(self, table: int) -> None:
+        """Frees ``table``: each block loses one reference, tail first.
+
+        Raises:
+            TableFreedError: double free.
+            UnknownTableError: never created.
+        """
+    def free_batch(self, tables: NDArray[np.int64]) -> None:
+        """Frees every table of ``tables`` ``(n,)`` int64, all or nothing."""
+    def register_prefix(
+        self, table: int, token_ids: NDArray[np.int64] | NDArray[np.int32], salt: Salt | None = None
+    ) -> int:
+        """Registers the full blocks of ``table`` that are not registered yet under the chained
+        hash of (parent hash, the block's token ids, salt), so later tables can adopt them.
+
+        Args:
+            table: the table.
+            token_ids: ``(num_tokens(table),)`` int64 or int32: the token id of every position.
+            salt: separates equal token ids with different K/V, e.g. a LoRA adapter id or the
+                compression policy that produced the blocks. Use one salt per table.
+
+        Returns:
+            Blocks newly registered. A block whose hash already names another block is not
+            registered again (no de-duplication), but the chain continues through it.
+        """
+    def adopt_prefix(
+        self, table: int, token_ids: NDArray[np.int64] | NDArray[np.int32], salt: Salt | None = None
+    ) -> int:
+        """Makes an empty ``table`` adopt the longest cached prefix of ``token_ids``: leading
+        full blocks whose chained hash is registered join the table, ref counts up. Takes no
+        block from the pool. Pass ``token_ids[:-1]`` to keep the last token uncached, as vLLM
+        does to get its logits.
+
+        Returns:
+            Tokens hit, a multiple of ``block_size``.
+
+        Raises:
+            ValueError: ``table`` is not empty.
+        """
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached prefix held by unreferenced blocks; returns how many."""
+    def compact(
+        self, table: int, keep: NDArray[np.int64] | NDArray[np.int32] | NDArray[np.bool_]
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """Keeps only the tokens ``keep`` of ``table``, packed in order into its leading slots,
+        and frees every block that became empty.
+
+        Contract of the returned plan ``(src, dst)`` (slot ids, int64, equal length): copy
+        slot ``src[i]`` to slot ``dst[i]`` in every per-slot array (K, V, scores, merge
+        counts). Apply the moves sequentially in order, or as one gather followed by one
+        scatter (``pool[dst] = pool[src]``): both are correct, because no move reads a slot
+        that an earlier move wrote. Apply the plan before the next call that allocates: freed
+        blocks still hold sources. Destinations are never in shared blocks; shared blocks in
+        the rewritten range are replaced by private ones (so this can run out of blocks). A
+        kept token already in place does not move.
+
+        Args:
+            table: the table.
+            keep: strictly ascending positions ``(m,)`` int64/int32 in ``[0, num_tokens)``, or a
+                ``(num_tokens,)`` bool mask.
+
+        Raises:
+            InvalidPositionsError: positions out of range, unsorted or duplicated; a mask of
+                the wrong length.
+            OutOfBlocksError: shared blocks need replacing and the pool is short.
+        """
+    def compact_batch(
+        self,
+        tables: NDArray[np.int64],
+        keep_indptr: NDArray[np.int64],
+        keep_positions: NDArray[np.int64],
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+        """Compacts many tables at once, all or nothing, with the GIL released. Table
+        ``tables[i]`` keeps ``keep_positions[keep_indptr[i]:keep_indptr[i+1]]`` (the CSR
+        layout selection produces).
+
+        Returns:
+            ``(src, dst, plan_indptr)``: one plan for all tables, table after table, with the
+            contract of :meth:`compact`; table ``i``'s moves are
+            ``[plan_indptr[i], plan_indptr[i+1])``.
+
+        Raises:
+            OutOfBlocksError: conservative check: the blocks every table would need on its
+                own, before anything changes, exceed the available blocks.
+        """
+    def flashinfer_layout(
+        self, tables: NDArray[np.int64]
+    ) -> tuple[NDArray[np.int32], NDArray[np.int32], NDArray[np.int32]]:
+        """FlashInfer's paged-KV layout for ``tables``: ``(indptr (n+1,), indices
+        (indptr[-1],), last_page_len (n,))``, all int32. An empty table has
+        ``last_page_len`` 0."""
+    def vllm_layout(
+        self,
+        tables: NDArray[np.int64],
+        num_new_tokens: NDArray[np.int64] | None = None,
+        width: int | None = None,
+    ) -> tuple[NDArray[np.int32], NDArray[np.int64], NDArray[np.int32]]:
+        """vLLM's layout for ``tables``.
+
+        Returns:
+            ``(block_table, slot_mapping, seq_lens)``: ``block_table`` ``(n, width)`` int32
+            padded with the null block 0 (``width`` defaults to the longest table);
+            ``slot_mapping`` int64, the slots of the last ``num_new_tokens[i]`` tokens of each
+            table (all tokens by default), concatenated; ``seq_lens`` ``(n,)`` int32.
+        """
+    def ref_counts(self) -> NDArray[np.int32]:
+        """Reference count of every block, ``(num_blocks,)`` int32 (entry 0: null block)."""
+    def free_queue(self) -> NDArray[np.int32]:
+        """Unreferenced blocks from the next one handed out to the last, int32."""
+    def check_invariants(self) -> None:
+        """Verifies every internal invariant (O(blocks + table entries)).
+
+        Raises:
+            InvariantError: a violation, with a description.
+        """

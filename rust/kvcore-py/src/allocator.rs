@@ -1,0 +1,455 @@
+//! `kvcore._kvcore.BlockAllocator`: a translation layer over `kvcore_core::BlockAllocator`.
+//!
+//! Every method follows the same three steps: extract and validate the Python arguments,
+//! run the core under the lock (with the GIL released for batch work), convert the result.
+//! The lock is never held while Python code can run (no object is created under it), so a
+//! finaliser that calls back into the allocator cannot deadlock.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Mutex;
+
+use kvcore_core::{BlockAllocator, CompactionPlan, Keep, KvError};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::convert::{self, KeepArg};
+use crate::errors;
+
+/// See `_kvcore.pyi` for the user-facing documentation of every method.
+#[pyclass(frozen, name = "BlockAllocator", module = "kvcore._kvcore")]
+pub struct PyBlockAllocator {
+    inner: Mutex<BlockAllocator>,
+}
+
+type Core<T> = Result<T, KvError>;
+
+impl PyBlockAllocator {
+    /// Runs `f` on the core under the lock. A panic (a bug) becomes a `KVCoreError` and
+    /// poisons the lock, so later calls fail loudly instead of using a half-updated state.
+    fn with<T>(&self, py: Python<'_>, f: impl FnOnce(&mut BlockAllocator) -> Core<T>) -> PyResult<T> {
+        let r = catch_unwind(AssertUnwindSafe(|| match self.inner.lock() {
+            Ok(mut guard) => Some(f(&mut guard)),
+            Err(_) => None,
+        }));
+        match r {
+            Ok(Some(Ok(v))) => Ok(v),
+            Ok(Some(Err(e))) => Err(errors::to_py(py, e)),
+            Ok(None) => Err(errors::internal(
+                py,
+                "the allocator is unusable after an earlier internal error",
+            )),
+            Err(_) => Err(errors::internal(py, "a bug in the allocator core (panic)")),
+        }
+    }
+
+    /// Like `with`, with the GIL released while the core works.
+    fn detached<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut BlockAllocator) -> Core<T> + Send,
+    ) -> PyResult<T> {
+        let r = py.detach(|| {
+            catch_unwind(AssertUnwindSafe(|| match self.inner.lock() {
+                Ok(mut guard) => Some(f(&mut guard)),
+                Err(_) => None,
+            }))
+        });
+        match r {
+            Ok(Some(Ok(v))) => Ok(v),
+            Ok(Some(Err(e))) => Err(errors::to_py(py, e)),
+            Ok(None) => Err(errors::internal(
+                py,
+                "the allocator is unusable after an earlier internal error",
+            )),
+            Err(_) => Err(errors::internal(py, "a bug in the allocator core (panic)")),
+        }
+    }
+
+    fn stat<T>(&self, py: Python<'_>, f: impl FnOnce(&BlockAllocator) -> T) -> PyResult<T> {
+        self.with(py, |a| Ok(f(a)))
+    }
+}
+
+fn to_i32(v: &[u32]) -> Vec<i32> {
+    v.iter().map(|&x| x as i32).collect()
+}
+
+#[pymethods]
+impl PyBlockAllocator {
+    #[new]
+    fn new(num_blocks: &Bound<'_, PyAny>, block_size: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let py = num_blocks.py();
+        let nb = convert::count(num_blocks, "num_blocks")?;
+        let bs = convert::count(block_size, "block_size")?;
+        let inner = BlockAllocator::new(nb, bs).map_err(|e| errors::to_py(py, e))?;
+        Ok(PyBlockAllocator {
+            inner: Mutex::new(inner),
+        })
+    }
+
+    #[getter]
+    fn num_blocks(&self, py: Python<'_>) -> PyResult<usize> {
+        self.stat(py, |a| a.num_blocks())
+    }
+    #[getter]
+    fn block_size(&self, py: Python<'_>) -> PyResult<usize> {
+        self.stat(py, |a| a.block_size())
+    }
+    #[getter]
+    fn capacity(&self, py: Python<'_>) -> PyResult<usize> {
+        self.stat(py, |a| a.stats().capacity)
+    }
+    #[getter]
+    fn num_free_blocks(&self, py: Python<'_>) -> PyResult<usize> {
+        self.stat(py, |a| a.stats().num_free_blocks)
+    }
+    #[getter]
+    fn num_cached_blocks(&self, py: Python<'_>) -> PyResult<usize> {
+        self.stat(py, |a| a.stats().num_cached_blocks)
+    }
+    #[getter]
+    fn num_used_blocks(&self, py: Python<'_>) -> PyResult<usize> {
+        self.stat(py, |a| a.stats().num_used_blocks)
+    }
+    #[getter]
+    fn num_shared_blocks(&self, py: Python<'_>) -> PyResult<usize> {
+        self.stat(py, |a| a.stats().num_shared_blocks)
+    }
+    #[getter]
+    fn num_available_blocks(&self, py: Python<'_>) -> PyResult<usize> {
+        self.stat(py, |a| a.num_available_blocks())
+    }
+    #[getter]
+    fn num_tables(&self, py: Python<'_>) -> PyResult<usize> {
+        self.stat(py, |a| a.stats().num_tables)
+    }
+    #[getter]
+    fn usage(&self, py: Python<'_>) -> PyResult<f64> {
+        self.stat(py, |a| a.stats().usage)
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.stat(py, |a| a.stats())?;
+        let d = PyDict::new(py);
+        d.set_item("num_blocks", s.num_blocks)?;
+        d.set_item("block_size", s.block_size)?;
+        d.set_item("capacity", s.capacity)?;
+        d.set_item("num_free_blocks", s.num_free_blocks)?;
+        d.set_item("num_cached_blocks", s.num_cached_blocks)?;
+        d.set_item("num_used_blocks", s.num_used_blocks)?;
+        d.set_item("num_shared_blocks", s.num_shared_blocks)?;
+        d.set_item("num_available_blocks", s.num_free_blocks + s.num_cached_blocks)?;
+        d.set_item("num_tables", s.num_tables)?;
+        d.set_item("usage", s.usage)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let s = self.stat(py, |a| a.stats())?;
+        Ok(format!(
+            "BlockAllocator(num_blocks={}, block_size={}, used={}, cached={}, free={}, tables={})",
+            s.num_blocks,
+            s.block_size,
+            s.num_used_blocks,
+            s.num_cached_blocks,
+            s.num_free_blocks,
+            s.num_tables
+        ))
+    }
+
+    fn create_table(&self, py: Python<'_>) -> PyResult<i64> {
+        self.with(py, |a| Ok(a.create_table()))
+    }
+
+    fn create_tables<'py>(
+        &self,
+        py: Python<'py>,
+        n: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let n = convert::count(n, "n")?;
+        if n > (1 << 32) {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "n must be at most 2**32, got {n}"
+            )));
+        }
+        let ids = self.detached(py, |a| Ok((0..n).map(|_| a.create_table()).collect::<Vec<_>>()))?;
+        Ok(ids.into_pyarray(py))
+    }
+
+    fn num_tokens(&self, py: Python<'_>, table: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let t = convert::table_id(table)?;
+        self.with(py, |a| a.num_tokens(t))
+    }
+
+    fn block_table<'py>(
+        &self,
+        py: Python<'py>,
+        table: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        let t = convert::table_id(table)?;
+        let v = self.with(py, |a| a.block_table(t).map(to_i32))?;
+        Ok(v.into_pyarray(py))
+    }
+
+    fn slot_mapping<'py>(
+        &self,
+        py: Python<'py>,
+        table: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let t = convert::table_id(table)?;
+        let v = self.detached(py, |a| {
+            let mut out = Vec::new();
+            a.slots(t, &mut out).map(|_| out)
+        })?;
+        Ok(v.into_pyarray(py))
+    }
+
+    fn blocks_needed(
+        &self,
+        py: Python<'_>,
+        table: &Bound<'_, PyAny>,
+        num_tokens: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
+        let t = convert::table_id(table)?;
+        let n = convert::count(num_tokens, "num_tokens")?;
+        self.with(py, |a| a.blocks_needed(t, n))
+    }
+
+    fn append<'py>(
+        &self,
+        py: Python<'py>,
+        table: &Bound<'py, PyAny>,
+        num_tokens: &Bound<'py, PyAny>,
+    ) -> PyResult<(Bound<'py, PyArray1<i64>>, Option<(u32, u32)>)> {
+        let t = convert::table_id(table)?;
+        let n = convert::count(num_tokens, "num_tokens")?;
+        let (slots, outcome) = self.with(py, |a| {
+            let mut out = Vec::new();
+            a.append(t, n, &mut out).map(|o| (out, o))
+        })?;
+        Ok((slots.into_pyarray(py), outcome.cow))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn append_batch<'py>(
+        &self,
+        py: Python<'py>,
+        tables: &Bound<'py, PyAny>,
+        num_tokens: &Bound<'py, PyAny>,
+    ) -> PyResult<(
+        Bound<'py, PyArray1<i64>>,
+        Bound<'py, PyArray1<i64>>,
+        Bound<'py, PyArray1<i32>>,
+        Bound<'py, PyArray1<i32>>,
+    )> {
+        let ids = convert::i64_array(tables, "tables")?;
+        let ids = ids.as_cow();
+        let counts: Vec<usize> = if num_tokens.is_instance_of::<pyo3::types::PyInt>() {
+            vec![convert::count(num_tokens, "num_tokens")?; ids.len()]
+        } else {
+            let c = convert::i64_array(num_tokens, "num_tokens")?;
+            let c = c.as_cow();
+            if let Some(i) = c.iter().position(|&x| x < 0) {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "num_tokens must be non-negative, got num_tokens[{i}] = {}",
+                    c[i]
+                )));
+            }
+            c.iter().map(|&x| x as usize).collect()
+        };
+        let (slots, indptr, src, dst) = self.detached(py, |a| {
+            let (mut s, mut ip, mut cs, mut cd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            a.append_batch(&ids, &counts, &mut s, &mut ip, &mut cs, &mut cd)
+                .map(|_| (s, ip, to_i32(&cs), to_i32(&cd)))
+        })?;
+        Ok((
+            slots.into_pyarray(py),
+            indptr.into_pyarray(py),
+            src.into_pyarray(py),
+            dst.into_pyarray(py),
+        ))
+    }
+
+    fn fork(&self, py: Python<'_>, table: &Bound<'_, PyAny>) -> PyResult<i64> {
+        let t = convert::table_id(table)?;
+        self.with(py, |a| a.fork(t))
+    }
+
+    fn free(&self, py: Python<'_>, table: &Bound<'_, PyAny>) -> PyResult<()> {
+        let t = convert::table_id(table)?;
+        self.with(py, |a| a.free(t))
+    }
+
+    fn free_batch(&self, py: Python<'_>, tables: &Bound<'_, PyAny>) -> PyResult<()> {
+        let ids = convert::i64_array(tables, "tables")?;
+        let ids = ids.as_cow();
+        self.detached(py, |a| a.free_batch(&ids))
+    }
+
+    #[pyo3(signature = (table, token_ids, salt = None))]
+    fn register_prefix(
+        &self,
+        py: Python<'_>,
+        table: &Bound<'_, PyAny>,
+        token_ids: &Bound<'_, PyAny>,
+        salt: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
+        let t = convert::table_id(table)?;
+        let tokens = convert::i64_array(token_ids, "token_ids")?;
+        let tokens = tokens.as_cow();
+        let salt = convert::salt(salt)?;
+        self.detached(py, |a| a.register_prefix(t, &tokens, salt.as_deref()))
+    }
+
+    #[pyo3(signature = (table, token_ids, salt = None))]
+    fn adopt_prefix(
+        &self,
+        py: Python<'_>,
+        table: &Bound<'_, PyAny>,
+        token_ids: &Bound<'_, PyAny>,
+        salt: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
+        let t = convert::table_id(table)?;
+        let tokens = convert::i64_array(token_ids, "token_ids")?;
+        let tokens = tokens.as_cow();
+        let salt = convert::salt(salt)?;
+        self.detached(py, |a| a.adopt_prefix(t, &tokens, salt.as_deref()))
+    }
+
+    fn reset_prefix_cache(&self, py: Python<'_>) -> PyResult<usize> {
+        self.detached(py, |a| Ok(a.reset_prefix_cache()))
+    }
+
+    fn compact<'py>(
+        &self,
+        py: Python<'py>,
+        table: &Bound<'py, PyAny>,
+        keep: &Bound<'py, PyAny>,
+    ) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>)> {
+        let t = convert::table_id(table)?;
+        let keep = convert::keep_array(keep)?;
+        let plan = match &keep {
+            KeepArg::Positions(p) => {
+                let p = p.as_cow();
+                self.detached(py, |a| {
+                    let mut plan = CompactionPlan::default();
+                    a.compact(t, Keep::Positions(&p), &mut plan).map(|_| plan)
+                })?
+            }
+            KeepArg::Mask(m) => {
+                let owned;
+                let mask: &[bool] = match m.as_slice() {
+                    Ok(s) => s,
+                    Err(_) => {
+                        owned = m.as_array().iter().copied().collect::<Vec<bool>>();
+                        &owned
+                    }
+                };
+                self.detached(py, |a| {
+                    let mut plan = CompactionPlan::default();
+                    a.compact(t, Keep::Mask(mask), &mut plan).map(|_| plan)
+                })?
+            }
+        };
+        Ok((plan.src.into_pyarray(py), plan.dst.into_pyarray(py)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn compact_batch<'py>(
+        &self,
+        py: Python<'py>,
+        tables: &Bound<'py, PyAny>,
+        keep_indptr: &Bound<'py, PyAny>,
+        keep_positions: &Bound<'py, PyAny>,
+    ) -> PyResult<(
+        Bound<'py, PyArray1<i64>>,
+        Bound<'py, PyArray1<i64>>,
+        Bound<'py, PyArray1<i64>>,
+    )> {
+        let ids = convert::i64_array(tables, "tables")?;
+        let ids = ids.as_cow();
+        let indptr = convert::i64_array(keep_indptr, "keep_indptr")?;
+        let indptr = indptr.as_cow();
+        let pos = convert::i64_array(keep_positions, "keep_positions")?;
+        let pos = pos.as_cow();
+        let (plan, pip) = self.detached(py, |a| {
+            let mut plan = CompactionPlan::default();
+            let mut pip = Vec::new();
+            a.compact_batch(&ids, &indptr, &pos, &mut plan, &mut pip)
+                .map(|_| (plan, pip))
+        })?;
+        Ok((
+            plan.src.into_pyarray(py),
+            plan.dst.into_pyarray(py),
+            pip.into_pyarray(py),
+        ))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn flashinfer_layout<'py>(
+        &self,
+        py: Python<'py>,
+        tables: &Bound<'py, PyAny>,
+    ) -> PyResult<(
+        Bound<'py, PyArray1<i32>>,
+        Bound<'py, PyArray1<i32>>,
+        Bound<'py, PyArray1<i32>>,
+    )> {
+        let ids = convert::i64_array(tables, "tables")?;
+        let ids = ids.as_cow();
+        let l = self.detached(py, |a| a.flashinfer_layout(&ids))?;
+        Ok((
+            l.indptr.into_pyarray(py),
+            l.indices.into_pyarray(py),
+            l.last_page_len.into_pyarray(py),
+        ))
+    }
+
+    #[pyo3(signature = (tables, num_new_tokens = None, width = None))]
+    #[allow(clippy::type_complexity)]
+    fn vllm_layout<'py>(
+        &self,
+        py: Python<'py>,
+        tables: &Bound<'py, PyAny>,
+        num_new_tokens: Option<&Bound<'py, PyAny>>,
+        width: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<(
+        Bound<'py, PyArray2<i32>>,
+        Bound<'py, PyArray1<i64>>,
+        Bound<'py, PyArray1<i32>>,
+    )> {
+        let ids = convert::i64_array(tables, "tables")?;
+        let ids = ids.as_cow();
+        let nn = match num_new_tokens {
+            Some(o) if !o.is_none() => Some(convert::i64_array(o, "num_new_tokens")?),
+            _ => None,
+        };
+        let nn = nn.as_ref().map(|a| a.as_cow());
+        let width = match width {
+            Some(w) if !w.is_none() => Some(convert::count(w, "width")?),
+            _ => None,
+        };
+        let l = self.detached(py, |a| a.vllm_layout(&ids, nn.as_deref(), width))?;
+        let rows = ids.len();
+        let table = l
+            .block_table
+            .into_pyarray(py)
+            .reshape([rows, l.width])?;
+        Ok((table, l.slot_mapping.into_pyarray(py), l.seq_lens.into_pyarray(py)))
+    }
+
+    fn ref_counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        let v = self.with(py, |a| Ok(to_i32(a.ref_counts())))?;
+        Ok(v.into_pyarray(py))
+    }
+
+    fn free_queue<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        let v = self.with(py, |a| Ok(to_i32(&a.free_queue())))?;
+        Ok(v.into_pyarray(py))
+    }
+
+    fn check_invariants(&self, py: Python<'_>) -> PyResult<()> {
+        self.detached(py, |a| a.check_invariants())
+    }
+}
