@@ -4,7 +4,7 @@ Arrays cross the boundary as numpy arrays without per-element Python objects. Ev
 is safe to call from several threads; batch methods release the GIL while the core works.
 """
 
-from typing import Final, final
+from typing import Final, TypeAlias, final
 
 import numpy as np
 from numpy.typing import NDArray
@@ -13,7 +13,19 @@ __version__: Final[str]
 build_profile: Final[str]
 """``"release"`` or ``"debug"``: benchmarks refuse to run on a debug build."""
 
-Salt = int | str | bytes
+_Salt: TypeAlias = int | str | bytes
+
+__all__ = [
+    "BlockAllocator",
+    "InvalidPositionsError",
+    "InvariantError",
+    "KVCoreError",
+    "OutOfBlocksError",
+    "TableFreedError",
+    "UnknownTableError",
+    "__version__",
+    "build_profile",
+]
 
 class KVCoreError(Exception):
     """Base class of every error raised by kvcore's core."""
@@ -62,7 +74,7 @@ class BlockAllocator:
         TypeError: a size is not an int.
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None: ...
+    def __new__(cls, num_blocks: int, block_size: int) -> BlockAllocator: ...
     @property
     def num_blocks(self) -> int:
         """Physical blocks, including the null block."""
@@ -159,7 +171,7 @@ class BlockAllocator:
     def free_batch(self, tables: NDArray[np.int64]) -> None:
         """Frees every table of ``tables`` ``(n,)`` int64, all or nothing."""
     def register_prefix(
-        self, table: int, token_ids: NDArray[np.int64] | NDArray[np.int32], salt: Salt | None = None
+        self, table: int, token_ids: NDArray[np.int64] | NDArray[np.int32], salt: _Salt | None = None
     ) -> int:
         """Registers the full blocks of ``table`` that are not registered yet under the chained
         hash of (parent hash, the block's token ids, salt), so later tables can adopt them.
@@ -175,7 +187,7 @@ class BlockAllocator:
             registered again (no de-duplication), but the chain continues through it.
         """
     def adopt_prefix(
-        self, table: int, token_ids: NDArray[np.int64] | NDArray[np.int32], salt: Salt | None = None
+        self, table: int, token_ids: NDArray[np.int64] | NDArray[np.int32], salt: _Salt | None = None
     ) -> int:
         """Makes an empty ``table`` adopt the longest cached prefix of ``token_ids``: leading
         full blocks whose chained hash is registered join the table, ref counts up. Takes no

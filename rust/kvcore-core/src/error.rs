@@ -34,3 +34,14 @@ pub enum KvError {
 
 /// Result alias used across the core.
 pub type Result<T> = std::result::Result<T, KvError>;
+
+/// Reserves room for `additional` more elements, turning an allocation failure (which Rust
+/// would otherwise turn into a process abort) into `InvalidArgument`. Used wherever a size
+/// comes from the caller.
+pub(crate) fn try_reserve<T>(v: &mut Vec<T>, additional: usize, what: &str) -> Result<()> {
+    v.try_reserve_exact(additional).map_err(|_| {
+        KvError::InvalidArgument(format!(
+            "{what} is too large: cannot allocate {additional} entries"
+        ))
+    })
+}

@@ -1,7 +1,7 @@
 //! Page tables in the layouts attention kernels read.
 
 use super::{BlockAllocator, TableId, NULL_BLOCK};
-use crate::error::{KvError, Result};
+use crate::error::{try_reserve, KvError, Result};
 
 /// FlashInfer's CSR page table (`docs/tutorials/kv_layout` in FlashInfer).
 ///
@@ -38,11 +38,14 @@ impl BlockAllocator {
     /// Exports `ids` in FlashInfer's layout.
     pub fn flashinfer_layout(&self, ids: &[TableId]) -> Result<FlashInferLayout> {
         let bs = self.block_size;
-        let mut out = FlashInferLayout {
-            indptr: Vec::with_capacity(ids.len() + 1),
-            indices: Vec::new(),
-            last_page_len: Vec::with_capacity(ids.len()),
-        };
+        let mut total = 0usize;
+        for &id in ids {
+            total = total.saturating_add(self.table(id)?.blocks.len());
+        }
+        let mut out = FlashInferLayout::default();
+        try_reserve(&mut out.indices, total, "the page-table export")?;
+        out.indptr.reserve(ids.len() + 1);
+        out.last_page_len.reserve(ids.len());
         out.indptr.push(0);
         for &id in ids {
             let t = self.table(id)?;
@@ -76,8 +79,11 @@ impl BlockAllocator {
             }
         }
         let mut max_blocks = 0;
+        let mut total_tokens = 0usize;
         for &id in ids {
-            max_blocks = max_blocks.max(self.table(id)?.blocks.len());
+            let t = self.table(id)?;
+            max_blocks = max_blocks.max(t.blocks.len());
+            total_tokens = total_tokens.saturating_add(t.num_tokens);
         }
         let width = match width {
             Some(w) if w < max_blocks => {
@@ -88,17 +94,17 @@ impl BlockAllocator {
             Some(w) => w,
             None => max_blocks,
         };
-        let cells = ids
-            .len()
-            .checked_mul(width)
-            .filter(|&c| c <= isize::MAX as usize / 4)
-            .ok_or_else(|| KvError::InvalidArgument(format!("width {width} is too large")))?;
+        let cells = ids.len().checked_mul(width).ok_or_else(|| {
+            KvError::InvalidArgument(format!("width {width} is too large"))
+        })?;
         let mut out = VllmLayout {
-            block_table: vec![NULL_BLOCK as i32; cells],
             width,
-            seq_lens: Vec::with_capacity(ids.len()),
-            slot_mapping: Vec::new(),
+            ..VllmLayout::default()
         };
+        try_reserve(&mut out.block_table, cells, "the padded block table")?;
+        out.block_table.resize(cells, NULL_BLOCK as i32);
+        out.seq_lens.reserve(ids.len());
+        try_reserve(&mut out.slot_mapping, total_tokens, "the slot mapping")?;
         for (i, &id) in ids.iter().enumerate() {
             let t = self.table(id)?;
             for (cell, &b) in out.block_table[i * width..].iter_mut().zip(&t.blocks) {
