@@ -212,8 +212,8 @@ class BlockAllocator:
         slot ``src[i]`` to slot ``dst[i]`` in every per-slot array (K, V, scores, merge
         counts). Apply the moves sequentially in order, or as one gather followed by one
         scatter (``pool[dst] = pool[src]``): both are correct, because no move reads a slot
-        that an earlier move wrote. Apply the plan before the next call that allocates: freed
-        blocks still hold sources. Destinations are never in shared blocks; shared blocks in
+        that an earlier move wrote. Apply the plan before the next call that allocates (from
+        any thread): freed blocks still hold sources. Destinations are never in shared blocks; shared blocks in
         the rewritten range are replaced by private ones (so this can run out of blocks). A
         kept token already in place does not move.
 

@@ -18,8 +18,8 @@
 //!   source followed by one scatter to every destination (`pool[dst] = pool[src]` in numpy
 //!   or torch). Both give the same result because no move reads a slot that an earlier move
 //!   of the same plan (or of an earlier table in a batch plan) wrote.
-//! * Apply it before the next call that allocates: blocks freed by the compaction still
-//!   hold source data, and the next allocation may hand them out again.
+//! * Apply it before the next call that allocates, from any thread: blocks freed by the
+//!   compaction still hold source data, and the next allocation may hand them out again.
 //! * Sources may lie in shared blocks; destinations never do. A shared block in the
 //!   rewritten range is replaced by a private block taken from the pool, so compaction can
 //!   run out of blocks, in which case nothing changes.

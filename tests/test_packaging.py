@@ -1,0 +1,36 @@
+"""The wheel ships the typing files, and the installed package is the built extension."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import kvcore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _wheels() -> list[Path]:
+    return sorted((ROOT / "dist").glob("kvcore-*.whl"))
+
+
+@pytest.mark.skipif(
+    not _wheels(), reason="no wheel in dist/: build one with `make wheel` (CI always does)"
+)
+def test_wheel_contains_typing_files_and_extension() -> None:
+    names = zipfile.ZipFile(_wheels()[-1]).namelist()
+    for required in ("kvcore/__init__.py", "kvcore/py.typed", "kvcore/_kvcore.pyi"):
+        assert required in names, f"{required} missing from the wheel: {names}"
+    assert any(n.startswith("kvcore/_kvcore") and n.endswith(".so") for n in names), names
+    # Every CUDA source under cuda/ must travel inside the wheel (issue: kernels).
+    for cu in sorted((ROOT / "cuda").glob("*.cu")):
+        assert any(n.endswith(f"/{cu.name}") for n in names), f"{cu.name} missing from the wheel"
+
+
+def test_installed_package_exposes_the_public_api() -> None:
+    for name in kvcore.__all__:
+        assert hasattr(kvcore, name), name
+    assert kvcore.BlockAllocator.__module__ == "kvcore._kvcore"
+    assert kvcore.KVCoreError.__module__ == "kvcore"
