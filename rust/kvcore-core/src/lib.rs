@@ -11,7 +11,7 @@ pub mod allocator;
 pub mod error;
 
 pub use allocator::{
-    AllocatorStats, AppendOutcome, BlockAllocator, BlockId, CompactionPlan, FlashInferLayout,
-    Keep, TableId, VllmLayout, NULL_BLOCK,
+    AllocatorStats, AppendOutcome, BlockAllocator, BlockId, CompactionPlan, FlashInferLayout, Keep,
+    TableId, VllmLayout, NULL_BLOCK,
 };
 pub use error::{KvError, Result};

@@ -23,11 +23,17 @@ pub struct PyBlockAllocator {
 }
 
 type Core<T> = Result<T, KvError>;
+type I64Array<'py> = Bound<'py, PyArray1<i64>>;
+type I32Array<'py> = Bound<'py, PyArray1<i32>>;
 
 impl PyBlockAllocator {
     /// Runs `f` on the core under the lock. A panic (a bug) becomes a `KVCoreError` and
     /// poisons the lock, so later calls fail loudly instead of using a half-updated state.
-    fn with<T>(&self, py: Python<'_>, f: impl FnOnce(&mut BlockAllocator) -> Core<T>) -> PyResult<T> {
+    fn with<T>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut BlockAllocator) -> Core<T>,
+    ) -> PyResult<T> {
         let r = catch_unwind(AssertUnwindSafe(|| match self.inner.lock() {
             Ok(mut guard) => Some(f(&mut guard)),
             Err(_) => None,
@@ -139,7 +145,10 @@ impl PyBlockAllocator {
         d.set_item("num_cached_blocks", s.num_cached_blocks)?;
         d.set_item("num_used_blocks", s.num_used_blocks)?;
         d.set_item("num_shared_blocks", s.num_shared_blocks)?;
-        d.set_item("num_available_blocks", s.num_free_blocks + s.num_cached_blocks)?;
+        d.set_item(
+            "num_available_blocks",
+            s.num_free_blocks + s.num_cached_blocks,
+        )?;
         d.set_item("num_tables", s.num_tables)?;
         d.set_item("usage", s.usage)?;
         Ok(d)
@@ -166,14 +175,16 @@ impl PyBlockAllocator {
         &self,
         py: Python<'py>,
         n: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    ) -> PyResult<I64Array<'py>> {
         let n = convert::count(n, "n")?;
         if n > (1 << 32) {
             return Err(pyo3::exceptions::PyValueError::new_err(format!(
                 "n must be at most 2**32, got {n}"
             )));
         }
-        let ids = self.detached(py, |a| Ok((0..n).map(|_| a.create_table()).collect::<Vec<_>>()))?;
+        let ids = self.detached(py, |a| {
+            Ok((0..n).map(|_| a.create_table()).collect::<Vec<_>>())
+        })?;
         Ok(ids.into_pyarray(py))
     }
 
@@ -186,7 +197,7 @@ impl PyBlockAllocator {
         &self,
         py: Python<'py>,
         table: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyArray1<i32>>> {
+    ) -> PyResult<I32Array<'py>> {
         let t = convert::table_id(table)?;
         let v = self.with(py, |a| a.block_table(t).map(to_i32))?;
         Ok(v.into_pyarray(py))
@@ -196,7 +207,7 @@ impl PyBlockAllocator {
         &self,
         py: Python<'py>,
         table: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    ) -> PyResult<I64Array<'py>> {
         let t = convert::table_id(table)?;
         let v = self.detached(py, |a| {
             let mut out = Vec::new();
@@ -221,7 +232,7 @@ impl PyBlockAllocator {
         py: Python<'py>,
         table: &Bound<'py, PyAny>,
         num_tokens: &Bound<'py, PyAny>,
-    ) -> PyResult<(Bound<'py, PyArray1<i64>>, Option<(u32, u32)>)> {
+    ) -> PyResult<(I64Array<'py>, Option<(u32, u32)>)> {
         let t = convert::table_id(table)?;
         let n = convert::count(num_tokens, "num_tokens")?;
         let (slots, outcome) = self.with(py, |a| {
@@ -231,18 +242,12 @@ impl PyBlockAllocator {
         Ok((slots.into_pyarray(py), outcome.cow))
     }
 
-    #[allow(clippy::type_complexity)]
     fn append_batch<'py>(
         &self,
         py: Python<'py>,
         tables: &Bound<'py, PyAny>,
         num_tokens: &Bound<'py, PyAny>,
-    ) -> PyResult<(
-        Bound<'py, PyArray1<i64>>,
-        Bound<'py, PyArray1<i64>>,
-        Bound<'py, PyArray1<i32>>,
-        Bound<'py, PyArray1<i32>>,
-    )> {
+    ) -> PyResult<(I64Array<'py>, I64Array<'py>, I32Array<'py>, I32Array<'py>)> {
         let ids = convert::i64_array(tables, "tables")?;
         let ids = ids.as_cow();
         let counts: Vec<usize> = if num_tokens.is_instance_of::<pyo3::types::PyInt>() {
@@ -326,7 +331,7 @@ impl PyBlockAllocator {
         py: Python<'py>,
         table: &Bound<'py, PyAny>,
         keep: &Bound<'py, PyAny>,
-    ) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>)> {
+    ) -> PyResult<(I64Array<'py>, I64Array<'py>)> {
         let t = convert::table_id(table)?;
         let keep = convert::keep_array(keep)?;
         let plan = match &keep {
@@ -355,18 +360,13 @@ impl PyBlockAllocator {
         Ok((plan.src.into_pyarray(py), plan.dst.into_pyarray(py)))
     }
 
-    #[allow(clippy::type_complexity)]
     fn compact_batch<'py>(
         &self,
         py: Python<'py>,
         tables: &Bound<'py, PyAny>,
         keep_indptr: &Bound<'py, PyAny>,
         keep_positions: &Bound<'py, PyAny>,
-    ) -> PyResult<(
-        Bound<'py, PyArray1<i64>>,
-        Bound<'py, PyArray1<i64>>,
-        Bound<'py, PyArray1<i64>>,
-    )> {
+    ) -> PyResult<(I64Array<'py>, I64Array<'py>, I64Array<'py>)> {
         let ids = convert::i64_array(tables, "tables")?;
         let ids = ids.as_cow();
         let indptr = convert::i64_array(keep_indptr, "keep_indptr")?;
@@ -386,16 +386,11 @@ impl PyBlockAllocator {
         ))
     }
 
-    #[allow(clippy::type_complexity)]
     fn flashinfer_layout<'py>(
         &self,
         py: Python<'py>,
         tables: &Bound<'py, PyAny>,
-    ) -> PyResult<(
-        Bound<'py, PyArray1<i32>>,
-        Bound<'py, PyArray1<i32>>,
-        Bound<'py, PyArray1<i32>>,
-    )> {
+    ) -> PyResult<(I32Array<'py>, I32Array<'py>, I32Array<'py>)> {
         let ids = convert::i64_array(tables, "tables")?;
         let ids = ids.as_cow();
         let l = self.detached(py, |a| a.flashinfer_layout(&ids))?;
@@ -407,18 +402,13 @@ impl PyBlockAllocator {
     }
 
     #[pyo3(signature = (tables, num_new_tokens = None, width = None))]
-    #[allow(clippy::type_complexity)]
     fn vllm_layout<'py>(
         &self,
         py: Python<'py>,
         tables: &Bound<'py, PyAny>,
         num_new_tokens: Option<&Bound<'py, PyAny>>,
         width: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<(
-        Bound<'py, PyArray2<i32>>,
-        Bound<'py, PyArray1<i64>>,
-        Bound<'py, PyArray1<i32>>,
-    )> {
+    ) -> PyResult<(Bound<'py, PyArray2<i32>>, I64Array<'py>, I32Array<'py>)> {
         let ids = convert::i64_array(tables, "tables")?;
         let ids = ids.as_cow();
         let nn = match num_new_tokens {
@@ -432,19 +422,20 @@ impl PyBlockAllocator {
         };
         let l = self.detached(py, |a| a.vllm_layout(&ids, nn.as_deref(), width))?;
         let rows = ids.len();
-        let table = l
-            .block_table
-            .into_pyarray(py)
-            .reshape([rows, l.width])?;
-        Ok((table, l.slot_mapping.into_pyarray(py), l.seq_lens.into_pyarray(py)))
+        let table = l.block_table.into_pyarray(py).reshape([rows, l.width])?;
+        Ok((
+            table,
+            l.slot_mapping.into_pyarray(py),
+            l.seq_lens.into_pyarray(py),
+        ))
     }
 
-    fn ref_counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i32>>> {
+    fn ref_counts<'py>(&self, py: Python<'py>) -> PyResult<I32Array<'py>> {
         let v = self.with(py, |a| Ok(to_i32(a.ref_counts())))?;
         Ok(v.into_pyarray(py))
     }
 
-    fn free_queue<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i32>>> {
+    fn free_queue<'py>(&self, py: Python<'py>) -> PyResult<I32Array<'py>> {
         let v = self.with(py, |a| Ok(to_i32(&a.free_queue())))?;
         Ok(v.into_pyarray(py))
     }

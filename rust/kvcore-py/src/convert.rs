@@ -76,7 +76,9 @@ pub fn i64_array<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Arr1<'py,
     }
     if let Ok(a) = arr.cast::<PyArray1<i32>>() {
         let ro = readonly(a, name)?;
-        return Ok(Arr1::Owned(ro.as_array().iter().map(|&x| i64::from(x)).collect()));
+        return Ok(Arr1::Owned(
+            ro.as_array().iter().map(|&x| i64::from(x)).collect(),
+        ));
     }
     Err(wrong_dtype(&arr, name, EXPECTED))
 }
@@ -86,7 +88,9 @@ fn readonly<'py, T: numpy::Element>(
     name: &str,
 ) -> PyResult<numpy::PyReadonlyArray1<'py, T>> {
     a.try_readonly().map_err(|e| {
-        PyValueError::new_err(format!("{name} cannot be read: it is borrowed mutably ({e})"))
+        PyValueError::new_err(format!(
+            "{name} cannot be read: it is borrowed mutably ({e})"
+        ))
     })
 }
 
@@ -136,7 +140,10 @@ pub fn table_id(obj: &Bound<'_, PyAny>) -> PyResult<i64> {
         )));
     }
     obj.extract::<i64>().map_err(|_| {
-        crate::errors::unknown_table(obj.py(), format!("unknown table id {obj}: it was never created by this allocator"))
+        crate::errors::unknown_table(
+            obj.py(),
+            format!("unknown table id {obj}: it was never created by this allocator"),
+        )
     })
 }
 
@@ -148,7 +155,9 @@ pub fn salt(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u8>>> {
     }
     let mut out = Vec::new();
     if obj.is_instance_of::<PyBool>() {
-        return Err(PyTypeError::new_err("salt must be an int, str or bytes, got bool"));
+        return Err(PyTypeError::new_err(
+            "salt must be an int, str or bytes, got bool",
+        ));
     } else if obj.is_instance_of::<PyInt>() {
         let v: i128 = obj.extract().map_err(|_| {
             PyValueError::new_err(format!("an int salt must fit in 64 bits, got {obj}"))

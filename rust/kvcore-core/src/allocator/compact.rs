@@ -133,9 +133,10 @@ impl BlockAllocator {
         //    New blocks are taken before any old block is released, so a destination is
         //    never a block that still holds this plan's sources.
         table.blocks.truncate(g.new_num_blocks);
-        for b in g.write_start..g.new_num_blocks {
-            if self.pool.ref_cnt[old[b] as usize] > 1 {
-                table.blocks[b] = self.pool.pop();
+        let range = g.write_start..g.new_num_blocks;
+        for (dst, &src) in table.blocks[range.clone()].iter_mut().zip(&old[range]) {
+            if self.pool.ref_cnt[src as usize] > 1 {
+                *dst = self.pool.pop();
             }
         }
 
@@ -205,7 +206,12 @@ impl BlockAllocator {
     ///
     /// Expected outcome: `OutOfBlocks` when shared blocks must be replaced and the pool is
     /// short (nothing changed). Errors: unknown or freed table, `InvalidPositions`.
-    pub fn compact(&mut self, id: TableId, keep: Keep<'_>, plan: &mut CompactionPlan) -> Result<()> {
+    pub fn compact(
+        &mut self,
+        id: TableId,
+        keep: Keep<'_>,
+        plan: &mut CompactionPlan,
+    ) -> Result<()> {
         let idx = self.slot_index(id)?;
         let n = self.table_at(idx).num_tokens;
         let buf = self.load_keep(id, n, keep)?;

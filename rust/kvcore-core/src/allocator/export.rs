@@ -30,7 +30,9 @@ pub struct VllmLayout {
 
 fn as_i32(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| {
-        KvError::InvalidArgument(format!("{what} = {v} does not fit the int32 page-table layout"))
+        KvError::InvalidArgument(format!(
+            "{what} = {v} does not fit the int32 page-table layout"
+        ))
     })
 }
 
@@ -94,9 +96,10 @@ impl BlockAllocator {
             Some(w) => w,
             None => max_blocks,
         };
-        let cells = ids.len().checked_mul(width).ok_or_else(|| {
-            KvError::InvalidArgument(format!("width {width} is too large"))
-        })?;
+        let cells = ids
+            .len()
+            .checked_mul(width)
+            .ok_or_else(|| KvError::InvalidArgument(format!("width {width} is too large")))?;
         let mut out = VllmLayout {
             width,
             ..VllmLayout::default()

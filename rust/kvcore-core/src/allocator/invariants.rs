@@ -65,11 +65,10 @@ impl BlockAllocator {
                 self.num_tables
             ));
         }
-        for b in 0..n {
-            if refs[b] != self.pool.ref_cnt[b] {
+        for (b, (&counted, &stored)) in refs.iter().zip(&self.pool.ref_cnt).enumerate() {
+            if counted != stored {
                 return fail(format!(
-                    "block {b} has ref_cnt {} but {} table(s) reference it",
-                    self.pool.ref_cnt[b], refs[b]
+                    "block {b} has ref_cnt {stored} but {counted} table(s) reference it"
                 ));
             }
         }

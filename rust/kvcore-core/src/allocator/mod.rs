@@ -207,7 +207,10 @@ impl BlockAllocator {
     #[inline]
     pub(crate) fn table(&self, id: TableId) -> Result<&Table> {
         let idx = self.slot_index(id)?;
-        Ok(self.slots[idx].table.as_ref().expect("checked by slot_index"))
+        Ok(self.slots[idx]
+            .table
+            .as_ref()
+            .expect("checked by slot_index"))
     }
 
     #[inline]
@@ -301,7 +304,10 @@ impl BlockAllocator {
             (0, 0)
         } else {
             let last = *t.blocks.last().expect("partial table has a block");
-            (bs - used_in_last, usize::from(self.pool.ref_cnt[last as usize] > 1))
+            (
+                bs - used_in_last,
+                usize::from(self.pool.ref_cnt[last as usize] > 1),
+            )
         };
         let rest = n.saturating_sub(room);
         let fresh = rest.div_ceil(bs);

@@ -316,9 +316,11 @@ impl BlockPool {
         if self.tail != prev {
             return Err("the free queue's tail pointer is stale".into());
         }
-        for b in 1..n {
-            if self.ref_cnt[b] == 0 && !seen[b] {
-                return Err(format!("unreferenced block {b} is missing from the free queue"));
+        for (b, (&queued, &r)) in seen.iter().zip(&self.ref_cnt).enumerate().skip(1) {
+            if r == 0 && !queued {
+                return Err(format!(
+                    "unreferenced block {b} is missing from the free queue"
+                ));
             }
         }
         if free != self.num_free || cached != self.num_cached {
@@ -329,7 +331,9 @@ impl BlockPool {
         }
         for (h, &b) in &self.index {
             if self.hash[b as usize] != Some(*h) {
-                return Err(format!("hash index points at block {b}, which holds another hash"));
+                return Err(format!(
+                    "hash index points at block {b}, which holds another hash"
+                ));
             }
         }
         let shared = self.ref_cnt.iter().filter(|&&r| r > 1).count();

@@ -61,6 +61,9 @@ mod tests {
         let long: Vec<i64> = (0..100).collect();
         let mut other = long.clone();
         other[99] = -1;
-        assert_ne!(hash_block(ROOT_HASH, &long, None), hash_block(ROOT_HASH, &other, None));
+        assert_ne!(
+            hash_block(ROOT_HASH, &long, None),
+            hash_block(ROOT_HASH, &other, None)
+        );
     }
 }

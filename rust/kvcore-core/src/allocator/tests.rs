@@ -16,8 +16,14 @@ fn append(a: &mut BlockAllocator, t: TableId, n: usize) -> (Vec<i64>, AppendOutc
 
 #[test]
 fn rejects_bad_sizes() {
-    assert!(matches!(BlockAllocator::new(1, 16), Err(KvError::InvalidArgument(_))));
-    assert!(matches!(BlockAllocator::new(8, 0), Err(KvError::InvalidArgument(_))));
+    assert!(matches!(
+        BlockAllocator::new(1, 16),
+        Err(KvError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        BlockAllocator::new(8, 0),
+        Err(KvError::InvalidArgument(_))
+    ));
     assert!(BlockAllocator::new(2, 1).is_ok());
 }
 
@@ -40,12 +46,30 @@ fn out_of_blocks_changes_nothing() {
     let mut a = BlockAllocator::new(3, 4).unwrap(); // capacity 2 blocks = 8 slots
     let t = a.create_table();
     append(&mut a, t, 5);
-    let before = (a.stats(), a.free_queue(), a.block_table(t).unwrap().to_vec());
+    let before = (
+        a.stats(),
+        a.free_queue(),
+        a.block_table(t).unwrap().to_vec(),
+    );
     let mut out = Vec::new();
     let err = a.append(t, 4, &mut out).unwrap_err();
-    assert!(matches!(err, KvError::OutOfBlocks { needed: 1, available: 0, capacity: 2 }));
+    assert!(matches!(
+        err,
+        KvError::OutOfBlocks {
+            needed: 1,
+            available: 0,
+            capacity: 2
+        }
+    ));
     assert!(out.is_empty());
-    assert_eq!(before, (a.stats(), a.free_queue(), a.block_table(t).unwrap().to_vec()));
+    assert_eq!(
+        before,
+        (
+            a.stats(),
+            a.free_queue(),
+            a.block_table(t).unwrap().to_vec()
+        )
+    );
     // Exactly filling the budget works.
     append(&mut a, t, 3);
     assert_eq!(a.stats().num_free_blocks, 0);
@@ -56,9 +80,15 @@ fn huge_append_is_out_of_blocks_not_overflow() {
     let mut a = BlockAllocator::new(3, 4).unwrap();
     let t = a.create_table();
     let mut out = Vec::new();
-    assert!(matches!(a.append(t, usize::MAX, &mut out), Err(KvError::OutOfBlocks { .. })));
+    assert!(matches!(
+        a.append(t, usize::MAX, &mut out),
+        Err(KvError::OutOfBlocks { .. })
+    ));
     append(&mut a, t, 1);
-    assert!(matches!(a.append(t, usize::MAX, &mut out), Err(KvError::OutOfBlocks { .. })));
+    assert!(matches!(
+        a.append(t, usize::MAX, &mut out),
+        Err(KvError::OutOfBlocks { .. })
+    ));
     a.check_invariants().unwrap();
 }
 
@@ -117,13 +147,21 @@ fn batch_append_is_all_or_nothing() {
     let t1 = a.create_table();
     let t2 = a.create_table();
     let (mut s, mut ip, mut cs, mut cd) = (vec![], vec![], vec![], vec![]);
-    a.append_batch(&[t1, t2], &[3, 1], &mut s, &mut ip, &mut cs, &mut cd).unwrap();
+    a.append_batch(&[t1, t2], &[3, 1], &mut s, &mut ip, &mut cs, &mut cd)
+        .unwrap();
     assert_eq!(ip, vec![0, 3, 4]);
     assert_eq!(s.len(), 4);
     let before = a.stats();
     let (mut s2, mut ip2) = (vec![], vec![]);
     let err = a.append_batch(&[t1, t2], &[1, 2], &mut s2, &mut ip2, &mut cs, &mut cd);
-    assert!(matches!(err, Err(KvError::OutOfBlocks { needed: 1, available: 0, .. })));
+    assert!(matches!(
+        err,
+        Err(KvError::OutOfBlocks {
+            needed: 1,
+            available: 0,
+            ..
+        })
+    ));
     assert!(s2.is_empty() && ip2.is_empty());
     assert_eq!(before, a.stats());
     let dup = a.append_batch(&[t1, t1], &[0, 0], &mut s2, &mut ip2, &mut cs, &mut cd);
@@ -145,7 +183,10 @@ fn prefix_cache_hits_and_lru_reuse() {
     assert_eq!(a.block_table(u).unwrap(), &a.block_table(t).unwrap()[..2]);
     // A different salt misses.
     let v = a.create_table();
-    assert_eq!(a.adopt_prefix(v, &tokens, Some(b"policy=snapkv")).unwrap(), 0);
+    assert_eq!(
+        a.adopt_prefix(v, &tokens, Some(b"policy=snapkv")).unwrap(),
+        0
+    );
     a.free_batch(&[t, u, v]).unwrap();
     let s = a.stats();
     assert_eq!((s.num_cached_blocks, s.num_free_blocks), (2, 3));
@@ -168,8 +209,14 @@ fn adopt_requires_an_empty_table_and_register_the_full_length() {
     let mut a = BlockAllocator::new(6, 2).unwrap();
     let t = a.create_table();
     append(&mut a, t, 3);
-    assert!(matches!(a.adopt_prefix(t, &[1, 2], None), Err(KvError::InvalidArgument(_))));
-    assert!(matches!(a.register_prefix(t, &[1, 2], None), Err(KvError::InvalidArgument(_))));
+    assert!(matches!(
+        a.adopt_prefix(t, &[1, 2], None),
+        Err(KvError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        a.register_prefix(t, &[1, 2], None),
+        Err(KvError::InvalidArgument(_))
+    ));
 }
 
 /// Applies a plan sequentially to a per-slot array.
@@ -197,7 +244,8 @@ fn compaction_packs_kept_tokens_with_minimal_moves() {
         mem[s as usize] = pos as i64;
     }
     let mut plan = CompactionPlan::default();
-    a.compact(t, Keep::Positions(&[0, 1, 5, 6, 9]), &mut plan).unwrap();
+    a.compact(t, Keep::Positions(&[0, 1, 5, 6, 9]), &mut plan)
+        .unwrap();
     // Blocks 1,2,3 -> 1,2: t0,t1 stay, t5,t6 move into block 1, t9 into block 2.
     assert_eq!(plan.src, vec![9, 10, 13]);
     assert_eq!(plan.dst, vec![6, 7, 8]);
@@ -229,7 +277,10 @@ fn compaction_never_writes_a_shared_block() {
     a.compact(c, Keep::Positions(&keep), &mut plan).unwrap();
     let parent_blocks = a.block_table(p).unwrap().to_vec();
     for &d in &plan.dst {
-        assert!(!parent_blocks.contains(&((d / 4) as u32)), "wrote into a shared block");
+        assert!(
+            !parent_blocks.contains(&((d / 4) as u32)),
+            "wrote into a shared block"
+        );
     }
     apply_seq(&mut mem, &plan);
     let got: Vec<i64> = slots_of(&a, c).iter().map(|&s| mem[s as usize]).collect();
@@ -246,12 +297,32 @@ fn compaction_out_of_blocks_changes_nothing() {
     let p = a.create_table();
     append(&mut a, p, 6);
     let c = a.fork(p).unwrap();
-    let before = (a.stats(), a.free_queue(), a.block_table(c).unwrap().to_vec());
+    let before = (
+        a.stats(),
+        a.free_queue(),
+        a.block_table(c).unwrap().to_vec(),
+    );
     let mut plan = CompactionPlan::default();
-    let err = a.compact(c, Keep::Positions(&[1, 2]), &mut plan).unwrap_err();
-    assert!(matches!(err, KvError::OutOfBlocks { needed: 1, available: 0, .. }));
+    let err = a
+        .compact(c, Keep::Positions(&[1, 2]), &mut plan)
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        KvError::OutOfBlocks {
+            needed: 1,
+            available: 0,
+            ..
+        }
+    ));
     assert!(plan.is_empty());
-    assert_eq!(before, (a.stats(), a.free_queue(), a.block_table(c).unwrap().to_vec()));
+    assert_eq!(
+        before,
+        (
+            a.stats(),
+            a.free_queue(),
+            a.block_table(c).unwrap().to_vec()
+        )
+    );
 }
 
 #[test]
@@ -270,7 +341,8 @@ fn compaction_rejects_bad_positions() {
         a.compact(t, Keep::Mask(&[true, false]), &mut plan),
         Err(KvError::InvalidPositions(_))
     ));
-    a.compact(t, Keep::Mask(&[true, false, false, true]), &mut plan).unwrap();
+    a.compact(t, Keep::Mask(&[true, false, false, true]), &mut plan)
+        .unwrap();
     assert_eq!(a.num_tokens(t), Ok(2));
     a.compact(t, Keep::Positions(&[]), &mut plan).unwrap();
     assert_eq!(a.num_tokens(t), Ok(0));
@@ -285,7 +357,8 @@ fn compaction_drops_changed_blocks_from_the_prefix_cache() {
     append(&mut a, t, 6);
     a.register_prefix(t, &tokens, None).unwrap();
     let mut plan = CompactionPlan::default();
-    a.compact(t, Keep::Positions(&[0, 1, 3, 4, 5]), &mut plan).unwrap();
+    a.compact(t, Keep::Positions(&[0, 1, 3, 4, 5]), &mut plan)
+        .unwrap();
     // Block 0 is untouched and stays cached; blocks 1 and 2 changed.
     let u = a.create_table();
     assert_eq!(a.adopt_prefix(u, &tokens, None).unwrap(), 2);
@@ -309,7 +382,8 @@ fn batch_compaction_matches_one_by_one() {
     let mut pip = Vec::new();
     let positions: Vec<i64> = keeps.concat();
     let indptr = [0, 3, 8, 8];
-    a.compact_batch(&ids, &indptr, &positions, &mut plan, &mut pip).unwrap();
+    a.compact_batch(&ids, &indptr, &positions, &mut plan, &mut pip)
+        .unwrap();
     let (mut b, ids_b, _) = build();
     let mut plan_b = CompactionPlan::default();
     for (t, k) in ids_b.iter().zip(keeps) {
@@ -336,7 +410,9 @@ fn page_table_exports() {
     assert_eq!(fi.indptr, vec![0, 2, 3, 3]);
     assert_eq!(fi.indices, vec![1, 2, 3]);
     assert_eq!(fi.last_page_len, vec![1, 4, 0]);
-    let v = a.vllm_layout(&[t1, t2, t3], Some(&[1, 2, 0]), Some(3)).unwrap();
+    let v = a
+        .vllm_layout(&[t1, t2, t3], Some(&[1, 2, 0]), Some(3))
+        .unwrap();
     assert_eq!(v.width, 3);
     assert_eq!(v.block_table, vec![1, 2, 0, 3, 0, 0, 0, 0, 0]);
     assert_eq!(v.seq_lens, vec![5, 4, 0]);
