@@ -322,7 +322,7 @@ def test_compact_batch_equals_one_by_one() -> None:
     assert src.tolist() == sum((p[0].tolist() for p in plans), [])
     assert dst.tolist() == sum((p[1].tolist() for p in plans), [])
     assert pip.tolist() == np.cumsum([0] + [len(p[0]) for p in plans]).tolist()
-    with pytest.raises(ValueError, match="indptr must have len\\(tables\\) \\+ 1 = 4 entries"):
+    with pytest.raises(ValueError, match="keep_indptr must have len\\(tables\\) \\+ 1 = 4 entries"):
         a.compact_batch(ts, indptr[:2], np.concatenate(keeps))
 
 
@@ -369,3 +369,17 @@ def test_arrays_are_not_aliased_and_non_contiguous_input_works() -> None:
     bt = a.block_table(int(ts[0]))
     bt[0] = 999  # the returned array is a copy owned by the caller
     assert a.block_table(int(ts[0]))[0] != 999
+
+
+def test_numpy_integer_scalars_are_accepted_as_ids_and_counts() -> None:
+    a = BlockAllocator(8, 4)
+    ts = a.create_tables(2)
+    slots, _ = a.append(ts[0], np.int32(3))  # numpy scalars straight from an id array
+    assert slots.shape == (3,)
+    _, indptr, _, _ = a.append_batch(ts, np.int64(2))
+    assert indptr.tolist() == [0, 2, 4]
+    assert a.num_tokens(ts[1]) == 2
+    with pytest.raises(TypeError, match="num_tokens must be an int, got bool"):
+        a.append(ts[0], True)
+    with pytest.raises(TypeError, match="num_tokens must be an int, got float64"):
+        a.append(ts[0], np.float64(1.0))

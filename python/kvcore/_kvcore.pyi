@@ -1,7 +1,11 @@
 """Rust core of kvcore (PyO3 bindings). Import the public names from ``kvcore``.
 
-Arrays cross the boundary as numpy arrays without per-element Python objects. Every method
-is safe to call from several threads; batch methods release the GIL while the core works.
+Arrays cross the boundary as numpy arrays without per-element Python objects (int32 id and
+position arrays are accepted wherever int64 is, at the cost of one copy). Table ids and
+counts may be Python ints or numpy integer scalars. Every method is safe to call from several
+threads; methods whose work grows with their input (batch calls, compaction, prefix hashing,
+exports, ``slot_mapping``, ``check_invariants``, and ``append`` of 1024 tokens or more)
+release the GIL while the core works.
 """
 
 from typing import Final, TypeAlias, final
@@ -14,6 +18,7 @@ build_profile: Final[str]
 """``"release"`` or ``"debug"``: benchmarks refuse to run on a debug build."""
 
 _Salt: TypeAlias = int | str | bytes
+_IdArray: TypeAlias = NDArray[np.int64] | NDArray[np.int32]
 
 __all__ = [
     "BlockAllocator",
@@ -61,9 +66,9 @@ class BlockAllocator:
     :class:`KVCoreError` subclass that is also a ``ValueError``). Any call that raises leaves
     the allocator unchanged.
 
-    Reuse order: blocks that never held a cached prefix are handed out first (the most
-    recently freed first); cached blocks are reclaimed only when those run out, least
-    recently freed first. A table frees its blocks tail first.
+    Reuse order: blocks that hold no cached prefix are handed out first (the most recently
+    freed first); cached blocks are reclaimed only when those run out, least recently freed
+    first. A table frees its blocks tail first.
 
     Args:
         num_blocks: physical blocks in the pool, including the null block (>= 2).
@@ -140,7 +145,7 @@ class BlockAllocator:
             ValueError: ``num_tokens`` is negative.
         """
     def append_batch(
-        self, tables: NDArray[np.int64], num_tokens: NDArray[np.int64] | int
+        self, tables: _IdArray, num_tokens: _IdArray | int
     ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int32], NDArray[np.int32]]:
         """Appends ``num_tokens[i]`` slots to ``tables[i]`` for every ``i``, all or nothing,
         with the GIL released. ``num_tokens`` may be one int for every table (a decode step).
@@ -156,6 +161,7 @@ class BlockAllocator:
 
         Raises:
             OutOfBlocksError: the batch does not fit (nothing changed).
+            UnknownTableError, TableFreedError: a bad id (nothing changed).
             ValueError: lengths differ, a table is listed twice, or a count is negative.
         """
     def fork(self, table: int) -> int:
@@ -168,8 +174,13 @@ class BlockAllocator:
             TableFreedError: double free.
             UnknownTableError: never created.
         """
-    def free_batch(self, tables: NDArray[np.int64]) -> None:
-        """Frees every table of ``tables`` ``(n,)`` int64, all or nothing."""
+    def free_batch(self, tables: _IdArray) -> None:
+        """Frees every table of ``tables`` ``(n,)`` int64, all or nothing.
+
+        Raises:
+            UnknownTableError, TableFreedError: a bad id (nothing is freed).
+            ValueError: a table is listed twice (nothing is freed).
+        """
     def register_prefix(
         self, table: int, token_ids: NDArray[np.int64] | NDArray[np.int32], salt: _Salt | None = None
     ) -> int:
@@ -229,9 +240,9 @@ class BlockAllocator:
         """
     def compact_batch(
         self,
-        tables: NDArray[np.int64],
-        keep_indptr: NDArray[np.int64],
-        keep_positions: NDArray[np.int64],
+        tables: _IdArray,
+        keep_indptr: _IdArray,
+        keep_positions: _IdArray,
     ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
         """Compacts many tables at once, all or nothing, with the GIL released. Table
         ``tables[i]`` keeps ``keep_positions[keep_indptr[i]:keep_indptr[i+1]]`` (the CSR
@@ -245,17 +256,23 @@ class BlockAllocator:
         Raises:
             OutOfBlocksError: conservative check: the blocks every table would need on its
                 own, before anything changes, exceed the available blocks.
+            InvalidPositionsError: a table's positions are out of range, unsorted or
+                duplicated.
+            UnknownTableError, TableFreedError: a bad id.
+            ValueError: ``keep_indptr`` does not have ``len(tables) + 1`` non-decreasing
+                entries from 0 to ``len(keep_positions)``, or a table is listed twice.
+        Nothing changes when it raises.
         """
     def flashinfer_layout(
-        self, tables: NDArray[np.int64]
+        self, tables: _IdArray
     ) -> tuple[NDArray[np.int32], NDArray[np.int32], NDArray[np.int32]]:
         """FlashInfer's paged-KV layout for ``tables``: ``(indptr (n+1,), indices
         (indptr[-1],), last_page_len (n,))``, all int32. An empty table has
         ``last_page_len`` 0."""
     def vllm_layout(
         self,
-        tables: NDArray[np.int64],
-        num_new_tokens: NDArray[np.int64] | None = None,
+        tables: _IdArray,
+        num_new_tokens: _IdArray | None = None,
         width: int | None = None,
     ) -> tuple[NDArray[np.int32], NDArray[np.int64], NDArray[np.int32]]:
         """vLLM's layout for ``tables``.

@@ -23,6 +23,9 @@ pub struct PyBlockAllocator {
 }
 
 type Core<T> = Result<T, KvError>;
+/// `append` releases the GIL from this many tokens on.
+const DETACH_MIN_TOKENS: usize = 1024;
+
 type I64Array<'py> = Bound<'py, PyArray1<i64>>;
 type I32Array<'py> = Bound<'py, PyArray1<i32>>;
 
@@ -235,10 +238,16 @@ impl PyBlockAllocator {
     ) -> PyResult<(I64Array<'py>, Option<(u32, u32)>)> {
         let t = convert::table_id(table)?;
         let n = convert::count(num_tokens, "num_tokens")?;
-        let (slots, outcome) = self.with(py, |a| {
+        let run = |a: &mut BlockAllocator| {
             let mut out = Vec::new();
             a.append(t, n, &mut out).map(|o| (out, o))
-        })?;
+        };
+        // A decode step (a few tokens) is cheaper than releasing the GIL; a prefill is not.
+        let (slots, outcome) = if n >= DETACH_MIN_TOKENS {
+            self.detached(py, run)?
+        } else {
+            self.with(py, run)?
+        };
         Ok((slots.into_pyarray(py), outcome.cow))
     }
 
@@ -250,7 +259,7 @@ impl PyBlockAllocator {
     ) -> PyResult<(I64Array<'py>, I64Array<'py>, I32Array<'py>, I32Array<'py>)> {
         let ids = convert::i64_array(tables, "tables")?;
         let ids = ids.as_cow();
-        let counts: Vec<usize> = if num_tokens.is_instance_of::<pyo3::types::PyInt>() {
+        let counts: Vec<usize> = if convert::is_scalar_int(num_tokens) {
             vec![convert::count(num_tokens, "num_tokens")?; ids.len()]
         } else {
             let c = convert::i64_array(num_tokens, "num_tokens")?;

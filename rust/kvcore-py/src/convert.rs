@@ -112,34 +112,46 @@ pub fn keep_array<'py>(obj: &Bound<'py, PyAny>) -> PyResult<KeepArg<'py>> {
     Err(wrong_dtype(&arr, "keep", EXPECTED))
 }
 
-/// A non-negative count. Rejects bools, floats and ints that do not fit.
-pub fn count(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<usize> {
-    if obj.is_instance_of::<PyBool>() || !obj.is_instance_of::<PyInt>() {
+/// The object as an i64 if it is an integer (Python int or anything with `__index__`, such
+/// as numpy integer scalars). Bools are rejected: `True` as a count or id is a bug.
+/// `Ok(None)` means "an integer, but outside int64".
+fn index_i64(obj: &Bound<'_, PyAny>, name: &str, what: &str) -> PyResult<Option<i64>> {
+    if obj.is_instance_of::<PyBool>() {
         return Err(PyTypeError::new_err(format!(
-            "{name} must be an int, got {}",
-            type_name(obj)
+            "{name} must be {what}, got bool"
         )));
     }
     match obj.extract::<i64>() {
-        Ok(v) if v >= 0 => Ok(v as usize),
-        Ok(v) => Err(PyValueError::new_err(format!(
+        Ok(v) => Ok(Some(v)),
+        Err(_) if obj.hasattr("__index__").unwrap_or(false) => Ok(None),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "{name} must be {what}, got {}",
+            type_name(obj)
+        ))),
+    }
+}
+
+/// A non-negative count. Rejects bools, floats and ints that do not fit int64.
+pub fn count(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<usize> {
+    match index_i64(obj, name, "an int")? {
+        Some(v) if v >= 0 => Ok(v as usize),
+        Some(v) => Err(PyValueError::new_err(format!(
             "{name} must be non-negative, got {v}"
         ))),
-        Err(_) => Err(PyValueError::new_err(format!(
+        None => Err(PyValueError::new_err(format!(
             "{name} must be an int in [0, 2**63), got {obj}"
         ))),
     }
 }
 
+/// True for a 0-d integer that should be broadcast (a Python int or a numpy integer scalar).
+pub fn is_scalar_int(obj: &Bound<'_, PyAny>) -> bool {
+    obj.cast::<PyUntypedArray>().is_err() && obj.hasattr("__index__").unwrap_or(false)
+}
+
 /// A table id. Ints outside int64 cannot name a table: `UnknownTableError`.
 pub fn table_id(obj: &Bound<'_, PyAny>) -> PyResult<i64> {
-    if obj.is_instance_of::<PyBool>() || !obj.is_instance_of::<PyInt>() {
-        return Err(PyTypeError::new_err(format!(
-            "table must be an int table id, got {}",
-            type_name(obj)
-        )));
-    }
-    obj.extract::<i64>().map_err(|_| {
+    index_i64(obj, "table", "an int table id")?.ok_or_else(|| {
         crate::errors::unknown_table(
             obj.py(),
             format!("unknown table id {obj}: it was never created by this allocator"),

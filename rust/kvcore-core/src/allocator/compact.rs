@@ -245,14 +245,14 @@ impl BlockAllocator {
     ) -> Result<()> {
         if indptr.len() != ids.len() + 1 {
             return Err(KvError::InvalidArgument(format!(
-                "indptr must have len(tables) + 1 = {} entries, got {}",
+                "keep_indptr must have len(tables) + 1 = {} entries, got {}",
                 ids.len() + 1,
                 indptr.len()
             )));
         }
         if indptr[0] != 0 || indptr[ids.len()] as u64 != positions.len() as u64 {
             return Err(KvError::InvalidArgument(format!(
-                "indptr must start at 0 and end at len(positions) = {}, got {} and {}",
+                "keep_indptr must start at 0 and end at len(keep_positions) = {}, got {} and {}",
                 positions.len(),
                 indptr[0],
                 indptr[ids.len()]
@@ -260,7 +260,7 @@ impl BlockAllocator {
         }
         if let Some(i) = indptr.windows(2).position(|w| w[1] < w[0]) {
             return Err(KvError::InvalidArgument(format!(
-                "indptr must be non-decreasing, but indptr[{}] = {} < indptr[{i}] = {}",
+                "keep_indptr must be non-decreasing, but keep_indptr[{}] = {} < keep_indptr[{i}] = {}",
                 i + 1,
                 indptr[i + 1],
                 indptr[i]

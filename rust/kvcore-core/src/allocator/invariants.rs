@@ -5,7 +5,7 @@ use crate::error::{KvError, Result};
 
 impl BlockAllocator {
     /// Verifies every structural invariant and returns the first violation found:
-    /// * the free queue holds exactly the unreferenced blocks, never-cached ones first, and
+    /// * the free queue holds exactly the unreferenced blocks, uncached ones first, and
     ///   its counters match;
     /// * each block's ref count equals the number of live tables that list it;
     /// * no table lists a block twice or lists the null block;

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //!   front                                                              back
-//!   [ never-cached free blocks ... | cached blocks, least recently freed ... most recent ]
+//!   [ uncached free blocks ...     | cached blocks, least recently freed ... most recent ]
 //!     ^ handed out first                 ^ evicted (hash dropped) only when the front runs dry
 //! ```
 //!
@@ -90,7 +90,7 @@ impl BlockPool {
         self.ref_cnt.len() - 1
     }
 
-    /// Blocks an allocation may take right now: never-cached ones plus evictable cached ones.
+    /// Blocks an allocation may take right now: uncached ones plus evictable cached ones.
     #[inline]
     pub(crate) fn num_available(&self) -> usize {
         self.num_free + self.num_cached
@@ -181,7 +181,7 @@ impl BlockPool {
     }
 
     /// Drops a reference. At zero the block joins the queue: cached blocks at the back (kept
-    /// longest for prefix hits), never-cached blocks at the front (reused first).
+    /// longest for prefix hits), uncached blocks at the front (reused first).
     #[inline]
     pub(crate) fn decref(&mut self, b: BlockId) {
         let i = b as usize;
@@ -306,7 +306,7 @@ impl BlockPool {
                 None => {
                     if in_cached_part {
                         return Err(format!(
-                            "never-cached block {b} sits behind cached blocks in the free queue"
+                            "uncached block {b} sits behind cached blocks in the free queue"
                         ));
                     }
                     free += 1;
