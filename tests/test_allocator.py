@@ -135,7 +135,9 @@ def test_free_double_free_and_unknown_ids() -> None:
         a.num_tokens(999)
     with pytest.raises(UnknownTableError, match="unknown table id -5"):
         a.fork(-5)
-    with pytest.raises(UnknownTableError, match=r"unknown table id 1267650600228229401496703205376"):
+    with pytest.raises(
+        UnknownTableError, match=r"unknown table id 1267650600228229401496703205376"
+    ):
         a.free(2**100)
     with pytest.raises(TypeError, match="table must be an int table id, got str"):
         a.free("0")  # type: ignore[arg-type]
@@ -162,7 +164,9 @@ def test_batch_append_and_free() -> None:
         a.append_batch(i64(ts[0], ts[0]), 1)
     with pytest.raises(ValueError, match="same length, got 3 and 2"):
         a.append_batch(ts, i64(1, 1))
-    with pytest.raises(ValueError, match=r"num_tokens must be non-negative, got num_tokens\[1\] = -1"):
+    with pytest.raises(
+        ValueError, match=r"num_tokens must be non-negative, got num_tokens\[1\] = -1"
+    ):
         a.append_batch(ts, i64(1, -1, 1))
     with pytest.raises(ValueError, match="appears more than once in the batch"):
         a.free_batch(np.concatenate([ts, ts[:1]]))  # nothing is freed

@@ -80,9 +80,7 @@ def test_threads_sharing_one_allocator_stay_consistent() -> None:
                     n = rng.integers(0, 5, size=len(ids)).astype(np.int64)
                     with apply_lock:
                         try:
-                            slots, indptr, cs, cd = a.append_batch(
-                                np.array(ids, dtype=np.int64), n
-                            )
+                            slots, indptr, cs, cd = a.append_batch(np.array(ids, dtype=np.int64), n)
                         except OutOfBlocksError:
                             continue
                         for s, d in zip(cs.tolist(), cd.tolist(), strict=True):

@@ -182,7 +182,10 @@ class BlockAllocator:
             ValueError: a table is listed twice (nothing is freed).
         """
     def register_prefix(
-        self, table: int, token_ids: NDArray[np.int64] | NDArray[np.int32], salt: _Salt | None = None
+        self,
+        table: int,
+        token_ids: NDArray[np.int64] | NDArray[np.int32],
+        salt: _Salt | None = None,
     ) -> int:
         """Registers the full blocks of ``table`` that are not registered yet under the chained
         hash of (parent hash, the block's token ids, salt), so later tables can adopt them.
@@ -198,7 +201,10 @@ class BlockAllocator:
             registered again (no de-duplication), but the chain continues through it.
         """
     def adopt_prefix(
-        self, table: int, token_ids: NDArray[np.int64] | NDArray[np.int32], salt: _Salt | None = None
+        self,
+        table: int,
+        token_ids: NDArray[np.int64] | NDArray[np.int32],
+        salt: _Salt | None = None,
     ) -> int:
         """Makes an empty ``table`` adopt the longest cached prefix of ``token_ids``: leading
         full blocks whose chained hash is registered join the table, ref counts up. Takes no
@@ -224,9 +230,9 @@ class BlockAllocator:
         counts). Apply the moves sequentially in order, or as one gather followed by one
         scatter (``pool[dst] = pool[src]``): both are correct, because no move reads a slot
         that an earlier move wrote. Apply the plan before the next call that allocates (from
-        any thread): freed blocks still hold sources. Destinations are never in shared blocks; shared blocks in
-        the rewritten range are replaced by private ones (so this can run out of blocks). A
-        kept token already in place does not move.
+        any thread): freed blocks still hold sources. Destinations are never in shared
+        blocks; shared blocks in the rewritten range are replaced by private ones (so this can
+        run out of blocks). A kept token already in place does not move.
 
         Args:
             table: the table.

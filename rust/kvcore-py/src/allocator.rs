@@ -171,7 +171,7 @@ impl PyBlockAllocator {
     }
 
     fn create_table(&self, py: Python<'_>) -> PyResult<i64> {
-        self.with(py, |a| Ok(a.create_table()))
+        self.with(py, |a| a.create_table())
     }
 
     fn create_tables<'py>(
@@ -180,13 +180,10 @@ impl PyBlockAllocator {
         n: &Bound<'py, PyAny>,
     ) -> PyResult<I64Array<'py>> {
         let n = convert::count(n, "n")?;
-        if n > (1 << 32) {
-            return Err(pyo3::exceptions::PyValueError::new_err(format!(
-                "n must be at most 2**32, got {n}"
-            )));
-        }
         let ids = self.detached(py, |a| {
-            Ok((0..n).map(|_| a.create_table()).collect::<Vec<_>>())
+            let mut ids = Vec::new();
+            a.create_tables(n, &mut ids)?;
+            Ok(ids)
         })?;
         Ok(ids.into_pyarray(py))
     }

@@ -25,7 +25,7 @@ mod invariants;
 mod pool;
 mod prefix;
 
-use crate::error::{KvError, Result};
+use crate::error::{try_reserve, KvError, Result};
 use pool::{BlockHash, BlockPool};
 
 pub use compact::{CompactionPlan, Keep};
@@ -43,6 +43,8 @@ const MAX_NUM_BLOCKS: usize = i32::MAX as usize;
 /// Table slots are retired instead of reused once their generation reaches this value, so
 /// ids stay positive and a stale id can never alias a newer table.
 const MAX_GENERATION: u32 = i32::MAX as u32;
+/// Table ids keep the slot index in their low 32 bits.
+const MAX_TABLE_SLOTS: usize = u32::MAX as usize;
 
 #[derive(Clone, Default, Debug)]
 pub(crate) struct Table {
@@ -99,7 +101,7 @@ pub struct BlockAllocator {
     free_slots: Vec<u32>,
     num_tables: usize,
     batch_stamp: u64,
-    /// Scratch buffer for keep positions, reused so compaction allocates nothing per call.
+    /// Scratch buffer for keep positions, reused across compactions.
     scratch_keep: Vec<i64>,
 }
 
@@ -135,7 +137,7 @@ impl BlockAllocator {
         }
         Ok(BlockAllocator {
             block_size,
-            pool: BlockPool::new(num_blocks),
+            pool: BlockPool::new(num_blocks)?,
             slots: Vec::new(),
             free_slots: Vec::new(),
             num_tables: 0,
@@ -238,6 +240,12 @@ impl BlockAllocator {
         Ok(())
     }
 
+    /// Table slots that `create_table` can still hand out: reused slots plus never-used ones,
+    /// up to 2^32 - 1 slots in all.
+    fn table_capacity_left(&self) -> usize {
+        self.free_slots.len() + (MAX_TABLE_SLOTS - self.slots.len())
+    }
+
     fn insert_table(&mut self, table: Table) -> TableId {
         self.num_tables += 1;
         if let Some(idx) = self.free_slots.pop() {
@@ -256,9 +264,44 @@ impl BlockAllocator {
         }
     }
 
-    /// Creates an empty table. Never fails: an empty table holds no blocks.
-    pub fn create_table(&mut self) -> TableId {
-        self.insert_table(Table::default())
+    /// Creates an empty table (it holds no blocks, so the block budget is not involved).
+    ///
+    /// Errors: `InvalidArgument` when 2^32 - 1 tables are live at once.
+    pub fn create_table(&mut self) -> Result<TableId> {
+        self.room_for_one_table()?;
+        Ok(self.insert_table(Table::default()))
+    }
+
+    fn room_for_one_table(&mut self) -> Result<()> {
+        if self.table_capacity_left() == 0 {
+            return Err(KvError::InvalidArgument(format!(
+                "cannot create a table: {MAX_TABLE_SLOTS} tables are live"
+            )));
+        }
+        if self.free_slots.is_empty() {
+            try_reserve(&mut self.slots, 1, "the table list")?;
+        }
+        Ok(())
+    }
+
+    /// Creates `n` empty tables and pushes their ids to `out`: all of them or none.
+    ///
+    /// Errors: `InvalidArgument` when `n` tables would exceed 2^32 - 1 live tables, or their
+    /// bookkeeping cannot be allocated.
+    pub fn create_tables(&mut self, n: usize, out: &mut Vec<TableId>) -> Result<()> {
+        let left = self.table_capacity_left();
+        if n > left {
+            return Err(KvError::InvalidArgument(format!(
+                "cannot create {n} tables: at most {left} more can be live at once"
+            )));
+        }
+        try_reserve(out, n, "n")?;
+        let fresh = n.saturating_sub(self.free_slots.len());
+        try_reserve(&mut self.slots, fresh, "n")?;
+        for _ in 0..n {
+            out.push(self.insert_table(Table::default()));
+        }
+        Ok(())
     }
 
     /// Number of tokens in the table.
@@ -426,6 +469,8 @@ impl BlockAllocator {
     /// A new table sharing every block of `id` (ref counts go up; no block is taken).
     /// Appending to either table later copies a shared partial last block on write.
     pub fn fork(&mut self, id: TableId) -> Result<TableId> {
+        self.table(id)?;
+        self.room_for_one_table()?;
         let child = self.table(id)?.clone();
         for &b in &child.blocks {
             self.pool.incref(b);

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use super::BlockId;
+use crate::error::{try_reserve, Result};
 
 /// Marks "no neighbour" in the intrusive list.
 const NIL: u32 = u32::MAX;
@@ -64,13 +65,29 @@ pub(crate) struct BlockPool {
 
 impl BlockPool {
     /// A pool of `num_blocks` blocks; block 0 is the null block and never enters the queue.
-    pub(crate) fn new(num_blocks: usize) -> Self {
+    ///
+    /// Errors: `InvalidArgument` when the per-block metadata (about 48 bytes a block) cannot
+    /// be allocated, instead of the process abort an infallible allocation would give.
+    pub(crate) fn new(num_blocks: usize) -> Result<Self> {
         let n = num_blocks;
+        let what = "num_blocks";
+        let mut ref_cnt = Vec::new();
+        try_reserve(&mut ref_cnt, n, what)?;
+        ref_cnt.resize(n, 0);
+        let mut hash = Vec::new();
+        try_reserve(&mut hash, n, what)?;
+        hash.resize(n, None);
+        let mut prev = Vec::new();
+        try_reserve(&mut prev, n, what)?;
+        prev.resize(n, NIL);
+        let mut next = Vec::new();
+        try_reserve(&mut next, n, what)?;
+        next.resize(n, NIL);
         let mut pool = BlockPool {
-            ref_cnt: vec![0; n],
-            hash: vec![None; n],
-            prev: vec![NIL; n],
-            next: vec![NIL; n],
+            ref_cnt,
+            hash,
+            prev,
+            next,
             head: NIL,
             tail: NIL,
             num_free: 0,
@@ -82,7 +99,7 @@ impl BlockPool {
             pool.push_back(b);
         }
         pool.num_free = n - 1;
-        pool
+        Ok(pool)
     }
 
     #[inline]

@@ -30,7 +30,7 @@ fn rejects_bad_sizes() {
 #[test]
 fn append_hands_out_slots_and_never_the_null_block() {
     let mut a = BlockAllocator::new(4, 4).unwrap();
-    let t = a.create_table();
+    let t = a.create_table().unwrap();
     let (s, o) = append(&mut a, t, 6);
     assert_eq!(o.cow, None);
     assert_eq!(s, vec![4, 5, 6, 7, 8, 9]); // blocks 1 and 2
@@ -44,7 +44,7 @@ fn append_hands_out_slots_and_never_the_null_block() {
 #[test]
 fn out_of_blocks_changes_nothing() {
     let mut a = BlockAllocator::new(3, 4).unwrap(); // capacity 2 blocks = 8 slots
-    let t = a.create_table();
+    let t = a.create_table().unwrap();
     append(&mut a, t, 5);
     let before = (
         a.stats(),
@@ -78,7 +78,7 @@ fn out_of_blocks_changes_nothing() {
 #[test]
 fn huge_append_is_out_of_blocks_not_overflow() {
     let mut a = BlockAllocator::new(3, 4).unwrap();
-    let t = a.create_table();
+    let t = a.create_table().unwrap();
     let mut out = Vec::new();
     assert!(matches!(
         a.append(t, usize::MAX, &mut out),
@@ -95,7 +95,7 @@ fn huge_append_is_out_of_blocks_not_overflow() {
 #[test]
 fn fork_shares_and_copy_on_write_privatises_the_partial_block() {
     let mut a = BlockAllocator::new(8, 4).unwrap();
-    let p = a.create_table();
+    let p = a.create_table().unwrap();
     append(&mut a, p, 6);
     let c = a.fork(p).unwrap();
     assert_eq!(a.ref_counts()[1], 2);
@@ -116,7 +116,7 @@ fn fork_shares_and_copy_on_write_privatises_the_partial_block() {
 #[test]
 fn full_shared_last_block_needs_no_copy() {
     let mut a = BlockAllocator::new(8, 4).unwrap();
-    let p = a.create_table();
+    let p = a.create_table().unwrap();
     append(&mut a, p, 4);
     let c = a.fork(p).unwrap();
     let (_, o) = append(&mut a, c, 1);
@@ -127,7 +127,7 @@ fn full_shared_last_block_needs_no_copy() {
 #[test]
 fn free_and_double_free() {
     let mut a = BlockAllocator::new(8, 4).unwrap();
-    let t = a.create_table();
+    let t = a.create_table().unwrap();
     append(&mut a, t, 9);
     a.free(t).unwrap();
     assert_eq!(a.stats().num_free_blocks, 7);
@@ -135,7 +135,7 @@ fn free_and_double_free() {
     assert_eq!(a.free(12345), Err(KvError::UnknownTable(12345)));
     assert_eq!(a.free(-1), Err(KvError::UnknownTable(-1)));
     // The slot is reused under a new generation; the stale id stays dead.
-    let t2 = a.create_table();
+    let t2 = a.create_table().unwrap();
     assert_ne!(t2, t);
     assert_eq!(a.num_tokens(t), Err(KvError::TableFreed(t)));
     assert_eq!(a.num_tokens(t2), Ok(0));
@@ -144,8 +144,8 @@ fn free_and_double_free() {
 #[test]
 fn batch_append_is_all_or_nothing() {
     let mut a = BlockAllocator::new(4, 2).unwrap(); // 3 blocks
-    let t1 = a.create_table();
-    let t2 = a.create_table();
+    let t1 = a.create_table().unwrap();
+    let t2 = a.create_table().unwrap();
     let (mut s, mut ip, mut cs, mut cd) = (vec![], vec![], vec![], vec![]);
     a.append_batch(&[t1, t2], &[3, 1], &mut s, &mut ip, &mut cs, &mut cd)
         .unwrap();
@@ -175,14 +175,14 @@ fn batch_append_is_all_or_nothing() {
 fn prefix_cache_hits_and_lru_reuse() {
     let mut a = BlockAllocator::new(6, 2).unwrap(); // 5 blocks
     let tokens = [10i64, 11, 12, 13, 14];
-    let t = a.create_table();
+    let t = a.create_table().unwrap();
     append(&mut a, t, 5);
     assert_eq!(a.register_prefix(t, &tokens, None).unwrap(), 2);
-    let u = a.create_table();
+    let u = a.create_table().unwrap();
     assert_eq!(a.adopt_prefix(u, &tokens, None).unwrap(), 4);
     assert_eq!(a.block_table(u).unwrap(), &a.block_table(t).unwrap()[..2]);
     // A different salt misses.
-    let v = a.create_table();
+    let v = a.create_table().unwrap();
     assert_eq!(
         a.adopt_prefix(v, &tokens, Some(b"policy=snapkv")).unwrap(),
         0
@@ -191,15 +191,15 @@ fn prefix_cache_hits_and_lru_reuse() {
     let s = a.stats();
     assert_eq!((s.num_cached_blocks, s.num_free_blocks), (2, 3));
     // Never-cached blocks are handed out first, so the cached prefix survives.
-    let w = a.create_table();
+    let w = a.create_table().unwrap();
     append(&mut a, w, 6);
-    let x = a.create_table();
+    let x = a.create_table().unwrap();
     assert_eq!(a.adopt_prefix(x, &tokens, None).unwrap(), 4);
     a.free(x).unwrap();
     // Now the pool must evict: the tail block (hash of tokens 12,13) goes first.
-    let y = a.create_table();
+    let y = a.create_table().unwrap();
     append(&mut a, y, 1);
-    let z = a.create_table();
+    let z = a.create_table().unwrap();
     assert_eq!(a.adopt_prefix(z, &tokens, None).unwrap(), 2);
     a.check_invariants().unwrap();
 }
@@ -207,7 +207,7 @@ fn prefix_cache_hits_and_lru_reuse() {
 #[test]
 fn adopt_requires_an_empty_table_and_register_the_full_length() {
     let mut a = BlockAllocator::new(6, 2).unwrap();
-    let t = a.create_table();
+    let t = a.create_table().unwrap();
     append(&mut a, t, 3);
     assert!(matches!(
         a.adopt_prefix(t, &[1, 2], None),
@@ -237,7 +237,7 @@ fn apply_gather_scatter(mem: &mut [i64], plan: &CompactionPlan) {
 #[test]
 fn compaction_packs_kept_tokens_with_minimal_moves() {
     let mut a = BlockAllocator::new(8, 4).unwrap();
-    let t = a.create_table();
+    let t = a.create_table().unwrap();
     let (slots, _) = append(&mut a, t, 10);
     let mut mem = vec![-1i64; 8 * 4];
     for (pos, &s) in slots.iter().enumerate() {
@@ -264,7 +264,7 @@ fn compaction_packs_kept_tokens_with_minimal_moves() {
 #[test]
 fn compaction_never_writes_a_shared_block() {
     let mut a = BlockAllocator::new(10, 4).unwrap();
-    let p = a.create_table();
+    let p = a.create_table().unwrap();
     let (slots, _) = append(&mut a, p, 10);
     let c = a.fork(p).unwrap();
     let mut mem = vec![-1i64; 40];
@@ -294,7 +294,7 @@ fn compaction_never_writes_a_shared_block() {
 #[test]
 fn compaction_out_of_blocks_changes_nothing() {
     let mut a = BlockAllocator::new(4, 2).unwrap(); // 3 blocks
-    let p = a.create_table();
+    let p = a.create_table().unwrap();
     append(&mut a, p, 6);
     let c = a.fork(p).unwrap();
     let before = (
@@ -328,7 +328,7 @@ fn compaction_out_of_blocks_changes_nothing() {
 #[test]
 fn compaction_rejects_bad_positions() {
     let mut a = BlockAllocator::new(4, 2).unwrap();
-    let t = a.create_table();
+    let t = a.create_table().unwrap();
     append(&mut a, t, 4);
     let mut plan = CompactionPlan::default();
     for bad in [&[0i64, 0][..], &[2, 1], &[4], &[-1]] {
@@ -353,14 +353,14 @@ fn compaction_rejects_bad_positions() {
 fn compaction_drops_changed_blocks_from_the_prefix_cache() {
     let mut a = BlockAllocator::new(8, 2).unwrap();
     let tokens = [1i64, 2, 3, 4, 5, 6];
-    let t = a.create_table();
+    let t = a.create_table().unwrap();
     append(&mut a, t, 6);
     a.register_prefix(t, &tokens, None).unwrap();
     let mut plan = CompactionPlan::default();
     a.compact(t, Keep::Positions(&[0, 1, 3, 4, 5]), &mut plan)
         .unwrap();
     // Block 0 is untouched and stays cached; blocks 1 and 2 changed.
-    let u = a.create_table();
+    let u = a.create_table().unwrap();
     assert_eq!(a.adopt_prefix(u, &tokens, None).unwrap(), 2);
     a.check_invariants().unwrap();
 }
@@ -369,7 +369,7 @@ fn compaction_drops_changed_blocks_from_the_prefix_cache() {
 fn batch_compaction_matches_one_by_one() {
     let build = || {
         let mut a = BlockAllocator::new(32, 4).unwrap();
-        let ids: Vec<TableId> = (0..3).map(|_| a.create_table()).collect();
+        let ids: Vec<TableId> = (0..3).map(|_| a.create_table().unwrap()).collect();
         for (i, &t) in ids.iter().enumerate() {
             append(&mut a, t, 7 + 3 * i);
         }
@@ -401,9 +401,9 @@ fn batch_compaction_matches_one_by_one() {
 #[test]
 fn page_table_exports() {
     let mut a = BlockAllocator::new(8, 4).unwrap();
-    let t1 = a.create_table();
-    let t2 = a.create_table();
-    let t3 = a.create_table();
+    let t1 = a.create_table().unwrap();
+    let t2 = a.create_table().unwrap();
+    let t3 = a.create_table().unwrap();
     append(&mut a, t1, 5);
     append(&mut a, t2, 4);
     let fi = a.flashinfer_layout(&[t1, t2, t3]).unwrap();
@@ -424,7 +424,7 @@ fn page_table_exports() {
 #[test]
 fn reset_prefix_cache_frees_cached_blocks() {
     let mut a = BlockAllocator::new(6, 2).unwrap();
-    let t = a.create_table();
+    let t = a.create_table().unwrap();
     append(&mut a, t, 4);
     a.register_prefix(t, &[1, 2, 3, 4], None).unwrap();
     a.free(t).unwrap();

@@ -1,0 +1,44 @@
+"""Test-suite configuration: the ``--slow`` option and the hypothesis profiles.
+
+* default (CI): a fixed seed (``derandomize``), so a CI failure reproduces exactly; sized so
+  the stateful allocator test runs hundreds of sequences of 60 steps in well under a minute.
+* ``--slow``: ten times the examples, longer sequences and a fresh random seed every run;
+  also runs the tests marked ``@pytest.mark.slow``, which are skipped otherwise.
+
+``--hypothesis-profile NAME`` still wins over both, for one-off runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import settings
+
+# deadline=None: timings on shared CI machines vary too much for a per-example deadline to
+# mean anything; the stateful test runs many FFI calls per step.
+settings.register_profile(
+    "kvcore-ci", max_examples=300, stateful_step_count=60, deadline=None, derandomize=True
+)
+settings.register_profile("kvcore-slow", max_examples=3000, stateful_step_count=100, deadline=None)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--slow",
+        action="store_true",
+        default=False,
+        help="run the tests marked slow and the long hypothesis profile",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.getoption("--hypothesis-profile", default=None):
+        settings.load_profile("kvcore-slow" if config.getoption("--slow") else "kvcore-ci")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="needs --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
