@@ -254,7 +254,7 @@ impl BlockAllocator {
             ((slot.generation as i64) << 32) | idx as i64
         } else {
             let idx = self.slots.len();
-            assert!(idx < u32::MAX as usize, "more than 2^32 live tables");
+            debug_assert!(idx < MAX_TABLE_SLOTS, "checked by the caller");
             self.slots.push(TableSlot {
                 generation: 0,
                 table: Some(table),
@@ -323,11 +323,7 @@ impl BlockAllocator {
 
     #[inline]
     fn push_slots(&self, t: &Table, start: usize, end: usize, out: &mut Vec<i64>) {
-        let bs = self.block_size;
-        out.reserve(end - start);
-        for pos in start..end {
-            out.push((t.blocks[pos / bs] as usize * bs + pos % bs) as i64);
-        }
+        push_slots(self.block_size, t, start, end, out);
     }
 
     // ----------------------------------------------------------------------------------
@@ -342,7 +338,7 @@ impl BlockAllocator {
             return Some(0);
         }
         let bs = self.block_size;
-        let used_in_last = t.num_tokens % bs;
+        let used_in_last = used_in_last(bs, t);
         let (room, cow) = if used_in_last == 0 {
             (0, 0)
         } else {
@@ -376,31 +372,32 @@ impl BlockAllocator {
     /// Applies an append whose capacity was already checked.
     fn append_at(&mut self, idx: usize, n: usize, out: &mut Vec<i64>) -> AppendOutcome {
         let bs = self.block_size;
-        let mut table = self.slots[idx].table.take().expect("live slot");
+        // Disjoint field borrows: the table stays in place while the pool hands out blocks.
+        let table = self.slots[idx].table.as_mut().expect("live slot");
+        let pool = &mut self.pool;
         let mut cow = None;
-        if n > 0 && table.num_tokens % bs != 0 {
+        if n > 0 && used_in_last(bs, table) != 0 {
             let last_i = table.blocks.len() - 1;
             let last = table.blocks[last_i];
-            if self.pool.ref_cnt[last as usize] > 1 {
-                let fresh = self.pool.pop();
-                self.pool.decref(last);
+            if pool.ref_cnt[last as usize] > 1 {
+                let fresh = pool.pop();
+                pool.decref(last);
                 table.blocks[last_i] = fresh;
                 cow = Some((last, fresh));
             } else {
                 // A partial block can still carry a hash when compaction shortened a shared
                 // full block and its other owners have since let go: its contents are about
                 // to change, so it leaves the prefix cache.
-                self.pool.unregister(last);
+                pool.unregister(last);
             }
         }
         let start = table.num_tokens;
         let end = start + n;
         while table.blocks.len() * bs < end {
-            table.blocks.push(self.pool.pop());
+            table.blocks.push(pool.pop());
         }
         table.num_tokens = end;
-        self.push_slots(&table, start, end, out);
-        self.slots[idx].table = Some(table);
+        push_slots(bs, table, start, end, out);
         AppendOutcome { cow }
     }
 
@@ -598,3 +595,38 @@ impl BlockAllocator {
 
 #[cfg(test)]
 mod tests;
+
+/// Tokens in the table's last block, or 0 when that block is full or there is none.
+/// Uses `blocks.len() == ceil(num_tokens / block_size)` to avoid a division.
+#[inline]
+fn used_in_last(bs: usize, t: &Table) -> usize {
+    match t.blocks.len() {
+        0 => 0,
+        nb => {
+            let r = t.num_tokens - (nb - 1) * bs;
+            if r == bs {
+                0
+            } else {
+                r
+            }
+        }
+    }
+}
+
+/// Pushes the slot ids of positions `start..end` of `t`: one division per call, not per token.
+#[inline]
+fn push_slots(bs: usize, t: &Table, start: usize, end: usize, out: &mut Vec<i64>) {
+    if start >= end {
+        return;
+    }
+    out.reserve(end - start);
+    let (mut bi, mut off) = (start / bs, start % bs);
+    for _ in start..end {
+        out.push((t.blocks[bi] as usize * bs + off) as i64);
+        off += 1;
+        if off == bs {
+            off = 0;
+            bi += 1;
+        }
+    }
+}

@@ -1,0 +1,490 @@
+"""A pure-Python paged KV block allocator with kvcore's semantics: the benchmark's baseline.
+
+It is written the way a careful Python serving engine writes its allocator (vLLM's
+``BlockPool`` / ``FreeKVCacheBlockQueue`` style): all per-block state lives in preallocated
+lists indexed by block id, and the free queue is an intrusive doubly linked list threaded
+through two of them (``_prev`` / ``_next``), so pop, push and unlink are O(1) and create no
+objects. Block 0, the null block, is never handed out, so it doubles as the list's sentinel:
+``_next[0]`` is the front of the queue and ``_prev[0]`` its back.
+
+Semantics mirror ``rust/kvcore-core/src/allocator`` exactly (the benchmark's ``--check`` mode
+asserts identical slots, copy-on-write pairs, plans, hits and table ids):
+
+* free queue order: never-cached blocks at the front (most recently freed first), cached ones
+  at the back in LRU order; cached blocks are evicted only when the front runs dry;
+* tables free their blocks tail first; ids are ``(generation << 32) | slot``;
+* copy-on-write when appending to a shared partial last block;
+* chained prefix hashes with register / adopt (Python's tuple hash instead of XXH3-128; only
+  hit/miss behaviour matters, not the hash values);
+* compaction plans with the rules of ``compact.rs``.
+
+Results are plain Python lists, the natural output of a Python allocator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# Parent "hash" of the first block of every chain.
+_ROOT_HASH = hash("kvcore-pyalloc-root")
+# Table slots are retired instead of reused at this generation, as in the Rust core.
+_MAX_GENERATION = 2**31 - 1
+_SLOT_MASK = 0xFFFF_FFFF
+
+
+class OutOfBlocks(Exception):
+    """The pool cannot supply the blocks a call needs; nothing changed."""
+
+
+class UnknownTable(LookupError):
+    """A table id this allocator never handed out."""
+
+
+class TableFreed(LookupError):
+    """A table id that was already freed."""
+
+
+def _as_list(values: Any) -> list[int]:
+    # numpy arrays arrive from the trace; a Python allocator would convert them once.
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+class PyBlockAllocator:
+    """``num_blocks`` blocks of ``block_size`` slots; block 0 is the null block."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 2 or block_size < 1:
+            raise ValueError("need num_blocks >= 2 and block_size >= 1")
+        n = num_blocks
+        self.num_blocks = n
+        self.block_size = block_size
+        self._ref = [0] * n
+        self._hash: list[int | None] = [None] * n
+        # Circular list with sentinel 0, initially 1, 2, ..., n-1 (as the Rust pool).
+        self._next = list(range(1, n)) + [0]
+        self._prev = [n - 1] + list(range(n - 1))
+        self.num_free = n - 1
+        self.num_cached = 0
+        self.num_shared = 0
+        self._index: dict[int, int] = {}
+        # Per table slot: blocks, token count, chain hashes, generation. A freed slot has
+        # blocks None.
+        self._t_blocks: list[list[int] | None] = []
+        self._t_ntok: list[int] = []
+        self._t_hashes: list[list[int]] = []
+        self._t_gen: list[int] = []
+        self._free_slots: list[int] = []
+        self.num_tables = 0
+
+    # ------------------------------------------------------------------ free queue
+
+    def _pop(self) -> int:
+        """Takes the front block (the caller checked availability); ref count becomes 1."""
+        nxt = self._next
+        b = nxt[0]
+        q = nxt[b]
+        nxt[0] = q
+        self._prev[q] = 0
+        h = self._hash[b]
+        if h is not None:
+            # A reclaimed cached block is about to be overwritten: it leaves the cache.
+            self._hash[b] = None
+            self.num_cached -= 1
+            if self._index.get(h) == b:
+                del self._index[h]
+        else:
+            self.num_free -= 1
+        self._ref[b] = 1
+        return b
+
+    def _incref(self, b: int) -> None:
+        ref = self._ref
+        r = ref[b]
+        if r == 0:
+            # A prefix hit on an unreferenced cached block takes it out of the queue.
+            p = self._prev[b]
+            q = self._next[b]
+            self._next[p] = q
+            self._prev[q] = p
+            if self._hash[b] is not None:
+                self.num_cached -= 1
+            else:
+                self.num_free -= 1
+        elif r == 1:
+            self.num_shared += 1
+        ref[b] = r + 1
+
+    def _decref(self, b: int) -> None:
+        ref = self._ref
+        r = ref[b] - 1
+        ref[b] = r
+        if r == 1:
+            self.num_shared -= 1
+        elif r == 0:
+            nxt = self._next
+            prv = self._prev
+            if self._hash[b] is not None:
+                # Cached: back of the queue, kept longest for prefix hits (LRU).
+                t = prv[0]
+                nxt[t] = b
+                prv[b] = t
+                nxt[b] = 0
+                prv[0] = b
+                self.num_cached += 1
+            else:
+                # Never cached: front of the queue, reused first.
+                h = nxt[0]
+                nxt[0] = b
+                prv[b] = 0
+                nxt[b] = h
+                prv[h] = b
+                self.num_free += 1
+
+    def _unregister(self, b: int) -> None:
+        h = self._hash[b]
+        if h is not None:
+            self._hash[b] = None
+            if self._index.get(h) == b:
+                del self._index[h]
+
+    # ------------------------------------------------------------------ tables
+
+    def _slot(self, tid: int) -> int:
+        idx = tid & _SLOT_MASK
+        gens = self._t_gen
+        if tid >= 0 and idx < len(gens):
+            gen = tid >> 32
+            if gens[idx] == gen and self._t_blocks[idx] is not None:
+                return idx
+            if gen < gens[idx]:
+                raise TableFreed(tid)
+        raise UnknownTable(tid)
+
+    def _insert(self, blocks: list[int], ntok: int, hashes: list[int]) -> int:
+        self.num_tables += 1
+        if self._free_slots:
+            idx = self._free_slots.pop()
+            self._t_blocks[idx] = blocks
+            self._t_ntok[idx] = ntok
+            self._t_hashes[idx] = hashes
+            return (self._t_gen[idx] << 32) | idx
+        idx = len(self._t_gen)
+        self._t_blocks.append(blocks)
+        self._t_ntok.append(ntok)
+        self._t_hashes.append(hashes)
+        self._t_gen.append(0)
+        return idx
+
+    def create_table(self) -> int:
+        return self._insert([], 0, [])
+
+    def num_tokens(self, tid: int) -> int:
+        return self._t_ntok[self._slot(tid)]
+
+    def block_table(self, tid: int) -> list[int]:
+        return list(self._t_blocks[self._slot(tid)])  # type: ignore[arg-type]
+
+    @property
+    def num_available_blocks(self) -> int:
+        return self.num_free + self.num_cached
+
+    def _need(self, blocks: list[int], ntok: int, n: int) -> int:
+        """Blocks an append of n tokens takes, counting a copy-on-write block."""
+        if n == 0:
+            return 0
+        bs = self.block_size
+        used = ntok % bs
+        if used:
+            rest = n - (bs - used)
+            need = 1 if self._ref[blocks[-1]] > 1 else 0
+        else:
+            rest = n
+            need = 0
+        if rest > 0:
+            need += -(-rest // bs)
+        return need
+
+    def blocks_needed(self, tid: int, n: int) -> int:
+        idx = self._slot(tid)
+        return self._need(self._t_blocks[idx], self._t_ntok[idx], n)  # type: ignore[arg-type]
+
+    def _append_at(self, idx: int, n: int, out: list[int]) -> tuple[int, int] | None:
+        """Appends n slots to table idx (capacity already checked); slot ids go to out."""
+        bs = self.block_size
+        blocks: list[int] = self._t_blocks[idx]  # type: ignore[assignment]
+        start = self._t_ntok[idx]
+        cow = None
+        if n == 0:
+            return None
+        if start % bs:
+            last = blocks[-1]
+            if self._ref[last] > 1:
+                fresh = self._pop()
+                self._decref(last)
+                blocks[-1] = fresh
+                cow = (last, fresh)
+            elif self._hash[last] is not None:
+                # Compaction can leave a hashed partial block; its contents now change.
+                self._unregister(last)
+        end = start + n
+        while len(blocks) * bs < end:
+            blocks.append(self._pop())
+        self._t_ntok[idx] = end
+        if n == 1:
+            out.append(blocks[start // bs] * bs + start % bs)
+        else:
+            # One range per block instead of one division per token.
+            pos = start
+            while pos < end:
+                i, off = divmod(pos, bs)
+                stop = min(end, (i + 1) * bs)
+                base = blocks[i] * bs - i * bs
+                out.extend(range(base + pos, base + stop))
+                pos = stop
+        return cow
+
+    def append(self, tid: int, n: int) -> tuple[list[int], tuple[int, int] | None]:
+        """Appends n token slots; returns (slot ids, copy-on-write pair or None)."""
+        if n < 0:
+            raise ValueError("num_tokens must be non-negative")
+        idx = self._slot(tid)
+        need = self._need(self._t_blocks[idx], self._t_ntok[idx], n)  # type: ignore[arg-type]
+        if need > self.num_free + self.num_cached:
+            raise OutOfBlocks(need)
+        out: list[int] = []
+        cow = self._append_at(idx, n, out)
+        return out, cow
+
+    def append_batch(
+        self, tables: Sequence[int], num_tokens: int | Sequence[int]
+    ) -> tuple[list[int], list[int], list[int], list[int]]:
+        """All or nothing; returns (slots, indptr, cow_src, cow_dst) like kvcore."""
+        slot = self._slot
+        idxs = [slot(t) for t in tables]
+        if len(set(idxs)) != len(idxs):
+            raise ValueError("a table appears more than once in the batch")
+        counts = [num_tokens] * len(idxs) if isinstance(num_tokens, int) else list(num_tokens)
+        if len(counts) != len(idxs):
+            raise ValueError("tables and num_tokens must have the same length")
+        t_blocks = self._t_blocks
+        t_ntok = self._t_ntok
+        need_of = self._need
+        need = 0
+        for idx, n in zip(idxs, counts, strict=True):
+            if n < 0:
+                raise ValueError("num_tokens must be non-negative")
+            need += need_of(t_blocks[idx], t_ntok[idx], n)  # type: ignore[arg-type]
+        if need > self.num_free + self.num_cached:
+            raise OutOfBlocks(need)
+        slots: list[int] = []
+        indptr = [0]
+        cow_src: list[int] = []
+        cow_dst: list[int] = []
+        append_at = self._append_at
+        for idx, n in zip(idxs, counts, strict=True):
+            cow = append_at(idx, n, slots)
+            if cow is not None:
+                cow_src.append(cow[0])
+                cow_dst.append(cow[1])
+            indptr.append(len(slots))
+        return slots, indptr, cow_src, cow_dst
+
+    def fork(self, tid: int) -> int:
+        idx = self._slot(tid)
+        blocks = list(self._t_blocks[idx])  # type: ignore[arg-type]
+        incref = self._incref
+        for b in blocks:
+            incref(b)
+        return self._insert(blocks, self._t_ntok[idx], list(self._t_hashes[idx]))
+
+    def _free_at(self, idx: int) -> None:
+        blocks: list[int] = self._t_blocks[idx]  # type: ignore[assignment]
+        decref = self._decref
+        # Tail first, so a cached tail is evicted before the prefix it extends.
+        for b in reversed(blocks):
+            decref(b)
+        self._t_blocks[idx] = None
+        self._t_hashes[idx] = []
+        gen = self._t_gen[idx] + 1
+        self._t_gen[idx] = gen
+        if gen < _MAX_GENERATION:
+            self._free_slots.append(idx)
+        self.num_tables -= 1
+
+    def free(self, tid: int) -> None:
+        self._free_at(self._slot(tid))
+
+    def free_batch(self, tables: Sequence[int]) -> None:
+        idxs = [self._slot(t) for t in tables]
+        if len(set(idxs)) != len(idxs):
+            raise ValueError("a table appears more than once in the batch")
+        for idx in idxs:
+            self._free_at(idx)
+
+    # ------------------------------------------------------------------ prefix caching
+
+    def register_prefix(self, tid: int, token_ids: Any, salt: object = None) -> int:
+        idx = self._slot(tid)
+        toks = _as_list(token_ids)
+        ntok = self._t_ntok[idx]
+        if len(toks) != ntok:
+            raise ValueError("token_ids must hold one id per token of the table")
+        bs = self.block_size
+        blocks: list[int] = self._t_blocks[idx]  # type: ignore[assignment]
+        hashes = self._t_hashes[idx]
+        bh = self._hash
+        index = self._index
+        registered = 0
+        parent = hashes[-1] if hashes else _ROOT_HASH
+        for i in range(len(hashes), ntok // bs):
+            h = hash((parent, salt, tuple(toks[i * bs : (i + 1) * bs])))
+            b = blocks[i]
+            # Never de-duplicate: a hash already naming another block is left alone, but the
+            # chain goes on through this block.
+            if bh[b] is None and h not in index:
+                index[h] = b
+                bh[b] = h
+                registered += 1
+            hashes.append(h)
+            parent = h
+        return registered
+
+    def adopt_prefix(self, tid: int, token_ids: Any, salt: object = None) -> int:
+        idx = self._slot(tid)
+        if self._t_ntok[idx] != 0:
+            raise ValueError("adopt_prefix needs an empty table")
+        toks = _as_list(token_ids)
+        bs = self.block_size
+        blocks: list[int] = self._t_blocks[idx]  # type: ignore[assignment]
+        hashes = self._t_hashes[idx]
+        index = self._index
+        incref = self._incref
+        parent = _ROOT_HASH
+        for i in range(len(toks) // bs):
+            h = hash((parent, salt, tuple(toks[i * bs : (i + 1) * bs])))
+            b = index.get(h)
+            if b is None:
+                break
+            incref(b)
+            blocks.append(b)
+            hashes.append(h)
+            parent = h
+        hit = len(blocks) * bs
+        self._t_ntok[idx] = hit
+        return hit
+
+    def reset_prefix_cache(self) -> int:
+        nxt = self._next
+        prv = self._prev
+        bh = self._hash
+        dropped = 0
+        b = nxt[0]
+        while b != 0:
+            after = nxt[b]
+            h = bh[b]
+            if h is not None:
+                del self._index[h]
+                bh[b] = None
+                self.num_cached -= 1
+                self.num_free += 1
+                # Unlink, then push to the front with the never-cached blocks.
+                p = prv[b]
+                nxt[p] = after
+                prv[after] = p
+                head = nxt[0]
+                nxt[0] = b
+                prv[b] = 0
+                nxt[b] = head
+                prv[head] = b
+                dropped += 1
+            b = after
+        return dropped
+
+    # ------------------------------------------------------------------ compaction
+
+    def compact(self, tid: int, keep: Any) -> tuple[list[int], list[int]]:
+        """Keeps positions ``keep`` (ascending ints or a bool mask); returns (src, dst)."""
+        idx = self._slot(tid)
+        ntok = self._t_ntok[idx]
+        dtype = getattr(keep, "dtype", None)
+        if dtype is not None and dtype.kind == "b":
+            if len(keep) != ntok:
+                raise ValueError("keep mask must have one entry per token")
+            pos = [i for i, k in enumerate(keep.tolist()) if k]
+        else:
+            pos = _as_list(keep)
+            prev = -1
+            for p in pos:
+                if p <= prev or p >= ntok:
+                    raise ValueError("keep positions must be strictly ascending and in range")
+                prev = p
+        bs = self.block_size
+        m = len(pos)
+        # Leading kept tokens already in place stay untouched.
+        first_moved = m
+        for j, p in enumerate(pos):
+            if p != j:
+                first_moved = j
+                break
+        new_nb = -(-m // bs)
+        write_start = first_moved // bs if first_moved < m else new_nb
+        hash_valid = min(write_start, m // bs)
+        old: list[int] = self._t_blocks[idx]  # type: ignore[assignment]
+        ref = self._ref
+        need = 0
+        for b in old[write_start:new_nb]:
+            if ref[b] > 1:
+                need += 1
+        if need > self.num_free + self.num_cached:
+            raise OutOfBlocks(need)
+
+        # Destinations are private: shared blocks in the rewritten range are replaced, and
+        # before any old block is released, so no destination still holds a source.
+        blocks = old[:new_nb]
+        for i in range(write_start, new_nb):
+            if ref[old[i]] > 1:
+                blocks[i] = self._pop()
+        src: list[int] = []
+        dst: list[int] = []
+        for j in range(write_start * bs, m):
+            p = pos[j]
+            s = old[p // bs] * bs + p % bs
+            d = blocks[j // bs] * bs + j % bs
+            if s != d:
+                src.append(s)
+                dst.append(d)
+        # Private blocks whose contents change leave the prefix cache; shared ones keep it.
+        for b in blocks[hash_valid:]:
+            if ref[b] == 1:
+                self._unregister(b)
+        del self._t_hashes[idx][hash_valid:]
+        for i in range(len(old) - 1, min(write_start, new_nb) - 1, -1):
+            if i >= new_nb or blocks[i] != old[i]:
+                self._decref(old[i])
+        self._t_blocks[idx] = blocks
+        self._t_ntok[idx] = m
+        return src, dst
+
+    # ------------------------------------------------------------------ inspection
+
+    def ref_counts(self) -> list[int]:
+        return list(self._ref)
+
+    def free_queue(self) -> list[int]:
+        out = []
+        b = self._next[0]
+        while b != 0:
+            out.append(b)
+            b = self._next[b]
+        return out
+
+    def stats(self) -> dict[str, int]:
+        cap = self.num_blocks - 1
+        return {
+            "num_free_blocks": self.num_free,
+            "num_cached_blocks": self.num_cached,
+            "num_used_blocks": cap - self.num_free - self.num_cached,
+            "num_shared_blocks": self.num_shared,
+            "num_tables": self.num_tables,
+        }
