@@ -339,13 +339,13 @@ pub fn check_csr(indptr: &[i64], positions: &[i64], lengths: &[usize]) -> Result
             positions.len()
         )));
     }
+    if indptr.windows(2).any(|w| w[0] > w[1]) {
+        return Err(KvError::InvalidArgument(
+            "keep_indptr must be non-decreasing".into(),
+        ));
+    }
     for (r, &len) in lengths.iter().enumerate() {
         let (a, b) = (indptr[r], indptr[r + 1]);
-        if a > b {
-            return Err(KvError::InvalidArgument(
-                "keep_indptr must be non-decreasing".into(),
-            ));
-        }
         let row = &positions[a as usize..b as usize];
         let mut prev = -1i64;
         for &p in row {
