@@ -456,7 +456,8 @@ def razor_retrieval_heads(
     echo: _F32, induction: _F32, echo_ratio: float = 0.01, induction_ratio: float = 0.14
 ) -> NDArray[np.bool_]:
     """Retrieval heads over all ``(layer, head)`` rows: the top ``ceil(echo_ratio * rows)``
-    by echo plus the top ``ceil(induction_ratio * rows)`` by induction (ties: lower row)."""
+    by echo plus the top ``ceil(induction_ratio * rows)`` by induction (ties: lower row).
+    The product is rounded to 1e-9 before the ceiling, so 0.14 * 100 heads gives 14."""
 
 def plan_streaming(num_rows: int, n: int, sinks: int, window: int) -> _Csr:
     """StreamingLLM: every row keeps ``[0, sinks)`` and ``[n - window, n)``."""

@@ -403,8 +403,8 @@ class AdaKVPolicy(_WindowScored):
 
 
 class TOVAPolicy(Policy):
-    """TOVA (Oren et al., "Transformers are Multi-State RNNs", EMNLP 2024, arXiv
-    2401.06104): the last query's attention averaged over heads; one index set per layer,
+    """TOVA (Oren et al., "Transformers are Multi-State RNNs", EMNLP 2024,
+    arXiv 2401.06104): the last query's attention averaged over heads; one index set per layer,
     shared by all its heads; the newest token is always kept (kvpress)."""
 
     name = "tova"

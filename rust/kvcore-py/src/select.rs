@@ -44,9 +44,10 @@ struct F32Nd<'py> {
 
 impl F32Nd<'_> {
     fn data(&self) -> Cow<'_, [f32]> {
+        // `as_slice` also accepts Fortran order, whose memory order is not the logical one.
         match self.arr.as_slice() {
-            Ok(s) => Cow::Borrowed(s),
-            Err(_) => Cow::Owned(self.arr.as_array().iter().copied().collect()),
+            Ok(s) if self.arr.is_c_contiguous() => Cow::Borrowed(s),
+            _ => Cow::Owned(self.arr.as_array().iter().copied().collect()),
         }
     }
 }

@@ -8,8 +8,8 @@
 //! 1. rows whose proportional share reaches their cap get the cap, and the rest is
 //!    re-split among the others, until no share reaches its cap;
 //! 2. every other row gets `floor(share)`;
-//! 3. the tokens still left go one each to the rows with the largest fractional parts;
-//!    equal fractional parts: the lower row index first.
+//! 3. the tokens still left go one each to the rows with the largest fractional parts
+//!    (compared at 2^-30 resolution); equal fractional parts: the lower row index first.
 //!
 //! So a uniform split of 10 over 4 rows is `[3, 3, 2, 2]`.
 
@@ -79,7 +79,10 @@ pub fn split_exact(total: usize, weights: &[f64], caps: &[usize]) -> Result<Vec<
         fracs.push((share - share.floor(), r));
     }
     let mut left = remaining.saturating_sub(given);
-    fracs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    // Fractional parts are compared at 2^-30 resolution, so that float noise (129 * 4 / 9
+    // vs 129 * 1 / 9) does not break the documented lower-row-first tie rule.
+    let q = |f: f64| (f * (1u64 << 30) as f64).round() as i64;
+    fracs.sort_by(|a, b| q(b.0).cmp(&q(a.0)).then(a.1.cmp(&b.1)));
     // Floating-point shares can leave more than one token per row in rare cases: cycle.
     while left > 0 {
         let before = left;

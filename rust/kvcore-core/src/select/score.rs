@@ -219,7 +219,8 @@ pub fn razor_retrieval_heads(
     check_finite(induction, rows, "induction scores")?;
     let mut out = vec![false; rows];
     for (s, ratio) in [(echo, echo_ratio), (induction, induction_ratio)] {
-        let k = ((ratio * rows as f64).ceil() as usize).min(rows);
+        // Rounded to 1e-9 first: 0.14 * 100 is 14.000000000000002 in f64, and must give 14.
+        let k = (((ratio * rows as f64 * 1e9).round() / 1e9).ceil() as usize).min(rows);
         let mut idx: Vec<usize> = (0..rows).collect();
         idx.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
         for &r in &idx[..k] {
