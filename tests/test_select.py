@@ -87,13 +87,27 @@ def test_matches_numpy_reference(p):
 
 
 @settings(max_examples=40)
-@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 3000), st.data())
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 12000), st.data())
 def test_wide_scores_match_reference(layers, heads, n, data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     scores = (rng.standard_normal((layers * heads, n)) * 1e3).astype(np.float32)
     budget = data.draw(st.integers(0, n))
     got = k.select_topk(scores, budget, sinks=4, window=16)
     want = ref_select(scores, [budget] * (layers * heads), 4, 16)
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("k_", [1, 500, 1024, 2000, 6000])
+def test_large_rows_with_adversarial_samples_and_ties(k_):
+    # Rows of >= 4096 free tokens take a sampled-threshold fast path; here the sampled
+    # (strided) entries are the high ones, which must send it to the exact fallback, and the
+    # few score levels make ties everywhere.
+    n = 8192
+    s = (np.arange(n) % 7).astype(np.float32)[None, :].repeat(2, 0)
+    s[:, ::8] = 10.0
+    s[1] = s[1][::-1]
+    got = k.select_topk(s, k_, sinks=3, window=5)
+    want = ref_select(s, [k_, k_], 3, 5)
     np.testing.assert_array_equal(got[1], want[1])
 
 
