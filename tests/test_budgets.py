@@ -170,8 +170,21 @@ def test_adakv_matches_reference_and_is_exact(L, H, n, data):
     per_layer = got.reshape(L, H).sum(axis=1)
     assert (per_layer == H * min(budget, n)).all()
     # The budgets and select_topk agree: the union of kept tokens is the global choice.
-    indptr, _ = k.select_topk(scores.reshape(L * H, n), got, sinks=sinks, window=window)
+    indptr, pos = k.select_topk(scores.reshape(L * H, n), got, sinks=sinks, window=window)
     np.testing.assert_array_equal(np.diff(indptr), got)
+    fused = k.select_adakv(scores, budget, alpha, sinks=sinks, window=window)
+    np.testing.assert_array_equal(fused[0], indptr)
+    np.testing.assert_array_equal(fused[1], pos)
+
+
+@settings(max_examples=20)
+@given(st.integers(1, 2), st.integers(1, 8), st.integers(1000, 6000), st.data())
+def test_adakv_large_rows_fast_path(L, H, n, data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    scores = rng.random((L, H, n), dtype=np.float32)
+    budget = data.draw(st.integers(0, n // 4))
+    got = k.budget_adakv(scores, budget, 0.2, window=16)
+    assert got.tolist() == ref_adakv(scores, budget, 0.2, 0, 16)
 
 
 def test_adakv_errors():

@@ -235,6 +235,14 @@ def test_infinipot_schedule_and_tova_shared_sets():
     pol = P.get("infinipot", pot_size=100, compressed_ratio=0.25)
     assert pol.compressed_size() == 25
     assert not pol.should_compress(99) and pol.should_compress(100)
+    pot = np.random.default_rng(2).random((2, 2, 100), dtype=np.float32)
+    sel = pol.select(pot, nuc=np.arange(100, dtype=np.float32))
+    assert np.diff(sel.indptr).tolist() == [25] * 4  # the compressed size by default
+    # 12 = floor(0.5 * 25) novelty tokens (the newest, by this nuc) are shared by every head
+    assert all(
+        set(range(88, 100)) <= set(sel.positions[sel.indptr[r] : sel.indptr[r + 1]])
+        for r in range(4)
+    )
     tova = P.get("tova").select(np.random.default_rng(1).random((2, 3, 30), dtype=np.float32), 5)
     rows = [tova.positions[tova.indptr[i] : tova.indptr[i + 1]].tolist() for i in range(6)]
     assert rows[0] == rows[1] == rows[2] and rows[3] == rows[4] == rows[5]

@@ -48,6 +48,7 @@ __all__ = [
     "pool1d",
     "razor_head_scores",
     "razor_retrieval_heads",
+    "select_adakv",
     "select_per_layer",
     "select_topk",
     "tova_scores",
@@ -424,6 +425,18 @@ def budget_adakv(
     (ties: lower head, then lower position). Feed the result to :func:`select_topk` with the
     same force-keep arguments.
     """
+
+def select_adakv(
+    scores: _F32,
+    budget: int,
+    alpha: float = 0.2,
+    *,
+    sinks: int | None = None,
+    window: int | None = None,
+    protected: _Spans | None = None,
+) -> _Csr:
+    """:func:`budget_adakv` and the selection it implies in one pass: the same result as
+    ``select_topk(scores.reshape(-1, n), budget_adakv(...), ...)``, computed once."""
 
 def window_reduce(probs: _F32, how: str = "sum") -> _F32:
     """SnapKV observation-window scores: ``probs`` ``(num_rows, w, n)`` float32 (softmax of

@@ -398,8 +398,8 @@ class AdaKVPolicy(_WindowScored):
     }
 
     def _select(self, scores: F32, budget: int, **inputs: Any) -> Selection:
-        b = _k.budget_adakv(scores, budget, self.alpha, window=self.window)
-        return _topk(scores, b, window=self.window)
+        indptr, pos = _k.select_adakv(scores, budget, self.alpha, window=self.window)
+        return Selection(indptr, pos, _counts(indptr))
 
 
 class TOVAPolicy(Policy):
@@ -492,6 +492,12 @@ class InfiniPotPolicy(Policy):
     def compressed_size(self) -> int:
         """Tokens kept after each distillation: ``floor(compressed_ratio * pot_size)``."""
         return int(math.floor(self.compressed_ratio * self.pot_size))
+
+    def _budget(self, budget: int | None) -> int:
+        # Without an explicit budget, a distillation keeps the schedule's compressed size.
+        if budget is None and self.config.get("budget") is None:
+            return self.compressed_size()
+        return super()._budget(budget)
 
     def should_compress(self, num_tokens: int) -> bool:
         """The schedule: distill when the pot is full."""

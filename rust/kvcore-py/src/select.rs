@@ -331,6 +331,29 @@ pub fn budget_adakv<'py>(
 }
 
 #[pyfunction]
+#[pyo3(signature = (scores, budget, alpha = 0.2, *, sinks = None, window = None, protected = None))]
+#[allow(clippy::too_many_arguments)]
+pub fn select_adakv<'py>(
+    py: Python<'py>,
+    scores: &Bound<'py, PyAny>,
+    budget: usize,
+    alpha: f64,
+    sinks: Option<&Bound<'py, PyAny>>,
+    window: Option<&Bound<'py, PyAny>>,
+    protected: Option<&Bound<'py, PyAny>>,
+) -> PyResult<CsrOut<'py>> {
+    let s = f32_nd(scores, "scores", "num_layers, num_heads, n")?;
+    let (l, h, n) = (s.shape[0], s.shape[1], s.shape[2]);
+    let zero = 0i64.into_pyobject(py)?.into_any();
+    let f = force_keep(sinks.unwrap_or(&zero), window.unwrap_or(&zero), protected)?;
+    let data = s.data();
+    let (_, c) = run(py, || {
+        budget::adakv_select(&data, l, h, n, budget, alpha, &f)
+    })?;
+    Ok(csr_out(py, c))
+}
+
+#[pyfunction]
 #[pyo3(signature = (probs, how = "sum"))]
 pub fn window_reduce<'py>(
     py: Python<'py>,
@@ -678,6 +701,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(budget_pyramid, m)?)?;
     m.add_function(wrap_pyfunction!(budget_head_weighted, m)?)?;
     m.add_function(wrap_pyfunction!(budget_adakv, m)?)?;
+    m.add_function(wrap_pyfunction!(select_adakv, m)?)?;
     m.add_function(wrap_pyfunction!(window_reduce, m)?)?;
     m.add_function(wrap_pyfunction!(group_reduce, m)?)?;
     m.add_function(wrap_pyfunction!(pool1d, m)?)?;

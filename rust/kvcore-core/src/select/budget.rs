@@ -13,8 +13,8 @@
 //!
 //! So a uniform split of 10 over 4 rows is `[3, 3, 2, 2]`.
 
-use super::topk::{check_finite, order_key, ForceKeep};
-use crate::error::{KvError, Result};
+use super::topk::{check_finite, Csr, ForceKeep, Scratch};
+use crate::error::{try_reserve, KvError, Result};
 
 /// Splits `total` over rows in proportion to `weights`, each row capped at `caps[r]`, with
 /// the module's rounding rule. All-zero weights split uniformly.
@@ -211,6 +211,20 @@ pub fn adakv(
     alpha: f64,
     force: &ForceKeep,
 ) -> Result<Vec<usize>> {
+    adakv_select(scores, num_layers, num_heads, n, budget, alpha, force).map(|(b, _)| b)
+}
+
+/// [`adakv`] and the matching selection in one pass: returns the per-row budgets and the
+/// kept positions (the same as `select_topk` with those budgets and `force`).
+pub fn adakv_select(
+    scores: &[f32],
+    num_layers: usize,
+    num_heads: usize,
+    n: usize,
+    budget: usize,
+    alpha: f64,
+    force: &ForceKeep,
+) -> Result<(Vec<usize>, Csr)> {
     if !(0.0..=1.0).contains(&alpha) {
         return Err(KvError::InvalidArgument(format!(
             "alpha must be in [0, 1], got {alpha}"
@@ -230,45 +244,50 @@ pub fn adakv(
     }
     check_finite(scores, n, "scores")?;
     force.validate()?;
+    let mut csr = Csr::new();
     if budget >= n {
-        return Ok(vec![n; rows]);
+        try_reserve(&mut csr.positions, rows * n, "keep positions")?;
+        for _ in 0..rows {
+            csr.positions.extend(0..n as i64);
+            csr.indptr.push(csr.positions.len() as i64);
+        }
+        return Ok((vec![n; rows], csr));
     }
-    let mut mark = vec![false; n];
-    let forced = force.mark(n, budget, &mut mark);
+    let mut row_mark = vec![false; n];
+    let forced = force.mark(n, budget, &mut row_mark);
     let b1 = budget - forced;
     let floor = (alpha * b1 as f64).floor() as usize;
-    let mut out = vec![forced + floor; rows];
-    if b1 == floor {
-        return Ok(out);
-    }
     let pool = num_heads * (b1 - floor);
-    let mut keys: Vec<u64> = Vec::with_capacity(num_heads * (n - forced));
-    let mut head_keys: Vec<u64> = Vec::with_capacity(n);
+    let free = num_heads * (n - forced - floor);
+    let mut scratch = Scratch::default();
+    let mut mark = vec![false; num_heads * n];
+    let mut out = Vec::with_capacity(rows);
+    try_reserve(&mut csr.positions, rows * budget, "keep positions")?;
     for l in 0..num_layers {
-        keys.clear();
+        let layer = &scores[l * num_heads * n..(l + 1) * num_heads * n];
         for h in 0..num_heads {
-            let row = &scores[(l * num_heads + h) * n..(l * num_heads + h + 1) * n];
-            head_keys.clear();
-            for (i, &s) in row.iter().enumerate() {
-                if !mark[i] {
-                    // ascending = score desc, then (head, position) asc
-                    head_keys.push(((!order_key(s) as u64) << 32) | (h * n + i) as u64);
-                }
-            }
-            if floor > 0 && floor < head_keys.len() {
-                head_keys.select_nth_unstable(floor - 1);
-            }
-            keys.extend_from_slice(&head_keys[floor.min(head_keys.len())..]);
+            let m = &mut mark[h * n..(h + 1) * n];
+            m.copy_from_slice(&row_mark);
+            // Each head's own floor first (its safeguard) ...
+            scratch.mark_top(&layer[h * n..(h + 1) * n], m, floor, n - forced);
         }
-        if pool < keys.len() {
-            keys.select_nth_unstable(pool - 1);
-        }
-        for &k in &keys[..pool.min(keys.len())] {
-            let h = (k & 0xffff_ffff) as usize / n;
-            out[l * num_heads + h] += 1;
+        // ... then the best of what is left across the layer's heads. Index h * n + i
+        // makes ties go to the lower head, then the lower position.
+        scratch.mark_top(layer, &mut mark, pool, free);
+        for h in 0..num_heads {
+            let before = csr.positions.len();
+            csr.positions.extend(
+                mark[h * n..(h + 1) * n]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &m)| m)
+                    .map(|(i, _)| i as i64),
+            );
+            out.push(csr.positions.len() - before);
+            csr.indptr.push(csr.positions.len() as i64);
         }
     }
-    Ok(out)
+    Ok((out, csr))
 }
 
 #[cfg(test)]
@@ -322,6 +341,10 @@ mod tests {
             assert_eq!(b[layer * h..(layer + 1) * h].iter().sum::<usize>(), 3 * 12);
         }
         assert!(b.iter().all(|&x| (6 + 1..=n).contains(&x)));
+        let (b2, csr) = adakv_select(&scores, l, h, n, 12, 0.2, &f).unwrap();
+        assert_eq!(b2, b);
+        let again = super::super::topk::select_topk(&scores, l * h, n, &b, &f).unwrap();
+        assert_eq!(csr, again);
     }
 
     #[test]

@@ -169,25 +169,24 @@ pub(crate) struct Scratch {
 
 const BUCKET_SHIFT: u32 = 21; // 2^(32-21) = 2048 buckets
 /// Rows with at least this many free entries try the sampled threshold first.
-const SAMPLE_MIN_FREE: usize = 4096;
+const SAMPLE_MIN_FREE: usize = 1024;
 /// Sample size of the threshold estimate.
 const SAMPLE_SIZE: usize = 1024;
 
 impl Scratch {
     /// Marks, among the unmarked entries of `scores`, the `k` best by (score desc,
     /// position asc). `k` must not exceed the number of unmarked entries.
-    pub(crate) fn mark_top(&mut self, scores: &[f32], k: usize, free: usize) {
+    pub(crate) fn mark_top(&mut self, scores: &[f32], mark: &mut [bool], k: usize, free: usize) {
         if k == 0 {
             return;
         }
         if k == free {
-            self.mark.iter_mut().for_each(|m| *m = true);
+            mark.iter_mut().for_each(|m| *m = true);
             return;
         }
-        if free >= SAMPLE_MIN_FREE && self.mark_top_sampled(scores, k, free) {
+        if free >= SAMPLE_MIN_FREE && self.mark_top_sampled(scores, mark, k, free) {
             return;
         }
-        let mark = &mut self.mark;
         self.hist.clear();
         self.hist.resize(1 << (32 - BUCKET_SHIFT), 0);
         for (i, &s) in scores.iter().enumerate() {
@@ -234,13 +233,19 @@ impl Scratch {
     /// `select_nth_unstable` picks the exact top `k` among them. Every entry equal to the
     /// threshold is a candidate, so the result is the same as the exact method's. Returns
     /// false (nothing marked) when the sample underestimated and fewer than `k` qualify.
-    fn mark_top_sampled(&mut self, scores: &[f32], k: usize, free: usize) -> bool {
+    fn mark_top_sampled(
+        &mut self,
+        scores: &[f32],
+        mark: &mut [bool],
+        k: usize,
+        free: usize,
+    ) -> bool {
         let n = scores.len();
         let stride = (n / SAMPLE_SIZE).max(1);
         self.cand.clear();
         let mut sample: Vec<u32> = Vec::with_capacity(SAMPLE_SIZE + 1);
         for i in (0..n).step_by(stride) {
-            if !self.mark[i] {
+            if !mark[i] {
                 sample.push(order_key(scores[i]));
             }
         }
@@ -256,7 +261,6 @@ impl Scratch {
         }
         // The r_hi-th best sample key (0-based, descending).
         let (_, &mut thr, _) = sample.select_nth_unstable_by(r_hi, |a, b| b.cmp(a));
-        let mark = &mut self.mark;
         // Branch-free compaction: every entry is written at `len`, and `len` advances only
         // for the qualifying ones (a data-dependent branch here mispredicts ~10% of the
         // time). The float comparison agrees with `order_key` on finite values (+-0 equal).
@@ -298,10 +302,12 @@ impl Scratch {
             out.close_row();
             return Ok(());
         }
-        self.mark.clear();
-        self.mark.resize(n, false);
-        let forced = force.mark(n, budget, &mut self.mark);
-        self.mark_top(scores, budget - forced, n - forced);
+        let mut mark = std::mem::take(&mut self.mark);
+        mark.clear();
+        mark.resize(n, false);
+        let forced = force.mark(n, budget, &mut mark);
+        self.mark_top(scores, &mut mark, budget - forced, n - forced);
+        self.mark = mark;
         try_reserve(&mut out.positions, budget, "keep positions")?;
         out.positions.extend(
             self.mark
