@@ -245,3 +245,25 @@ def test_selection_releases_the_gil_and_is_thread_safe():
     for indptr, pos in results:
         np.testing.assert_array_equal(indptr, serial[0])
         np.testing.assert_array_equal(pos, serial[1])
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: k.budget_uniform(-1, 3, 4),
+        lambda: k.budget_pyramid(4, -100, 10, 2),
+        lambda: k.plan_streaming(2, 10, -1, 3),
+        lambda: k.select_topk(np.ones((1, 4), np.float32), 2, num_threads=-2),
+        lambda: k.pool1d(np.ones((1, 4), np.float32), -3),
+    ],
+)
+def test_negative_counts_are_value_errors(call):
+    with pytest.raises(ValueError, match="non-negative"):
+        call()
+
+
+def test_bool_and_float_counts_are_type_errors():
+    with pytest.raises(TypeError, match="int"):
+        k.budget_uniform(True, 3, 4)
+    with pytest.raises(TypeError, match="int"):
+        k.plan_streaming(2, 10.0, 1, 3)  # type: ignore[arg-type]

@@ -23,6 +23,19 @@ use crate::{convert, errors};
 type I64Array<'py> = Bound<'py, PyArray1<i64>>;
 type CsrOut<'py> = (I64Array<'py>, I64Array<'py>);
 
+/// A non-negative int argument. Negative values raise ValueError and bools or floats
+/// TypeError (PyO3's plain `usize` would raise OverflowError); PyO3 adds a note naming the
+/// argument.
+#[derive(Clone, Copy)]
+pub struct Count(pub usize);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Count {
+    type Error = PyErr;
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        convert::count(&obj, "the argument").map(Count)
+    }
+}
+
 /// Runs core work with the GIL released; errors and panics become Python exceptions.
 fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, KvError> + Send) -> PyResult<T> {
     match py.detach(|| catch_unwind(AssertUnwindSafe(f))) {
@@ -202,7 +215,10 @@ fn f32_out<'py>(
 }
 
 #[pyfunction]
-#[pyo3(signature = (scores, budgets, *, sinks = None, window = None, protected = None, num_threads = 1))]
+#[pyo3(signature = (scores, budgets, *, sinks = None, window = None, protected = None, num_threads = Count(1)))]
+#[pyo3(
+    text_signature = "(scores, budgets, *, sinks=None, window=None, protected=None, num_threads=1)"
+)]
 pub fn select_topk<'py>(
     py: Python<'py>,
     scores: &Bound<'py, PyAny>,
@@ -210,8 +226,9 @@ pub fn select_topk<'py>(
     sinks: Option<&Bound<'py, PyAny>>,
     window: Option<&Bound<'py, PyAny>>,
     protected: Option<&Bound<'py, PyAny>>,
-    num_threads: usize,
+    num_threads: Count,
 ) -> PyResult<CsrOut<'py>> {
+    let num_threads = num_threads.0;
     let s = f32_nd(scores, "scores", "num_rows, n")?;
     let (rows, n) = (s.shape[0], s.shape[1]);
     let b = self::budgets(budgets, rows)?;
@@ -258,10 +275,11 @@ fn usize_out(py: Python<'_>, v: Vec<usize>) -> I64Array<'_> {
 #[pyfunction]
 pub fn budget_uniform(
     py: Python<'_>,
-    total: usize,
-    num_rows: usize,
-    n: usize,
+    total: Count,
+    num_rows: Count,
+    n: Count,
 ) -> PyResult<I64Array<'_>> {
+    let (total, num_rows, n) = (total.0, num_rows.0, n.0);
     let v = run(py, || budget::uniform(total, num_rows, n))?;
     Ok(usize_out(py, v))
 }
@@ -269,10 +287,11 @@ pub fn budget_uniform(
 #[pyfunction]
 pub fn budget_split<'py>(
     py: Python<'py>,
-    total: usize,
+    total: Count,
     weights: &Bound<'py, PyAny>,
     caps: &Bound<'py, PyAny>,
 ) -> PyResult<I64Array<'py>> {
+    let total = total.0;
     let w = f64_vec(weights, "weights")?;
     let c = self::budgets(caps, w.len())?;
     let v = run(py, || budget::split_exact(total, &w, &c))?;
@@ -280,15 +299,17 @@ pub fn budget_split<'py>(
 }
 
 #[pyfunction]
-#[pyo3(signature = (num_layers, n, capacity, window, beta = 20))]
+#[pyo3(signature = (num_layers, n, capacity, window, beta = Count(20)))]
+#[pyo3(text_signature = "(num_layers, n, capacity, window, beta=20)")]
 pub fn budget_pyramid(
     py: Python<'_>,
-    num_layers: usize,
-    n: usize,
-    capacity: usize,
-    window: usize,
-    beta: usize,
+    num_layers: Count,
+    n: Count,
+    capacity: Count,
+    window: Count,
+    beta: Count,
 ) -> PyResult<I64Array<'_>> {
+    let (num_layers, n, capacity, window, beta) = (num_layers.0, n.0, capacity.0, window.0, beta.0);
     let v = run(py, || {
         budget::pyramid(num_layers, n, capacity, window, beta)
     })?;
@@ -299,11 +320,12 @@ pub fn budget_pyramid(
 #[pyo3(signature = (capacity, weights, n, head_beta = 1.01))]
 pub fn budget_head_weighted<'py>(
     py: Python<'py>,
-    capacity: usize,
+    capacity: Count,
     weights: &Bound<'py, PyAny>,
-    n: usize,
+    n: Count,
     head_beta: f64,
 ) -> PyResult<I64Array<'py>> {
+    let (capacity, n) = (capacity.0, n.0);
     let w = f64_vec(weights, "weights")?;
     let v = run(py, || budget::head_weighted(capacity, &w, n, head_beta))?;
     Ok(usize_out(py, v))
@@ -315,12 +337,13 @@ pub fn budget_head_weighted<'py>(
 pub fn budget_adakv<'py>(
     py: Python<'py>,
     scores: &Bound<'py, PyAny>,
-    budget: usize,
+    budget: Count,
     alpha: f64,
     sinks: Option<&Bound<'py, PyAny>>,
     window: Option<&Bound<'py, PyAny>>,
     protected: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<I64Array<'py>> {
+    let budget = budget.0;
     let s = f32_nd(scores, "scores", "num_layers, num_heads, n")?;
     let (l, h, n) = (s.shape[0], s.shape[1], s.shape[2]);
     let zero = 0i64.into_pyobject(py)?.into_any();
@@ -336,12 +359,13 @@ pub fn budget_adakv<'py>(
 pub fn select_adakv<'py>(
     py: Python<'py>,
     scores: &Bound<'py, PyAny>,
-    budget: usize,
+    budget: Count,
     alpha: f64,
     sinks: Option<&Bound<'py, PyAny>>,
     window: Option<&Bound<'py, PyAny>>,
     protected: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<CsrOut<'py>> {
+    let budget = budget.0;
     let s = f32_nd(scores, "scores", "num_layers, num_heads, n")?;
     let (l, h, n) = (s.shape[0], s.shape[1], s.shape[2]);
     let zero = 0i64.into_pyobject(py)?.into_any();
@@ -381,9 +405,10 @@ pub fn window_reduce<'py>(
 pub fn group_reduce<'py>(
     py: Python<'py>,
     scores: &Bound<'py, PyAny>,
-    num_kv_heads: usize,
+    num_kv_heads: Count,
     how: &str,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let num_kv_heads = num_kv_heads.0;
     let r = reduce(
         how,
         &[
@@ -405,9 +430,10 @@ pub fn group_reduce<'py>(
 pub fn pool1d<'py>(
     py: Python<'py>,
     scores: &Bound<'py, PyAny>,
-    kernel: usize,
+    kernel: Count,
     how: &str,
 ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+    let kernel = kernel.0;
     let r = reduce(how, &[("avg", Reduce::Mean), ("max", Reduce::Max)], "how")?;
     let s = f32_nd(scores, "scores", "num_rows, n")?;
     let (rows, n) = (s.shape[0], s.shape[1]);
@@ -441,13 +467,15 @@ pub fn key_norm_scores<'py>(
 }
 
 #[pyfunction]
-#[pyo3(signature = (attn_map, period, prefix = 1))]
+#[pyo3(signature = (attn_map, period, prefix = Count(1)))]
+#[pyo3(text_signature = "(attn_map, period, prefix=1)")]
 pub fn razor_head_scores(
     py: Python<'_>,
     attn_map: &Bound<'_, PyAny>,
-    period: usize,
-    prefix: usize,
+    period: Count,
+    prefix: Count,
 ) -> PyResult<(f32, f32)> {
+    let (period, prefix) = (period.0, prefix.0);
     let s = f32_nd(attn_map, "attn_map", "s, s")?;
     if s.shape[0] != s.shape[1] {
         return Err(PyValueError::new_err(format!(
@@ -481,29 +509,42 @@ pub fn razor_retrieval_heads<'py>(
 #[pyfunction]
 pub fn plan_streaming(
     py: Python<'_>,
-    num_rows: usize,
-    n: usize,
-    sinks: usize,
-    window: usize,
+    num_rows: Count,
+    n: Count,
+    sinks: Count,
+    window: Count,
 ) -> PyResult<CsrOut<'_>> {
+    let (num_rows, n, sinks, window) = (num_rows.0, n.0, sinks.0, window.0);
     let c = run(py, || pattern::streaming(num_rows, n, sinks, window))?;
     Ok(csr_out(py, c))
 }
 
 #[pyfunction]
-#[pyo3(signature = (layer_kinds, num_heads, n, *, sinks, window, block = 64, stride = 4, local_blocks = 1))]
+#[pyo3(signature = (layer_kinds, num_heads, n, *, sinks, window, block = Count(64), stride = Count(4), local_blocks = Count(1)))]
+#[pyo3(
+    text_signature = "(layer_kinds, num_heads, n, *, sinks, window, block=64, stride=4, local_blocks=1)"
+)]
 #[allow(clippy::too_many_arguments)]
 pub fn plan_longgen<'py>(
     py: Python<'py>,
     layer_kinds: Vec<String>,
-    num_heads: usize,
-    n: usize,
-    sinks: usize,
-    window: usize,
-    block: usize,
-    stride: usize,
-    local_blocks: usize,
+    num_heads: Count,
+    n: Count,
+    sinks: Count,
+    window: Count,
+    block: Count,
+    stride: Count,
+    local_blocks: Count,
 ) -> PyResult<CsrOut<'py>> {
+    let (num_heads, n, sinks, window, block, stride, local_blocks) = (
+        num_heads.0,
+        n.0,
+        sinks.0,
+        window.0,
+        block.0,
+        stride.0,
+        local_blocks.0,
+    );
     let kinds = layer_kinds
         .iter()
         .map(|k| match k.as_str() {
@@ -530,10 +571,11 @@ pub fn plan_longgen<'py>(
 pub fn plan_razor<'py>(
     py: Python<'py>,
     retrieval: &Bound<'py, PyAny>,
-    n: usize,
-    sinks: usize,
-    local_capacity: usize,
+    n: Count,
+    sinks: Count,
+    local_capacity: Count,
 ) -> PyResult<(I64Array<'py>, I64Array<'py>, I64Array<'py>)> {
+    let (n, sinks, local_capacity) = (n.0, sinks.0, local_capacity.0);
     let r = bool_vec(retrieval, "retrieval")?;
     let (c, d) = run(py, || pattern::razor(&r, n, sinks, local_capacity))?;
     Ok((
@@ -550,12 +592,13 @@ pub fn plan_infinipot<'py>(
     py: Python<'py>,
     cap_scores: &Bound<'py, PyAny>,
     nuc_scores: &Bound<'py, PyAny>,
-    compressed: usize,
+    compressed: Count,
     nuc_ratio: f64,
     sinks: Option<&Bound<'py, PyAny>>,
     window: Option<&Bound<'py, PyAny>>,
     protected: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<CsrOut<'py>> {
+    let compressed = compressed.0;
     let cap = f32_nd(cap_scores, "cap_scores", "num_rows, n")?;
     let nuc = f32_nd(nuc_scores, "nuc_scores", "n")?;
     let (rows, n) = (cap.shape[0], cap.shape[1]);
@@ -677,7 +720,8 @@ impl PyScoreState {
         Ok((ip.into_pyarray(py), v.into_pyarray(py)))
     }
 
-    fn row<'py>(&self, py: Python<'py>, row: usize) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    fn row<'py>(&self, py: Python<'py>, row: Count) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let row = row.0;
         let v = self.with(py, |s| {
             if row >= s.num_rows() {
                 return Err(KvError::InvalidArgument(format!(
