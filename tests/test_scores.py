@@ -261,3 +261,33 @@ def test_infinipot_plan(rows, n, compressed, data):
     want = ref_infinipot(cap, nuc, compressed, ratio)
     for r in range(rows):
         np.testing.assert_array_equal(pos[indptr[r] : indptr[r + 1]], want[r])
+
+
+def test_snapkv_scoring_matches_a_torch_reference():
+    """The SnapKV chain (window sum, GQA mean, pooling) against torch written as kvpress
+    and SnapKV write it (F.avg_pool1d with count_include_pad, F.max_pool1d)."""
+    torch = pytest.importorskip("torch", reason="torch is optional: install kvcore[torch]")
+    F = torch.nn.functional
+    rng = np.random.default_rng(11)
+    Hq, Hkv, w, n = 8, 2, 4, 50
+    probs = rng.random((Hq, w, n), dtype=np.float32)
+    summed = k.window_reduce(probs, "sum")
+    grouped = k.group_reduce(summed, Hkv, "mean")
+    t = torch.from_numpy(probs).double().sum(dim=1).float()
+    t = t.view(Hkv, Hq // Hkv, n).double().mean(dim=1).float()
+    np.testing.assert_allclose(grouped, t.numpy(), rtol=SUM_RTOL)
+    for kernel in (1, 5, 7):
+        avg = F.avg_pool1d(torch.from_numpy(grouped)[None], kernel, 1, kernel // 2)[0]
+        mx = F.max_pool1d(torch.from_numpy(grouped)[None], kernel, 1, kernel // 2)[0]
+        np.testing.assert_allclose(k.pool1d(grouped, kernel, "avg"), avg.numpy(), rtol=SUM_RTOL)
+        np.testing.assert_array_equal(k.pool1d(grouped, kernel, "max"), mx.numpy())
+
+
+def test_topk_matches_torch_topk_on_distinct_scores():
+    """On distinct scores the kept set is torch's topk (kvpress: topk, then sort)."""
+    torch = pytest.importorskip("torch", reason="torch is optional: install kvcore[torch]")
+    rng = np.random.default_rng(12)
+    s = rng.permutation(16 * 3000).astype(np.float32).reshape(16, 3000)
+    indptr, pos = k.select_topk(s, 200)
+    want = torch.from_numpy(s).topk(200, dim=-1).indices.sort(dim=-1).values
+    np.testing.assert_array_equal(pos.reshape(16, 200), want.numpy())
