@@ -262,3 +262,12 @@ def test_razor_classify_then_select():
     assert sel.num_dropped is not None
     assert (np.diff(sel.indptr)[heads] == 40).all()
     assert (sel.num_dropped[~heads] == 40 - 2 - 13).all()
+
+
+def test_razor_without_compensation_gives_the_slot_to_the_window():
+    pol = P.get("razor", local_capacity=16, sinks=2, compensation="none")
+    sel = pol.select(np.zeros((1, 2, 40), np.float32), retrieval=np.array([False, True]))
+    assert np.diff(sel.indptr).tolist() == [16, 40]
+    np.testing.assert_array_equal(sel.positions[:16], [0, 1, *range(26, 40)])
+    with pytest.raises(ValueError, match="compensation must be"):
+        P.get("razor", compensation="sum")

@@ -491,12 +491,17 @@ def plan_longgen(
     ``local_blocks`` newest blocks of ``block`` tokens)."""
 
 def plan_razor(
-    retrieval: NDArray[np.bool_], n: int, sinks: int, local_capacity: int
+    retrieval: NDArray[np.bool_],
+    n: int,
+    sinks: int,
+    local_capacity: int,
+    compensation: bool = True,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
     """RazorAttention: retrieval rows keep all; others (with ``n > local_capacity``) keep the
     sinks and the newest ``local_capacity - sinks - 1`` tokens, the last slot being the
-    compensation token. Returns ``(indptr, positions, num_dropped)``, ``num_dropped``
-    ``(num_rows,)`` the tokens folded into each row's compensation token (0: none)."""
+    compensation token (``compensation=False``: no token, the window takes the slot).
+    Returns ``(indptr, positions, num_dropped)``, ``num_dropped`` ``(num_rows,)`` the tokens
+    dropped from each row (folded into its compensation token when there is one)."""
 
 def plan_infinipot(
     cap_scores: _F32,

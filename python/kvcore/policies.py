@@ -519,7 +519,10 @@ class RazorPolicy(Policy):
     Retrieval Heads", arXiv 2407.15891): retrieval heads (top ``echo_ratio`` by echo score
     plus top ``induction_ratio`` by induction score, across all layers; :meth:`classify`)
     keep the whole cache; every other head keeps ``sinks`` and a window, the last of its
-    ``local_capacity`` slots holding a compensation token (mean of the dropped K and V).
+    ``local_capacity`` slots holding a compensation token (``compensation="mean"``: the
+    mean of the dropped K and V, built by the caller from ``Selection.num_dropped`` rows;
+    ``"mean_logcount"``: the same token with ``log(num_dropped)`` added to its logit, the
+    paper's form as recalled, unverified; ``"none"``: no token, the window takes the slot).
     ``select`` takes ``retrieval=`` (bool per row) and ignores the budget and scores."""
 
     name = "razor"
@@ -535,14 +538,21 @@ class RazorPolicy(Policy):
         "local_capacity": Param(
             256, "golden-stick RAConfig local_capacity=256", _pos_int, "an int > 0"
         ),
+        "compensation": Param(
+            "mean",
+            "golden-stick RAConfig use_virtual_token=True (plain means of dropped K and V); "
+            "'mean_logcount' weights it by the dropped count (paper, unverified)",
+            _one_of("none", "mean", "mean_logcount"),
+            "'none', 'mean' or 'mean_logcount'",
+        ),
         "budget": _BUDGET,
     }
 
     def _validate(self) -> None:
-        if self.local_capacity < self.sinks + 1:
+        if self.local_capacity < self.sinks + (self.compensation != "none"):
             raise ValueError(
                 f"razor: local_capacity ({self.local_capacity}) must be at least "
-                f"sinks + 1 ({self.sinks + 1})"
+                f"sinks + 1 ({self.sinks + 1}) with a compensation token"
             )
 
     def classify(self, echo: F32, induction: F32) -> NDArray[np.bool_]:
@@ -567,7 +577,11 @@ class RazorPolicy(Policy):
         if retrieval is None:
             retrieval = np.zeros(L * H, bool)
         indptr, pos, dropped = _k.plan_razor(
-            np.asarray(retrieval, bool).ravel(), n, self.sinks, self.local_capacity
+            np.asarray(retrieval, bool).ravel(),
+            n,
+            self.sinks,
+            self.local_capacity,
+            self.compensation != "none",
         )
         return Selection(indptr, pos, _counts(indptr), dropped)
 

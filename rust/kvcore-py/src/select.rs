@@ -568,16 +568,20 @@ pub fn plan_longgen<'py>(
 }
 
 #[pyfunction]
+#[pyo3(signature = (retrieval, n, sinks, local_capacity, compensation = true))]
 pub fn plan_razor<'py>(
     py: Python<'py>,
     retrieval: &Bound<'py, PyAny>,
     n: Count,
     sinks: Count,
     local_capacity: Count,
+    compensation: bool,
 ) -> PyResult<(I64Array<'py>, I64Array<'py>, I64Array<'py>)> {
     let (n, sinks, local_capacity) = (n.0, sinks.0, local_capacity.0);
     let r = bool_vec(retrieval, "retrieval")?;
-    let (c, d) = run(py, || pattern::razor(&r, n, sinks, local_capacity))?;
+    let (c, d) = run(py, || {
+        pattern::razor(&r, n, sinks, local_capacity, compensation)
+    })?;
     Ok((
         c.indptr.into_pyarray(py),
         c.positions.into_pyarray(py),

@@ -85,7 +85,8 @@ pub fn longgen(kinds: &[LayerKind], num_heads: usize, n: usize, p: &LongGenParam
 /// RazorAttention plan: retrieval rows keep everything; the others keep `sinks` and the
 /// newest `local_capacity - sinks - 1` tokens, and the one remaining slot holds the
 /// compensation token built by the caller from the dropped tokens (mean of their K and V).
-/// A row of `n <= local_capacity` tokens keeps everything.
+/// A row of `n <= local_capacity` tokens keeps everything. With `compensation = false`
+/// (the vendor's `use_virtual_token=False`) the window takes the slot instead.
 ///
 /// Returns the plan and, per row, how many tokens were dropped (`N_d`, the weight of the
 /// compensation token; 0 means no compensation slot is used).
@@ -94,11 +95,13 @@ pub fn razor(
     n: usize,
     sinks: usize,
     local_capacity: usize,
+    compensation: bool,
 ) -> Result<(Csr, Vec<i64>)> {
-    if local_capacity < sinks + 1 {
+    let slot = usize::from(compensation);
+    if local_capacity < sinks + slot {
         return Err(KvError::InvalidArgument(format!(
-            "local_capacity ({local_capacity}) must be at least sinks + 1 ({})",
-            sinks + 1
+            "local_capacity ({local_capacity}) must be at least sinks + {slot} ({})",
+            sinks + slot
         )));
     }
     let mut out = Csr::new();
@@ -108,8 +111,10 @@ pub fn razor(
             push_row(&mut out, 0..n as i64);
             dropped.push(0);
         } else {
-            let window = local_capacity - sinks - 1;
+            let window = local_capacity - sinks - slot;
             push_row(&mut out, sink_window(n, sinks, window));
+            // Without a compensation token the dropped count is still reported (for the
+            // caller's statistics); nothing is built from it.
             dropped.push((n - sinks - window) as i64);
         }
     }
@@ -205,10 +210,13 @@ mod tests {
 
     #[test]
     fn razor_rows() {
-        let (c, d) = razor(&[true, false], 20, 2, 6).unwrap();
+        let (c, d) = razor(&[true, false], 20, 2, 6, true).unwrap();
         assert_eq!(c.row(0).len(), 20);
         assert_eq!(c.row(1), &[0, 1, 17, 18, 19]);
         assert_eq!(d, vec![0, 15]);
+        let (c, _) = razor(&[false], 20, 2, 6, false).unwrap();
+        assert_eq!(c.row(0), &[0, 1, 16, 17, 18, 19]);
+        assert!(razor(&[false], 20, 3, 3, true).is_err());
     }
 
     #[test]
