@@ -271,3 +271,11 @@ def test_razor_without_compensation_gives_the_slot_to_the_window():
     np.testing.assert_array_equal(sel.positions[:16], [0, 1, *range(26, 40)])
     with pytest.raises(ValueError, match="compensation must be"):
         P.get("razor", compensation="sum")
+
+
+def test_importing_kvcore_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, kvcore, kvcore.policies; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
