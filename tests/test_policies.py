@@ -279,3 +279,12 @@ def test_importing_kvcore_does_not_import_torch():
 
     code = "import sys, kvcore, kvcore.policies; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_score_helpers_check_types_and_shapes():
+    with pytest.raises(TypeError, match=r"window_probs must be a numpy float32 array.*float64"):
+        P.get("snapkv").score(np.ones((1, 2, 3, 4)), 2)
+    with pytest.raises(ValueError, match=r"window_probs must have shape"):
+        P.get("snapkv").score(np.ones((2, 3, 4), np.float32), 2)
+    with pytest.raises(TypeError, match=r"keys must be a numpy float32 array.*list"):
+        P.get("knorm").score([1.0])  # type: ignore[arg-type]

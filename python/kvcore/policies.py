@@ -120,6 +120,15 @@ def _scores3(scores: Any) -> F32:
     return scores
 
 
+def _check_nd(a: Any, name: str, dims: str) -> None:
+    """TypeError unless a float32 numpy array, ValueError unless it has ``dims``."""
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+        got = f"dtype {a.dtype}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise TypeError(f"{name} must be a numpy float32 array of shape ({dims}), got {got}")
+    if a.ndim != len(dims.split(",")):
+        raise ValueError(f"{name} must have shape ({dims}), got shape {a.shape}")
+
+
 def _rows(scores: F32) -> F32:
     L, H, n = scores.shape
     return np.ascontiguousarray(scores.reshape(L * H, n))
@@ -289,11 +298,7 @@ class _WindowScored(Policy):
             ``(num_layers, num_kv_heads, n)`` float32: window reduction, GQA reduction, then
             pooling with ``kernel``.
         """
-        if not isinstance(window_probs, np.ndarray) or window_probs.ndim != 4:
-            raise ValueError(
-                "window_probs must be a numpy float32 array of shape "
-                "(num_layers, num_q_heads, w, n)"
-            )
+        _check_nd(window_probs, "window_probs", "num_layers, num_q_heads, w, n")
         L, Hq, w, n = window_probs.shape
         red = _k.window_reduce(window_probs.reshape(L * Hq, w, n), self.window_agg)
         out = np.empty((L, num_kv_heads, n), dtype=np.float32)
@@ -442,10 +447,7 @@ class KNormPolicy(Policy):
     def score(self, keys: F32) -> F32:
         """``keys`` ``(num_layers, num_heads, n, head_dim)`` float32 -> ``-||k||_2``
         ``(num_layers, num_heads, n)``."""
-        if not isinstance(keys, np.ndarray) or keys.ndim != 4:
-            raise ValueError(
-                "keys must be a numpy float32 array of shape (num_layers, num_heads, n, head_dim)"
-            )
+        _check_nd(keys, "keys", "num_layers, num_heads, n, head_dim")
         L, H, n, d = keys.shape
         return _k.key_norm_scores(keys.reshape(L * H, n, d)).reshape(L, H, n)
 
