@@ -59,6 +59,10 @@ fmt: setup ## Format Rust and Python sources
 bench: wheel ## Run the allocator benchmark (release build) and write bench/results/
 	$(PY) bench/bench_allocator.py
 
+.PHONY: bench-select
+bench-select: dev ## Run the selection benchmark (release build) and write bench/results/select.json
+	$(PY) bench/bench_select.py
+
 .PHONY: clean
 clean: ## Remove build outputs
 	rm -rf target dist python/kvcore/_kvcore*.so

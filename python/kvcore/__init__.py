@@ -3,12 +3,14 @@
 The public API is re-exported here; the Rust core lives in :mod:`kvcore._kvcore`.
 """
 
+from kvcore import policies
 from kvcore._kvcore import (
     BlockAllocator,
     InvalidPositionsError,
     InvariantError,
     KVCoreError,
     OutOfBlocksError,
+    ScoreState,
     TableFreedError,
     UnknownTableError,
     __version__,
@@ -21,8 +23,10 @@ __all__ = [
     "InvariantError",
     "KVCoreError",
     "OutOfBlocksError",
+    "ScoreState",
     "TableFreedError",
     "UnknownTableError",
     "__version__",
     "build_profile",
+    "policies",
 ]

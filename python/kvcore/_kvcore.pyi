@@ -8,6 +8,7 @@ exports, ``slot_mapping``, ``check_invariants``, and ``append`` of 1024 tokens o
 release the GIL while the core works.
 """
 
+from collections.abc import Sequence
 from typing import Final, TypeAlias, final
 
 import numpy as np
@@ -19,6 +20,10 @@ build_profile: Final[str]
 
 _Salt: TypeAlias = int | str | bytes
 _IdArray: TypeAlias = NDArray[np.int64] | NDArray[np.int32]
+_F32: TypeAlias = NDArray[np.float32]
+_Weights: TypeAlias = NDArray[np.float64] | NDArray[np.float32]
+_Csr: TypeAlias = tuple[NDArray[np.int64], NDArray[np.int64]]
+_Spans: TypeAlias = Sequence[tuple[int, int]]
 
 __all__ = [
     "BlockAllocator",
@@ -28,6 +33,26 @@ __all__ = [
     "OutOfBlocksError",
     "TableFreedError",
     "UnknownTableError",
+    "ScoreState",
+    "budget_adakv",
+    "budget_head_weighted",
+    "budget_pyramid",
+    "budget_split",
+    "budget_uniform",
+    "group_reduce",
+    "key_norm_scores",
+    "plan_infinipot",
+    "plan_longgen",
+    "plan_razor",
+    "plan_streaming",
+    "pool1d",
+    "razor_head_scores",
+    "razor_retrieval_heads",
+    "select_adakv",
+    "select_per_layer",
+    "select_topk",
+    "tova_scores",
+    "window_reduce",
     "__version__",
     "build_profile",
 ]
@@ -299,3 +324,222 @@ class BlockAllocator:
         Raises:
             InvariantError: a violation, with a description.
         """
+
+# --- Selection: which tokens stay (kvcore_core::select) -------------------------------------
+#
+# Rows are (layer, kv-head) pairs in layer-major order, ``row = layer * num_heads + head``.
+# Scores are float32, higher means keep, and must be finite (NaN or inf: ValueError naming the
+# row and position). Selection order: higher score first; equal scores: the lower position
+# wins (``-0.0 == 0.0``). Force-keep priority when a budget is smaller than the forced set:
+# sinks first (from position 0), then the window (from the newest token backwards), then the
+# protected spans in the order given. A budget >= n keeps every token. Results are CSR
+# ``(indptr (num_rows + 1,), positions)`` int64 with ascending positions per row: exactly the
+# ``keep_indptr`` / ``keep_positions`` of :meth:`BlockAllocator.compact_batch`. All of these
+# release the GIL while the core works.
+
+def select_topk(
+    scores: _F32,
+    budgets: int | _IdArray,
+    *,
+    sinks: int | None = None,
+    window: int | None = None,
+    protected: _Spans | None = None,
+    num_threads: int = 1,
+) -> _Csr:
+    """Per-row top-k with force-keep ranges, O(n) per row (histogram + selection, no sort).
+
+    Args:
+        scores: ``(num_rows, n)`` float32.
+        budgets: kept tokens per row: one int for every row or ``(num_rows,)`` int64.
+        sinks: the first ``sinks`` tokens are kept (default 0).
+        window: the newest ``window`` tokens are kept (default 0).
+        protected: half-open ``(start, end)`` spans kept as well (clipped to ``n``).
+        num_threads: rows are split over this many threads (1: serial).
+
+    Returns:
+        ``(indptr, positions)`` int64 CSR; row ``r`` keeps ``min(budgets[r], n)`` tokens.
+
+    Raises:
+        TypeError: ``scores`` is not a float32 array, ``budgets`` not ints.
+        ValueError: wrong shapes, negative budgets, non-finite scores, bad spans.
+    """
+
+def select_per_layer(
+    scores: _F32,
+    num_heads: int,
+    budgets: int | _IdArray,
+    *,
+    sinks: int | None = None,
+    window: int | None = None,
+    protected: _Spans | None = None,
+) -> _Csr:
+    """One index set per layer (TOVA): ``scores`` ``(num_layers, n)`` float32, ``budgets``
+    per layer; each layer's positions are repeated for its ``num_heads`` rows."""
+
+def budget_uniform(total: int, num_rows: int, n: int) -> NDArray[np.int64]:
+    """``total`` tokens over ``num_rows`` rows of ``n`` tokens: ``(num_rows,)`` int64 summing
+    to ``min(total, num_rows * n)``. Rounding: rows are capped at ``n``, the rest is split
+    again (water-filling); the remainder goes one token each to the lowest rows (e.g. 10
+    over 4 rows is ``[3, 3, 2, 2]``)."""
+
+def budget_split(total: int, weights: _Weights, caps: int | _IdArray) -> NDArray[np.int64]:
+    """Exact split of ``total`` in proportion to ``weights`` ``(num_rows,)`` with per-row
+    ``caps``: capped rows are water-filled, the others get ``floor(share)`` and the rest
+    goes to the largest fractional parts (ties: lower row). Sums to ``min(total,
+    sum(caps))``. All-zero weights split uniformly."""
+
+def budget_pyramid(
+    num_layers: int, n: int, capacity: int, window: int, beta: int = 20
+) -> NDArray[np.int64]:
+    """PyramidKV per-layer budgets (including the window), ``(num_layers,)`` int64.
+
+    ``capacity`` is the average per-layer budget ``C`` including the window ``w``. ``n < C``:
+    every layer keeps ``n``. ``n < 2 (C - w)``: uniform ``C``. Otherwise the linear schedule
+    of PyramidKV (``min = (C - w) // beta``, ``max = 2 (C - w) - min``, clipped to ``n - w``),
+    with the floored step's excess taken back one token per layer from layer 0, so that the
+    budgets sum to exactly ``num_layers * C`` and never increase with depth.
+    """
+
+def budget_head_weighted(
+    capacity: int, weights: _Weights, n: int, head_beta: float = 1.01
+) -> NDArray[np.int64]:
+    """HeadKV budgets over all ``(layer, head)`` rows: base ``C - C // head_beta`` each,
+    plus the pool ``(C // head_beta) * num_rows`` split by ``weights`` ``(num_rows,)`` with
+    the exact rounding of :func:`budget_split`; capped at ``n``; sums to
+    ``min(C, n) * num_rows``."""
+
+def budget_adakv(
+    scores: _F32,
+    budget: int,
+    alpha: float = 0.2,
+    *,
+    sinks: int | None = None,
+    window: int | None = None,
+    protected: _Spans | None = None,
+) -> NDArray[np.int64]:
+    """Ada-KV per-head budgets, ``(num_layers * num_heads,)`` int64 including forced tokens.
+
+    ``scores`` ``(num_layers, num_heads, n)`` float32. Each layer keeps exactly
+    ``num_heads * min(budget, n)`` tokens: each head its forced tokens and its own top
+    ``floor(alpha * (budget - forced))``, the rest by a global top-k over the layer's heads
+    (ties: lower head, then lower position). Feed the result to :func:`select_topk` with the
+    same force-keep arguments.
+    """
+
+def select_adakv(
+    scores: _F32,
+    budget: int,
+    alpha: float = 0.2,
+    *,
+    sinks: int | None = None,
+    window: int | None = None,
+    protected: _Spans | None = None,
+) -> _Csr:
+    """:func:`budget_adakv` and the selection it implies in one pass: the same result as
+    ``select_topk(scores.reshape(-1, n), budget_adakv(...), ...)``, computed once."""
+
+def window_reduce(probs: _F32, how: str = "sum") -> _F32:
+    """SnapKV observation-window scores: ``probs`` ``(num_rows, w, n)`` float32 (softmax of
+    the last ``w`` queries) reduced over the ``w`` queries by ``"sum"``, ``"mean"`` or
+    ``"max"``: ``(num_rows, n)``. Sums are taken in float64 and rounded once."""
+
+def group_reduce(scores: _F32, num_kv_heads: int, how: str = "mean") -> _F32:
+    """GQA: ``(num_q_heads, n)`` reduced over groups of consecutive query heads to
+    ``(num_kv_heads, n)`` by ``"mean"`` (default), ``"max"`` or ``"sum"``."""
+
+def pool1d(scores: _F32, kernel: int, how: str = "avg") -> _F32:
+    """SnapKV pooling along tokens: ``(num_rows, n)``, odd ``kernel``, stride 1, padding
+    ``kernel // 2``; ``"avg"`` divides by ``kernel`` (zero padding, torch ``avg_pool1d``),
+    ``"max"`` ignores the padding."""
+
+def tova_scores(last_attn: _F32) -> _F32:
+    """TOVA: last-query attention ``(num_layers, num_heads, n)`` averaged over heads:
+    ``(num_layers, n)``."""
+
+def key_norm_scores(keys: _F32) -> _F32:
+    """K-norm: ``-||k||_2`` of keys ``(num_rows, n, head_dim)`` float32: ``(num_rows, n)``."""
+
+def razor_head_scores(attn_map: _F32, period: int, prefix: int = 1) -> tuple[float, float]:
+    """RazorAttention ``(echo, induction)`` of one head from its calibration attention
+    ``(s, s)`` float32 (query rows). The input is ``prefix`` tokens then a random block of
+    ``period`` tokens repeated; for ``i > j >= prefix`` with ``i - j`` a multiple of
+    ``period``, echo sums ``P[i, j]`` and induction ``P[i, j + 1]``; both divided by ``s*s``."""
+
+def razor_retrieval_heads(
+    echo: _F32, induction: _F32, echo_ratio: float = 0.01, induction_ratio: float = 0.14
+) -> NDArray[np.bool_]:
+    """Retrieval heads over all ``(layer, head)`` rows: the top ``ceil(echo_ratio * rows)``
+    by echo plus the top ``ceil(induction_ratio * rows)`` by induction (ties: lower row).
+    The product is rounded to 1e-9 before the ceiling, so 0.14 * 100 heads gives 14."""
+
+def plan_streaming(num_rows: int, n: int, sinks: int, window: int) -> _Csr:
+    """StreamingLLM: every row keeps ``[0, sinks)`` and ``[n - window, n)``."""
+
+def plan_longgen(
+    layer_kinds: Sequence[str],
+    num_heads: int,
+    n: int,
+    *,
+    sinks: int,
+    window: int,
+    block: int = 64,
+    stride: int = 4,
+    local_blocks: int = 1,
+) -> _Csr:
+    """LongGen static pattern, one kind per layer: ``"full"`` (keep all), ``"sink"`` (sinks +
+    window) or ``"block_sparse"`` (sinks, blocks with ``index % stride == 0`` and the
+    ``local_blocks`` newest blocks of ``block`` tokens)."""
+
+def plan_razor(
+    retrieval: NDArray[np.bool_],
+    n: int,
+    sinks: int,
+    local_capacity: int,
+    compensation: bool = True,
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """RazorAttention: retrieval rows keep all; others (with ``n > local_capacity``) keep the
+    sinks and the newest ``local_capacity - sinks - 1`` tokens, the last slot being the
+    compensation token (``compensation=False``: no token, the window takes the slot).
+    Returns ``(indptr, positions, num_dropped)``, ``num_dropped`` ``(num_rows,)`` the tokens
+    dropped from each row (folded into its compensation token when there is one)."""
+
+def plan_infinipot(
+    cap_scores: _F32,
+    nuc_scores: _F32,
+    compressed: int,
+    nuc_ratio: float = 0.5,
+    *,
+    sinks: int | None = None,
+    window: int | None = None,
+    protected: _Spans | None = None,
+) -> _Csr:
+    """InfiniPot distillation to ``compressed`` tokens per row: the top
+    ``floor(nuc_ratio * compressed)`` tokens by novelty ``nuc_scores`` ``(n,)`` (shared by
+    all rows), then each row's best by catalyst score ``cap_scores`` ``(num_rows, n)``."""
+
+@final
+class ScoreState:
+    """Per-token scores that live with the cache (H2O accumulators, Locret's CIS, external
+    scores), one row per ``(layer, head)``, compacted by the same CSR plan as the tokens."""
+    def __new__(cls, num_rows: int) -> ScoreState: ...
+    @property
+    def num_rows(self) -> int: ...
+    def lengths(self) -> NDArray[np.int64]:
+        """Tokens held by each row, ``(num_rows,)`` int64."""
+    def accumulate(self, scores: _F32, decay: float = 1.0) -> None:
+        """H2O step: ``scores`` ``(num_rows, m)`` float32 is the attention mass received by
+        the ``m`` tokens cached now (``m`` >= every row's length). Existing tokens become
+        ``decay * old + new``; the others start at ``new``."""
+    def append(self, scores: _F32) -> None:
+        """Appends ``(num_rows, q)`` float32 scores of ``q`` new tokens (Locret, external)."""
+    def compact(self, keep_indptr: _IdArray, keep_positions: _IdArray) -> None:
+        """Keeps only the CSR positions (one row per state row), as the cache does.
+
+        Raises:
+            InvalidPositionsError: positions unsorted, duplicated or out of range.
+            ValueError: ``keep_indptr`` malformed or with the wrong number of rows.
+        """
+    def to_csr(self) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """``(indptr, values)``: every row's scores, concatenated."""
+    def row(self, row: int) -> NDArray[np.float32]:
+        """A copy of row ``row``'s scores."""
