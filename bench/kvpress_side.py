@@ -1,0 +1,122 @@
+"""The kvpress half of the quality benchmark. Runs inside kvpress's own virtual environment
+(kvpress pins its transformers version), driven by ``bench/quality.py`` through a subprocess:
+
+    .venv-kvpress/bin/python bench/kvpress_side.py --tasks T.json --model-cache DIR --out O.json
+
+Same model, same tasks (token ids, so tokenizer versions cannot differ), same protocol and
+metrics (``quality_common.py``). Every press runs through kvpress's documented entry point,
+``with press(model): model.model(context_ids, past_key_values=cache)``, exactly as kvpress's
+pipeline prefills; presses kvpress cannot run on this model are recorded with their error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import quality_common as qc
+import torch
+
+
+def press_factories(ratio: float) -> dict[str, Any]:
+    """kvpress presses at ``compression_ratio`` (the fraction of the KV cache removed)."""
+    import kvpress as kp
+
+    out: dict[str, Any] = {
+        "kvpress:streaming_llm": lambda: kp.StreamingLLMPress(compression_ratio=ratio),
+        "kvpress:knorm": lambda: kp.KnormPress(compression_ratio=ratio),
+        "kvpress:snapkv": lambda: kp.SnapKVPress(compression_ratio=ratio),
+        "kvpress:pyramidkv": lambda: kp.PyramidKVPress(compression_ratio=ratio),
+        "kvpress:tova": lambda: kp.TOVAPress(compression_ratio=ratio),
+        "kvpress:expected_attention": lambda: kp.ExpectedAttentionPress(compression_ratio=ratio),
+        "kvpress:adakv_snapkv": lambda: kp.AdaKVPress(kp.SnapKVPress(compression_ratio=ratio)),
+    }
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--tasks", type=Path, required=True)
+    ap.add_argument("--model-cache", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--keep", type=str, default="0.5,0.25,0.125", help="budgets (kept fraction)")
+    ap.add_argument("--presses", type=str, default="", help="comma list; empty: all")
+    args = ap.parse_args()
+
+    import kvpress
+    import transformers
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    model, tok = qc.load_model(args.model_cache)
+    tasks = [qc.Task.from_json(t) for t in json.loads(args.tasks.read_text())]
+
+    def full_prefill(m: Any, ctx: torch.Tensor) -> Any:
+        cache = DynamicCache()
+        with torch.inference_mode():
+            m.model(input_ids=ctx, past_key_values=cache)
+        return cache
+
+    def press_prefill(make: Any) -> Any:
+        def prefill(m: Any, ctx: torch.Tensor) -> Any:
+            cache = DynamicCache()
+            with torch.inference_mode(), make()(m):
+                m.model(input_ids=ctx, past_key_values=cache)
+            return cache
+
+        return prefill
+
+    ops = (qc.dynamic_snapshot, qc.dynamic_restore, qc.dynamic_kv_bytes)
+    results: dict[str, Any] = {
+        "versions": {
+            "kvpress": getattr(kvpress, "__version__", "unknown"),
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        },
+        "cells": [],
+    }
+    refs = {}
+    t0 = time.perf_counter()
+    rows = []
+    for task in tasks:
+        refs[task.name] = qc.reference_logprobs(model, task, full_prefill, ops[0], ops[1])
+        rows.append(qc.evaluate(model, tok, task, refs[task.name], full_prefill, *ops))
+    results["cells"].append({"method": "kvpress:full", "keep": 1.0, "rows": rows})
+    print(f"[kvpress side] full cache done ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    wanted = set(filter(None, args.presses.split(",")))
+    for keep in [float(x) for x in args.keep.split(",")]:
+        for name, make in press_factories(1.0 - keep).items():
+            if wanted and name not in wanted:
+                continue
+            t1 = time.perf_counter()
+            try:
+                rows = [
+                    qc.evaluate(model, tok, t, refs[t.name], press_prefill(make), *ops)
+                    for t in tasks
+                ]
+                results["cells"].append({"method": name, "keep": keep, "rows": rows})
+                status = "ok"
+            except Exception as e:  # recorded, not hidden: the JSON says why
+                results["cells"].append(
+                    {
+                        "method": name,
+                        "keep": keep,
+                        "error": f"{type(e).__name__}: {e}",
+                        "traceback": traceback.format_exc(limit=3),
+                    }
+                )
+                status = f"error {type(e).__name__}"
+            dt = time.perf_counter() - t1
+            print(f"[kvpress side] {name} keep={keep}: {status} ({dt:.0f} s)", flush=True)
+    args.out.write_text(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

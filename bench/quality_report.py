@@ -1,0 +1,72 @@
+"""Tables and the plot of the quality benchmark (``bench/quality.py`` writes the JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import quality_common as qc
+
+
+def summaries(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for c in cells:
+        row: dict[str, Any] = {"method": c["method"], "keep": c["keep"]}
+        if "error" in c:
+            row["error"] = c["error"]
+        else:
+            row.update(qc.summarize(c["rows"]))
+        out.append(row)
+    return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'method':34s} {'keep':>6s} {'acc':>5s} {'pass':>5s} {'KL':>8s} {'top1':>6s} "
+    head += f"{'ppl':>7s} {'KV MiB':>8s} {'prefill s':>9s}"
+    lines = [head]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['method']:34s} {r['keep']:6.3f}  error: {r['error'][:60]}")
+            continue
+
+        def f(x: Any, fmt: str) -> str:
+            return format(x, fmt) if x is not None else "-"
+
+        lines.append(
+            f"{r['method']:34s} {r['keep']:6.3f} {f(r['accuracy'], '5.2f')} "
+            f"{f(r['passkey_accuracy'], '5.2f')} {r['kl']:8.4f} {r['top1']:6.3f} "
+            f"{f(r.get('ppl'), '7.3f')} {r['kv_bytes'] / 2**20:8.2f} {r['prefill_s']:9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    methods = sorted({r["method"] for r in rows if "error" not in r})
+    for m in methods:
+        pts = sorted(
+            (r for r in rows if r["method"] == m and "error" not in r), key=lambda r: r["kv_bytes"]
+        )
+        xs = [r["kv_bytes"] / 2**20 for r in pts]
+        theirs = m.startswith("kvpress:")
+        style = {"linestyle": "--", "marker": "x"} if theirs else {"linestyle": "-", "marker": "o"}
+        if len(pts) == 1:
+            style["marker"] = "*"
+            style["markersize"] = 12
+        axes[0].plot(xs, [r["accuracy"] or 0.0 for r in pts], label=m, **style)
+        axes[1].plot(xs, [max(r["kl"], 1e-5) for r in pts], label=m, **style)
+    axes[0].set_xlabel("KV bytes held over all tasks (MiB)")
+    axes[0].set_ylabel("accuracy (passkey, facts, multi-turn)")
+    axes[1].set_xlabel("KV bytes held over all tasks (MiB)")
+    axes[1].set_ylabel("KL(full || compressed), mean per position")
+    axes[1].set_yscale("log")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
