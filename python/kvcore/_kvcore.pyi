@@ -19,9 +19,16 @@ build_profile: Final[str]
 
 _Salt: TypeAlias = int | str | bytes
 _IdArray: TypeAlias = NDArray[np.int64] | NDArray[np.int32]
+_FloatArray: TypeAlias = NDArray[np.float32] | NDArray[np.float16] | NDArray[np.uint16]
 
 __all__ = [
     "BlockAllocator",
+    "KiviCache",
+    "MixedPrecisionStore",
+    "QuantLayout",
+    "dequantize",
+    "kivi_nbytes",
+    "quantize",
     "InvalidPositionsError",
     "InvariantError",
     "KVCoreError",
@@ -299,3 +306,199 @@ class BlockAllocator:
         Raises:
             InvariantError: a violation, with a description.
         """
+
+# ---------------------------------------------------------------------------------------------
+# Quantized storage (kvcore_core::quant). The bit-exact format is in docs/layouts.md.
+
+@final
+class QuantLayout:
+    """The low-precision format of one block of ``num_tokens x head_dim`` values.
+
+    Asymmetric quantization with one scale and one zero point per group of ``group_size``
+    elements. A block is one byte buffer: packed codes at offset 0 (code ``i`` in byte
+    ``i * bits // 8``, least significant bits first), zero padding up to ``scales_offset``
+    (a multiple of the metadata size), ``num_groups`` scales, then ``num_groups`` zero points
+    at ``zeros_offset``, little-endian. ``nbytes`` is the exact size, metadata included.
+
+    Args:
+        bits: 2, 4 or 8.
+        group_size: elements per group; must divide the grouped dimension and fill whole bytes
+            (a multiple of 4 at 2 bits, of 2 at 4 bits).
+        num_tokens: tokens per block.
+        head_dim: channels per token.
+        axis: ``"channel"``: groups of consecutive channels inside a token (per-token
+            quantization, KIVI values); ``"token"``: groups of consecutive tokens inside a
+            channel (per-channel quantization, KIVI keys).
+        meta_dtype: ``"float16"`` or ``"float32"`` scale and zero point.
+
+    Raises:
+        ValueError: a bad layout, e.g. a group size that does not divide the dimension.
+        TypeError: a size that is not an int.
+    """
+
+    def __new__(
+        cls,
+        bits: int,
+        group_size: int,
+        num_tokens: int,
+        head_dim: int,
+        axis: str = "channel",
+        meta_dtype: str = "float16",
+    ) -> QuantLayout: ...
+    @property
+    def bits(self) -> int:
+        """Bits per code."""
+    @property
+    def group_size(self) -> int:
+        """Elements per group."""
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per block."""
+    @property
+    def head_dim(self) -> int:
+        """Channels per token."""
+    @property
+    def axis(self) -> str:
+        """``"channel"`` or ``"token"``."""
+    @property
+    def meta_dtype(self) -> str:
+        """``"float16"`` or ``"float32"``."""
+    @property
+    def num_groups(self) -> int:
+        """Groups per block: ``num_tokens * head_dim // group_size``."""
+    @property
+    def codes_bytes(self) -> int:
+        """Bytes of packed codes: ``num_tokens * head_dim * bits // 8``."""
+    @property
+    def scales_offset(self) -> int:
+        """Byte offset of the scales."""
+    @property
+    def zeros_offset(self) -> int:
+        """Byte offset of the zero points."""
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes of one block, metadata and padding included."""
+    def __eq__(self, value: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+
+def quantize(x: _FloatArray, layout: QuantLayout) -> NDArray[np.uint8]:
+    """Quantizes blocks, with the GIL released.
+
+    Per group: ``zero = M(min)``, ``scale = M(max(max - zero, 0) / (2**bits - 1))`` where
+    ``M`` rounds to the metadata dtype (ties to even); ``code = 0`` if ``scale == 0`` else
+    ``round_half_even(clip((x - zero) / scale, 0, 2**bits - 1))``, all in float32.
+
+    Args:
+        x: ``(..., num_tokens, head_dim)`` float32, float16, or uint16 holding bfloat16 bits.
+
+    Returns:
+        ``(..., layout.nbytes)`` uint8, one block per leading index.
+
+    Raises:
+        ValueError: a NaN or infinite value, a group whose scale or zero point does not fit
+            the metadata dtype, or a shape that does not end in ``(num_tokens, head_dim)``.
+        TypeError: ``x`` is not a numpy array of a supported dtype.
+    """
+
+def dequantize(blocks: NDArray[np.uint8], layout: QuantLayout) -> NDArray[np.float32]:
+    """Dequantizes blocks (``code * scale + zero`` in float32), with the GIL released.
+
+    Args:
+        blocks: ``(..., layout.nbytes)`` uint8, as returned by :func:`quantize`.
+
+    Returns:
+        ``(..., num_tokens, head_dim)`` float32.
+    """
+
+def kivi_nbytes(
+    num_tokens: int,
+    head_dim: int,
+    bits: int = 2,
+    group_size: int = 32,
+    residual: int = 32,
+    meta_dtype: str = "float16",
+) -> int:
+    """Exact bytes a :class:`KiviCache` of one head holds after ``num_tokens`` tokens:
+    ``num_tokens // residual`` key blocks and ``max(num_tokens - residual, 0)`` value tokens
+    quantized (metadata included), the rest as float16."""
+
+@final
+class KiviCache:
+    """KIVI storage for one (layer, kv-head).
+
+    Keys are quantized per channel (groups of ``group_size`` tokens, a whole block of
+    ``residual`` tokens at a time, when the float16 key tail reaches ``residual`` tokens);
+    values per token (groups of ``group_size`` channels), one token at a time, when the
+    float16 FIFO of the last ``residual`` values overflows. Appended values are rounded to
+    float16 first. Defaults from KIVI's ``example.py``: 2 bits, group 32, residual 32.
+
+    Raises:
+        ValueError: ``residual`` not a positive multiple of ``group_size``, or a bad layout.
+    """
+
+    def __new__(
+        cls,
+        head_dim: int,
+        bits: int = 2,
+        group_size: int = 32,
+        residual: int = 32,
+        meta_dtype: str = "float16",
+    ) -> KiviCache: ...
+    def append(self, keys: NDArray[np.float32], values: NDArray[np.float32]) -> None:
+        """Appends tokens; ``keys`` and ``values`` are ``(n, head_dim)`` float32. On error
+        (NaN/inf, a value beyond float16) nothing is appended."""
+    def keys(self) -> NDArray[np.float32]:
+        """All keys, dequantized: ``(num_tokens, head_dim)`` float32."""
+    def values(self) -> NDArray[np.float32]:
+        """All values, dequantized: ``(num_tokens, head_dim)`` float32."""
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes held (quantized blocks with metadata plus the float16 windows)."""
+    @property
+    def num_tokens(self) -> int:
+        """Tokens appended."""
+    @property
+    def num_quantized_keys(self) -> int:
+        """Keys held quantized (a multiple of ``residual``)."""
+    @property
+    def num_quantized_values(self) -> int:
+        """Values held quantized."""
+    @property
+    def key_layout(self) -> QuantLayout:
+        """Layout of one key block: ``(residual, head_dim)``, axis ``"token"``."""
+    @property
+    def value_layout(self) -> QuantLayout:
+        """Layout of one value token: ``(1, head_dim)``, axis ``"channel"``."""
+
+@final
+class MixedPrecisionStore:
+    """MiKV-style mixed precision for one (layer, kv-head): each token is held in a tier
+    (``"float16"``, ``"int8"``, ``"int4"``, ``"int2"``; per-token groups of ``group_size``
+    channels) and can be demoted later instead of being evicted. A demotion re-quantizes the
+    current reconstruction, so the error is at most the sum of the half-scales of the tiers
+    the token went through, plus metadata rounding.
+    """
+
+    def __new__(
+        cls, head_dim: int, group_size: int = 32, meta_dtype: str = "float16"
+    ) -> MixedPrecisionStore: ...
+    def append(self, x: NDArray[np.float32], tier: str) -> None:
+        """Appends ``(n, head_dim)`` float32 tokens in ``tier``."""
+    def demote(self, positions: _IdArray, tier: str) -> None:
+        """Moves the tokens at ``positions`` to the less precise ``tier``.
+
+        Raises:
+            ValueError: a position out of range or a promotion (nothing changes then).
+        """
+    def read(self) -> NDArray[np.float32]:
+        """Every token reconstructed: ``(num_tokens, head_dim)`` float32."""
+    def tiers(self) -> list[str]:
+        """The tier of every token."""
+    def token_nbytes(self, tier: str) -> int:
+        """Bytes one token takes in ``tier``, metadata included."""
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes held by the token data."""
+    @property
+    def num_tokens(self) -> int:
+        """Tokens held."""

@@ -2,6 +2,7 @@
 //!
 //! * [`allocator`]: the fixed-budget paged block allocator (ref counts, fork / copy-on-write,
 //!   prefix caching, compaction plans, page-table export).
+//! * [`quant`]: quantized storage layouts (asymmetric int8/int4/int2 groups, KIVI, MiKV tiers).
 //! * [`error`]: the single error enum that the bindings map to Python exceptions.
 //!
 //! Vocabulary follows vLLM: `block_id`, `block_size`, `ref_cnt`, the null block (block 0,
@@ -9,6 +10,7 @@
 
 pub mod allocator;
 pub mod error;
+pub mod quant;
 
 pub use allocator::{
     AllocatorStats, AppendOutcome, BlockAllocator, BlockId, CompactionPlan, FlashInferLayout, Keep,
