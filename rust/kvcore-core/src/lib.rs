@@ -2,6 +2,7 @@
 //!
 //! * [`allocator`]: the fixed-budget paged block allocator (ref counts, fork / copy-on-write,
 //!   prefix caching, compaction plans, page-table export).
+//! * [`merge`]: merge plans and per-slot mass (KVMerger, EMS, RazorAttention, CaM, MiniCache).
 //! * [`quant`]: quantized storage layouts (asymmetric int8/int4/int2 groups, KIVI, MiKV tiers).
 //! * [`error`]: the single error enum that the bindings map to Python exceptions.
 //!
@@ -10,6 +11,7 @@
 
 pub mod allocator;
 pub mod error;
+pub mod merge;
 pub mod quant;
 
 pub use allocator::{
