@@ -24,11 +24,20 @@ _FloatArray: TypeAlias = NDArray[np.float32] | NDArray[np.float16] | NDArray[np.
 __all__ = [
     "BlockAllocator",
     "KiviCache",
+    "MergeBook",
+    "MergePlan",
+    "MiniCachePair",
     "MixedPrecisionStore",
     "QuantLayout",
+    "cam_plan",
     "dequantize",
+    "ems_plan",
     "kivi_nbytes",
+    "kvmerger_plan",
+    "minicache_layer_pairs",
+    "minicache_merge",
     "quantize",
+    "razor_plan",
     "InvalidPositionsError",
     "InvariantError",
     "KVCoreError",
@@ -502,3 +511,167 @@ class MixedPrecisionStore:
     @property
     def num_tokens(self) -> int:
         """Tokens held."""
+
+# ---------------------------------------------------------------------------------------------
+# Merge bookkeeping (kvcore_core::merge). Inputs are host arrays for one (layer, kv-head).
+
+@final
+class MergePlan:
+    """A merge plan over the ``num_slots`` slots of one (layer, kv-head) stream.
+
+    Entries ``(src[i], dst[i], weight[i])``: applying the plan sets
+    ``x'[d] = sum(weight[i] * x[src[i]] for entries with dst[i] == d)`` for every destination
+    ``d``; other slots keep their rows. A slot that is a source but never a destination, or is
+    listed in ``evicted`` (the zero class), is removed: ``kept_positions()`` lists the
+    survivors in order, ready for the allocator's order-preserving compaction.
+
+    Raises:
+        ValueError: mismatched lengths, a slot out of range, a negative or non-finite weight,
+            or a slot that is both evicted and a destination.
+    """
+
+    def __new__(
+        cls,
+        num_slots: int,
+        src: _IdArray,
+        dst: _IdArray,
+        weight: NDArray[np.float32],
+        evicted: _IdArray | None = None,
+    ) -> MergePlan: ...
+    @property
+    def num_slots(self) -> int:
+        """Slots the plan is over."""
+    @property
+    def src(self) -> NDArray[np.int64]:
+        """Source slot of each entry."""
+    @property
+    def dst(self) -> NDArray[np.int64]:
+        """Destination slot of each entry."""
+    @property
+    def weight(self) -> NDArray[np.float32]:
+        """Coefficient of each entry."""
+    @property
+    def evicted(self) -> NDArray[np.int64]:
+        """Slots dropped without merging (zero class), increasing."""
+    def kept_positions(self) -> NDArray[np.int64]:
+        """Surviving slots, increasing."""
+    def apply(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        """Applies the plan to ``(num_slots, dim)`` float32 rows (float32 sums in entry order);
+        returns new ``(num_slots, dim)`` rows. Compact them with ``kept_positions()``."""
+    def __len__(self) -> int:
+        """Number of entries."""
+
+@final
+class MergeBook:
+    """Per-slot mass (original tokens a slot stands for; 1 at first) of one stream, kept in
+    step with merge plans and compaction. A removed slot hands its mass to its destinations in
+    proportion to the entry weights; an evicted slot's mass goes to ``evicted_mass``, so
+    ``total_mass + evicted_mass`` never changes."""
+
+    def __new__(cls, num_slots: int) -> MergeBook: ...
+    def apply(self, plan: MergePlan) -> NDArray[np.int64]:
+        """Moves mass as ``plan`` moves rows and compacts; returns the kept positions."""
+    def compact(self, positions: _IdArray) -> None:
+        """Keeps only ``positions`` (strictly increasing); the rest counts as evicted.
+
+        Raises:
+            InvalidPositionsError: unsorted, duplicated or out-of-range positions.
+        """
+    def extend(self, n: int) -> None:
+        """Appends ``n`` new slots of mass 1."""
+    @property
+    def mass(self) -> NDArray[np.float64]:
+        """Mass of every slot."""
+    @property
+    def evicted_mass(self) -> float:
+        """Mass that left through evictions."""
+    @property
+    def total_mass(self) -> float:
+        """Sum of the slots' mass."""
+    @property
+    def num_slots(self) -> int:
+        """Slots."""
+    def log_count_bias(self) -> NDArray[np.float32]:
+        """``ln(mass)`` per slot, float32: added to a slot's attention logit, a merged slot
+        weighs as much as the tokens it replaced (RazorAttention's ``N_d`` weighting)."""
+
+def kvmerger_plan(
+    keys: NDArray[np.float32],
+    attn: NDArray[np.float32],
+    eps: float,
+    sigma: float | None = None,
+    mergeable: int | None = None,
+) -> MergePlan:
+    """KVMerger: maximal runs of consecutive tokens (below ``mergeable``) whose adjacent keys
+    have cosine >= ``eps`` merge into their pivot, the most attended token (first on ties),
+    with Gaussian weights ``exp(-|k_p - k_i|^2 / (2 sigma^2))`` normalised to 1.
+
+    Args:
+        keys: ``(num_tokens, head_dim)`` float32.
+        attn: ``(num_tokens,)`` float32 accumulated attention, non-negative.
+        eps: cosine threshold.
+        sigma: kernel width; None uses the RMS distance of the set to its pivot
+            (**unverified** default).
+        mergeable: tokens from this index on are never merged (the recent window).
+    """
+
+def ems_plan(
+    keys: NDArray[np.float32], attn: NDArray[np.float32], retained: _IdArray, threshold: float
+) -> MergePlan:
+    """EMS evict-then-merge: every token outside ``retained`` (increasing positions) merges
+    into the retained token with the most similar key (cosine) if it is >= ``threshold``,
+    else it is evicted (zero class). A center becomes the attention-weighted mean of itself
+    and its members. **Unverified** weighting and threshold rule (no official code)."""
+
+def razor_plan(num_tokens: int, sink: int = 4, local_capacity: int = 256) -> MergePlan:
+    """RazorAttention compensation token for one non-retrieval head: keep ``sink`` tokens and
+    the last ``local_capacity - sink - 1``; the tokens between become their plain mean (keys
+    and values alike) in the slot of the first of them. Empty while
+    ``num_tokens <= local_capacity``. Defaults from golden-stick ``RAConfig``. Retrieval heads
+    keep everything: do not call this for them."""
+
+def cam_plan(
+    attn: NDArray[np.float32], evicted: _IdArray, draws: NDArray[np.float32], window: int
+) -> MergePlan:
+    """CaM (one-shot form, **unverified** simplification of the sliding port): evicted token
+    ``e`` is merged with probability ``clip(attn[e] / max(attn[kept]), 0, 1)`` (merged when
+    ``draws[i] < p``) into the next ``window`` kept tokens, each adding ``V[e] / r``. Apply
+    the plan to values only; keys are just compacted with ``kept_positions()``."""
+
+@final
+class MiniCachePair:
+    """One merged pair of adjacent layers of one kv-head (see :func:`minicache_merge`)."""
+
+    @property
+    def direction(self) -> NDArray[np.float32]:
+        """Shared unit directions, ``(num_tokens, head_dim)``."""
+    @property
+    def mag_a(self) -> NDArray[np.float32]:
+        """Per-token norms of layer a."""
+    @property
+    def mag_b(self) -> NDArray[np.float32]:
+        """Per-token norms of layer b."""
+    @property
+    def angle(self) -> NDArray[np.float32]:
+        """Angle between the two layers' directions, per token (radians)."""
+    @property
+    def retained(self) -> NDArray[np.int64]:
+        """Tokens kept verbatim (the largest angles), increasing."""
+    @property
+    def num_stored_elements(self) -> int:
+        """Elements stored instead of ``2 * num_tokens * head_dim``."""
+    def restore(self, which: int) -> NDArray[np.float32]:
+        """Layer a (``which=0``) or b (``1``): ``direction * magnitude``, then the retained
+        rows verbatim. Error per non-retained token <= ``mag * t * angle`` (a) or
+        ``mag * (1 - t) * angle`` (b)."""
+
+def minicache_merge(
+    a: NDArray[np.float32], b: NDArray[np.float32], t: float = 0.6, retention_ratio: float = 0.05
+) -> MiniCachePair:
+    """MiniCache: SLERP (``t`` towards ``b``) of the per-token directions of layers ``a``
+    (l-1) and ``b`` (l), both ``(num_tokens, head_dim)`` float32, keeping each layer's norms
+    and the ``ceil(retention_ratio * num_tokens)`` most distinct tokens verbatim."""
+
+def minicache_layer_pairs(num_layers: int, start: int | None = None) -> list[tuple[int, int]]:
+    """Adjacent pairs ``(l, l+1)`` from ``start`` (default ``num_layers // 2``, the deeper
+    half; **unverified**) in steps of 2."""

@@ -7,6 +7,7 @@
 mod allocator;
 mod convert;
 mod errors;
+mod merge;
 mod quant;
 
 use pyo3::prelude::*;
@@ -25,5 +26,6 @@ fn _kvcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_class::<allocator::PyBlockAllocator>()?;
     quant::register(m)?;
+    merge::register(m)?;
     Ok(())
 }

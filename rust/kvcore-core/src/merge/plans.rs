@@ -81,9 +81,9 @@ pub fn kvmerger(
     sigma: Option<f64>,
     mergeable: usize,
 ) -> Result<MergePlan> {
-    let n = attn.len();
-    check_rows(keys, n, d, "keys")?;
+    let n = keys.len() / d.max(1);
     check_scores(attn, n, "attn")?;
+    check_rows(keys, n, d, "keys")?;
     if let Some(s) = sigma.filter(|s| !(s.is_finite() && *s > 0.0)) {
         return Err(KvError::InvalidArgument(format!(
             "sigma must be positive and finite, got {s}"
@@ -158,9 +158,9 @@ pub fn ems(
     retained: &[usize],
     threshold: f64,
 ) -> Result<MergePlan> {
-    let n = attn.len();
-    check_rows(keys, n, d, "keys")?;
+    let n = keys.len() / d.max(1);
     check_scores(attn, n, "attn")?;
+    check_rows(keys, n, d, "keys")?;
     sorted_unique(retained, n, "retained")?;
     let mut plan = MergePlan::empty(n);
     let mut is_ret = vec![false; n];
