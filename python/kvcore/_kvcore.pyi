@@ -393,7 +393,7 @@ class QuantLayout:
 def quantize(x: _FloatArray, layout: QuantLayout) -> NDArray[np.uint8]:
     """Quantizes blocks, with the GIL released.
 
-    Per group: ``zero = M(min)``, ``scale = M(max(max - zero, 0) / (2**bits - 1))`` where
+    Per group: ``zero = M(min) + 0``, ``scale = M(max(max - zero, 0) / (2**bits - 1)) + 0`` where
     ``M`` rounds to the metadata dtype (ties to even); ``code = 0`` if ``scale == 0`` else
     ``round_half_even(clip((x - zero) / scale, 0, 2**bits - 1))``, all in float32.
 

@@ -5,8 +5,8 @@
 //! the metadata dtype (ties to even) and `qmax = 2^bits - 1`:
 //!
 //! ```text
-//! zero  = M(lo)
-//! scale = M(max(hi - zero, 0) / qmax)                   # float32 subtract and divide
+//! zero  = M(lo) + 0                                     # + 0 maps -0 to +0
+//! scale = M(max(hi - zero, 0) / qmax) + 0               # float32 subtract and divide
 //! code  = 0                                    if scale == 0
 //!       = rne(clamp((x - zero) / scale, 0, qmax))  otherwise (float32 ops, rne = round half to even)
 //! x'    = code * scale + zero                           # two float32 ops, never fused
@@ -23,13 +23,34 @@ use crate::error::{KvError, Result};
 /// (the float32 spacing at 2^23 is exactly 1), without a libm call.
 const RNE_MAGIC: f32 = 8_388_608.0;
 
+/// The code of `v` for a group with a non-zero `scale` (callers handle `scale == 0`).
+/// `r + 2^23` has the integer `rne(r)` in its low mantissa bits, so the low byte of its bits
+/// is the code: no float-to-int conversion, and the loop vectorizes.
+#[inline(always)]
+fn code_nz(v: f32, zero: f32, scale: f32, qmax: f32) -> u8 {
+    let r = ((v - zero) / scale).clamp(0.0, qmax);
+    ((r + RNE_MAGIC).to_bits() & 0xff) as u8
+}
+
 #[inline(always)]
 fn code(v: f32, zero: f32, scale: f32, qmax: f32) -> u8 {
     if scale == 0.0 {
-        return 0;
+        0
+    } else {
+        code_nz(v, zero, scale, qmax)
     }
-    let r = ((v - zero) / scale).clamp(0.0, qmax);
-    ((r + RNE_MAGIC) - RNE_MAGIC) as u8
+}
+
+/// Codes of one contiguous group.
+#[inline(always)]
+fn codes_of(vals: &[f32], zero: f32, scale: f32, qmax: f32, out: &mut [u8]) {
+    if scale == 0.0 {
+        out.fill(0);
+    } else {
+        for (q, &v) in out.iter_mut().zip(vals) {
+            *q = code_nz(v, zero, scale, qmax);
+        }
+    }
 }
 
 /// Scale and zero point of a group, or a message saying why they do not exist.
@@ -40,7 +61,8 @@ fn group_meta(
     qmax: f32,
     meta: MetaDtype,
 ) -> std::result::Result<(f32, f32), String> {
-    let zero = meta.round(lo);
+    // `+ 0.0` turns -0.0 into +0.0: min/max may pick either zero, the stored bytes must not.
+    let zero = meta.round(lo) + 0.0;
     if !zero.is_finite() {
         return Err(format!(
             "a group minimum of {lo} does not fit the {} metadata",
@@ -51,7 +73,7 @@ fn group_meta(
     if !range.is_finite() {
         return Err(format!("a group range [{lo}, {hi}] overflows float32"));
     }
-    let scale = meta.round(range.max(0.0) / qmax);
+    let scale = meta.round(range.max(0.0) / qmax) + 0.0;
     if !scale.is_finite() {
         return Err(format!(
             "a group range [{lo}, {hi}] gives a scale that does not fit the {} metadata",
@@ -111,9 +133,8 @@ fn pack<const BITS: u32>(codes: &[u8], out: &mut [u8]) {
     }
 }
 
-fn quantize_block<T: Copy, const BITS: u32>(
-    x: &[T],
-    conv: impl Fn(T) -> f32 + Copy,
+fn quantize_block<const BITS: u32>(
+    x: &[f32],
     layout: &QuantLayout,
     block: usize,
     out: &mut [u8],
@@ -134,21 +155,18 @@ fn quantize_block<T: Copy, const BITS: u32>(
             for g in 0..layout.num_groups() {
                 let vals = &x[g * gs..(g + 1) * gs];
                 let (mut lo, mut hi, mut finite) = (f32::INFINITY, f32::NEG_INFINITY, true);
-                for &r in vals {
-                    let v = conv(r);
+                for &v in vals {
                     finite &= v.is_finite();
                     lo = lo.min(v);
                     hi = hi.max(v);
                 }
                 if !finite {
-                    let j = vals.iter().position(|&r| !conv(r).is_finite()).unwrap_or(0);
+                    let j = vals.iter().position(|v| !v.is_finite()).unwrap_or(0);
                     return Err(nonfinite_error(block, layout, g * gs + j));
                 }
                 let (scale, zero) =
                     group_meta(lo, hi, qmax, meta).map_err(|m| meta_error(block, m))?;
-                for (q, &r) in codes.iter_mut().zip(vals) {
-                    *q = code(conv(r), zero, scale, qmax);
-                }
+                codes_of(vals, zero, scale, qmax, codes);
                 pack::<BITS>(codes, &mut out[g * gbytes..(g + 1) * gbytes]);
                 put_meta(out, meta, so, g, scale);
                 put_meta(out, meta, zo, g, zero);
@@ -166,16 +184,15 @@ fn quantize_block<T: Copy, const BITS: u32>(
                 scratch.hi.fill(f32::NEG_INFINITY);
                 let mut finite = true;
                 for row in rows.chunks_exact(d) {
-                    for ((lo, hi), &r) in scratch.lo.iter_mut().zip(scratch.hi.iter_mut()).zip(row)
+                    for ((lo, hi), &v) in scratch.lo.iter_mut().zip(scratch.hi.iter_mut()).zip(row)
                     {
-                        let v = conv(r);
                         finite &= v.is_finite();
                         *lo = lo.min(v);
                         *hi = hi.max(v);
                     }
                 }
                 if !finite {
-                    let j = rows.iter().position(|&r| !conv(r).is_finite()).unwrap_or(0);
+                    let j = rows.iter().position(|v| !v.is_finite()).unwrap_or(0);
                     return Err(nonfinite_error(block, layout, tg * gs * d + j));
                 }
                 for c in 0..d {
@@ -188,8 +205,8 @@ fn quantize_block<T: Copy, const BITS: u32>(
                 }
                 // Codes transposed to group order: codes[c * gs + j] = code of x[tg*gs + j, c].
                 for (j, row) in rows.chunks_exact(d).enumerate() {
-                    for (c, &r) in row.iter().enumerate() {
-                        codes[c * gs + j] = code(conv(r), scratch.zero[c], scratch.scale[c], qmax);
+                    for (c, &v) in row.iter().enumerate() {
+                        codes[c * gs + j] = code(v, scratch.zero[c], scratch.scale[c], qmax);
                     }
                 }
                 let base = tg * d * gbytes;
@@ -203,30 +220,23 @@ fn quantize_block<T: Copy, const BITS: u32>(
 #[derive(Default)]
 struct Scratch {
     codes: Vec<u8>,
+    xf: Vec<f32>,
     lo: Vec<f32>,
     hi: Vec<f32>,
     scale: Vec<f32>,
     zero: Vec<f32>,
 }
 
-/// Quantizes `x.len() / layout.num_elements()` consecutive blocks of `x` (row-major
-/// `num_tokens x head_dim` each) into `out` (`layout.nbytes()` bytes per block).
-pub fn quantize_into<T: Copy>(
-    x: &[T],
-    conv: impl Fn(T) -> f32 + Copy,
-    layout: &QuantLayout,
-    out: &mut [u8],
-) -> Result<()> {
+fn check_sizes(len: usize, layout: &QuantLayout, out: &[u8]) -> Result<()> {
     let n = layout.num_elements();
-    if x.len() % n != 0 {
+    if len % n != 0 {
         return Err(KvError::InvalidArgument(format!(
-            "input has {} elements, not a multiple of the block's {} x {} = {n}",
-            x.len(),
+            "input has {len} elements, not a multiple of the block's {} x {} = {n}",
             layout.num_tokens(),
             layout.head_dim()
         )));
     }
-    let blocks = x.len() / n;
+    let blocks = len / n;
     if out.len() != blocks * layout.nbytes() {
         return Err(KvError::InvalidArgument(format!(
             "output has {} bytes, expected {blocks} blocks x {} bytes",
@@ -234,19 +244,86 @@ pub fn quantize_into<T: Copy>(
             layout.nbytes()
         )));
     }
+    Ok(())
+}
+
+fn run_block(
+    xb: &[f32],
+    layout: &QuantLayout,
+    b: usize,
+    ob: &mut [u8],
+    scratch: &mut Scratch,
+) -> Result<()> {
+    match layout.bits() {
+        2 => quantize_block::<2>(xb, layout, b, ob, scratch),
+        4 => quantize_block::<4>(xb, layout, b, ob, scratch),
+        _ => quantize_block::<8>(xb, layout, b, ob, scratch),
+    }
+}
+
+/// Quantizes `x.len() / layout.num_elements()` consecutive float32 blocks of `x` (row-major
+/// `num_tokens x head_dim` each) into `out` (`layout.nbytes()` bytes per block).
+pub fn quantize_f32_into(x: &[f32], layout: &QuantLayout, out: &mut [u8]) -> Result<()> {
+    check_sizes(x.len(), layout, out)?;
     let mut scratch = Scratch::default();
+    let n = layout.num_elements();
     for (b, (xb, ob)) in x
         .chunks_exact(n)
         .zip(out.chunks_exact_mut(layout.nbytes()))
         .enumerate()
     {
-        match layout.bits() {
-            2 => quantize_block::<T, 2>(xb, conv, layout, b, ob, &mut scratch)?,
-            4 => quantize_block::<T, 4>(xb, conv, layout, b, ob, &mut scratch)?,
-            _ => quantize_block::<T, 8>(xb, conv, layout, b, ob, &mut scratch)?,
-        }
+        run_block(xb, layout, b, ob, &mut scratch)?;
     }
     Ok(())
+}
+
+/// Like [`quantize_f32_into`] for any element type: each block is first widened to float32
+/// with `widen(block, buffer)` (which must resize `buffer` to the block's length).
+pub fn quantize_into_with<T: Copy>(
+    x: &[T],
+    widen: impl Fn(&[T], &mut Vec<f32>),
+    layout: &QuantLayout,
+    out: &mut [u8],
+) -> Result<()> {
+    check_sizes(x.len(), layout, out)?;
+    let mut scratch = Scratch::default();
+    let mut xf = std::mem::take(&mut scratch.xf);
+    let n = layout.num_elements();
+    for (b, (xb, ob)) in x
+        .chunks_exact(n)
+        .zip(out.chunks_exact_mut(layout.nbytes()))
+        .enumerate()
+    {
+        widen(xb, &mut xf);
+        run_block(&xf, layout, b, ob, &mut scratch)?;
+    }
+    Ok(())
+}
+
+/// Like [`quantize_f32_into`], widening every element with `conv`.
+pub fn quantize_into<T: Copy>(
+    x: &[T],
+    conv: impl Fn(T) -> f32 + Copy,
+    layout: &QuantLayout,
+    out: &mut [u8],
+) -> Result<()> {
+    quantize_into_with(
+        x,
+        |xb, buf| {
+            buf.clear();
+            buf.extend(xb.iter().map(|&r| conv(r)));
+        },
+        layout,
+        out,
+    )
+}
+
+/// Widens a block of float16 bits (vectorized by `half` where the CPU supports it).
+fn widen_f16(xb: &[u16], buf: &mut Vec<f32>) {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    buf.resize(xb.len(), 0.0);
+    let h: &[half::f16] = xb.reinterpret_cast();
+    h.convert_to_f32_slice(buf);
 }
 
 /// Widens IEEE binary16 bits to float32 (exact).
@@ -293,8 +370,8 @@ pub fn quantize(x: Input<'_>, layout: &QuantLayout) -> Result<Vec<u8>> {
     crate::error::try_reserve(&mut out, blocks * layout.nbytes(), "the quantized output")?;
     out.resize(blocks * layout.nbytes(), 0);
     match x {
-        Input::F32(v) => quantize_into(v, |a| a, layout, &mut out)?,
-        Input::F16(v) => quantize_into(v, f16_bits_to_f32, layout, &mut out)?,
+        Input::F32(v) => quantize_f32_into(v, layout, &mut out)?,
+        Input::F16(v) => quantize_into_with(v, widen_f16, layout, &mut out)?,
         Input::Bf16(v) => quantize_into(v, bf16_bits_to_f32, layout, &mut out)?,
     }
     Ok(out)
@@ -497,6 +574,15 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn negative_zero_is_stored_as_positive_zero() {
+        let l = lay(2, 4, GroupAxis::Channel, MetaDtype::F16, 1, 4);
+        for x in [[-0.0f32, 0.0, 0.0, 0.0], [0.0, -0.0, -0.0, -0.0]] {
+            let buf = quantize(Input::F32(&x), &l).unwrap();
+            assert_eq!(buf, vec![0u8; l.nbytes()]);
         }
     }
 

@@ -7,7 +7,7 @@
 //! it went through (plus metadata rounding); nothing else is lost. Promotion is refused: the
 //! precision that was rounded away cannot be restored.
 
-use super::codec::{dequantize_into, f16_bits_to_f32, quantize_into};
+use super::codec::{dequantize_into, f16_bits_to_f32, quantize_f32_into};
 use super::layout::{GroupAxis, MetaDtype, QuantLayout};
 use crate::error::{KvError, Result};
 
@@ -113,7 +113,7 @@ impl MixedPrecisionStore {
             }
             Some(l) => {
                 let mut out = vec![0u8; l.nbytes()];
-                quantize_into(row, |a| a, l, &mut out)?;
+                quantize_f32_into(row, l, &mut out)?;
                 Ok(out.into_boxed_slice())
             }
         }
