@@ -340,3 +340,31 @@ def test_minicache_matches_reference_and_error_is_bounded(record_property) -> No
 def test_exports() -> None:
     for name in ("MergePlan", "MergeBook", "kvmerger_plan", "ems_plan", "razor_plan", "cam_plan"):
         assert hasattr(kvcore, name)
+
+
+def test_plan_composes_with_allocator_compaction() -> None:
+    """A merge plan applied to K/V stored in allocator slots, then the allocator compacts the
+    table to ``kept_positions()``: the table reads back the merged rows in order, and the
+    MergeBook's mass follows the same moves."""
+    rng = np.random.default_rng(11)
+    n, d, bs = 50, 8, 4
+    alloc = kvcore.BlockAllocator(64, bs)
+    table = alloc.create_table()
+    slots, _ = alloc.append(table, n)
+    pool_k = np.zeros((64 * bs, d), np.float32)
+    pool_k[slots] = clustered_keys(rng, n, d)
+    attn = rng.random(n).astype(np.float32)
+    keys = pool_k[alloc.slot_mapping(table)]
+    plan = kvmerger_plan(keys, attn, 0.9)
+    merged = plan.apply(keys)
+    pool_k[alloc.slot_mapping(table)] = merged  # write the merged rows in place
+    book = MergeBook(n)
+    mass_before = book.mass.copy()
+    kept = book.apply(plan)
+    assert len(kept) < n
+    src, dst = alloc.compact(table, kept)
+    pool_k[dst] = pool_k[src]
+    got = pool_k[alloc.slot_mapping(table)]
+    np.testing.assert_array_equal(got, merged[kept])
+    assert book.num_slots == alloc.num_tokens(table)
+    assert book.total_mass == pytest.approx(mass_before.sum())
