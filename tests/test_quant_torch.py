@@ -83,6 +83,24 @@ def test_bit_identical_special(bits: int, axis: str, meta: str) -> None:
         both(x, layout)
 
 
+@given(cases(), st.sampled_from([1e-3, 1.0, 1e3]))
+def test_bfloat16_hypothesis(case: tuple[QuantLayout, np.ndarray], scale: float) -> None:
+    layout, x = case
+    xt = (torch.from_numpy(x.astype(np.float32)) * scale).to(torch.bfloat16)
+    if not bool(torch.isfinite(xt).all()):
+        return  # scaled past the bfloat16 range: covered by the non-finite error tests
+    bits = xt.view(torch.int16).numpy().view(np.uint16)
+    try:
+        kvcore.quantize(bits, layout)
+    except ValueError as e:
+        # metadata overflow (large values with float16 metadata): both references refuse
+        assert "does not fit the float16" in str(e)
+        with pytest.raises(ValueError, match="does not fit the float16"):
+            tq.quantize(xt, layout)
+        return
+    both(bits, layout, torch_x=xt)
+
+
 def test_bfloat16() -> None:
     layout = QuantLayout(4, 32, 4, 64)
     xt = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
