@@ -32,25 +32,53 @@ fn code_nz(v: f32, zero: f32, scale: f32, qmax: f32) -> u8 {
     ((r + RNE_MAGIC).to_bits() & 0xff) as u8
 }
 
-#[inline(always)]
-fn code(v: f32, zero: f32, scale: f32, qmax: f32) -> u8 {
-    if scale == 0.0 {
-        0
-    } else {
-        code_nz(v, zero, scale, qmax)
-    }
-}
-
-/// Codes of one contiguous group.
+/// Codes of one contiguous group. Eight independent lanes at a time, so the compiler can
+/// use vector instructions (the result is the same element by element).
 #[inline(always)]
 fn codes_of(vals: &[f32], zero: f32, scale: f32, qmax: f32, out: &mut [u8]) {
     if scale == 0.0 {
         out.fill(0);
-    } else {
-        for (q, &v) in out.iter_mut().zip(vals) {
-            *q = code_nz(v, zero, scale, qmax);
+        return;
+    }
+    let mut qs = out.chunks_exact_mut(8);
+    let mut vs = vals.chunks_exact(8);
+    for (q, v) in (&mut qs).zip(&mut vs) {
+        for k in 0..8 {
+            q[k] = code_nz(v[k], zero, scale, qmax);
         }
     }
+    for (q, &v) in qs.into_remainder().iter_mut().zip(vs.remainder()) {
+        *q = code_nz(v, zero, scale, qmax);
+    }
+}
+
+/// Minimum, maximum and finiteness of a group, in eight independent lanes. Exact: min and
+/// max do not depend on the order (a -0/+0 choice is erased by the `+ 0.0` on the metadata).
+#[inline(always)]
+fn min_max(vals: &[f32]) -> (f32, f32, bool) {
+    let mut lo = [f32::INFINITY; 8];
+    let mut hi = [f32::NEG_INFINITY; 8];
+    let mut bad = [false; 8];
+    let mut vs = vals.chunks_exact(8);
+    for v in &mut vs {
+        for k in 0..8 {
+            bad[k] |= !v[k].is_finite();
+            lo[k] = if v[k] < lo[k] { v[k] } else { lo[k] };
+            hi[k] = if v[k] > hi[k] { v[k] } else { hi[k] };
+        }
+    }
+    let (mut l, mut h, mut b) = (f32::INFINITY, f32::NEG_INFINITY, false);
+    for k in 0..8 {
+        l = l.min(lo[k]);
+        h = h.max(hi[k]);
+        b |= bad[k];
+    }
+    for &v in vs.remainder() {
+        b |= !v.is_finite();
+        l = l.min(v);
+        h = h.max(v);
+    }
+    (l, h, !b)
 }
 
 /// Scale and zero point of a group, or a message saying why they do not exist.
@@ -154,12 +182,7 @@ fn quantize_block<const BITS: u32>(
             codes.resize(gs, 0);
             for g in 0..layout.num_groups() {
                 let vals = &x[g * gs..(g + 1) * gs];
-                let (mut lo, mut hi, mut finite) = (f32::INFINITY, f32::NEG_INFINITY, true);
-                for &v in vals {
-                    finite &= v.is_finite();
-                    lo = lo.min(v);
-                    hi = hi.max(v);
-                }
+                let (lo, hi, finite) = min_max(vals);
                 if !finite {
                     let j = vals.iter().position(|v| !v.is_finite()).unwrap_or(0);
                     return Err(nonfinite_error(block, layout, g * gs + j));
@@ -187,8 +210,10 @@ fn quantize_block<const BITS: u32>(
                     for ((lo, hi), &v) in scratch.lo.iter_mut().zip(scratch.hi.iter_mut()).zip(row)
                     {
                         finite &= v.is_finite();
-                        *lo = lo.min(v);
-                        *hi = hi.max(v);
+                        // compare-select (not f32::min) so the loop vectorizes; NaN is
+                        // reported through `finite` anyway
+                        *lo = if v < *lo { v } else { *lo };
+                        *hi = if v > *hi { v } else { *hi };
                     }
                 }
                 if !finite {
@@ -206,7 +231,12 @@ fn quantize_block<const BITS: u32>(
                 // Codes transposed to group order: codes[c * gs + j] = code of x[tg*gs + j, c].
                 for (j, row) in rows.chunks_exact(d).enumerate() {
                     for (c, &v) in row.iter().enumerate() {
-                        codes[c * gs + j] = code(v, scratch.zero[c], scratch.scale[c], qmax);
+                        let sc = scratch.scale[c];
+                        codes[c * gs + j] = if sc == 0.0 {
+                            0
+                        } else {
+                            code_nz(v, scratch.zero[c], sc, qmax)
+                        };
                     }
                 }
                 let base = tg * d * gbytes;
