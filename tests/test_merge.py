@@ -368,3 +368,14 @@ def test_plan_composes_with_allocator_compaction() -> None:
     np.testing.assert_array_equal(got, merged[kept])
     assert book.num_slots == alloc.num_tokens(table)
     assert book.total_mass == pytest.approx(mass_before.sum())
+
+
+def test_huge_sizes_are_errors_not_aborts() -> None:
+    with pytest.raises(ValueError, match="too large"):
+        MergeBook(2**62)
+    with pytest.raises(ValueError, match="too large"):
+        razor_plan(2**62, sink=4, local_capacity=256)
+    with pytest.raises(ValueError, match="too large"):
+        MergeBook(3).extend(2**62)
+    with pytest.raises(ValueError, match="overflow a byte count"):
+        kvcore.kivi_nbytes(2**62, 2**20)

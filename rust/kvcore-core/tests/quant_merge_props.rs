@@ -123,7 +123,7 @@ proptest! {
             let keep: Vec<usize> = (0..kept.len()).filter(|i| i % 5 != 4).collect();
             book.compact(&keep).unwrap();
             prop_assert!((book.total_mass() + book.evicted_mass() - total).abs() < 1e-9 * total);
-            book.extend(7);
+            book.extend(7).unwrap();
             total += 7.0;
             n = book.mass().len();
         }

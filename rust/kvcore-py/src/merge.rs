@@ -174,9 +174,11 @@ impl PyMergeBook {
 #[pymethods]
 impl PyMergeBook {
     #[new]
-    fn new(num_slots: &Bound<'_, PyAny>) -> PyResult<Self> {
+    fn new(py: Python<'_>, num_slots: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let n = convert::count(num_slots, "num_slots")?;
+        let book = MergeBook::try_new(n).map_err(|e| errors::to_py(py, e))?;
         Ok(PyMergeBook {
-            inner: Mutex::new(MergeBook::new(convert::count(num_slots, "num_slots")?)),
+            inner: Mutex::new(book),
         })
     }
     fn apply<'py>(
@@ -193,10 +195,7 @@ impl PyMergeBook {
     }
     fn extend(&self, py: Python<'_>, n: &Bound<'_, PyAny>) -> PyResult<()> {
         let n = convert::count(n, "n")?;
-        self.with(py, |b| {
-            b.extend(n);
-            Ok(())
-        })
+        self.with(py, |b| b.extend(n))
     }
     #[getter]
     fn mass<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<f64>>> {

@@ -86,7 +86,7 @@ fn readonly<'py, T: numpy::Element>(
     })
 }
 
-/// A float array as (kind, readonly f32 or u16 view). Kind: 0 = f32, 1 = f16, 2 = bf16 bits.
+/// A float input array, borrowed read-only: float32, float16 (as its bits) or bfloat16 bits.
 enum FloatArr<'py> {
     F32(numpy::PyReadonlyArrayDyn<'py, f32>),
     F16(numpy::PyReadonlyArrayDyn<'py, u16>),

@@ -159,9 +159,23 @@ impl MergeBook {
         }
     }
 
-    /// Appends `n` new unmerged slots.
-    pub fn extend(&mut self, n: usize) {
+    /// Like [`MergeBook::new`], with an error instead of an abort when `num_slots` is too
+    /// large to allocate (sizes coming from a caller).
+    pub fn try_new(num_slots: usize) -> Result<Self> {
+        let mut mass = Vec::new();
+        crate::error::try_reserve(&mut mass, num_slots, "num_slots")?;
+        mass.resize(num_slots, 1.0);
+        Ok(MergeBook {
+            mass,
+            evicted_mass: 0.0,
+        })
+    }
+
+    /// Appends `n` new unmerged slots; an error (nothing changed) if they cannot be allocated.
+    pub fn extend(&mut self, n: usize) -> Result<()> {
+        crate::error::try_reserve(&mut self.mass, n, "n")?;
         self.mass.extend(std::iter::repeat_n(1.0, n));
+        Ok(())
     }
 
     /// Mass of every slot.

@@ -223,6 +223,10 @@ pub fn razor(n: usize, sink: usize, local_capacity: usize) -> Result<MergePlan> 
     }
     let end = n - (local_capacity - sink - 1);
     let w = 1.0 / (end - sink) as f64;
+    for v in [&mut plan.src, &mut plan.dst] {
+        crate::error::try_reserve(v, end - sink, "num_tokens")?;
+    }
+    crate::error::try_reserve(&mut plan.weight, end - sink, "num_tokens")?;
     for j in sink..end {
         plan.src.push(j);
         plan.dst.push(sink);

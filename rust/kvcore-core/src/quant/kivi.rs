@@ -56,10 +56,18 @@ pub fn kivi_nbytes(
     let (kl, vl) = layouts(head_dim, bits, group_size, residual, meta)?;
     let kq = num_tokens / residual;
     let vq = num_tokens.saturating_sub(residual);
-    Ok(kq * kl.nbytes()
-        + (num_tokens - kq * residual) * head_dim * FP_BYTES
-        + vq * vl.nbytes()
-        + (num_tokens - vq) * head_dim * FP_BYTES)
+    let fp = |tokens: usize| tokens.checked_mul(head_dim)?.checked_mul(FP_BYTES);
+    let total = (|| {
+        kq.checked_mul(kl.nbytes())?
+            .checked_add(fp(num_tokens - kq * residual)?)?
+            .checked_add(vq.checked_mul(vl.nbytes())?)?
+            .checked_add(fp(num_tokens - vq)?)
+    })();
+    total.ok_or_else(|| {
+        KvError::InvalidArgument(format!(
+            "{num_tokens} tokens of head_dim {head_dim} overflow a byte count"
+        ))
+    })
 }
 
 /// A growing KIVI cache for one (layer, kv-head).
