@@ -52,3 +52,29 @@ def test_minicache_matches_rust() -> None:
         )
     with pytest.raises(ValueError, match="which must be 0"):
         tm.minicache_restore(ref, 3)
+
+
+def test_log_count_bias_makes_a_merged_slot_weigh_like_its_tokens() -> None:
+    """Razor's compensation token with the bias equals attention over N_d copies of it."""
+    rng = np.random.default_rng(2)
+    n, d = 40, 16
+    k = rng.standard_normal((n, d)).astype(np.float32)
+    v = rng.standard_normal((n, d)).astype(np.float32)
+    q = torch.from_numpy(rng.standard_normal((3, d)).astype(np.float32))
+    plan = kvcore.razor_plan(n, sink=2, local_capacity=10)
+    book = kvcore.MergeBook(n)
+    kept = book.apply(plan)
+    k2, v2 = plan.apply(k)[kept], plan.apply(v)[kept]
+    bias = torch.from_numpy(book.log_count_bias())
+    got = tm.attention_with_bias(q, torch.from_numpy(k2), torch.from_numpy(v2), bias)
+    m = int(round(float(book.mass[2])))  # the compensation token sits after the 2 sinks
+    assert m == n - (10 - 2 - 1) - 2
+    reps = np.ones(len(kept), dtype=np.int64)
+    reps[2] = m
+    k_rep = torch.from_numpy(np.repeat(k2, reps, axis=0))
+    v_rep = torch.from_numpy(np.repeat(v2, reps, axis=0))
+    want = tm.attention_with_bias(q, k_rep, v_rep, None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # without the bias the merged slot is under-weighted: the outputs differ
+    plain = tm.attention_with_bias(q, torch.from_numpy(k2), torch.from_numpy(v2), None)
+    assert not torch.allclose(plain, want, atol=1e-3)

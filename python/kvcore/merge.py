@@ -17,7 +17,13 @@ import torch
 
 from kvcore._kvcore import MergePlan
 
-__all__ = ["MiniCacheTorchPair", "apply_plan", "minicache_merge", "minicache_restore"]
+__all__ = [
+    "MiniCacheTorchPair",
+    "apply_plan",
+    "attention_with_bias",
+    "minicache_merge",
+    "minicache_restore",
+]
 
 
 def apply_plan(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
@@ -43,6 +49,26 @@ def apply_plan(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
         out[torch.unique(dst)] = 0
         out.index_add_(0, dst, x[src].to(torch.float32) * w.unsqueeze(1))
     return out.to(x.dtype)
+
+
+def attention_with_bias(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_count_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Reference attention over a merged cache: ``softmax(q k^T / sqrt(d) + bias) v``.
+
+    With ``bias = MergeBook.log_count_bias()``, a slot that stands for ``m`` tokens gets
+    ``m`` times the weight of one token, exactly as ``m`` copies of it would.
+
+    Args:
+        q: ``(num_queries, d)``; k, v: ``(num_slots, d)``; log_count_bias: ``(num_slots,)``.
+
+    Returns:
+        ``(num_queries, d)`` float32.
+    """
+    logits = (q.float() @ k.float().T) / math.sqrt(q.shape[-1])
+    if log_count_bias is not None:
+        logits = logits + log_count_bias.float().unsqueeze(0)
+    return torch.softmax(logits, dim=-1) @ v.float()
 
 
 class MiniCacheTorchPair(NamedTuple):
