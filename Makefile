@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	$(PY) -m pip install -q "maturin>=1.9.4,<2" "numpy>=1.24" "pytest>=8" "hypothesis>=6.100" "mypy>=1.10" "ruff==0.17.6" "matplotlib>=3.8"
+	# torch: the reference of kvcore.quant, imported by tests/test_quant_torch.py and bench_quant.py
+	$(PY) -m pip install -q "torch>=2.4"
 	touch $@
 
 .PHONY: setup
@@ -62,6 +64,10 @@ bench: wheel ## Run the allocator benchmark (release build) and write bench/resu
 .PHONY: bench-select
 bench-select: dev ## Run the selection benchmark (release build) and write bench/results/select.json
 	$(PY) bench/bench_select.py
+
+.PHONY: bench-quant
+bench-quant: setup ## Quantization throughput, Rust vs torch (build with `make dev` first)
+	$(PY) bench/bench_quant.py
 
 .PHONY: clean
 clean: ## Remove build outputs

@@ -124,3 +124,46 @@ def test_threads_sharing_one_allocator_stay_consistent() -> None:
     assert a.num_tables == len(expected)
     for t, vals in expected.items():
         assert mem[a.slot_mapping(t)].tolist() == vals
+
+
+def test_quantize_releases_the_gil() -> None:
+    """Same check for the quantization codec: Python keeps running inside quantize and
+    dequantize calls, and threads quantizing concurrently get the single-thread bytes."""
+    from kvcore import QuantLayout, dequantize, quantize
+
+    layout = QuantLayout(2, 32, 32, 128)
+    x = np.random.default_rng(0).standard_normal((512, 32, 128)).astype(np.float32)
+    want = quantize(x, layout)
+    ticks: list[float] = []
+    windows: list[tuple[float, float]] = []
+    stop = threading.Event()
+    started = threading.Event()
+
+    def count() -> None:
+        started.set()
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+
+    t = threading.Thread(target=count)
+    t.start()
+    started.wait()
+    for _ in range(3):
+        t0 = time.perf_counter()
+        got = quantize(x, layout)
+        dequantize(got, layout)
+        windows.append((t0, time.perf_counter()))
+        assert np.array_equal(got, want)
+    stop.set()
+    t.join()
+    inside = sum(1 for v in ticks if any(s < v < e for s, e in windows))
+    assert inside > 0, "no Python code ran while quantize worked: the GIL was held"
+
+    results: list[np.ndarray] = []
+    workers = [
+        threading.Thread(target=lambda: results.append(quantize(x[:128], layout))) for _ in range(4)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(results) == 4 and all(np.array_equal(r, want[:128]) for r in results)

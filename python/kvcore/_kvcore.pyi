@@ -24,9 +24,25 @@ _F32: TypeAlias = NDArray[np.float32]
 _Weights: TypeAlias = NDArray[np.float64] | NDArray[np.float32]
 _Csr: TypeAlias = tuple[NDArray[np.int64], NDArray[np.int64]]
 _Spans: TypeAlias = Sequence[tuple[int, int]]
+_FloatArray: TypeAlias = NDArray[np.float32] | NDArray[np.float16] | NDArray[np.uint16]
 
 __all__ = [
     "BlockAllocator",
+    "KiviCache",
+    "MergeBook",
+    "MergePlan",
+    "MiniCachePair",
+    "MixedPrecisionStore",
+    "QuantLayout",
+    "cam_plan",
+    "dequantize",
+    "ems_plan",
+    "kivi_nbytes",
+    "kvmerger_plan",
+    "minicache_layer_pairs",
+    "minicache_merge",
+    "quantize",
+    "razor_plan",
     "InvalidPositionsError",
     "InvariantError",
     "KVCoreError",
@@ -543,3 +559,363 @@ class ScoreState:
         """``(indptr, values)``: every row's scores, concatenated."""
     def row(self, row: int) -> NDArray[np.float32]:
         """A copy of row ``row``'s scores."""
+
+# ---------------------------------------------------------------------------------------------
+# Quantized storage (kvcore_core::quant). The bit-exact format is in docs/layouts.md.
+
+@final
+class QuantLayout:
+    """The low-precision format of one block of ``num_tokens x head_dim`` values.
+
+    Asymmetric quantization with one scale and one zero point per group of ``group_size``
+    elements. A block is one byte buffer: packed codes at offset 0 (code ``i`` in byte
+    ``i * bits // 8``, least significant bits first), zero padding up to ``scales_offset``
+    (a multiple of the metadata size), ``num_groups`` scales, then ``num_groups`` zero points
+    at ``zeros_offset``, little-endian. ``nbytes`` is the exact size, metadata included.
+
+    Args:
+        bits: 2, 4 or 8.
+        group_size: elements per group; must divide the grouped dimension and fill whole bytes
+            (a multiple of 4 at 2 bits, of 2 at 4 bits).
+        num_tokens: tokens per block.
+        head_dim: channels per token.
+        axis: ``"channel"``: groups of consecutive channels inside a token (per-token
+            quantization, KIVI values); ``"token"``: groups of consecutive tokens inside a
+            channel (per-channel quantization, KIVI keys).
+        meta_dtype: ``"float16"`` or ``"float32"`` scale and zero point.
+
+    Raises:
+        ValueError: a bad layout, e.g. a group size that does not divide the dimension.
+        TypeError: a size that is not an int.
+    """
+
+    def __new__(
+        cls,
+        bits: int,
+        group_size: int,
+        num_tokens: int,
+        head_dim: int,
+        axis: str = "channel",
+        meta_dtype: str = "float16",
+    ) -> QuantLayout: ...
+    @property
+    def bits(self) -> int:
+        """Bits per code."""
+    @property
+    def group_size(self) -> int:
+        """Elements per group."""
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per block."""
+    @property
+    def head_dim(self) -> int:
+        """Channels per token."""
+    @property
+    def axis(self) -> str:
+        """``"channel"`` or ``"token"``."""
+    @property
+    def meta_dtype(self) -> str:
+        """``"float16"`` or ``"float32"``."""
+    @property
+    def num_groups(self) -> int:
+        """Groups per block: ``num_tokens * head_dim // group_size``."""
+    @property
+    def codes_bytes(self) -> int:
+        """Bytes of packed codes: ``num_tokens * head_dim * bits // 8``."""
+    @property
+    def scales_offset(self) -> int:
+        """Byte offset of the scales."""
+    @property
+    def zeros_offset(self) -> int:
+        """Byte offset of the zero points."""
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes of one block, metadata and padding included."""
+    def __eq__(self, value: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+
+def quantize(x: _FloatArray, layout: QuantLayout) -> NDArray[np.uint8]:
+    """Quantizes blocks, with the GIL released.
+
+    Per group: ``zero = M(min) + 0``, ``scale = M(max(max - zero, 0) / (2**bits - 1)) + 0`` where
+    ``M`` rounds to the metadata dtype (ties to even); ``code = 0`` if ``scale == 0`` else
+    ``round_half_even(clip((x - zero) / scale, 0, 2**bits - 1))``, all in float32.
+
+    Args:
+        x: ``(..., num_tokens, head_dim)`` float32, float16, or uint16 holding bfloat16 bits.
+
+    Returns:
+        ``(..., layout.nbytes)`` uint8, one block per leading index.
+
+    Raises:
+        ValueError: a NaN or infinite value, a group whose scale or zero point does not fit
+            the metadata dtype, or a shape that does not end in ``(num_tokens, head_dim)``.
+        TypeError: ``x`` is not a numpy array of a supported dtype.
+    """
+
+def dequantize(blocks: NDArray[np.uint8], layout: QuantLayout) -> NDArray[np.float32]:
+    """Dequantizes blocks (``code * scale + zero`` in float32), with the GIL released.
+
+    Args:
+        blocks: ``(..., layout.nbytes)`` uint8, as returned by :func:`quantize`.
+
+    Returns:
+        ``(..., num_tokens, head_dim)`` float32.
+    """
+
+def kivi_nbytes(
+    num_tokens: int,
+    head_dim: int,
+    bits: int = 2,
+    group_size: int = 32,
+    residual: int = 32,
+    meta_dtype: str = "float16",
+) -> int:
+    """Exact bytes a :class:`KiviCache` of one head holds after ``num_tokens`` tokens:
+    ``num_tokens // residual`` key blocks and ``max(num_tokens - residual, 0)`` value tokens
+    quantized (metadata included), the rest as float16."""
+
+@final
+class KiviCache:
+    """KIVI storage for one (layer, kv-head).
+
+    Keys are quantized per channel (groups of ``group_size`` tokens, a whole block of
+    ``residual`` tokens at a time, when the float16 key tail reaches ``residual`` tokens);
+    values per token (groups of ``group_size`` channels), one token at a time, when the
+    float16 FIFO of the last ``residual`` values overflows. Appended values are rounded to
+    float16 first. Defaults from KIVI's ``example.py``: 2 bits, group 32, residual 32.
+
+    Raises:
+        ValueError: ``residual`` not a positive multiple of ``group_size``, or a bad layout.
+    """
+
+    def __new__(
+        cls,
+        head_dim: int,
+        bits: int = 2,
+        group_size: int = 32,
+        residual: int = 32,
+        meta_dtype: str = "float16",
+    ) -> KiviCache: ...
+    def append(self, keys: NDArray[np.float32], values: NDArray[np.float32]) -> None:
+        """Appends tokens; ``keys`` and ``values`` are ``(n, head_dim)`` float32. On error
+        (NaN/inf, a value beyond float16) nothing is appended."""
+    def keys(self) -> NDArray[np.float32]:
+        """All keys, dequantized: ``(num_tokens, head_dim)`` float32."""
+    def values(self) -> NDArray[np.float32]:
+        """All values, dequantized: ``(num_tokens, head_dim)`` float32."""
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes held (quantized blocks with metadata plus the float16 windows)."""
+    @property
+    def num_tokens(self) -> int:
+        """Tokens appended."""
+    @property
+    def num_quantized_keys(self) -> int:
+        """Keys held quantized (a multiple of ``residual``)."""
+    @property
+    def num_quantized_values(self) -> int:
+        """Values held quantized."""
+    @property
+    def key_layout(self) -> QuantLayout:
+        """Layout of one key block: ``(residual, head_dim)``, axis ``"token"``."""
+    @property
+    def value_layout(self) -> QuantLayout:
+        """Layout of one value token: ``(1, head_dim)``, axis ``"channel"``."""
+
+@final
+class MixedPrecisionStore:
+    """MiKV-style mixed precision for one (layer, kv-head): each token is held in a tier
+    (``"float16"``, ``"int8"``, ``"int4"``, ``"int2"``; per-token groups of ``group_size``
+    channels) and can be demoted later instead of being evicted. A demotion re-quantizes the
+    current reconstruction, so the error is at most the sum of the half-scales of the tiers
+    the token went through, plus metadata rounding.
+    """
+
+    def __new__(
+        cls, head_dim: int, group_size: int = 32, meta_dtype: str = "float16"
+    ) -> MixedPrecisionStore: ...
+    def append(self, x: NDArray[np.float32], tier: str) -> None:
+        """Appends ``(n, head_dim)`` float32 tokens in ``tier``."""
+    def demote(self, positions: _IdArray, tier: str) -> None:
+        """Moves the tokens at ``positions`` to the less precise ``tier``.
+
+        Raises:
+            ValueError: a position out of range or a promotion (nothing changes then).
+        """
+    def read(self) -> NDArray[np.float32]:
+        """Every token reconstructed: ``(num_tokens, head_dim)`` float32."""
+    def tiers(self) -> list[str]:
+        """The tier of every token."""
+    def token_nbytes(self, tier: str) -> int:
+        """Bytes one token takes in ``tier``, metadata included."""
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes held by the token data."""
+    @property
+    def num_tokens(self) -> int:
+        """Tokens held."""
+
+# ---------------------------------------------------------------------------------------------
+# Merge bookkeeping (kvcore_core::merge). Inputs are host arrays for one (layer, kv-head).
+
+@final
+class MergePlan:
+    """A merge plan over the ``num_slots`` slots of one (layer, kv-head) stream.
+
+    Entries ``(src[i], dst[i], weight[i])``: applying the plan sets
+    ``x'[d] = sum(weight[i] * x[src[i]] for entries with dst[i] == d)`` for every destination
+    ``d``; other slots keep their rows. A slot that is a source but never a destination, or is
+    listed in ``evicted`` (the zero class), is removed: ``kept_positions()`` lists the
+    survivors in order, ready for the allocator's order-preserving compaction.
+
+    Raises:
+        ValueError: mismatched lengths, a slot out of range, a negative or non-finite weight,
+            or a slot that is both evicted and a destination.
+    """
+
+    def __new__(
+        cls,
+        num_slots: int,
+        src: _IdArray,
+        dst: _IdArray,
+        weight: NDArray[np.float32],
+        evicted: _IdArray | None = None,
+    ) -> MergePlan: ...
+    @property
+    def num_slots(self) -> int:
+        """Slots the plan is over."""
+    @property
+    def src(self) -> NDArray[np.int64]:
+        """Source slot of each entry."""
+    @property
+    def dst(self) -> NDArray[np.int64]:
+        """Destination slot of each entry."""
+    @property
+    def weight(self) -> NDArray[np.float32]:
+        """Coefficient of each entry."""
+    @property
+    def evicted(self) -> NDArray[np.int64]:
+        """Slots dropped without merging (zero class), increasing."""
+    def kept_positions(self) -> NDArray[np.int64]:
+        """Surviving slots, increasing."""
+    def apply(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        """Applies the plan to ``(num_slots, dim)`` float32 rows (float32 sums in entry order);
+        returns new ``(num_slots, dim)`` rows. Compact them with ``kept_positions()``."""
+    def __len__(self) -> int:
+        """Number of entries."""
+
+@final
+class MergeBook:
+    """Per-slot mass (original tokens a slot stands for; 1 at first) of one stream, kept in
+    step with merge plans and compaction. A removed slot hands its mass to its destinations in
+    proportion to the entry weights; an evicted slot's mass goes to ``evicted_mass``, so
+    ``total_mass + evicted_mass`` never changes."""
+
+    def __new__(cls, num_slots: int) -> MergeBook: ...
+    def apply(self, plan: MergePlan) -> NDArray[np.int64]:
+        """Moves mass as ``plan`` moves rows and compacts; returns the kept positions."""
+    def compact(self, positions: _IdArray) -> None:
+        """Keeps only ``positions`` (strictly increasing); the rest counts as evicted.
+
+        Raises:
+            InvalidPositionsError: unsorted, duplicated or out-of-range positions.
+        """
+    def extend(self, n: int) -> None:
+        """Appends ``n`` new slots of mass 1."""
+    @property
+    def mass(self) -> NDArray[np.float64]:
+        """Mass of every slot."""
+    @property
+    def evicted_mass(self) -> float:
+        """Mass that left through evictions."""
+    @property
+    def total_mass(self) -> float:
+        """Sum of the slots' mass."""
+    @property
+    def num_slots(self) -> int:
+        """Slots."""
+    def log_count_bias(self) -> NDArray[np.float32]:
+        """``ln(mass)`` per slot, float32: added to a slot's attention logit, a merged slot
+        weighs as much as the tokens it replaced (RazorAttention's ``N_d`` weighting)."""
+
+def kvmerger_plan(
+    keys: NDArray[np.float32],
+    attn: NDArray[np.float32],
+    eps: float,
+    sigma: float | None = None,
+    mergeable: int | None = None,
+) -> MergePlan:
+    """KVMerger: maximal runs of consecutive tokens (below ``mergeable``) whose adjacent keys
+    have cosine >= ``eps`` merge into their pivot, the most attended token (first on ties),
+    with Gaussian weights ``exp(-|k_p - k_i|^2 / (2 sigma^2))`` normalised to 1.
+
+    Args:
+        keys: ``(num_tokens, head_dim)`` float32.
+        attn: ``(num_tokens,)`` float32 accumulated attention, non-negative.
+        eps: cosine threshold.
+        sigma: kernel width; None uses the RMS distance of the set to its pivot
+            (**unverified** default).
+        mergeable: tokens from this index on are never merged (the recent window).
+    """
+
+def ems_plan(
+    keys: NDArray[np.float32], attn: NDArray[np.float32], retained: _IdArray, threshold: float
+) -> MergePlan:
+    """EMS evict-then-merge: every token outside ``retained`` (increasing positions) merges
+    into the retained token with the most similar key (cosine) if it is >= ``threshold``,
+    else it is evicted (zero class). A center becomes the attention-weighted mean of itself
+    and its members. **Unverified** weighting and threshold rule (no official code)."""
+
+def razor_plan(num_tokens: int, sink: int = 4, local_capacity: int = 256) -> MergePlan:
+    """RazorAttention compensation token for one non-retrieval head: keep ``sink`` tokens and
+    the last ``local_capacity - sink - 1``; the tokens between become their plain mean (keys
+    and values alike) in the slot of the first of them. Empty while
+    ``num_tokens <= local_capacity``. Defaults from golden-stick ``RAConfig``. Retrieval heads
+    keep everything: do not call this for them."""
+
+def cam_plan(
+    attn: NDArray[np.float32], evicted: _IdArray, draws: NDArray[np.float32], window: int
+) -> MergePlan:
+    """CaM (one-shot form, **unverified** simplification of the sliding port): evicted token
+    ``e`` is merged with probability ``clip(attn[e] / max(attn[kept]), 0, 1)`` (merged when
+    ``draws[i] < p``) into the next ``window`` kept tokens, each adding ``V[e] / r``. Apply
+    the plan to values only; keys are just compacted with ``kept_positions()``."""
+
+@final
+class MiniCachePair:
+    """One merged pair of adjacent layers of one kv-head (see :func:`minicache_merge`)."""
+
+    @property
+    def direction(self) -> NDArray[np.float32]:
+        """Shared unit directions, ``(num_tokens, head_dim)``."""
+    @property
+    def mag_a(self) -> NDArray[np.float32]:
+        """Per-token norms of layer a."""
+    @property
+    def mag_b(self) -> NDArray[np.float32]:
+        """Per-token norms of layer b."""
+    @property
+    def angle(self) -> NDArray[np.float32]:
+        """Angle between the two layers' directions, per token (radians)."""
+    @property
+    def retained(self) -> NDArray[np.int64]:
+        """Tokens kept verbatim (the largest angles), increasing."""
+    @property
+    def num_stored_elements(self) -> int:
+        """Elements stored instead of ``2 * num_tokens * head_dim``."""
+    def restore(self, which: int) -> NDArray[np.float32]:
+        """Layer a (``which=0``) or b (``1``): ``direction * magnitude``, then the retained
+        rows verbatim. Error per non-retained token <= ``mag * t * angle`` (a) or
+        ``mag * (1 - t) * angle`` (b)."""
+
+def minicache_merge(
+    a: NDArray[np.float32], b: NDArray[np.float32], t: float = 0.6, retention_ratio: float = 0.05
+) -> MiniCachePair:
+    """MiniCache: SLERP (``t`` towards ``b``) of the per-token directions of layers ``a``
+    (l-1) and ``b`` (l), both ``(num_tokens, head_dim)`` float32, keeping each layer's norms
+    and the ``ceil(retention_ratio * num_tokens)`` most distinct tokens verbatim."""
+
+def minicache_layer_pairs(num_layers: int, start: int | None = None) -> list[tuple[int, int]]:
+    """Adjacent pairs ``(l, l+1)`` from ``start`` (default ``num_layers // 2``, the deeper
+    half; **unverified**) in steps of 2."""

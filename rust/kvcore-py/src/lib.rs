@@ -7,6 +7,8 @@
 mod allocator;
 mod convert;
 mod errors;
+mod merge;
+mod quant;
 mod select;
 
 use pyo3::prelude::*;
@@ -25,5 +27,7 @@ fn _kvcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_class::<allocator::PyBlockAllocator>()?;
     select::register(m)?;
+    quant::register(m)?;
+    merge::register(m)?;
     Ok(())
 }
