@@ -277,3 +277,19 @@ def test_import_without_torch_is_lazy():
         "assert kvcore.BlockAllocator(4, 2).capacity == 3"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_page_tables_are_exported_from_the_same_pools():
+    c = KVCache(1, H, D, block_size=BS, capacity=16, policy=get("knorm", torch.tensor([[3, 6]])))
+    k = kv(1, 9)
+    c.update(0, k, k)
+    indptr, indices, last = c.page_table(0, "flashinfer")
+    assert indptr.tolist() == [0, 1, 3] and last.tolist() == [3, 2]
+    block_table, _, seq_lens = c.page_table(0, "vllm")
+    assert seq_lens.tolist() == [3, 6]
+    # head 1's pages hold its kept keys in position order
+    pages = c.k_pool[torch.from_numpy(indices[1:3].astype("int64"))].reshape(-1, D)[:6]
+    kept = torch.sort(torch.topk(-k[0, 1].norm(dim=-1), 6).indices).values
+    assert torch.equal(pages, k[0, 1, kept])
+    with pytest.raises(ValueError, match="layout must be 'flashinfer' or 'vllm'"):
+        c.page_table(0, "paged")

@@ -300,6 +300,28 @@ class KVCache:
         lens = self.lengths[:, layer_idx]
         return bool(lens.min() != lens.max()) or self._seen_padding(layer_idx)
 
+    def page_table(
+        self, layer_idx: int, layout: str = "flashinfer"
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The layer's page table for a serving kernel, one row per stream ``b * H + h``.
+
+        Args:
+            layout: ``"flashinfer"`` -> ``(indptr, indices, last_page_len)`` int32;
+                ``"vllm"`` -> ``(block_table, slot_mapping, seq_lens)`` (see
+                ``BlockAllocator.flashinfer_layout`` / ``vllm_layout``). Block ids index
+                ``k_pool`` / ``v_pool`` ``(num_blocks, block_size, head_dim)``.
+        """
+        self._check_layer(layer_idx)
+        self.flush()
+        if self.allocator is None:
+            raise ValueError("the cache holds nothing yet: call update first")
+        tables = np.ascontiguousarray(self.tables[:, layer_idx].reshape(-1))
+        if layout == "flashinfer":
+            return self.allocator.flashinfer_layout(tables)
+        if layout == "vllm":
+            return self.allocator.vllm_layout(tables)
+        raise ValueError(f"layout must be 'flashinfer' or 'vllm', got {layout!r}")
+
     # ------------------------------------------------------------------ checks
 
     def _check_layer(self, layer_idx: int) -> None:
