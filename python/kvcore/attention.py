@@ -90,15 +90,18 @@ def paged_attention(
         if bias is not None:
             bias = torch.cat([bias, bias.new_zeros(b_sz, h, 1, q_len)], dim=3)
 
-    # GQA: query head j reads kv head j // group.
-    keys = keys.repeat_interleave(group, dim=1)
-    values = values.repeat_interleave(group, dim=1)
+    # GQA: query head j reads kv head j // group. float32 for a precise reference.
+    keys = keys.repeat_interleave(group, dim=1).float()
+    values = values.repeat_interleave(group, dim=1).float()
     mask = mask.repeat_interleave(group, dim=1)
-    logits = torch.matmul(query.float(), keys.float().transpose(2, 3)) * scale
     if bias is not None:
-        logits = logits + bias.repeat_interleave(group, dim=1)
-    logits = logits.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key
-    out = torch.matmul(probs, values.float()).to(query.dtype)
+        attn_mask = bias.repeat_interleave(group, dim=1).expand_as(mask)
+        attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
+    else:
+        attn_mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), keys, values, attn_mask=attn_mask, scale=scale
+    )
+    out = torch.nan_to_num(out, nan=0.0).to(query.dtype)  # rows with no visible key
     return out.transpose(1, 2).contiguous()

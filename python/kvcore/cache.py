@@ -500,8 +500,10 @@ class KVCache:
         tables = self.tables[:, layer_idx].reshape(-1)
         prev = st["prev_lengths"]
         assert isinstance(prev, torch.Tensor)
+        # Only the prefix's pages: the step's own tokens are passed densely.
+        width = -(-int(prev.max()) // self.block_size) if prev.numel() else 0
         bt, _, _ = self.allocator.vllm_layout(tables)
-        block_table = torch.from_numpy(bt.astype(np.int64)).to(self.device)
+        block_table = torch.from_numpy(bt[:, :width].astype(np.int64)).to(self.device)
         return paged_attention(
             query,
             self.k_pool,
