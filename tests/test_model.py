@@ -50,3 +50,12 @@ def test_snapkv_on_the_real_model_holds_less_and_answers_the_same(smollm2):
     assert (comp.kv.stored_lengths() <= 128 + 5).all()
     assert comp.kv.used_bytes() < full.kv.used_bytes() / 1.5
     assert torch.equal(out[:, n : n + 4], ref[:, n : n + 4])
+
+
+def test_the_demo_runs_and_prints_both_answers(smollm2, capsys):
+    from kvcore.__main__ import main
+
+    assert main(["demo", "--tokens", "200", "--budget", "64", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("answer:") == 2 and out.count("speed:") == 2
+    assert "less K/V memory" in out
