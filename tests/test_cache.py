@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch", reason="the torch cache needs torch (pip in
 
 import kvcore  # noqa: E402
 from kvcore.cache import KVCache, Schedule, rotate_keys  # noqa: E402
-from kvcore.scoring import get, select_keep  # noqa: E402
+from kvcore.scoring import get, select, select_keep  # noqa: E402
 
 L, H, D, BS = 2, 2, 8, 4
 
@@ -293,3 +293,17 @@ def test_page_tables_are_exported_from_the_same_pools():
     assert torch.equal(pages, k[0, 1, kept])
     with pytest.raises(ValueError, match="layout must be 'flashinfer' or 'vllm'"):
         c.page_table(0, "paged")
+
+
+def test_select_matches_the_reference_selection():
+    """``select`` is the Rust top-k once the extension has it (issue 3), else the reference;
+    either way it keeps what the reference keeps on tie-free scores."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(2, 3, 40, generator=g)
+    valid = torch.rand(2, 3, 40, generator=g) > 0.2
+    force = torch.zeros_like(valid)
+    force[..., -4:] = True
+    budgets = torch.tensor([[5, 10, 40], [0, 8, 12]])
+    want = select_keep(scores, valid, force, budgets)
+    assert torch.equal(select(scores, valid, force, budgets), want)
+    assert (want.sum(-1) == torch.minimum(budgets, valid.sum(-1))).all()

@@ -33,7 +33,7 @@ import torch
 
 from kvcore._kvcore import BlockAllocator, OutOfBlocksError
 from kvcore.attention import paged_attention
-from kvcore.scoring import ScoreInputs, TorchPolicy, select_keep
+from kvcore.scoring import ScoreInputs, TorchPolicy, select
 
 __all__ = ["KVCache", "Schedule", "rotate_keys"]
 
@@ -645,8 +645,8 @@ class KVCache:
             (torch.from_numpy(lens) == n_valid).all()
         ):
             return  # under budget and no padding to drop: nothing to evict
-        # The selection: the one place to plug in issue 3's Rust `policy.select`.
-        keep = select_keep(
+        # The selection: Rust select_topk when the extension has it (issue 3), else torch.
+        keep = select(
             policy.score(inp), inp.valid, policy.force_keep(inp), budgets[None, :].expand(b, h)
         )
         keep_flat = keep.reshape(b * h, -1).cpu()

@@ -12,7 +12,10 @@ mask. The heavy statistics (softmax of observation-window queries against the ke
 are computed here in torch, on the cache's device.
 
 **Where the Rust selection plugs in.** :func:`select_keep` is the reference top-k (forced
-tokens first, then highest score, ties broken by the lower position). Issue 3's
+tokens first, then highest score, ties broken by the lower position). :func:`select` is what
+the cache calls: it uses the Rust ``kvcore._kvcore.select_topk`` (issue 3) when the extension
+has it and falls back to :func:`select_keep` otherwise, so the merge needs no code change here.
+Issue 3's
 ``kvcore.policies.get(name).select(scores, budget)`` takes ``(num_layers, num_heads, n)``
 float32 numpy scores and returns a CSR ``Selection(indptr, positions, budgets)`` with rows
 ``layer * num_heads + head``. With ``num_layers = 1`` and one call per sequence it computes the
@@ -37,6 +40,7 @@ __all__ = [
     "TorchPolicy",
     "get",
     "names",
+    "select",
     "select_keep",
     "window_attention",
 ]
@@ -298,3 +302,35 @@ def select_keep(
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order))
     return valid & (rank < budgets.to(s.device)[..., None])
+
+
+def select(
+    scores: torch.Tensor, valid: torch.Tensor, force: torch.Tensor, budgets: torch.Tensor
+) -> torch.Tensor:
+    """:func:`select_keep` computed by the Rust core when it has ``select_topk`` (issue 3).
+
+    Same arguments and result as :func:`select_keep`. The Rust call takes finite float32
+    scores ``(rows, n)`` and per-row budgets and returns a CSR; invalid tokens get the lowest
+    finite score and are excluded by capping each budget at the row's valid count, forced
+    tokens get the highest.
+    """
+    from kvcore import _kvcore
+
+    rust = getattr(_kvcore, "select_topk", None)
+    if rust is None:
+        return select_keep(scores, valid, force, budgets)
+    import numpy as np
+
+    b, h, n = scores.shape
+    big = 3.0e38
+    s = torch.nan_to_num(scores.float(), nan=-big, posinf=big / 2, neginf=-big / 2)
+    s = s.clamp(-big / 2, big / 2)
+    s = torch.where(valid, s, torch.full_like(s, -big))
+    s = torch.where(force & valid, torch.full_like(s, big), s)
+    cap = torch.minimum(budgets.to(valid.device), valid.sum(-1)).reshape(-1)
+    rows = np.ascontiguousarray(s.reshape(b * h, n).cpu().numpy(), dtype=np.float32)
+    indptr, positions = rust(rows, np.ascontiguousarray(cap.cpu().numpy(), dtype=np.int64))
+    keep = torch.zeros(b * h, n, dtype=torch.bool)
+    row_of = torch.repeat_interleave(torch.arange(b * h), torch.from_numpy(np.diff(indptr)))
+    keep[row_of, torch.from_numpy(positions)] = True
+    return keep.reshape(b, h, n).to(valid.device) & valid
