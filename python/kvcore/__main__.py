@@ -55,14 +55,20 @@ def run(
     # One forward over the whole prompt (compression happens once, after it); the bar
     # advances per decoder layer.
     layers = list(model.model.layers)
+    n = prompt_ids.shape[1]
+    chunk = cache.kv.schedule.chunk or n
+    total = len(layers) * -(-n // chunk)
     bar_p = Progress(f"{label}: prefill")
-    hooks = [
-        layer.register_forward_hook(lambda *a, i=i: bar_p(i + 1, len(layers)))
-        for i, layer in enumerate(layers)
-    ]
+    done = [0]
+
+    def tick(*_: Any) -> None:
+        done[0] += 1
+        bar_p(done[0], total)
+
+    hooks = [layer.register_forward_hook(tick) for layer in layers]
     t0 = time.perf_counter()
     try:
-        logits = prefill(model, prompt_ids, cache)
+        logits = prefill(model, prompt_ids, cache)  # chunks: the cache schedule's, if any
     finally:
         for h in hooks:
             h.remove()
@@ -114,13 +120,18 @@ def demo(args: argparse.Namespace) -> int:
 
     full = compressed_cache(model, policy=None, budget=0, capacity=n + args.max_new_tokens)
     res_full = run(model, tok, ids, full, "full cache", args.max_new_tokens)
+    if args.chunk:
+        # Chunked prefill under the budget: the pool holds budget + chunk tokens per stream.
+        schedule, capacity = Schedule.chunked(args.chunk), args.budget + args.chunk
+    else:
+        schedule, capacity = Schedule.prefill(), n + args.max_new_tokens
     comp = compressed_cache(
         model,
         "snapkv",
         budget=args.budget,
         window=args.window,
-        schedule=Schedule.prefill(),
-        capacity=n + args.max_new_tokens,
+        schedule=schedule,
+        capacity=capacity,
     )
     res_comp = run(model, tok, ids, comp, f"snapkv {args.budget}", args.max_new_tokens)
 
@@ -153,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--budget", type=int, default=256, help="tokens kept per layer and kv-head")
     d.add_argument("--window", type=int, default=32, help="SnapKV observation window")
     d.add_argument("--max-new-tokens", type=int, default=24)
+    d.add_argument(
+        "--chunk",
+        type=int,
+        default=0,
+        help="compressed run: chunked prefill of this many tokens under the budget (0: one pass)",
+    )
     d.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.command == "demo":
