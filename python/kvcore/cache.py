@@ -1,0 +1,688 @@
+"""`KVCache`: paged K/V pools in torch, allocated through `BlockAllocator`, kept within budget.
+
+Layout. One allocator table per (sequence ``b``, layer ``l``, kv-head ``h``) stream, so every
+stream can hold a different number of tokens and evicting a head's tokens frees its blocks::
+
+    stream id  = tables[b, l, h]                 (one allocator, one pool for all streams)
+    k_pool     : (num_blocks, block_size, head_dim)   one head's key per slot
+    slot       = block_id * block_size + offset       (block 0 is the null block, never written)
+    per slot   : slot_pos (int64 sequence index), slot_valid (bool, False for padding),
+                 slot_score (float32, accumulated attention) -- moved with K/V by compaction
+
+Steps. ``update(layer, k, v)`` appends the step's tokens and returns what dense attention reads.
+Compression of layer ``l`` for step ``t`` is decided by the :class:`Schedule` and runs *after*
+step ``t``'s attention of that layer, lazily: at the next ``update`` of any layer or the next
+query of the cache's lengths. So the pool holds at most ``budget + step`` tokens per stream
+(``budget + chunk`` for chunked prefill, ``budget + N`` when compressing every ``N`` decode
+steps), and never more than its fixed ``capacity``.
+
+Positions. ``positions="original"`` keeps every key at the position it was encoded at and the
+logical length grows with every token seen (``get_seq_length``), apart from the stored length.
+``positions="compact"`` renumbers the kept tokens ``0..n-1`` after each compression and rotates
+each kept key by its position delta with the layer's RoPE frequencies (StreamingLLM, InfiniPot).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvcore._kvcore import BlockAllocator, OutOfBlocksError
+from kvcore.attention import paged_attention
+from kvcore.scoring import ScoreInputs, TorchPolicy, select
+
+__all__ = ["KVCache", "Schedule", "rotate_keys"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When compression runs.
+
+    Attributes:
+        on_prefill: compress after multi-token steps (prefill, chunks of a chunked prefill,
+            new turns) once a stream holds more than its budget.
+        decode_every: compress after every ``N``-th single-token step (None: never).
+        multi_turn: ``"rescore"``: every later multi-token step (a new turn) compresses again
+            with its own queries; ``"once"``: only the first one does (SCBench's
+            compress-once), later turns are appended uncompressed.
+        chunk: chunk size of a chunked prefill (``kvcore.hf.prefill`` splits the input), or
+            None.
+    """
+
+    on_prefill: bool = True
+    decode_every: int | None = None
+    multi_turn: str = "rescore"
+    chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.decode_every is not None and (
+            not isinstance(self.decode_every, int) or self.decode_every < 1
+        ):
+            raise ValueError(f"decode_every must be None or an int >= 1, got {self.decode_every}")
+        if self.multi_turn not in ("rescore", "once"):
+            raise ValueError(f"multi_turn must be 'rescore' or 'once', got {self.multi_turn!r}")
+        if self.chunk is not None and (not isinstance(self.chunk, int) or self.chunk < 1):
+            raise ValueError(f"chunk must be None or an int >= 1, got {self.chunk}")
+
+    @classmethod
+    def prefill(cls, multi_turn: str = "rescore") -> Schedule:
+        """Once at prefill (SnapKV, PyramidKV, Ada-KV)."""
+        return cls(on_prefill=True, multi_turn=multi_turn)
+
+    @classmethod
+    def chunked(cls, chunk: int) -> Schedule:
+        """Chunked prefill under a fixed budget (Locret, InfiniPot)."""
+        return cls(on_prefill=True, chunk=chunk)
+
+    @classmethod
+    def decode(cls, every: int, on_prefill: bool = True) -> Schedule:
+        """Every ``every`` decode steps (H2O, TOVA, StreamingLLM)."""
+        return cls(on_prefill=on_prefill, decode_every=every)
+
+    def headroom(self) -> int:
+        """Tokens a stream may hold above its budget between two compressions (decode side)."""
+        return max(self.decode_every or 0, self.chunk or 0)
+
+
+def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate RoPE-encoded keys by ``delta`` positions (``rotate_half`` convention).
+
+    Args:
+        keys: ``(n, D)`` float keys already rotated at their old positions.
+        delta: ``(n,)`` int64 new position minus old position.
+        inv_freq: ``(R / 2,)`` float32 the layer's RoPE frequencies (scaling already folded
+            in, as transformers' ``rotary_emb.inv_freq``); dimensions past ``R`` are not rotated.
+
+    Returns:
+        ``(n, D)`` keys as if encoded at the new positions.
+    """
+    rot = inv_freq.numel() * 2
+    freqs = delta.to(torch.float64)[:, None] * inv_freq.to(keys.device, torch.float64)[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    k = keys[:, :rot].to(torch.float64)
+    half = rot // 2
+    rotated_half = torch.cat([-k[:, half:], k[:, :half]], dim=-1)
+    out = keys.clone()
+    out[:, :rot] = (k * cos + rotated_half * sin).to(keys.dtype)
+    return out
+
+
+class KVCache:
+    """A fixed-budget paged KV cache for ``num_layers`` layers of ``num_kv_heads`` heads.
+
+    Args:
+        num_layers, num_kv_heads, head_dim: the model's attention shape.
+        capacity: tokens per (sequence, layer, kv-head) stream the pool holds (rounded up to
+            whole blocks). None: sized at the first update to ``max(budget, first step) +
+            schedule headroom`` (or the first step + 256 without a policy).
+        capacity_bytes: alternatively, the total bytes of the K and V pools (null block
+            included); the per-stream capacity is what fits.
+        block_size: tokens per block.
+        dtype, device: of the pools; every update must match them.
+        policy: a :class:`kvcore.scoring.TorchPolicy` or None (no compression).
+        schedule: when to compress (default: :meth:`Schedule.prefill`).
+        positions: ``"original"`` or ``"compact"`` (needs ``rope``).
+        rope: the RoPE ``inv_freq`` ``(R / 2,)`` of every layer (one tensor, or one per
+            layer), needed by ``positions="compact"``.
+        scaling: attention softmax scale for scoring (default ``head_dim ** -0.5``).
+
+    Raises:
+        ValueError: bad sizes, a budget above the capacity or below the policy's needs.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        capacity: int | None = None,
+        capacity_bytes: int | None = None,
+        block_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        policy: TorchPolicy | None = None,
+        schedule: Schedule | None = None,
+        positions: str = "original",
+        rope: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        scaling: float | None = None,
+    ) -> None:
+        for name, v in (
+            ("num_layers", num_layers),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+            ("block_size", block_size),
+        ):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if capacity is not None and capacity_bytes is not None:
+            raise ValueError("give capacity (tokens) or capacity_bytes, not both")
+        if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
+            raise ValueError(f"capacity must be an int >= 1 tokens per stream, got {capacity!r}")
+        if positions not in ("original", "compact"):
+            raise ValueError(f"positions must be 'original' or 'compact', got {positions!r}")
+        if positions == "compact" and rope is None:
+            raise ValueError("positions='compact' needs rope= (the layers' RoPE inv_freq)")
+        if policy is not None and not isinstance(policy, TorchPolicy):
+            raise TypeError(f"policy must be a kvcore.scoring.TorchPolicy, got {policy!r}")
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.block_size = block_size
+        self.dtype, self.device = dtype, torch.device(device)
+        self.policy = policy
+        self.schedule = schedule or Schedule.prefill()
+        self.positions = positions
+        self.scaling = head_dim**-0.5 if scaling is None else float(scaling)
+        self._rope: list[torch.Tensor] | None = None
+        if rope is not None:
+            rl = [rope] * num_layers if isinstance(rope, torch.Tensor) else list(rope)
+            if len(rl) != num_layers:
+                raise ValueError(f"rope has {len(rl)} entries for {num_layers} layers")
+            self._rope = [r.detach().float().cpu() for r in rl]
+        if policy is not None and capacity is not None:
+            if policy.max_budget() > capacity:
+                raise ValueError(
+                    f"budget ({policy.max_budget()}) is above the capacity ({capacity} tokens)"
+                )
+        self._capacity_req = capacity
+        self._capacity_bytes = capacity_bytes
+        self.batch_size = 0
+        self.capacity = 0
+        self.allocator: BlockAllocator | None = None
+        self.k_pool = torch.empty(0)
+        self.v_pool = torch.empty(0)
+        self._seen = [0] * num_layers  # logical tokens seen per layer (padding included)
+        self._next_pos = [0] * num_layers  # position of the next token
+        self._pending: set[int] = set()
+        self._compressed_once = [False] * num_layers
+        self._decode_steps = [0] * num_layers
+        self._step: list[dict[str, Any] | None] = [None] * num_layers
+        self._next_queries: list[torch.Tensor | None] = [None] * num_layers
+        self.num_compressions = 0
+
+    # ------------------------------------------------------------------ set-up
+
+    @property
+    def initialized(self) -> bool:
+        return self.allocator is not None
+
+    def _init(self, batch: int, first_len: int) -> None:
+        streams = batch * self.num_layers * self.num_kv_heads
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        block_bytes = 2 * self.block_size * self.head_dim * itemsize
+        if self._capacity_bytes is not None:
+            blocks_per_stream = (self._capacity_bytes // block_bytes - 1) // streams
+            if blocks_per_stream < 1:
+                raise ValueError(
+                    f"capacity_bytes={self._capacity_bytes} holds less than one block "
+                    f"({block_bytes} bytes) per stream for {streams} streams"
+                )
+        else:
+            cap = self._capacity_req
+            if cap is None:
+                budget = self.policy.max_budget() if self.policy is not None else first_len
+                cap = max(budget, first_len) + max(self.schedule.headroom(), 256)
+            blocks_per_stream = -(-cap // self.block_size)
+        self.capacity = blocks_per_stream * self.block_size
+        if self.policy is not None and self.policy.max_budget() > self.capacity:
+            raise ValueError(
+                f"budget ({self.policy.max_budget()}) is above the capacity ({self.capacity} "
+                "tokens per stream)"
+            )
+        num_blocks = streams * blocks_per_stream + 1
+        alloc = BlockAllocator(num_blocks=num_blocks, block_size=self.block_size)
+        shape = (num_blocks, self.block_size, self.head_dim)
+        self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        n_slots = num_blocks * self.block_size
+        self.slot_pos = torch.zeros(n_slots, dtype=torch.int64, device=self.device)
+        self.slot_valid = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
+        self.slot_score = torch.zeros(n_slots, dtype=torch.float32, device=self.device)
+        self.tables = alloc.create_tables(streams).reshape(
+            batch, self.num_layers, self.num_kv_heads
+        )
+        self.lengths = np.zeros((batch, self.num_layers, self.num_kv_heads), dtype=np.int64)
+        self.batch_size = batch
+        self.allocator = alloc
+
+    # ------------------------------------------------------------------ sizes
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the K and V pool tensors (what the budget is measured against)."""
+        return int(
+            self.k_pool.numel() * self.k_pool.element_size()
+            + self.v_pool.numel() * self.v_pool.element_size()
+        )
+
+    def used_bytes(self) -> int:
+        """Bytes of K and V in blocks that streams hold now."""
+        if self.allocator is None:
+            return 0
+        self.flush()
+        per_block = 2 * self.block_size * self.head_dim * self.k_pool.element_size()
+        return int(self.allocator.num_used_blocks) * per_block
+
+    def stored_lengths(self, layer_idx: int | None = None) -> np.ndarray:
+        """Stored tokens per stream: ``(B, L, H)`` or ``(B, H)`` for one layer (padding
+        tokens included until they are evicted)."""
+        self.flush()
+        if self.allocator is None:
+            return np.zeros((0, self.num_layers, self.num_kv_heads), np.int64)
+        out: np.ndarray = (self.lengths if layer_idx is None else self.lengths[:, layer_idx]).copy()
+        return out
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The logical length: positions of the next token (all tokens seen with
+        ``positions="original"``, the stored length with ``"compact"``)."""
+        self._check_layer(layer_idx)
+        self.flush()
+        return self._next_pos[layer_idx]
+
+    def get_stored_length(self, layer_idx: int = 0) -> int:
+        """The longest stream of the layer, in stored tokens (the physical kv length)."""
+        self._check_layer(layer_idx)
+        self.flush()
+        if self.allocator is None:
+            return 0
+        return int(self.lengths[:, layer_idx].max())
+
+    def is_ragged(self, layer_idx: int) -> bool:
+        """Whether the layer's streams differ in length or hold padding tokens, so dense
+        attention over :meth:`update`'s output would be wrong (use :meth:`attend`)."""
+        if self.allocator is None:
+            return False
+        lens = self.lengths[:, layer_idx]
+        return bool(lens.min() != lens.max()) or self._seen_padding(layer_idx)
+
+    def page_table(
+        self, layer_idx: int, layout: str = "flashinfer"
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The layer's page table for a serving kernel, one row per stream ``b * H + h``.
+
+        Args:
+            layout: ``"flashinfer"`` -> ``(indptr, indices, last_page_len)`` int32;
+                ``"vllm"`` -> ``(block_table, slot_mapping, seq_lens)`` (see
+                ``BlockAllocator.flashinfer_layout`` / ``vllm_layout``). Block ids index
+                ``k_pool`` / ``v_pool`` ``(num_blocks, block_size, head_dim)``.
+        """
+        self._check_layer(layer_idx)
+        self.flush()
+        if self.allocator is None:
+            raise ValueError("the cache holds nothing yet: call update first")
+        tables = np.ascontiguousarray(self.tables[:, layer_idx].reshape(-1))
+        if layout == "flashinfer":
+            return self.allocator.flashinfer_layout(tables)
+        if layout == "vllm":
+            return self.allocator.vllm_layout(tables)
+        raise ValueError(f"layout must be 'flashinfer' or 'vllm', got {layout!r}")
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_layer(self, layer_idx: int) -> None:
+        if (
+            not isinstance(layer_idx, int)
+            or isinstance(layer_idx, bool)
+            or not 0 <= layer_idx < self.num_layers
+        ):
+            raise IndexError(
+                f"layer_idx must be an int in [0, {self.num_layers}), got {layer_idx!r}"
+            )
+
+    def _check_kv(self, name: str, t: torch.Tensor) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 4 or t.shape[1] != self.num_kv_heads or t.shape[3] != self.head_dim:
+            raise ValueError(
+                f"{name} must have shape (batch, {self.num_kv_heads}, seq_len, {self.head_dim}), "
+                f"got {tuple(t.shape)}"
+            )
+        if t.dtype != self.dtype:
+            raise TypeError(f"{name} must have dtype {self.dtype}, got {t.dtype}")
+        if t.device.type != self.device.type or (
+            self.device.index is not None and t.device.index != self.device.index
+        ):
+            raise ValueError(f"{name} must be on {self.device}, got {t.device}")
+
+    # ------------------------------------------------------------------ the loop API
+
+    def observe(self, layer_idx: int, queries: torch.Tensor) -> None:
+        """Record the (rotated) queries of the next :meth:`update` of ``layer_idx``, for
+        query-aware scores. They must be the *last* ``w`` tokens of that step.
+
+        Args:
+            queries: ``(B, Hq, w, D)`` with ``Hq`` a multiple of ``num_kv_heads``.
+        """
+        self._check_layer(layer_idx)
+        if not isinstance(queries, torch.Tensor) or queries.ndim != 4:
+            raise ValueError("queries must be a (batch, num_q_heads, w, head_dim) tensor")
+        if queries.shape[1] % self.num_kv_heads or queries.shape[3] != self.head_dim:
+            raise ValueError(
+                f"queries must have shape (batch, k * {self.num_kv_heads}, w, {self.head_dim}), "
+                f"got {tuple(queries.shape)}"
+            )
+        self._next_queries[layer_idx] = queries.detach()
+
+    def update(
+        self,
+        layer_idx: int,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append one step of K/V for a layer and return what dense attention reads.
+
+        Args:
+            layer_idx: in ``[0, num_layers)``.
+            key_states, value_states: ``(B, num_kv_heads, q, head_dim)`` in the cache's dtype
+                and device (keys already rotated).
+            valid: optional ``(B, q)`` bool, False for padding tokens (never kept when
+                compressing, masked by :meth:`attend`).
+
+        Returns:
+            ``(keys, values)``, each ``(B, num_kv_heads, T, head_dim)``: every stored token of
+            the layer, this step's included, padded with zeros to the longest stream. When
+            :meth:`is_ragged` is true the padding would be attended: use :meth:`attend`.
+
+        Raises:
+            IndexError: a bad layer index. TypeError / ValueError: wrong types, shapes, dtype or
+            device; a batch size other than the first update's. kvcore.OutOfBlocksError: the
+            step does not fit in the capacity. The cache is unchanged after any of them.
+        """
+        self._check_layer(layer_idx)
+        self._check_kv("key_states", key_states)
+        self._check_kv("value_states", value_states)
+        if key_states.shape != value_states.shape:
+            raise ValueError(
+                f"key_states {tuple(key_states.shape)} and value_states "
+                f"{tuple(value_states.shape)} must have the same shape"
+            )
+        b, _, q, _ = key_states.shape
+        if valid is not None:
+            if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+                raise TypeError("valid must be a (batch, seq_len) bool tensor")
+            if tuple(valid.shape) != (b, q):
+                raise ValueError(f"valid must have shape ({b}, {q}), got {tuple(valid.shape)}")
+        if self.allocator is not None and b != self.batch_size:
+            raise ValueError(f"batch size {b} differs from the cache's {self.batch_size}")
+        qobs = self._next_queries[layer_idx]
+        if qobs is not None and (qobs.shape[0] != b or qobs.shape[2] > q):
+            self._next_queries[layer_idx] = None
+            raise ValueError(
+                f"observed queries {tuple(qobs.shape)} do not fit a step of batch {b} and "
+                f"{q} tokens"
+            )
+        # Compressions decided for earlier steps run first; they are not undone if this
+        # step then fails.
+        self.flush()
+        fresh = self.allocator is None
+        if fresh:
+            self._init(b, q)
+        assert self.allocator is not None
+        tables = self.tables[:, layer_idx].reshape(-1)
+        prev = self.lengths[:, layer_idx].reshape(-1).copy()
+        if int(prev.max()) + q > self.capacity:
+            if fresh:
+                self.allocator = None
+            raise OutOfBlocksError(
+                f"layer {layer_idx}: {int(prev.max())} stored + {q} new tokens exceed the "
+                f"capacity of {self.capacity} tokens per stream"
+            )
+        try:
+            # All or nothing: raises OutOfBlocksError before any change.
+            slots_np, _, _, _ = self.allocator.append_batch(tables, q)
+        except Exception:
+            if fresh:
+                self.allocator = None
+                self.k_pool = self.v_pool = torch.empty(0)
+            raise
+        slots = torch.from_numpy(slots_np).to(self.device).reshape(b, self.num_kv_heads, q)
+        d = self.head_dim
+        self.k_pool.view(-1, d)[slots.reshape(-1)] = key_states.reshape(-1, d)
+        self.v_pool.view(-1, d)[slots.reshape(-1)] = value_states.reshape(-1, d)
+        pos = self._next_pos[layer_idx] + torch.arange(q, device=self.device)
+        self.slot_pos[slots.reshape(-1)] = pos.expand(b, self.num_kv_heads, q).reshape(-1)
+        v_mask = (
+            torch.ones(b, q, dtype=torch.bool, device=self.device)
+            if valid is None
+            else valid.to(self.device)
+        )
+        self.slot_valid[slots.reshape(-1)] = (
+            v_mask[:, None, :].expand(b, self.num_kv_heads, q).reshape(-1)
+        )
+        self.slot_score[slots.reshape(-1)] = 0.0
+        self.lengths[:, layer_idx] += q
+        self._seen[layer_idx] += q
+        self._next_pos[layer_idx] += q
+        self._step[layer_idx] = {
+            "q": q,
+            "positions": pos,
+            "valid": v_mask,
+            "prev_lengths": torch.from_numpy(prev),
+            "keys": key_states,
+            "values": value_states,
+            "queries": qobs,
+        }
+        self._next_queries[layer_idx] = None
+        self._pending.add(layer_idx)
+        return self._gather_dense(layer_idx)
+
+    def _seen_padding(self, layer_idx: int) -> bool:
+        """Whether padding tokens are still stored in the layer."""
+        lens = self.lengths[:, layer_idx].reshape(-1)
+        slots = self._slots(self.tables[:, layer_idx].reshape(-1), lens)[0]
+        return bool((~self.slot_valid[slots] & (slots >= 0)).any()) if slots.numel() else False
+
+    def attend(
+        self, layer_idx: int, query: torch.Tensor, slot_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Paged attention of the last step's queries of a layer (ragged heads, padding).
+
+        Args:
+            query: ``(B, Hq, q, D)`` the step's (rotated) queries, ``q`` as in the last
+                :meth:`update` of the layer.
+            slot_bias: optional ``(num_slots,)`` float logit bias per slot (log-count of merged
+                slots).
+
+        Returns:
+            ``(B, q, Hq, D)``.
+        """
+        self._check_layer(layer_idx)
+        st = self._step[layer_idx]
+        if st is None or layer_idx not in self._pending:
+            raise ValueError(f"attend({layer_idx}) must follow update({layer_idx}) of the step")
+        assert self.allocator is not None
+        tables = self.tables[:, layer_idx].reshape(-1)
+        prev = st["prev_lengths"]
+        assert isinstance(prev, torch.Tensor)
+        # Only the prefix's pages: the step's own tokens are passed densely.
+        width = -(-int(prev.max()) // self.block_size) if prev.numel() else 0
+        bt, _, _ = self.allocator.vllm_layout(tables)
+        block_table = torch.from_numpy(bt[:, :width].astype(np.int64)).to(self.device)
+        return paged_attention(
+            query,
+            self.k_pool,
+            self.v_pool,
+            block_table,
+            prev.to(self.device),
+            slot_valid=self.slot_valid,
+            new_keys=st["keys"],
+            new_values=st["values"],
+            new_valid=st["valid"],
+            scaling=self.scaling,
+            slot_bias=slot_bias,
+        )
+
+    # ------------------------------------------------------------------ gathers
+
+    def _slots(self, tables: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots ``(n, T)`` (-1 past the end) and mask ``(n, T)`` of streams, read from the
+        block tables."""
+        assert self.allocator is not None
+        t = int(lengths.max()) if lengths.size else 0
+        n = len(tables)
+        if t == 0:
+            e = torch.zeros((n, 0), dtype=torch.int64, device=self.device)
+            return e, e.bool()
+        bt, _, _ = self.allocator.vllm_layout(tables)
+        bt_t = torch.from_numpy(bt.astype(np.int64)).to(self.device)
+        p = torch.arange(t, device=self.device)
+        slots = bt_t[:, p // self.block_size] * self.block_size + p % self.block_size
+        mask = p[None, :] < torch.from_numpy(lengths).to(self.device)[:, None]
+        return torch.where(mask, slots, torch.full_like(slots, -1)), mask
+
+    def _gather_dense(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tables = self.tables[:, layer_idx].reshape(-1)
+        slots, mask = self._slots(tables, self.lengths[:, layer_idx].reshape(-1))
+        idx = slots.clamp(min=0).reshape(-1)
+        b, h, d = self.batch_size, self.num_kv_heads, self.head_dim
+        k = self.k_pool.view(-1, d)[idx].reshape(b, h, -1, d)
+        v = self.v_pool.view(-1, d)[idx].reshape(b, h, -1, d)
+        m = mask.reshape(b, h, -1, 1)
+        return k * m, v * m
+
+    # ------------------------------------------------------------------ compression
+
+    def flush(self) -> None:
+        """Run the compressions the schedule decided for the steps already attended."""
+        for layer in sorted(self._pending):
+            self._finish_step(layer)
+        self._pending.clear()
+
+    def compress(self, layer_idx: int | None = None) -> None:
+        """Compress now to the policy's budget (one layer, or all), whatever the schedule."""
+        self.flush()
+        if self.policy is None or self.allocator is None:
+            return
+        layers = range(self.num_layers) if layer_idx is None else [layer_idx]
+        for layer in layers:
+            self._check_layer(layer)
+            self._compress_layer(layer, None)
+
+    def _finish_step(self, layer: int) -> None:
+        st = self._step[layer]
+        policy = self.policy
+        if st is None or policy is None:
+            return
+        q = int(st["q"])
+        queries = st["queries"]
+        obs = None
+        if queries is not None:
+            w = queries.shape[2]
+            pos = st["positions"]
+            valid = st["valid"]
+            assert isinstance(pos, torch.Tensor) and isinstance(valid, torch.Tensor)
+            obs = (queries, pos[q - w :], valid[:, q - w :])
+        if policy.accumulates and obs is not None:
+            self._accumulate(layer, obs)
+        prefill = q > 1
+        do = False
+        if prefill:
+            do = self.schedule.on_prefill and (
+                self.schedule.multi_turn == "rescore" or not self._compressed_once[layer]
+            )
+            if do:
+                self._compressed_once[layer] = True
+        else:
+            self._decode_steps[layer] += 1
+            every = self.schedule.decode_every
+            do = every is not None and self._decode_steps[layer] % every == 0
+        if do:
+            self._compress_layer(layer, obs)
+
+    def _score_inputs(
+        self,
+        layer: int,
+        obs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[ScoreInputs, torch.Tensor, np.ndarray]:
+        tables = self.tables[:, layer].reshape(-1)
+        lens = self.lengths[:, layer].reshape(-1)
+        slots, mask = self._slots(tables, lens)
+        idx = slots.clamp(min=0)
+        b, h, d = self.batch_size, self.num_kv_heads, self.head_dim
+        shape = (b, h, -1)
+        inp = ScoreInputs(
+            layer_idx=layer,
+            keys=self.k_pool.view(-1, d)[idx.reshape(-1)].reshape(b, h, -1, d),
+            valid=(mask & self.slot_valid[idx]).reshape(shape),
+            positions=self.slot_pos[idx].reshape(shape),
+            accumulated=self.slot_score[idx].reshape(shape),
+            queries=None if obs is None else obs[0],
+            query_positions=None if obs is None else obs[1],
+            query_valid=None if obs is None else obs[2],
+            scaling=self.scaling,
+        )
+        return inp, slots, tables
+
+    def _accumulate(self, layer: int, obs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        from kvcore.scoring import window_attention
+
+        inp, slots, _ = self._score_inputs(layer, obs)
+        add = window_attention(inp).reshape(slots.shape)
+        ok = slots >= 0
+        self.slot_score[slots[ok]] += add[ok]
+
+    def _compress_layer(
+        self, layer: int, obs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    ) -> None:
+        policy = self.policy
+        assert policy is not None and self.allocator is not None
+        budgets = policy.head_budgets(layer, self.num_kv_heads)
+        b, h = self.batch_size, self.num_kv_heads
+        lens = self.lengths[:, layer]
+        if policy.needs_queries and not policy.accumulates and obs is None:
+            raise ValueError(
+                f"{policy.name} needs the observed queries of the step (cache.observe) to compress"
+            )
+        inp, slots, tables = self._score_inputs(layer, obs)
+        n_valid = inp.valid.sum(-1).cpu()
+        if bool((n_valid <= budgets[None, :]).all()) and bool(
+            (torch.from_numpy(lens) == n_valid).all()
+        ):
+            return  # under budget and no padding to drop: nothing to evict
+        # The selection: Rust select_topk when the extension has it (issue 3), else torch.
+        keep = select(
+            policy.score(inp), inp.valid, policy.force_keep(inp), budgets[None, :].expand(b, h)
+        )
+        keep_flat = keep.reshape(b * h, -1).cpu()
+        counts = keep_flat.sum(-1)
+        indptr = np.zeros(b * h + 1, dtype=np.int64)
+        indptr[1:] = np.cumsum(counts.numpy())
+        positions = torch.nonzero(keep_flat, as_tuple=True)[1].numpy().astype(np.int64)
+        kept_pos = inp.positions.reshape(b * h, -1)[keep.reshape(b * h, -1)]
+        src_np, dst_np, _ = self.allocator.compact_batch(tables, indptr, positions)
+        if len(src_np):
+            src = torch.from_numpy(src_np).to(self.device)
+            dst = torch.from_numpy(dst_np).to(self.device)
+            for pool in (self.k_pool.view(-1, self.head_dim), self.v_pool.view(-1, self.head_dim)):
+                pool[dst] = pool[src]
+            for arr in (self.slot_pos, self.slot_valid, self.slot_score):
+                arr[dst] = arr[src]
+        self.lengths[:, layer] = counts.numpy().reshape(b, h)
+        self.num_compressions += 1
+        if self.positions == "compact":
+            self._recompact_positions(layer, tables, counts, kept_pos)
+
+    def _recompact_positions(
+        self, layer: int, tables: np.ndarray, counts: torch.Tensor, old_pos: torch.Tensor
+    ) -> None:
+        n = int(counts[0])
+        if bool((counts != n).any()):
+            raise ValueError(
+                "positions='compact' needs the same kept length in every stream of a layer "
+                f"(got {counts.tolist()})"
+            )
+        assert self._rope is not None
+        slots, _ = self._slots(tables, counts.numpy().astype(np.int64))
+        flat = slots.reshape(-1)
+        new_pos = torch.arange(n, device=self.device).repeat(len(tables))
+        delta = new_pos - old_pos.to(self.device)
+        kp = self.k_pool.view(-1, self.head_dim)
+        kp[flat] = rotate_keys(kp[flat], delta, self._rope[layer])
+        self.slot_pos[flat] = new_pos
+        self._next_pos[layer] = n

@@ -1,0 +1,306 @@
+"""Hugging Face transformers (v5) integration: a `Cache` on top of :class:`kvcore.KVCache`.
+
+* :class:`KVCoreCache` is a ``transformers.Cache`` made of :class:`KVCoreLayer` (v5's
+  ``CacheLayerMixin``), one per decoder layer, all sharing one paged :class:`KVCache`.
+* Lengths (anchors.md, finding 3): ``get_seq_length`` is the *logical* length (positions of
+  new tokens); ``get_query_offset`` and ``get_mask_sizes`` use the *stored* length (the kv
+  indices the dense attention sees).
+* :func:`install` adds forward hooks, without changing model code: a pre-hook on the model
+  records which new tokens are padding (from ``attention_mask``); a pre-hook on each attention
+  module recomputes the rotated queries of the observation window for query-aware policies.
+* ``attn_implementation="kvcore"`` (registered with ``AttentionInterface``) runs
+  :func:`kvcore.attention.paged_attention` over the pages: ragged per-head budgets and padded
+  batches after eviction need it; ``"sdpa"`` and ``"eager"`` work while every stream of a layer
+  has the same length and no padding token is stored after an eviction.
+
+One line::
+
+    cache = kvcore.hf.compressed_cache(model, policy="snapkv", budget=1024)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from kvcore.cache import KVCache, Schedule
+from kvcore.scoring import TorchPolicy, get
+
+__all__ = [
+    "KVCoreCache",
+    "KVCoreLayer",
+    "compressed_cache",
+    "install",
+    "kvcore_attention",
+    "prefill",
+]
+
+ATTN_NAME = "kvcore"
+
+
+def kvcore_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """``AttentionInterface`` entry: paged attention over the kvcore cache of this call.
+
+    Without a kvcore cache (no cache, or another ``Cache``) it falls back to transformers'
+    sdpa attention with the mask transformers built.
+    """
+    cache = getattr(module, "_kvcore_cache", None)
+    layer_idx = int(getattr(module, "layer_idx", 0))
+    if isinstance(cache, KVCoreCache) and cache.kv._step[layer_idx] is not None:
+        return cache.kv.attend(layer_idx, query), None
+    out, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+    return out, None
+
+
+AttentionInterface.register(ATTN_NAME, kvcore_attention)
+# The mask is only used by the fallback; with a kvcore cache the pages carry their own lengths.
+AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+class KVCoreLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
+    """One decoder layer's view of the shared :class:`KVCache`."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, owner: KVCoreCache, layer_idx: int) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.owner = owner
+        self.layer_idx = layer_idx
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return self.owner._update(self.layer_idx, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.kv.get_stored_length(self.layer_idx) + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.kv.get_seq_length(self.layer_idx)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        raise NotImplementedError("KVCoreCache cannot be reset; build a new cache")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("KVCoreCache does not support beam search")
+
+
+class KVCoreCache(Cache):
+    """A transformers ``Cache`` whose K/V live in kvcore's paged, fixed-budget pools.
+
+    Args:
+        kv: the :class:`KVCache` (its ``num_layers`` must match the model's).
+    """
+
+    def __init__(self, kv: KVCache) -> None:
+        self.kv = kv
+        self._valid: torch.Tensor | None = None
+        self._attn_impl = "sdpa"
+        super().__init__(layers=[KVCoreLayer(self, i) for i in range(kv.num_layers)])
+
+    def _update(
+        self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = self._valid
+        if valid is not None and valid.shape[1] != key_states.shape[2]:
+            valid = None
+        keys, values = self.kv.update(layer_idx, key_states, value_states, valid=valid)
+        if self._attn_impl == ATTN_NAME:
+            return key_states, value_states
+        if self.kv.is_ragged(layer_idx) and self.kv.num_compressions > 0:
+            raise ValueError(
+                f"layer {layer_idx} holds streams of different lengths or padding after an "
+                f"eviction, which {self._attn_impl!r} attention cannot read; load the model "
+                "with attn_implementation='kvcore' (or model.set_attn_implementation('kvcore'))"
+            )
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv.get_seq_length(layer_idx)
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        # The causal mask compares query and kv indices in stored (physical) space.
+        return self.kv.get_stored_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.kv.get_stored_length(layer_idx) + query_length, 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv.batch_size if self.kv.initialized else -1
+
+    def memory_bytes(self) -> int:
+        """Bytes of the K/V pool tensors."""
+        return self.kv.memory_bytes()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def _attn_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    mods = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "layer_idx")]
+    if not mods:
+        raise ValueError(
+            f"{type(model).__name__}: no attention module with q_proj and layer_idx found"
+        )
+    return mods
+
+
+def install(model: Any) -> None:
+    """Add kvcore's forward hooks to ``model`` (idempotent). They only act when the call's
+    ``past_key_values`` is a :class:`KVCoreCache`."""
+    if getattr(model, "_kvcore_hooks", False):
+        return
+
+    def model_pre_hook(mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, KVCoreCache):
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        src: torch.Tensor = ids if ids is not None else kwargs["inputs_embeds"]
+        q = src.shape[1]
+        mask = kwargs.get("attention_mask")
+        cache._valid = None
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[1] >= q:
+            valid = mask[:, -q:].bool()
+            if not bool(valid.all()):
+                cache._valid = valid
+
+    def attn_pre_hook(mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, KVCoreCache):
+            mod._kvcore_cache = None
+            return
+        mod._kvcore_cache = cache
+        cache._attn_impl = getattr(mod.config, "_attn_implementation", "sdpa")
+        policy = cache.kv.policy
+        if policy is None or not policy.needs_queries:
+            return
+        hidden: torch.Tensor = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"]
+        w = hidden.shape[1] if policy.observe_window is None else policy.observe_window
+        w = min(w, hidden.shape[1])
+        h = hidden[:, -w:]
+        q = mod.q_proj(h).view(h.shape[0], w, -1, mod.head_dim).transpose(1, 2)
+        if hasattr(mod, "q_norm"):
+            q = mod.q_norm(q)
+        c, s = cos[:, -w:].unsqueeze(1), sin[:, -w:].unsqueeze(1)
+        q = q * c + _rotate_half(q) * s
+        cache.kv.observe(int(mod.layer_idx), q.to(cache.kv.dtype))
+
+    inner = getattr(model, "model", model)
+    inner.register_forward_pre_hook(model_pre_hook, with_kwargs=True)
+    for m in _attn_modules(model):
+        m.register_forward_pre_hook(attn_pre_hook, with_kwargs=True)
+    model._kvcore_hooks = True
+
+
+def _rope(model: torch.nn.Module) -> torch.Tensor | None:
+    for m in model.modules():
+        inv = getattr(m, "inv_freq", None)
+        if isinstance(inv, torch.Tensor):
+            return inv.detach()
+    return None
+
+
+def compressed_cache(
+    model: Any,
+    policy: str | TorchPolicy | None = "snapkv",
+    budget: int | torch.Tensor = 1024,
+    *,
+    schedule: Schedule | None = None,
+    positions: str = "original",
+    capacity: int | None = None,
+    capacity_bytes: int | None = None,
+    block_size: int = 16,
+    **policy_params: Any,
+) -> KVCoreCache:
+    """A ready :class:`KVCoreCache` for ``model`` (hooks installed).
+
+    Args:
+        model: a transformers decoder (Llama-like attention modules with ``q_proj``).
+        policy: a policy name of :func:`kvcore.scoring.get`, a policy, or None (no eviction).
+        budget: tokens per (layer, kv-head) kept after compression, or a
+            ``(num_layers, num_kv_heads)`` int tensor.
+        schedule, positions, capacity, capacity_bytes, block_size: see :class:`KVCache`.
+        **policy_params: passed to the policy (e.g. ``window=16``).
+    """
+    cfg = model.config
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    num_layers = int(text_cfg.num_hidden_layers)
+    heads = int(getattr(text_cfg, "num_key_value_heads", None) or text_cfg.num_attention_heads)
+    head_dim = int(
+        getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+    )
+    pol = get(policy, budget, **policy_params) if isinstance(policy, str) else policy
+    param = next(model.parameters())
+    kv = KVCache(
+        num_layers,
+        heads,
+        head_dim,
+        capacity=capacity,
+        capacity_bytes=capacity_bytes,
+        block_size=block_size,
+        dtype=param.dtype,
+        device=param.device,
+        policy=pol,
+        schedule=schedule,
+        positions=positions,
+        rope=_rope(model) if positions == "compact" else None,
+    )
+    install(model)
+    return KVCoreCache(kv)
+
+
+@torch.no_grad()
+def prefill(
+    model: Any,
+    input_ids: torch.Tensor,
+    cache: KVCoreCache,
+    chunk: int | None = None,
+    progress: Any = None,
+) -> torch.Tensor:
+    """Run the prompt through ``model`` into ``cache``, in chunks of ``chunk`` tokens
+    (default: the cache schedule's chunk, else all at once). Returns the last logits
+    ``(B, vocab)``. ``progress(done, total)`` is called after each chunk."""
+    chunk = chunk or cache.kv.schedule.chunk or input_ids.shape[1]
+    total = input_ids.shape[1]
+    logits = None
+    for start in range(0, total, chunk):
+        part = input_ids[:, start : start + chunk]
+        out = model(input_ids=part, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+        if progress is not None:
+            progress(min(start + chunk, total), total)
+    assert logits is not None
+    last: torch.Tensor = logits
+    return last

@@ -1,0 +1,309 @@
+"""kvcore.KVCache, the torch paged attention and the torch scoring (tiny random shapes)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the torch cache needs torch (pip install .[torch])")
+
+import kvcore  # noqa: E402
+from kvcore.cache import KVCache, Schedule, rotate_keys  # noqa: E402
+from kvcore.scoring import get, select, select_keep  # noqa: E402
+
+L, H, D, BS = 2, 2, 8, 4
+
+
+def kv(b: int, n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, H, n, D, generator=g).to(dtype)
+
+
+def dense_reference(q, k, v, mask=None):
+    """Plain causal attention with GQA; q (B, Hq, n, D), k/v (B, H, n, D)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1).float(), v.repeat_interleave(group, 1).float()
+    logits = q.float() @ k.transpose(2, 3) / math.sqrt(q.shape[-1])
+    n = k.shape[2]
+    causal = torch.ones(q.shape[2], n, dtype=torch.bool).tril(n - q.shape[2])
+    if mask is not None:
+        causal = causal & mask
+    logits = logits.masked_fill(~causal, float("-inf"))
+    return (torch.softmax(logits, -1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_update_and_paged_attention_match_dense(dtype, block_size):
+    c = KVCache(L, H, D, capacity=64, block_size=block_size, dtype=dtype)
+    k, v = kv(2, 11, 1, dtype), kv(2, 11, 2, dtype)
+    keys, values = c.update(0, k, v)
+    assert torch.equal(keys, k) and torch.equal(values, v)
+    q = kv(2, 11, 3, dtype).repeat_interleave(2, 1)  # 4 query heads, GQA 2
+    out = c.attend(0, q)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5  # bf16 output rounding
+    torch.testing.assert_close(out.float(), dense_reference(q, k, v), atol=tol, rtol=tol)
+    # decode step: the prefix is read from the pages
+    k1, v1 = kv(2, 1, 4, dtype), kv(2, 1, 5, dtype)
+    keys, _ = c.update(0, k1, v1)
+    assert torch.equal(keys, torch.cat([k, k1], 2))
+    q1 = kv(2, 1, 6, dtype).repeat_interleave(2, 1)
+    ref = dense_reference(q1, torch.cat([k, k1], 2), torch.cat([v, v1], 2))
+    torch.testing.assert_close(c.attend(0, q1).float(), ref, atol=tol, rtol=tol)
+
+
+def test_select_keep_forced_then_score_then_lower_position():
+    scores = torch.tensor([[[1.0, 5.0, 5.0, 0.0, 5.0, 2.0]]])
+    valid = torch.tensor([[[True, True, True, True, False, True]]])
+    force = torch.tensor([[[False, False, False, True, False, False]]])
+    keep = select_keep(scores, valid, force, torch.tensor([[2]]))
+    # forced 3, then the tie at 5.0 goes to the lower position 1 (4 is invalid)
+    assert keep.tolist() == [[[False, True, False, True, False, False]]]
+
+
+def snap_cache(budget, **kw):
+    return KVCache(L, H, D, block_size=BS, policy=get("snapkv", budget, window=2, kernel=3), **kw)
+
+
+def prefill(c, k, v, seed=9):
+    for layer in range(L):
+        c.observe(layer, kv(k.shape[0], 2, seed + layer).repeat_interleave(2, 1))
+        c.update(layer, k, v)
+
+
+def test_prefill_compression_keeps_budget_and_frees_blocks():
+    c = snap_cache(6, capacity=32)
+    prefill(c, kv(1, 20), kv(1, 20, 1))
+    assert (c.stored_lengths() == 6).all()
+    assert c.get_seq_length() == 20  # logical length stays apart from the stored one
+    assert c.get_stored_length() == 6
+    assert c.allocator is not None
+    assert c.allocator.num_used_blocks == L * H * 2  # ceil(6 / 4) blocks per stream
+    c.allocator.check_invariants()
+
+
+def test_memory_bytes_is_the_budget_within_one_block_per_stream():
+    budget, streams = 10, L * H
+    c = snap_cache(budget, capacity=budget)
+    prefill(c, kv(1, budget), kv(1, budget, 1))
+    per_token = 2 * D * 4  # K and V, float32
+    pools = c.k_pool.numel() * 4 + c.v_pool.numel() * 4  # measured from the tensors
+    assert c.memory_bytes() == pools
+    extra = pools - streams * budget * per_token
+    assert 0 <= extra <= streams * BS * per_token + BS * per_token  # + the null block
+    c.update(0, kv(1, 1), kv(1, 1))
+    c.update(1, kv(1, 1), kv(1, 1))
+    assert c.used_bytes() <= c.memory_bytes()
+
+
+def test_budget_in_bytes():
+    c = KVCache(L, H, D, capacity_bytes=20_000, block_size=BS)
+    c.update(0, kv(1, 3), kv(1, 3))
+    assert c.memory_bytes() <= 20_000
+    assert c.capacity == (20_000 // (2 * BS * D * 4) - 1) // (L * H) * BS
+
+
+def test_chunked_prefill_never_exceeds_budget_plus_chunk():
+    budget, chunk = 8, 4
+    c = snap_cache(budget, capacity=budget + chunk, schedule=Schedule.chunked(chunk))
+    for i in range(6):
+        prefill(c, kv(1, chunk, 10 + i), kv(1, chunk, 20 + i))
+        assert c.lengths.max() <= budget + chunk
+    assert (c.stored_lengths() == budget).all()
+    assert c.get_seq_length() == 6 * chunk
+
+
+def test_decode_every_n_steps():
+    policy = get("streaming", 6, sinks=2)
+    c = KVCache(L, H, D, block_size=BS, policy=policy, schedule=Schedule.decode(3), capacity=9)
+    c.update(0, kv(1, 6), kv(1, 6))
+    seen = []
+    for step in range(7):
+        c.update(0, kv(1, 1, step), kv(1, 1, step))
+        seen.append(int(c.stored_lengths(0).max()))
+    assert seen == [7, 8, 6, 7, 8, 6, 7]
+    # StreamingLLM keeps the sinks and the newest tokens, at their original positions
+    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    assert c.slot_pos[idx[0]].tolist() == [0, 1, 8, 9, 10, 11, 12]
+
+
+@pytest.mark.parametrize("multi_turn", ["rescore", "once"])
+def test_multi_turn(multi_turn):
+    c = snap_cache(6, capacity=40, schedule=Schedule.prefill(multi_turn))
+    prefill(c, kv(1, 12), kv(1, 12))
+    prefill(c, kv(1, 8, 3), kv(1, 8, 4), seed=30)  # the second turn
+    expected = 6 if multi_turn == "rescore" else 14
+    assert (c.stored_lengths() == expected).all()
+    assert c.get_seq_length() == 20
+
+
+def test_h2o_accumulates_and_moves_scores_with_the_slots():
+    c = KVCache(1, H, D, block_size=BS, policy=get("h2o", 4), schedule=Schedule.decode(1))
+    c.observe(0, kv(1, 5, 1).repeat_interleave(2, 1))
+    c.update(0, kv(1, 5), kv(1, 5))
+    for step in range(3):
+        c.observe(0, kv(1, 1, 40 + step).repeat_interleave(2, 1))
+        c.update(0, kv(1, 1, 50 + step), kv(1, 1, 50 + step))
+    c.flush()
+    assert (c.stored_lengths() == 4).all()
+    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    scores = c.slot_score[idx]
+    assert (scores > 0).all()  # every kept slot carries its accumulated attention
+
+
+def test_ragged_per_head_budgets_shrink_storage():
+    budgets = torch.tensor([[2, 8], [4, 6]])
+    c = KVCache(L, H, D, block_size=BS, capacity=16, policy=get("knorm", budgets))
+    k, v = kv(1, 12), kv(1, 12, 1)
+    for layer in range(L):
+        c.update(layer, k, v)
+    assert c.stored_lengths()[0].tolist() == [[2, 8], [4, 6]]
+    assert c.allocator is not None
+    assert c.allocator.num_used_blocks == 1 + 2 + 1 + 2  # ceil(b / 4) per stream
+    assert c.is_ragged(0)
+    # attention of a new token over the ragged pages equals per-head dense attention
+    k1, v1 = kv(1, 1, 7), kv(1, 1, 8)
+    c.update(0, k1, v1)
+    q = kv(1, 1, 9).repeat_interleave(2, 1)
+    out = c.attend(0, q)
+    norms = k.norm(dim=-1)
+    for h, b in enumerate([2, 8]):
+        kept = torch.sort(torch.topk(-norms[0, h], b).indices).values
+        kh = torch.cat([k[:, h : h + 1, kept], k1[:, h : h + 1]], 2)
+        vh = torch.cat([v[:, h : h + 1, kept], v1[:, h : h + 1]], 2)
+        ref = dense_reference(q[:, 2 * h : 2 * h + 2], kh, vh)
+        torch.testing.assert_close(out[:, :, 2 * h : 2 * h + 2], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_tokens_are_masked_then_evicted():
+    c = KVCache(1, H, D, block_size=BS, capacity=16, policy=get("knorm", 4))
+    k, v = kv(2, 6), kv(2, 6, 1)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, :3] = False  # left padding
+    c.update(0, k, v, valid=valid)
+    q = kv(2, 6, 2).repeat_interleave(2, 1)
+    out = c.attend(0, q)
+    ref = dense_reference(q[1:, :, 3:], k[1:, :, 3:], v[1:, :, 3:])
+    torch.testing.assert_close(out[1:, 3:], ref, atol=1e-5, rtol=1e-5)
+    c.flush()
+    assert c.stored_lengths(0).tolist() == [[4, 4], [3, 3]]  # padding never kept
+
+
+def test_rotate_keys_equals_encoding_at_the_new_position():
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+
+    def rope(x, pos):
+        f = pos[:, None].double() * inv_freq.double()[None]
+        emb = torch.cat([f, f], -1)
+        rot = torch.cat([-x[:, D // 2 :], x[:, : D // 2]], -1)
+        return (x.double() * emb.cos() + rot.double() * emb.sin()).float()
+
+    raw = torch.randn(5, D)
+    old, new = torch.tensor([7, 30, 31, 100, 2]), torch.tensor([0, 1, 2, 3, 2])
+    torch.testing.assert_close(rotate_keys(rope(raw, old), new - old, inv_freq), rope(raw, new))
+
+
+def test_compact_positions_rerotate_and_renumber():
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    c = KVCache(
+        1,
+        H,
+        D,
+        block_size=BS,
+        capacity=16,
+        policy=get("streaming", 4, sinks=1),
+        positions="compact",
+        rope=inv_freq,
+    )
+    k = kv(1, 8)
+    c.update(0, k, k)
+    c.flush()
+    assert c.get_seq_length() == 4  # the next token is encoded at position 4
+    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    assert c.slot_pos[idx[0]].tolist() == [0, 1, 2, 3]
+    kept = torch.tensor([0, 5, 6, 7])
+    want = rotate_keys(k[0, 0, kept], torch.arange(4) - kept, inv_freq)
+    torch.testing.assert_close(c.k_pool.view(-1, D)[idx[0]], want)
+
+
+def test_errors_leave_the_cache_unchanged():
+    c = KVCache(L, H, D, capacity=8, block_size=BS)
+    c.update(0, kv(1, 5), kv(1, 5))
+    before = (c.stored_lengths().copy(), c.get_seq_length(0), c.k_pool.clone())
+    with pytest.raises(IndexError, match=r"layer_idx must be an int in \[0, 2\)"):
+        c.update(2, kv(1, 1), kv(1, 1))
+    with pytest.raises(TypeError, match="key_states must have dtype torch.float32"):
+        c.update(0, kv(1, 1).double(), kv(1, 1))
+    with pytest.raises(ValueError, match=r"key_states must have shape \(batch, 2, seq_len, 8\)"):
+        c.update(0, torch.zeros(1, 3, 1, D), kv(1, 1))
+    with pytest.raises(ValueError, match="key_states must be on cpu"):
+        c.update(0, torch.zeros(1, H, 1, D, device="meta"), kv(1, 1))
+    with pytest.raises(ValueError, match="batch size 2 differs"):
+        c.update(0, kv(2, 1), kv(2, 1))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        c.update(0, np.zeros((1, H, 1, D)), kv(1, 1))  # type: ignore[arg-type]
+    with pytest.raises(kvcore.OutOfBlocksError):
+        c.update(0, kv(1, 4), kv(1, 4))  # 5 + 4 > capacity 8
+    after = (c.stored_lengths(), c.get_seq_length(0), c.k_pool)
+    assert (before[0] == after[0]).all() and before[1] == after[1]
+    assert torch.equal(before[2], after[2])
+    c.update(0, kv(1, 3), kv(1, 3))  # still usable
+    assert c.stored_lengths(0).tolist() == [[8, 8]]
+
+
+def test_budget_errors():
+    with pytest.raises(ValueError, match=r"snapkv: budget 4 is below what the policy needs \(8"):
+        get("snapkv", 4, window=8)
+    with pytest.raises(ValueError, match=r"budget \(40\) is above the capacity \(16 tokens\)"):
+        KVCache(L, H, D, capacity=16, policy=get("knorm", 40))
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        get("nope", 4)
+    with pytest.raises(ValueError, match="positions='compact' needs rope="):
+        KVCache(L, H, D, positions="compact")
+    c = KVCache(L, H, D, capacity=16, policy=get("snapkv", 4, window=2))
+    c.update(0, kv(1, 8), kv(1, 8))
+    with pytest.raises(ValueError, match="snapkv needs the observed queries"):
+        c.flush()
+
+
+def test_import_without_torch_is_lazy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None; import kvcore; "
+        "assert kvcore.BlockAllocator(4, 2).capacity == 3"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_page_tables_are_exported_from_the_same_pools():
+    c = KVCache(1, H, D, block_size=BS, capacity=16, policy=get("knorm", torch.tensor([[3, 6]])))
+    k = kv(1, 9)
+    c.update(0, k, k)
+    indptr, indices, last = c.page_table(0, "flashinfer")
+    assert indptr.tolist() == [0, 1, 3] and last.tolist() == [3, 2]
+    block_table, _, seq_lens = c.page_table(0, "vllm")
+    assert seq_lens.tolist() == [3, 6]
+    # head 1's pages hold its kept keys in position order
+    pages = c.k_pool[torch.from_numpy(indices[1:3].astype("int64"))].reshape(-1, D)[:6]
+    kept = torch.sort(torch.topk(-k[0, 1].norm(dim=-1), 6).indices).values
+    assert torch.equal(pages, k[0, 1, kept])
+    with pytest.raises(ValueError, match="layout must be 'flashinfer' or 'vllm'"):
+        c.page_table(0, "paged")
+
+
+def test_select_matches_the_reference_selection():
+    """``select`` is the Rust top-k once the extension has it (issue 3), else the reference;
+    either way it keeps what the reference keeps on tie-free scores."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(2, 3, 40, generator=g)
+    valid = torch.rand(2, 3, 40, generator=g) > 0.2
+    force = torch.zeros_like(valid)
+    force[..., -4:] = True
+    budgets = torch.tensor([[5, 10, 40], [0, 8, 12]])
+    want = select_keep(scores, valid, force, budgets)
+    assert torch.equal(select(scores, valid, force, budgets), want)
+    assert (want.sum(-1) == torch.minimum(budgets, valid.sum(-1))).all()

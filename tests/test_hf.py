@@ -1,0 +1,167 @@
+"""kvcore.hf: the transformers v5 Cache, hooks and the kvcore attention (tiny random Llama)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="kvcore.hf needs torch")
+transformers = pytest.importorskip("transformers", reason="kvcore.hf needs transformers")
+
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import kvcore.hf as kh  # noqa: E402
+from kvcore.cache import Schedule  # noqa: E402
+
+CFG = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+)
+IMPLS = ["sdpa", "eager", "kvcore"]
+
+
+def tiny(impl: str, **over: object) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**CFG, **over})
+    return LlamaForCausalLM._from_config(cfg, attn_implementation=impl).eval()
+
+
+def batch(n: int = 24, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 64, (2, n), generator=g)
+    mask = torch.ones_like(ids)
+    if pad:
+        ids[1, :pad] = 0
+        mask[1, :pad] = 0
+    return ids, mask
+
+
+def generate(model, cache, ids, mask, n=8):
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=n,
+        do_sample=False,
+        past_key_values=cache,
+        pad_token_id=0,
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("pad", [0, 5])
+def test_full_budget_generation_equals_dynamic_cache(impl, pad):
+    model = tiny(impl)
+    ids, mask = batch(pad=pad)
+    ref = generate(model, DynamicCache(config=model.config), ids, mask)
+    cache = kh.compressed_cache(model, policy=None, budget=0)
+    out = generate(model, cache, ids, mask)
+    assert torch.equal(out, ref)
+    assert cache.get_seq_length() == out.shape[1] - 1  # the last token is not cached yet
+
+
+def test_manual_loop_with_chunked_prefill_equals_dynamic_cache():
+    model = tiny("sdpa")
+    ids, _ = batch(n=20)
+    full = model(input_ids=ids).logits[:, -1]
+    cache = kh.compressed_cache(model, policy=None, budget=0, capacity=64)
+    last = kh.prefill(model, ids, cache, chunk=6)
+    torch.testing.assert_close(last, full, atol=1e-5, rtol=1e-5)
+    nxt = last.argmax(-1, keepdim=True)
+    step = model(input_ids=nxt, past_key_values=cache).logits[:, -1]
+    ref = model(input_ids=torch.cat([ids, nxt], 1)).logits[:, -1]
+    torch.testing.assert_close(step, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_compressed_generation_is_the_same_for_every_attention(positions):
+    outs = []
+    for impl in IMPLS:
+        model = tiny(impl)
+        ids, mask = batch()
+        cache = kh.compressed_cache(
+            model,
+            "streaming" if positions == "compact" else "snapkv",
+            budget=8,
+            positions=positions,
+            **({"sinks": 2} if positions == "compact" else {"window": 4}),
+        )
+        outs.append(generate(model, cache, ids, mask))
+        assert (cache.kv.stored_lengths() <= 8 + 8).all()
+        assert cache.kv.num_compressions == 2  # once per layer, at prefill
+        if positions == "compact":
+            assert cache.get_seq_length() == 8 + 7  # renumbered after the prefill
+        else:
+            assert cache.get_seq_length() == 24 + 7
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize(
+    "policy,schedule,params",
+    [
+        ("snapkv", Schedule.prefill(), {"window": 4}),
+        ("snapkv", Schedule.chunked(8), {"window": 4}),
+        ("h2o", Schedule.decode(4), {}),
+        ("streaming", Schedule.decode(2), {"sinks": 2}),
+        ("knorm", Schedule.decode(3, on_prefill=False), {}),
+    ],
+)
+def test_every_schedule_stays_in_its_capacity(policy, schedule, params):
+    model = tiny("kvcore")
+    ids, mask = batch(pad=3)
+    budget = 8
+    cache = kh.compressed_cache(
+        model, policy, budget=budget, schedule=schedule, capacity=32, **params
+    )
+    if schedule.chunk:
+        kh.prefill(model, ids, cache)
+        assert (cache.kv.stored_lengths() <= budget).all()
+    else:
+        out = generate(model, cache, ids, mask, n=12)
+        assert out.shape == (2, 24 + 12)
+    assert cache.kv.num_compressions > 0
+    # a prefill-only schedule appends the 11 decoded tokens uncompressed
+    grow = 11 if schedule.decode_every is None and not schedule.chunk else 0
+    assert (cache.kv.stored_lengths() <= budget + schedule.headroom() + grow).all()
+    assert cache.memory_bytes() == cache.kv.k_pool.nbytes + cache.kv.v_pool.nbytes
+
+
+def test_ragged_heads_need_the_kvcore_attention():
+    budgets = torch.tensor([[4, 12], [8, 6]])
+    model = tiny("kvcore")
+    ids, mask = batch()
+    cache = kh.compressed_cache(model, "snapkv", budget=budgets, window=4)
+    out = generate(model, cache, ids, mask, n=4)
+    assert out.shape == (2, 28)
+    assert cache.kv.stored_lengths()[0].tolist() == [[4 + 3, 12 + 3], [8 + 3, 6 + 3]]
+    model = tiny("sdpa")
+    cache = kh.compressed_cache(model, "snapkv", budget=budgets, window=4)
+    with pytest.raises(ValueError, match="attn_implementation='kvcore'"):
+        generate(model, cache, ids, mask, n=4)
+
+
+def test_padded_batch_after_eviction_matches_the_unpadded_rows():
+    """Left padding is evicted first and masked by the kvcore attention: the padded row
+    generates what it generates alone."""
+    model = tiny("kvcore")
+    ids, mask = batch(pad=6)
+    cache = kh.compressed_cache(model, "snapkv", budget=8, window=4)
+    out = generate(model, cache, ids, mask)
+    alone = kh.compressed_cache(model, "snapkv", budget=8, window=4)
+    ref = generate(model, alone, ids[1:, 6:], mask[1:, 6:])
+    assert torch.equal(out[1, 6:], ref[0])
+
+
+def test_snapkv_without_hooks_fails_clearly():
+    from kvcore.cache import KVCache
+    from kvcore.scoring import get
+
+    model = tiny("sdpa", num_hidden_layers=1)  # kvcore.hf.install was not called on it
+    ids, mask = batch()
+    kv = KVCache(1, 2, 8, policy=get("snapkv", 8, window=4), capacity=64)
+    with pytest.raises(ValueError, match="snapkv needs the observed queries"):
+        generate(model, kh.KVCoreCache(kv), ids, mask, n=2)

@@ -1,0 +1,61 @@
+"""The cache on the real embedded model (marked ``model``; the load is cached on disk)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="needs torch")
+pytest.importorskip("transformers", reason="needs transformers")
+
+from transformers import DynamicCache  # noqa: E402
+
+import kvcore.hf as kh  # noqa: E402
+
+pytestmark = pytest.mark.model
+
+
+def prompt(tok, n_words: int = 120):
+    import pydoc_data.topics as topics
+
+    text = " ".join(topics.topics["if"].split()[:n_words])
+    text += " The access code of the archive room is 4817. " + " ".join(
+        topics.topics["while"].split()[:n_words]
+    )
+    msgs = [{"role": "user", "content": text + "\nWhat is the access code of the archive room?"}]
+    s = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return tok(s, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+
+def greedy(model, ids, cache, n=6):
+    return model.generate(input_ids=ids, max_new_tokens=n, do_sample=False, past_key_values=cache)
+
+
+def test_full_budget_equals_dynamic_cache_on_the_real_model(smollm2):
+    model, tok = smollm2
+    ids = prompt(tok)
+    ref = greedy(model, ids, DynamicCache(config=model.config))
+    out = greedy(model, ids, kh.compressed_cache(model, policy=None, budget=0))
+    assert torch.equal(out, ref)
+
+
+def test_snapkv_on_the_real_model_holds_less_and_answers_the_same(smollm2):
+    model, tok = smollm2
+    ids = prompt(tok)
+    n = ids.shape[1]
+    full = kh.compressed_cache(model, policy=None, budget=0, capacity=n + 8)
+    ref = greedy(model, ids, full)
+    comp = kh.compressed_cache(model, "snapkv", budget=128, capacity=n + 8)
+    out = greedy(model, ids, comp)
+    assert n > 200
+    assert (comp.kv.stored_lengths() <= 128 + 5).all()
+    assert comp.kv.used_bytes() < full.kv.used_bytes() / 1.5
+    assert torch.equal(out[:, n : n + 4], ref[:, n : n + 4])
+
+
+def test_the_demo_runs_and_prints_both_answers(smollm2, capsys):
+    from kvcore.__main__ import main
+
+    assert main(["demo", "--tokens", "200", "--budget", "64", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("answer:") == 2 and out.count("speed:") == 2
+    assert "less K/V memory" in out
