@@ -307,3 +307,42 @@ def test_select_matches_the_reference_selection():
     want = select_keep(scores, valid, force, budgets)
     assert torch.equal(select(scores, valid, force, budgets), want)
     assert (want.sum(-1) == torch.minimum(budgets, valid.sum(-1))).all()
+
+
+def test_restore_drops_the_tokens_after_the_snapshot_and_frees_their_blocks():
+    c = snap_cache(6, capacity=40, schedule=Schedule.prefill(multi_turn="once"))
+    prefill(c, kv(1, 20), kv(1, 20, 1))
+    assert c.allocator is not None
+    snap = c.snapshot()  # runs the pending prefill compression first
+    before_k = [c._gather_dense(layer)[0].clone() for layer in range(L)]
+    used = c.allocator.num_used_blocks
+    for step in range(3):  # a "question": a multi-token step then two decode steps
+        n = 9 if step == 0 else 1
+        for layer in range(L):
+            c.update(layer, kv(1, n, 40 + step), kv(1, n, 50 + step))
+    assert c.allocator.num_used_blocks > used
+    assert c.get_seq_length() == 31
+    c.restore(snap)
+    assert c.allocator.num_used_blocks == used
+    assert c.get_seq_length() == 20 and (c.stored_lengths() == 6).all()
+    for layer in range(L):
+        torch.testing.assert_close(c._gather_dense(layer)[0], before_k[layer], rtol=0, atol=0)
+    c.allocator.check_invariants()
+    # The restored cache keeps working: the next step lands where the dropped one did.
+    for layer in range(L):
+        c.update(layer, kv(1, 2, 60), kv(1, 2, 61))
+    assert c.get_seq_length() == 22
+
+
+def test_restore_refuses_after_a_compression():
+    c = snap_cache(6, capacity=40)  # multi_turn="rescore": the next long step compresses
+    prefill(c, kv(1, 20), kv(1, 20, 1))
+    snap = c.snapshot()
+    prefill(c, kv(1, 9, 3), kv(1, 9, 4))
+    c.flush()
+    lengths = c.stored_lengths()
+    with pytest.raises(ValueError, match="compressed since the snapshot"):
+        c.restore(snap)
+    assert (c.stored_lengths() == lengths).all()
+    with pytest.raises(TypeError, match="CacheSnapshot"):
+        c.restore("not a snapshot")

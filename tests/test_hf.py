@@ -165,3 +165,32 @@ def test_snapkv_without_hooks_fails_clearly():
     kv = KVCache(1, 2, 8, policy=get("snapkv", 8, window=4), capacity=64)
     with pytest.raises(ValueError, match="snapkv needs the observed queries"):
         generate(model, kh.KVCoreCache(kv), ids, mask, n=2)
+
+
+def test_snapshot_restore_answers_two_questions_on_one_compressed_context():
+    """One compressed context, two questions: each answer equals the one obtained by
+    compressing the context afresh for that question alone."""
+    model = tiny("kvcore")
+    ids, _ = batch(n=40)
+    ctx, q1, q2 = ids[:1, :30], ids[:1, 30:35], ids[1:, 30:38]
+
+    def fresh() -> kh.KVCoreCache:
+        cache = kh.compressed_cache(
+            model, "snapkv", 12, window=4, schedule=Schedule.prefill(multi_turn="once")
+        )
+        with torch.no_grad():
+            model(input_ids=ctx, past_key_values=cache)
+        return cache
+
+    def ask(cache, q):
+        pos = torch.arange(30, 30 + q.shape[1]).unsqueeze(0)
+        with torch.no_grad():
+            return model(input_ids=q, past_key_values=cache, position_ids=pos).logits
+
+    shared = fresh()
+    snap = shared.snapshot()
+    a1 = ask(shared, q1)
+    shared.restore(snap)
+    a2 = ask(shared, q2)
+    torch.testing.assert_close(a1, ask(fresh(), q1), rtol=0, atol=0)
+    torch.testing.assert_close(a2, ask(fresh(), q2), rtol=0, atol=0)

@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvcore.cache import KVCache, Schedule
+from kvcore.cache import CacheSnapshot, KVCache, Schedule
 from kvcore.scoring import TorchPolicy, get
 
 __all__ = [
@@ -159,6 +159,14 @@ class KVCoreCache(Cache):
     def memory_bytes(self) -> int:
         """Bytes of the K/V pool tensors."""
         return self.kv.memory_bytes()
+
+    def snapshot(self) -> CacheSnapshot:
+        """See :meth:`KVCache.snapshot`: ask several questions about one context."""
+        return self.kv.snapshot()
+
+    def restore(self, snap: CacheSnapshot) -> None:
+        """See :meth:`KVCache.restore`."""
+        self.kv.restore(snap)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
