@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "maturin>=1.9.4,<2" "numpy>=1.24" "pytest>=8" "hypothesis>=6.100" "mypy>=1.10" "ruff==0.17.6" "matplotlib>=3.8"
 	# torch: the reference of kvcore.quant, imported by tests/test_quant_torch.py and bench_quant.py
 	$(PY) -m pip install -q "torch>=2.4"
+	# NVRTC from PyPI (no GPU, no CUDA toolkit): tests/test_kernels_nvrtc.py compiles every .cu
+	$(PY) -m pip install -q "cuda-bindings>=13" "nvidia-cuda-nvrtc>=13"
 	touch $@
 
 .PHONY: setup
@@ -68,6 +70,14 @@ bench-select: dev ## Run the selection benchmark (release build) and write bench
 .PHONY: bench-quant
 bench-quant: setup ## Quantization throughput, Rust vs torch (build with `make dev` first)
 	$(PY) bench/bench_quant.py
+
+.PHONY: bench-kernels
+bench-kernels: dev ## CUDA kernels vs torch (needs a GPU and CuPy); writes bench/results/kernels.json
+	$(PY) bench/bench_kernels.py
+
+.PHONY: test-gpu
+test-gpu: dev ## The GPU kernel tests (tests/gpu; they skip without a CUDA device and CuPy)
+	$(PY) -m pytest -q tests/gpu
 
 .PHONY: clean
 clean: ## Remove build outputs
