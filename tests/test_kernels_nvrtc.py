@@ -9,16 +9,31 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 
-from kvcore import kernels
+torch = pytest.importorskip("torch", reason="kvcore.kernels needs torch")
+
+from kvcore import kernels  # noqa: E402
 
 nvrtc = pytest.importorskip(
     "cuda.bindings.nvrtc", reason="needs cuda-bindings and nvidia-cuda-nvrtc (make setup)"
 )
 
 ARCHS = ("sm_80", "sm_90")
+DT = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
+
+
+class Lay(NamedTuple):
+    """The fields of a QuantLayout that the attention preamble reads."""
+
+    bits: int
+    group_size: int
+    num_tokens: int
+    head_dim: int
+    axis: str
+    meta_dtype: str
 
 
 def _configs() -> list[tuple[str, dict[str, int]]]:
@@ -45,50 +60,25 @@ def _configs() -> list[tuple[str, dict[str, int]]]:
                         },
                     )
                 )
-    base = {
-        "KV_BITS": 8,
-        "KV_G": 1,
-        "KV_META_F16": 1,
-        "KV_K_AXIS_TOKEN": 0,
-        "KV_V_AXIS_TOKEN": 0,
-        "KV_K_QUANT": 0,
-        "KV_V_QUANT": 0,
-        "KV_HAS_BIAS": 0,
-        "KV_HAS_VALID": 0,
-    }
     for dt, d, bs, group, qlen in (
         (1, 64, 8, 1, 1),
         (2, 128, 16, 4, 1),
         (0, 256, 32, 8, 1),
         (1, 128, 16, 4, 4),
     ):
-        out.append(
-            (
-                "decode_attention",
-                {**base, "KV_DT": dt, "KV_D": d, "KV_BS": bs, "KV_GROUP": group, "KV_QLEN": qlen},
-            )
+        defines = kernels.attention_defines(
+            DT[dt], d, bs, group, qlen, None, None, has_bias=False, has_valid=False
         )
+        out.append(("decode_attention", defines))
     for bits in (2, 4, 8):  # KIVI: keys per channel (token axis), values per token
-        out.append(
-            (
-                "decode_attention",
-                {
-                    **base,
-                    "KV_DT": 1,
-                    "KV_D": 128,
-                    "KV_BS": 32,
-                    "KV_GROUP": 4,
-                    "KV_QLEN": 1,
-                    "KV_K_QUANT": 1,
-                    "KV_V_QUANT": 1,
-                    "KV_BITS": bits,
-                    "KV_G": 32,
-                    "KV_K_AXIS_TOKEN": 1,
-                    "KV_HAS_BIAS": 1,
-                    "KV_HAS_VALID": 1,
-                },
-            )
-        )
+        k_lay = Lay(bits, 32, 32, 128, "token", "float16")
+        v_lay = Lay(bits, 16, 32, 128, "channel", "float16")
+        defines = kernels.attention_defines(DT[1], 128, 32, 4, 1, k_lay, v_lay, True, True)
+        out.append(("decode_attention", defines))
+    k8 = Lay(8, 32, 32, 128, "channel", "float32")
+    out.append(
+        ("decode_attention", kernels.attention_defines(DT[2], 128, 32, 4, 1, k8, None, False, True))
+    )
     return out
 
 

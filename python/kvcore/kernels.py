@@ -39,6 +39,7 @@ __all__ = [
     "KERNEL_FILES",
     "SOURCE_DIR",
     "apply_merge",
+    "attention_defines",
     "attention_reference",
     "compact_pools",
     "cupy_available",
@@ -643,6 +644,38 @@ def attention_reference(
     return out.transpose(1, 2).contiguous()
 
 
+def attention_defines(
+    dtype: torch.dtype,
+    head_dim: int,
+    block_size: int,
+    group: int,
+    q_len: int,
+    k_layout: Layout | None,
+    v_layout: Layout | None,
+    has_bias: bool,
+    has_valid: bool,
+) -> dict[str, int]:
+    """The preamble of ``decode_attention.cu`` (quantized pages: one layout block per page)."""
+    lay = k_layout if k_layout is not None else v_layout
+    meta = lay.meta_dtype if lay is not None else "float16"
+    out = {
+        "KV_DT": _DT[dtype],
+        "KV_D": head_dim,
+        "KV_BS": block_size,
+        "KV_GROUP": group,
+        "KV_QLEN": q_len,
+        "KV_META_F16": int(meta == "float16"),
+        "KV_HAS_BIAS": int(has_bias),
+        "KV_HAS_VALID": int(has_valid),
+    }
+    for side, lay in (("K", k_layout), ("V", v_layout)):
+        out[f"KV_{side}_QUANT"] = int(lay is not None)
+        out[f"KV_{side}_BITS"] = lay.bits if lay is not None else 8
+        out[f"KV_{side}_G"] = lay.group_size if lay is not None else 1
+        out[f"KV_{side}_AXIS_TOKEN"] = int(lay is not None and lay.axis == "token")
+    return out
+
+
 def decode_attention(
     query: torch.Tensor,
     k_pool: torch.Tensor,
@@ -715,29 +748,17 @@ def decode_attention(
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         num_splits = max(1, min(math.ceil(max_len / 256), math.ceil(4 * sms / max(n_streams, 1))))
     split_len = max(1, math.ceil(max_len / num_splits))
-    defines = {
-        "KV_DT": _DT[query.dtype],
-        "KV_D": d,
-        "KV_BS": bs,
-        "KV_GROUP": group,
-        "KV_QLEN": q_len,
-        "KV_K_QUANT": int(k_layout is not None),
-        "KV_V_QUANT": int(v_layout is not None),
-        "KV_BITS": lay.bits if lay else 8,
-        "KV_G": lay.group_size if lay else 1,
-        "KV_META_F16": int(lay.meta_dtype == "float16") if lay else 1,
-        "KV_K_AXIS_TOKEN": int(k_layout is not None and k_layout.axis == "token"),
-        "KV_V_AXIS_TOKEN": int(v_layout is not None and v_layout.axis == "token"),
-        "KV_HAS_BIAS": int(bias is not None),
-        "KV_HAS_VALID": int(valid_u8 is not None),
-    }
-    if (
-        k_layout
-        and v_layout
-        and (k_layout.bits, k_layout.group_size, k_layout.meta_dtype)
-        != (v_layout.bits, v_layout.group_size, v_layout.meta_dtype)
-    ):
-        raise ValueError("k_layout and v_layout must share bits, group_size and meta_dtype")
+    for name, lay_ in (("k_layout", k_layout), ("v_layout", v_layout)):
+        if lay_ is not None and (lay_.num_tokens, lay_.head_dim) != (bs, d):
+            raise ValueError(
+                f"{name} must cover one page of (block_size={bs}, head_dim={d}) tokens, got "
+                f"({lay_.num_tokens}, {lay_.head_dim})"
+            )
+    if k_layout and v_layout and k_layout.meta_dtype != v_layout.meta_dtype:
+        raise ValueError("k_layout and v_layout must share meta_dtype")
+    defines = attention_defines(
+        query.dtype, d, bs, group, q_len, k_layout, v_layout, bias is not None, valid_u8 is not None
+    )
     ws_acc = torch.empty(n_streams, num_splits, rows, d, dtype=torch.float32, device=dev)
     ws_ml = torch.empty(n_streams, num_splits, rows, 2, dtype=torch.float32, device=dev)
     if out is None:

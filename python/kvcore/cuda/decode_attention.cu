@@ -13,9 +13,9 @@
 //   block_table[stream, p] -> block id;  token j lives in slot block * KV_BS + j % KV_BS
 //
 // Pages: KV_K_QUANT / KV_V_QUANT 0: rows of KV_D elements of dtype KV_DT; 1: one quantized
-// block per page, (num_blocks, KV_NBYTES) uint8 in the layout (KV_BITS, KV_G, KV_BS, KV_D,
-// axis KV_K_AXIS_TOKEN / KV_V_AXIS_TOKEN, meta KV_META_F16) of docs/layouts.md, dequantized
-// in registers. Optional per-slot inputs: KV_HAS_BIAS (float32 logit bias, the log-count of
+// block per page, (num_blocks, nbytes) uint8 in the layout (KV_K_BITS, KV_K_G, KV_BS, KV_D,
+// axis KV_K_AXIS_TOKEN, meta KV_META_F16) of docs/layouts.md for keys (KV_V_* for values),
+// dequantized in registers. Optional per-slot inputs: KV_HAS_BIAS (float32 logit bias, the log-count of
 // merged slots) and KV_HAS_VALID (uint8, 0 masks the slot).
 //
 // Each of the 4 warps takes every 4th token; lane l holds channels l, l + 32, ... (KV_D / 32
@@ -27,13 +27,7 @@
 #define KV_NEG_INF (-__int_as_float(0x7f800000))
 
 #if KV_K_QUANT || KV_V_QUANT
-#define KV_QMAX ((1 << KV_BITS) - 1)
-#define KV_NG (KV_BS * KV_D / KV_G)
-#define KV_CODES_BYTES (KV_BS * KV_D * KV_BITS / 8)
 #define KV_META_BYTES (KV_META_F16 ? 2 : 4)
-#define KV_SCALES_OFF ((KV_CODES_BYTES + KV_META_BYTES - 1) / KV_META_BYTES * KV_META_BYTES)
-#define KV_ZEROS_OFF (KV_SCALES_OFF + KV_NG * KV_META_BYTES)
-#define KV_NBYTES (KV_ZEROS_OFF + KV_NG * KV_META_BYTES)
 
 __device__ __forceinline__ float kv_meta_at(const unsigned char* p, int off) {
 #if KV_META_F16
@@ -44,20 +38,32 @@ __device__ __forceinline__ float kv_meta_at(const unsigned char* p, int off) {
 #endif
 }
 
-// Element (token off, channel c) of one quantized page, as code * scale + zero.
-__device__ __forceinline__ float kv_qget(const unsigned char* page, int off, int c, int axis_token) {
+// Bytes of one quantized page of KV_BS x KV_D values (docs/layouts.md section 3).
+__device__ __forceinline__ int kv_page_bytes(int bits, int group) {
+    int codes = KV_BS * KV_D * bits / 8;
+    int scales = (codes + KV_META_BYTES - 1) / KV_META_BYTES * KV_META_BYTES;
+    return scales + 2 * (KV_BS * KV_D / group) * KV_META_BYTES;
+}
+
+// Element (token off, channel c) of one quantized page, as code * scale + zero. bits, group
+// and axis are compile-time constants at every call site, so this folds to a few integer ops.
+__device__ __forceinline__ float kv_qget(const unsigned char* page, int off, int c, int bits,
+                                         int group, int axis_token) {
     int g, j;
     if (axis_token) {
-        g = (off / KV_G) * KV_D + c;
-        j = off % KV_G;
+        g = (off / group) * KV_D + c;
+        j = off % group;
     } else {
-        g = off * (KV_D / KV_G) + c / KV_G;
-        j = c % KV_G;
+        g = off * (KV_D / group) + c / group;
+        j = c % group;
     }
-    int i = g * KV_G + j;
-    unsigned int code = (page[i * KV_BITS / 8] >> ((i % (8 / KV_BITS)) * KV_BITS)) & KV_QMAX;
-    float scale = kv_meta_at(page, KV_SCALES_OFF + g * KV_META_BYTES);
-    float zero = kv_meta_at(page, KV_ZEROS_OFF + g * KV_META_BYTES);
+    int i = g * group + j;
+    int codes = KV_BS * KV_D * bits / 8;
+    int scales = (codes + KV_META_BYTES - 1) / KV_META_BYTES * KV_META_BYTES;
+    int zeros = scales + (KV_BS * KV_D / group) * KV_META_BYTES;
+    unsigned int code = (page[i * bits / 8] >> ((i % (8 / bits)) * bits)) & ((1u << bits) - 1u);
+    float scale = kv_meta_at(page, scales + g * KV_META_BYTES);
+    float zero = kv_meta_at(page, zeros + g * KV_META_BYTES);
     return __fadd_rn(__fmul_rn((float)code, scale), zero);
 }
 #endif
@@ -68,10 +74,11 @@ __device__ __forceinline__ float kv_warp_sum(float v) {
 }
 
 __device__ __forceinline__ float kv_page_get(const void* pool, kv_i64 block, int off, int c,
-                                             int quant, int axis_token) {
+                                             int quant, int bits, int group, int axis_token) {
 #if KV_K_QUANT || KV_V_QUANT
     if (quant)
-        return kv_qget((const unsigned char*)pool + block * (kv_i64)KV_NBYTES, off, c, axis_token);
+        return kv_qget((const unsigned char*)pool + block * (kv_i64)kv_page_bytes(bits, group),
+                       off, c, bits, group, axis_token);
 #endif
     return kv_load(pool, (block * KV_BS + off) * (kv_i64)KV_D + c, KV_DT);
 }
@@ -126,8 +133,10 @@ extern "C" __global__ void __launch_bounds__(KV_WARPS * 32) kv_decode_partial(
 #endif
         float kr[KV_PER_LANE], vr[KV_PER_LANE];
         for (int k = 0; k < KV_PER_LANE; ++k) {
-            kr[k] = kv_page_get(k_pool, block, off, lane + 32 * k, KV_K_QUANT, KV_K_AXIS_TOKEN);
-            vr[k] = kv_page_get(v_pool, block, off, lane + 32 * k, KV_V_QUANT, KV_V_AXIS_TOKEN);
+            kr[k] = kv_page_get(k_pool, block, off, lane + 32 * k, KV_K_QUANT, KV_K_BITS, KV_K_G,
+                                KV_K_AXIS_TOKEN);
+            vr[k] = kv_page_get(v_pool, block, off, lane + 32 * k, KV_V_QUANT, KV_V_BITS, KV_V_G,
+                                KV_V_AXIS_TOKEN);
         }
         for (int r = 0; r < KV_ROWS; ++r) {
             int t = r % KV_QLEN;
