@@ -16,7 +16,8 @@
 // unit[t] in {1, 2, 4, 8, 16} bytes divides the row size and the base address (the launcher
 // picks the widest); columns are contiguous across threads, so a warp reads whole rows.
 
-struct kv_u128 { unsigned long long a, b; };
+// alignas(16): one 16-byte load and store per unit, not two 8-byte ones
+struct alignas(16) kv_u128 { unsigned long long a, b; };
 
 extern "C" __global__ void kv_compact(
     const kv_u64* __restrict__ ptrs,      // (num_tensors,) base addresses
