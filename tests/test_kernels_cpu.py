@@ -200,6 +200,10 @@ LAYOUTS = [
     for bits, g in ((2, 16), (4, 8), (8, 32))
     for axis, t in (("channel", 4), ("token", 32))
     for meta in ("float16", "float32")
+] + [
+    # one token per block: KIVI values leaving the window, MiKV tiers
+    (bits, 32, 1, "channel", "float16")
+    for bits in (2, 4, 8)
 ]
 
 
@@ -230,7 +234,7 @@ def test_quantize_is_bit_identical_to_the_references(emu_build, bits, g, t, axis
     gen = torch.Generator().manual_seed(bits * 100 + g)
     x = torch.randn(3, 2, t, 64, generator=gen) * 3 + 0.5
     x[0, 0, 0, :16] = 1.25  # a constant group: scale 0, codes 0
-    x[0, 1, 1, :8] = -0.0  # signed zeros: metadata must be +0
+    x[0, 1, -1, :8] = -0.0  # signed zeros: metadata must be +0
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         xd = x.to(dtype).contiguous()
         got, err = emu_quantize(emu_build, xd, layout)
