@@ -12,6 +12,7 @@ pipeline prefills; presses kvpress cannot run on this model are recorded with th
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 import time
@@ -48,7 +49,6 @@ def main() -> int:
     ap.add_argument("--presses", type=str, default="", help="comma list; empty: all")
     args = ap.parse_args()
 
-    import kvpress
     import transformers
     from transformers import DynamicCache
 
@@ -74,7 +74,7 @@ def main() -> int:
     ops = (qc.dynamic_snapshot, qc.dynamic_restore, qc.dynamic_kv_bytes)
     results: dict[str, Any] = {
         "versions": {
-            "kvpress": getattr(kvpress, "__version__", "unknown"),
+            "kvpress": importlib.metadata.version("kvpress"),
             "transformers": transformers.__version__,
             "torch": torch.__version__,
         },
