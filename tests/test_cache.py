@@ -178,7 +178,7 @@ def test_ragged_per_head_budgets_shrink_storage():
 
 
 def test_padding_tokens_are_masked_then_evicted():
-    c = KVCache(1, H, D, block_size=BS, capacity=16, policy=get("knorm", 4))
+    c = KVCache(1, H, D, block_size=BS, capacity=16, policy=get("knorm", 4, skip_layers=()))
     k, v = kv(2, 6), kv(2, 6, 1)
     valid = torch.ones(2, 6, dtype=torch.bool)
     valid[1, :3] = False  # left padding
@@ -254,8 +254,12 @@ def test_errors_leave_the_cache_unchanged():
 
 
 def test_budget_errors():
-    with pytest.raises(ValueError, match=r"snapkv: budget 4 is below what the policy needs \(8"):
+    with pytest.raises(ValueError, match=r"snapkv: window \(8\) is larger than the budget \(4\)"):
         get("snapkv", 4, window=8)
+    with pytest.raises(TypeError, match=r"snapkv: unknown parameter\(s\) foo"):
+        get("snapkv", 4, foo=1)
+    with pytest.raises(TypeError, match="retrieval= is not an input"):
+        get("snapkv", 4, retrieval=torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"budget \(40\) is above the capacity \(16 tokens\)"):
         KVCache(L, H, D, capacity=16, policy=get("knorm", 40))
     with pytest.raises(ValueError, match="unknown policy 'nope'"):
@@ -346,3 +350,61 @@ def test_restore_refuses_after_a_compression():
     assert (c.stored_lengths() == lengths).all()
     with pytest.raises(TypeError, match="CacheSnapshot"):
         c.restore("not a snapshot")
+
+
+def test_razor_compensation_slot_is_the_mean_of_the_dropped_tokens():
+    """RazorAttention with compensation: sinks, one slot holding the mean of every dropped
+    K and V (counting them), then the window; a second compression folds the earlier slot
+    in by its count."""
+    pol = get("razor", 6, sinks=1, local_capacity=4, compensation="mean_logcount")
+    c = KVCache(1, H, D, block_size=BS, capacity=16, policy=pol, schedule=Schedule.decode(2))
+    k, v = kv(1, 10, 1), kv(1, 10, 2)
+    c.update(0, k, v)
+    c.flush()
+    assert (c.stored_lengths() == 4).all()
+    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    assert c.slot_pos[idx[0]].tolist() == [0, 1, 8, 9]  # sink, compensation (first dropped), window
+    assert c.slot_count[idx[0]].tolist() == [1.0, 7.0, 1.0, 1.0]
+    for h in range(H):
+        torch.testing.assert_close(c.k_pool.view(-1, D)[idx[h, 1]], k[0, h, 1:8].mean(0))
+        torch.testing.assert_close(c.v_pool.view(-1, D)[idx[h, 1]], v[0, h, 1:8].mean(0))
+    # attention applies the log-count bias: the slot weighs like its 7 tokens
+    k1, v1 = kv(1, 1, 3), kv(1, 1, 4)
+    c.update(0, k1, v1)
+    q = kv(1, 1, 5).repeat_interleave(2, 1)
+    out = c.attend(0, q)
+    for h in range(H):
+        kk = torch.cat([c.k_pool.view(-1, D)[idx[h]], k1[0, h]])
+        vv = torch.cat([c.v_pool.view(-1, D)[idx[h]], v1[0, h]])
+        bias = torch.tensor([0.0, math.log(7.0), 0.0, 0.0, 0.0])
+        for j in (2 * h, 2 * h + 1):
+            w = torch.softmax(q[0, j, 0] @ kk.T / math.sqrt(D) + bias, -1)
+            torch.testing.assert_close(out[0, 0, j], w @ vv, atol=1e-5, rtol=1e-5)
+    c.update(0, kv(1, 1, 6), kv(1, 1, 7))  # the second decode step compresses again
+    c.flush()
+    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    assert c.slot_count[idx[0]].tolist() == [1.0, 9.0, 1.0, 1.0]  # 7 + the two dropped
+    ref = (k[0, 0, 1:8].sum(0) + k[0, 0, 8] + k[0, 0, 9]) / 9
+    torch.testing.assert_close(c.k_pool.view(-1, D)[idx[0, 1]], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_registry_policies_equal_the_torch_references_on_tie_free_scores():
+    """snapkv / h2o / knorm / streaming through the registry keep what the torch reference
+    policies keep (same statistics, the registry's selection)."""
+    from kvcore.scoring import H2OPolicy, KNormPolicy, SnapKVPolicy, StreamingPolicy
+
+    cases = [
+        (get("snapkv", 6, window=2, kernel=3), SnapKVPolicy(6, window=2, kernel=3)),
+        (get("knorm", 6, skip_layers=()), KNormPolicy(6)),
+        (get("streaming", 6, sinks=2), StreamingPolicy(6, sinks=2)),
+        (get("h2o", 6), H2OPolicy(6)),
+    ]
+    for new, ref in cases:
+        kept = []
+        for pol in (new, ref):
+            c = KVCache(L, H, D, block_size=BS, capacity=32, policy=pol)
+            prefill(c, kv(1, 14), kv(1, 14, 1))
+            c.flush()
+            kept.append([c._gather_dense(layer)[0] for layer in range(L)])
+        for a, b in zip(*kept, strict=True):
+            assert torch.equal(a, b), new.name

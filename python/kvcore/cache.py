@@ -33,7 +33,7 @@ import torch
 
 from kvcore._kvcore import BlockAllocator, OutOfBlocksError
 from kvcore.attention import paged_attention
-from kvcore.scoring import ScoreInputs, TorchPolicy, select
+from kvcore.scoring import RegistryPolicy, ScoreInputs, TorchPolicy
 
 __all__ = ["KVCache", "Schedule", "rotate_keys"]
 
@@ -217,6 +217,8 @@ class KVCache:
         self._step: list[dict[str, Any] | None] = [None] * num_layers
         self._next_queries: list[torch.Tensor | None] = [None] * num_layers
         self.num_compressions = 0
+        # log(count) logit bias of merged slots in attend (RazorAttention "mean_logcount").
+        self.logcount_bias = getattr(policy, "compensation", "none") == "mean_logcount"
 
     # ------------------------------------------------------------------ set-up
 
@@ -256,6 +258,8 @@ class KVCache:
         self.slot_pos = torch.zeros(n_slots, dtype=torch.int64, device=self.device)
         self.slot_valid = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
         self.slot_score = torch.zeros(n_slots, dtype=torch.float32, device=self.device)
+        # Tokens each slot stands for (> 1 for a merged / compensation slot).
+        self.slot_count = torch.ones(n_slots, dtype=torch.float32, device=self.device)
         self.tables = alloc.create_tables(streams).reshape(
             batch, self.num_layers, self.num_kv_heads
         )
@@ -468,6 +472,7 @@ class KVCache:
             v_mask[:, None, :].expand(b, self.num_kv_heads, q).reshape(-1)
         )
         self.slot_score[slots.reshape(-1)] = 0.0
+        self.slot_count[slots.reshape(-1)] = 1.0
         self.lengths[:, layer_idx] += q
         self._seen[layer_idx] += q
         self._next_pos[layer_idx] += q
@@ -516,6 +521,8 @@ class KVCache:
         width = -(-int(prev.max()) // self.block_size) if prev.numel() else 0
         bt, _, _ = self.allocator.vllm_layout(tables)
         block_table = torch.from_numpy(bt[:, :width].astype(np.int64)).to(self.device)
+        if slot_bias is None and self.logcount_bias:
+            slot_bias = self.slot_count.log()
         return paged_attention(
             query,
             self.k_pool,
@@ -686,6 +693,7 @@ class KVCache:
             query_positions=None if obs is None else obs[1],
             query_valid=None if obs is None else obs[2],
             scaling=self.scaling,
+            num_layers=self.num_layers,
         )
         return inp, slots, tables
 
@@ -695,6 +703,9 @@ class KVCache:
         inp, slots, _ = self._score_inputs(layer, obs)
         add = window_attention(inp).reshape(slots.shape)
         ok = slots >= 0
+        decay = float(getattr(self.policy, "decay", 1.0))
+        if decay != 1.0:
+            self.slot_score[slots[ok]] *= decay
         self.slot_score[slots[ok]] += add[ok]
 
     def _compress_layer(
@@ -711,14 +722,19 @@ class KVCache:
             )
         inp, slots, tables = self._score_inputs(layer, obs)
         n_valid = inp.valid.sum(-1).cpu()
-        if bool((n_valid <= budgets[None, :]).all()) and bool(
-            (torch.from_numpy(lens) == n_valid).all()
-        ):
-            return  # under budget and no padding to drop: nothing to evict
-        # The selection: Rust select_topk when the extension has it (issue 3), else torch.
-        keep = select(
-            policy.score(inp), inp.valid, policy.force_keep(inp), budgets[None, :].expand(b, h)
-        )
+        no_padding = bool((torch.from_numpy(lens) == n_valid).all())
+        if isinstance(policy, RegistryPolicy):
+            # The registry decides (per-layer and per-head budgets, static patterns).
+            keep, comp = policy.keep(inp, budgets[None, :].expand(b, h))
+            if no_padding and bool((keep == inp.valid).all()):
+                return  # everything stays: nothing to evict
+        else:
+            if bool((n_valid <= budgets[None, :]).all()) and no_padding:
+                return  # under budget and no padding to drop: nothing to evict
+            # The selection: Rust select_topk when the extension has it (issue 3), else torch.
+            keep, comp = policy.keep(inp, budgets[None, :].expand(b, h))
+        if comp is not None:
+            keep = self._fold_dropped(keep, comp.to(keep.device), inp.valid, slots)
         keep_flat = keep.reshape(b * h, -1).cpu()
         counts = keep_flat.sum(-1)
         indptr = np.zeros(b * h + 1, dtype=np.int64)
@@ -731,12 +747,38 @@ class KVCache:
             dst = torch.from_numpy(dst_np).to(self.device)
             for pool in (self.k_pool.view(-1, self.head_dim), self.v_pool.view(-1, self.head_dim)):
                 pool[dst] = pool[src]
-            for arr in (self.slot_pos, self.slot_valid, self.slot_score):
+            for arr in (self.slot_pos, self.slot_valid, self.slot_score, self.slot_count):
                 arr[dst] = arr[src]
         self.lengths[:, layer] = counts.numpy().reshape(b, h)
         self.num_compressions += 1
         if self.positions == "compact":
             self._recompact_positions(layer, tables, counts, kept_pos)
+
+    def _fold_dropped(
+        self, keep: torch.Tensor, comp: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
+        """Fold each ``comp`` row's dropped tokens into one slot (RazorAttention's
+        compensation token): the count-weighted mean of their K and V is written into the
+        first dropped token's slot, which is kept and counts them all (``slot_count``)."""
+        b, h, t = keep.shape
+        dropped = (valid & ~keep & comp[..., None]).reshape(b * h, t)
+        rows = torch.nonzero(dropped.any(-1), as_tuple=True)[0]
+        if rows.numel() == 0:
+            return keep
+        keep = keep.clone().reshape(b * h, t)
+        flat_slots = slots.reshape(b * h, t)
+        d = self.head_dim
+        kp, vp = self.k_pool.view(-1, d), self.v_pool.view(-1, d)
+        for r in rows.tolist():
+            idx = torch.nonzero(dropped[r], as_tuple=True)[0]
+            s = flat_slots[r, idx]
+            w = self.slot_count[s][:, None]
+            host = s[0]
+            kp[host] = ((kp[s].float() * w).sum(0) / w.sum()).to(kp.dtype)
+            vp[host] = ((vp[s].float() * w).sum(0) / w.sum()).to(vp.dtype)
+            self.slot_count[host] = w.sum()
+            keep[r, idx[0]] = True
+        return keep.reshape(b, h, t)
 
     def _recompact_positions(
         self, layer: int, tables: np.ndarray, counts: torch.Tensor, old_pos: torch.Tensor
