@@ -408,3 +408,67 @@ def test_registry_policies_equal_the_torch_references_on_tie_free_scores():
             kept.append([c._gather_dense(layer)[0] for layer in range(L)])
         for a, b in zip(*kept, strict=True):
             assert torch.equal(a, b), new.name
+
+
+@pytest.mark.parametrize("fmt,bits", [("int8", 8), ("int4", 4), ("int2", 2)])
+def test_quantized_pages_round_trip_and_shrink_memory(fmt, bits):
+    from kvcore.quant import dequantize, quantize
+
+    layout = kvcore.QuantLayout(bits, D, 1, D, "channel", "float16")
+    c = KVCache(L, H, D, capacity=16, block_size=BS, kv_format=fmt)
+    native = KVCache(L, H, D, capacity=16, block_size=BS)
+    k, v = kv(2, 11, 1), kv(2, 11, 2)
+    keys, values = c.update(0, k, v)
+    native.update(0, k, v)
+    # what is stored is issue 4's torch reference, bit for bit
+    want_k = dequantize(quantize(k.reshape(-1, 1, D), layout), layout).reshape(k.shape)
+    assert torch.equal(keys, want_k)
+    assert c.k_pool.dtype == torch.uint8 and c.k_pool.shape[-1] == layout.nbytes
+    # error bound: half a quantization step per token (+ float16 metadata rounding)
+    step = (k.amax(-1, keepdim=True) - k.amin(-1, keepdim=True)) / (2**bits - 1)
+    assert ((keys - k).abs() <= step / 2 + 1e-3 * k.abs().amax()).all()
+    assert ((values - v).abs() <= (v.amax(-1, True) - v.amin(-1, True)) / (2**bits - 1)).all()
+    # the real bytes: slots of layout.nbytes instead of D float32 values
+    assert c.memory_bytes() == c.k_pool.nbytes + c.v_pool.nbytes
+    assert c.memory_bytes() * (D * 4) == native.memory_bytes() * layout.nbytes
+    assert c.used_bytes() == c.allocator.num_used_blocks * 2 * BS * layout.nbytes
+    # attention reads (dequantizes) the pages: equal to dense attention on the stored values
+    k1, v1 = kv(2, 1, 4), kv(2, 1, 5)
+    keys, values = c.update(0, k1, v1)
+    q = kv(2, 1, 6).repeat_interleave(2, 1)
+    ref = dense_reference(
+        q, torch.cat([keys[:, :, :11], k1], 2), torch.cat([values[:, :, :11], v1], 2)
+    )
+    torch.testing.assert_close(c.attend(0, q), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_cache_compresses_and_folds_like_the_native_one():
+    pol = get("razor", 6, sinks=1, local_capacity=4)
+    c = KVCache(1, H, D, block_size=BS, capacity=16, policy=pol, kv_format="int8")
+    k, v = kv(1, 10, 1), kv(1, 10, 2)
+    c.update(0, k, v)
+    c.flush()
+    assert (c.stored_lengths() == 4).all() and c.allocator.num_used_blocks == H
+    stored_k, _ = c._gather_dense(0)
+    # the compensation slot is the (re-quantized) mean of the dropped tokens
+    torch.testing.assert_close(stored_k[0, :, 1], k[0, :, 1:8].mean(1), atol=0.05, rtol=0)
+
+
+def test_quantized_format_errors_leave_the_cache_unchanged():
+    with pytest.raises(ValueError, match="kv_format must be one of"):
+        KVCache(L, H, D, kv_format="int3")
+    with pytest.raises(ValueError, match="group"):
+        KVCache(L, H, D, kv_format="int4", quant_group=3)
+    with pytest.raises(ValueError, match="quant_group needs a quantized kv_format"):
+        KVCache(L, H, D, quant_group=4)
+    c = KVCache(L, H, D, capacity=16, block_size=BS, kv_format="int4")
+    with pytest.raises(ValueError, match="non-finite"):
+        c.update(0, torch.full((1, H, 2, D), float("nan")), kv(1, 2))
+    assert not c.initialized
+    c.update(0, kv(1, 3), kv(1, 3))
+    before = c.k_pool.clone()
+    bad = kv(1, 2)
+    bad[0, 0, 1, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        c.update(0, bad, kv(1, 2))
+    assert torch.equal(c.k_pool, before) and c.stored_lengths(0).tolist() == [[3, 3]]

@@ -310,3 +310,25 @@ def test_razor_mean_logcount_needs_the_kvcore_attention():
     cache = kh.compressed_cache(model, "razor", 8, **params)
     with pytest.raises(ValueError, match="log\\(count\\) logit bias"):
         generate(model, cache, ids, mask, n=2)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int2"])
+def test_quantized_cache_generates_on_the_tiny_model(fmt):
+    model = tiny("kvcore")
+    ids, mask = batch(pad=3)
+    ref = kh.compressed_cache(model, None, 0)
+    cache = kh.compressed_cache(model, None, 0, kv_format=fmt, quant_group=8)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, past_key_values=ref).logits[:, -1]
+        q = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
+    # the prompt attends its own (unquantized) step: the first logits are the same
+    torch.testing.assert_close(q, full, atol=1e-5, rtol=1e-5)
+    out = generate(
+        model, kh.compressed_cache(model, "snapkv", 8, window=4, kv_format=fmt), ids, mask, n=4
+    )
+    assert out.shape == (2, 28)
+    assert cache.memory_bytes() < ref.memory_bytes() / 2
+    if fmt == "int8":  # 8-bit pages: the next steps follow the full-precision ones
+        a = generate(model, kh.compressed_cache(model, None, 0), ids, mask, n=4)
+        b = generate(model, kh.compressed_cache(model, None, 0, kv_format=fmt), ids, mask, n=4)
+        assert torch.equal(a, b)

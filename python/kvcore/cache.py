@@ -31,11 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvcore._kvcore import BlockAllocator, OutOfBlocksError
+from kvcore._kvcore import BlockAllocator, OutOfBlocksError, QuantLayout
 from kvcore.attention import paged_attention
 from kvcore.scoring import RegistryPolicy, ScoreInputs, TorchPolicy
 
 __all__ = ["KVCache", "Schedule", "rotate_keys"]
+
+_BITS = {"native": 0, "int8": 8, "int4": 4, "int2": 2}
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,12 @@ class KVCache:
         rope: the RoPE ``inv_freq`` ``(R / 2,)`` of every layer (one tensor, or one per
             layer), needed by ``positions="compact"``.
         scaling: attention softmax scale for scoring (default ``head_dim ** -0.5``).
+        kv_format: ``"native"`` (the pools hold ``dtype`` vectors) or ``"int8"``, ``"int4"``,
+            ``"int2"``: every slot holds one quantized token of issue 4's layout
+            ``QuantLayout(bits, quant_group, 1, head_dim, "channel", "float16")`` (packed
+            codes, then one float16 scale and zero point per group), written by
+            :func:`kvcore.quant.quantize` and dequantized to ``dtype`` when read.
+        quant_group: channels per quantization group (default ``min(32, head_dim)``).
 
     Raises:
         ValueError: bad sizes, a budget above the capacity or below the policy's needs.
@@ -163,6 +171,8 @@ class KVCache:
         positions: str = "original",
         rope: torch.Tensor | Sequence[torch.Tensor] | None = None,
         scaling: float | None = None,
+        kv_format: str = "native",
+        quant_group: int | None = None,
     ) -> None:
         for name, v in (
             ("num_layers", num_layers),
@@ -182,6 +192,20 @@ class KVCache:
             raise ValueError(f"positions must be 'original' or 'compact', got {positions!r}")
         if positions == "compact" and rope is None:
             raise ValueError("positions='compact' needs rope= (the layers' RoPE inv_freq)")
+        if kv_format not in _BITS:
+            raise ValueError(
+                f"kv_format must be one of {', '.join(map(repr, _BITS))}, got {kv_format!r}"
+            )
+        self.kv_format = kv_format
+        self.layout: QuantLayout | None = None
+        if kv_format != "native":
+            g = min(32, head_dim) if quant_group is None else quant_group
+            if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+                raise ValueError(f"quant_group must be an int >= 1, got {quant_group!r}")
+            # QuantLayout raises ValueError naming the broken rule (divides D, whole bytes).
+            self.layout = QuantLayout(_BITS[kv_format], g, 1, head_dim, "channel", "float16")
+        elif quant_group is not None:
+            raise ValueError("quant_group needs a quantized kv_format")
         if policy is not None and not isinstance(policy, TorchPolicy):
             raise TypeError(f"policy must be a kvcore.scoring.TorchPolicy, got {policy!r}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
@@ -228,8 +252,7 @@ class KVCache:
 
     def _init(self, batch: int, first_len: int) -> None:
         streams = batch * self.num_layers * self.num_kv_heads
-        itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        block_bytes = 2 * self.block_size * self.head_dim * itemsize
+        block_bytes = 2 * self.block_size * self.slot_bytes
         if self._capacity_bytes is not None:
             blocks_per_stream = (self._capacity_bytes // block_bytes - 1) // streams
             if blocks_per_stream < 1:
@@ -251,9 +274,14 @@ class KVCache:
             )
         num_blocks = streams * blocks_per_stream + 1
         alloc = BlockAllocator(num_blocks=num_blocks, block_size=self.block_size)
-        shape = (num_blocks, self.block_size, self.head_dim)
-        self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.layout is None:
+            shape = (num_blocks, self.block_size, self.head_dim)
+            self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        else:  # one quantized token (codes + float16 scales and zeros) per slot
+            shape = (num_blocks, self.block_size, self.layout.nbytes)
+            self.k_pool = torch.zeros(shape, dtype=torch.uint8, device=self.device)
+            self.v_pool = torch.zeros(shape, dtype=torch.uint8, device=self.device)
         n_slots = num_blocks * self.block_size
         self.slot_pos = torch.zeros(n_slots, dtype=torch.int64, device=self.device)
         self.slot_valid = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
@@ -266,6 +294,36 @@ class KVCache:
         self.lengths = np.zeros((batch, self.num_layers, self.num_kv_heads), dtype=np.int64)
         self.batch_size = batch
         self.allocator = alloc
+
+    # ------------------------------------------------------------------ slot storage
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one token of one head in a pool (K or V): ``head_dim`` values of
+        ``dtype``, or the quantized layout's exact ``nbytes``."""
+        if self.layout is not None:
+            return int(self.layout.nbytes)
+        return self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` vectors -> what a pool slot stores (quantized bytes when quantized)."""
+        if self.layout is None:
+            return x.to(self.dtype)
+        from kvcore.quant import quantize
+
+        return quantize(x.reshape(-1, 1, self.head_dim), self.layout)
+
+    def _read(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` vectors in ``dtype`` of the given slots (dequantized when quantized)."""
+        flat = pool.view(-1, pool.shape[-1])[slots]
+        if self.layout is None:
+            return flat
+        from kvcore.quant import dequantize
+
+        return dequantize(flat, self.layout).reshape(-1, self.head_dim).to(self.dtype)
+
+    def _write(self, pool: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+        pool.view(-1, pool.shape[-1])[slots] = self._encode(x)
 
     # ------------------------------------------------------------------ sizes
 
@@ -281,7 +339,7 @@ class KVCache:
         if self.allocator is None:
             return 0
         self.flush()
-        per_block = 2 * self.block_size * self.head_dim * self.k_pool.element_size()
+        per_block = 2 * self.block_size * self.slot_bytes
         return int(self.allocator.num_used_blocks) * per_block
 
     def stored_lengths(self, layer_idx: int | None = None) -> np.ndarray:
@@ -442,6 +500,14 @@ class KVCache:
         assert self.allocator is not None
         tables = self.tables[:, layer_idx].reshape(-1)
         prev = self.lengths[:, layer_idx].reshape(-1).copy()
+        try:  # encode first: a value quantization rejects (NaN, inf) changes nothing
+            k_enc = self._encode(key_states.reshape(-1, self.head_dim))
+            v_enc = self._encode(value_states.reshape(-1, self.head_dim))
+        except Exception:
+            if fresh:
+                self.allocator = None
+                self.k_pool = self.v_pool = torch.empty(0)
+            raise
         if int(prev.max()) + q > self.capacity:
             if fresh:
                 self.allocator = None
@@ -458,9 +524,8 @@ class KVCache:
                 self.k_pool = self.v_pool = torch.empty(0)
             raise
         slots = torch.from_numpy(slots_np).to(self.device).reshape(b, self.num_kv_heads, q)
-        d = self.head_dim
-        self.k_pool.view(-1, d)[slots.reshape(-1)] = key_states.reshape(-1, d)
-        self.v_pool.view(-1, d)[slots.reshape(-1)] = value_states.reshape(-1, d)
+        self.k_pool.view(-1, self.k_pool.shape[-1])[slots.reshape(-1)] = k_enc
+        self.v_pool.view(-1, self.v_pool.shape[-1])[slots.reshape(-1)] = v_enc
         pos = self._next_pos[layer_idx] + torch.arange(q, device=self.device)
         self.slot_pos[slots.reshape(-1)] = pos.expand(b, self.num_kv_heads, q).reshape(-1)
         v_mask = (
@@ -523,13 +588,26 @@ class KVCache:
         block_table = torch.from_numpy(bt[:, :width].astype(np.int64)).to(self.device)
         if slot_bias is None and self.logcount_bias:
             slot_bias = self.slot_count.log()
+        k_pool, v_pool, slot_valid = self.k_pool, self.v_pool, self.slot_valid
+        if self.layout is not None:
+            # Dequantize only the pages this step reads, into a small dense pool of
+            # (streams * width) blocks; the slot metadata is gathered the same way.
+            bs = self.block_size
+            pages = block_table.reshape(-1)
+            page_slots = (pages[:, None] * bs + torch.arange(bs, device=self.device)).reshape(-1)
+            k_pool = self._read(self.k_pool, page_slots).reshape(-1, bs, self.head_dim)
+            v_pool = self._read(self.v_pool, page_slots).reshape(-1, bs, self.head_dim)
+            slot_valid = self.slot_valid[page_slots]
+            if slot_bias is not None:
+                slot_bias = slot_bias[page_slots]
+            block_table = torch.arange(pages.numel(), device=self.device).reshape(block_table.shape)
         return paged_attention(
             query,
-            self.k_pool,
-            self.v_pool,
+            k_pool,
+            v_pool,
             block_table,
             prev.to(self.device),
-            slot_valid=self.slot_valid,
+            slot_valid=slot_valid,
             new_keys=st["keys"],
             new_values=st["values"],
             new_valid=st["valid"],
@@ -560,8 +638,8 @@ class KVCache:
         slots, mask = self._slots(tables, self.lengths[:, layer_idx].reshape(-1))
         idx = slots.clamp(min=0).reshape(-1)
         b, h, d = self.batch_size, self.num_kv_heads, self.head_dim
-        k = self.k_pool.view(-1, d)[idx].reshape(b, h, -1, d)
-        v = self.v_pool.view(-1, d)[idx].reshape(b, h, -1, d)
+        k = self._read(self.k_pool, idx).reshape(b, h, -1, d)
+        v = self._read(self.v_pool, idx).reshape(b, h, -1, d)
         m = mask.reshape(b, h, -1, 1)
         return k * m, v * m
 
@@ -685,7 +763,7 @@ class KVCache:
         shape = (b, h, -1)
         inp = ScoreInputs(
             layer_idx=layer,
-            keys=self.k_pool.view(-1, d)[idx.reshape(-1)].reshape(b, h, -1, d),
+            keys=self._read(self.k_pool, idx.reshape(-1)).reshape(b, h, -1, d),
             valid=(mask & self.slot_valid[idx]).reshape(shape),
             positions=self.slot_pos[idx].reshape(shape),
             accumulated=self.slot_score[idx].reshape(shape),
@@ -745,8 +823,9 @@ class KVCache:
         if len(src_np):
             src = torch.from_numpy(src_np).to(self.device)
             dst = torch.from_numpy(dst_np).to(self.device)
-            for pool in (self.k_pool.view(-1, self.head_dim), self.v_pool.view(-1, self.head_dim)):
-                pool[dst] = pool[src]
+            for pool in (self.k_pool, self.v_pool):
+                flat = pool.view(-1, pool.shape[-1])
+                flat[dst] = flat[src]
             for arr in (self.slot_pos, self.slot_valid, self.slot_score, self.slot_count):
                 arr[dst] = arr[src]
         self.lengths[:, layer] = counts.numpy().reshape(b, h)
@@ -767,15 +846,14 @@ class KVCache:
             return keep
         keep = keep.clone().reshape(b * h, t)
         flat_slots = slots.reshape(b * h, t)
-        d = self.head_dim
-        kp, vp = self.k_pool.view(-1, d), self.v_pool.view(-1, d)
         for r in rows.tolist():
             idx = torch.nonzero(dropped[r], as_tuple=True)[0]
             s = flat_slots[r, idx]
             w = self.slot_count[s][:, None]
-            host = s[0]
-            kp[host] = ((kp[s].float() * w).sum(0) / w.sum()).to(kp.dtype)
-            vp[host] = ((vp[s].float() * w).sum(0) / w.sum()).to(vp.dtype)
+            host = s[:1]
+            for pool in (self.k_pool, self.v_pool):
+                mean = (self._read(pool, s).float() * w).sum(0, keepdim=True) / w.sum()
+                self._write(pool, host, mean.to(self.dtype))
             self.slot_count[host] = w.sum()
             keep[r, idx[0]] = True
         return keep.reshape(b, h, t)
@@ -794,7 +872,8 @@ class KVCache:
         flat = slots.reshape(-1)
         new_pos = torch.arange(n, device=self.device).repeat(len(tables))
         delta = new_pos - old_pos.to(self.device)
-        kp = self.k_pool.view(-1, self.head_dim)
-        kp[flat] = rotate_keys(kp[flat], delta, self._rope[layer])
+        self._write(
+            self.k_pool, flat, rotate_keys(self._read(self.k_pool, flat), delta, self._rope[layer])
+        )
         self.slot_pos[flat] = new_pos
         self._next_pos[layer] = n

@@ -256,6 +256,8 @@ def compressed_cache(
     capacity: int | None = None,
     capacity_bytes: int | None = None,
     block_size: int = 16,
+    kv_format: str = "native",
+    quant_group: int | None = None,
     **policy_params: Any,
 ) -> KVCoreCache:
     """A ready :class:`KVCoreCache` for ``model`` (hooks installed).
@@ -266,7 +268,8 @@ def compressed_cache(
             :func:`kvcore.scoring.get`), a policy, or None (no eviction).
         budget: tokens per (layer, kv-head) kept after compression, or a
             ``(num_layers, num_kv_heads)`` int tensor.
-        schedule, positions, capacity, capacity_bytes, block_size: see :class:`KVCache`.
+        schedule, positions, capacity, capacity_bytes, block_size, kv_format, quant_group:
+            see :class:`KVCache` (``kv_format="int4"`` stores quantized pages).
         **policy_params: passed to the policy (e.g. ``window=16``).
     """
     cfg = model.config
@@ -291,6 +294,8 @@ def compressed_cache(
         schedule=schedule,
         positions=positions,
         rope=_rope(model) if positions == "compact" else None,
+        kv_format=kv_format,
+        quant_group=quant_group,
     )
     install(model)
     return KVCoreCache(kv)
