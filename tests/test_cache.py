@@ -472,3 +472,74 @@ def test_quantized_format_errors_leave_the_cache_unchanged():
     with pytest.raises(ValueError, match="non-finite"):
         c.update(0, bad, kv(1, 2))
     assert torch.equal(c.k_pool, before) and c.stored_lengths(0).tolist() == [[3, 3]]
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.2])
+def test_ems_merge_matches_the_plan_and_the_merge_book(threshold):
+    """merge="ems": the evicted tokens merge into the kept ones exactly as issue 4's
+    ems_plan + MergePlan.apply say, slot counts follow MergeBook across two compressions,
+    and attention adds log(count) to each slot's logit."""
+    from kvcore.merge import attention_with_bias
+
+    pol = get("knorm", 4, skip_layers=())
+    c = KVCache(
+        1,
+        H,
+        D,
+        block_size=BS,
+        capacity=16,
+        policy=pol,
+        schedule=Schedule.decode(3),
+        merge="ems",
+        merge_threshold=threshold,
+    )
+    k, v = kv(1, 12, 1), kv(1, 12, 2)
+    c.update(0, k, v)
+    books, ref_k, ref_v = [], [], []
+    for h in range(H):
+        keep = np.sort(torch.topk(-k[0, h].norm(dim=-1), 4).indices.numpy())
+        plan = kvcore.ems_plan(k[0, h].numpy(), np.zeros(12, np.float32), keep, threshold)
+        book = kvcore.MergeBook(12)
+        assert np.array_equal(book.apply(plan), keep)
+        books.append(book)
+        ref_k.append(plan.apply(k[0, h].numpy())[keep])
+        ref_v.append(plan.apply(v[0, h].numpy())[keep])
+    c.flush()
+    assert (c.stored_lengths() == 4).all() and c.allocator.num_used_blocks == H
+    stored_k, stored_v = c._gather_dense(0)
+    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    for h in range(H):
+        torch.testing.assert_close(stored_k[0, h], torch.from_numpy(ref_k[h]))
+        torch.testing.assert_close(stored_v[0, h], torch.from_numpy(ref_v[h]))
+        torch.testing.assert_close(c.slot_count[idx[h]].double(), torch.from_numpy(books[h].mass))
+    if threshold == -1.0:  # every evicted token merged: the counts add up to all 12 tokens
+        assert c.slot_count[idx].sum().item() == H * 12
+    # a decode step attends with the log-count bias
+    k1, v1 = kv(1, 1, 3), kv(1, 1, 4)
+    c.update(0, k1, v1)
+    q = kv(1, 1, 5).repeat_interleave(2, 1)
+    out = c.attend(0, q)
+    for h in range(H):
+        kk, vv = torch.cat([stored_k[0, h], k1[0, h]]), torch.cat([stored_v[0, h], v1[0, h]])
+        bias = torch.cat([c.slot_count[idx[h]].log(), torch.zeros(1)])
+        ref = attention_with_bias(q[0, 2 * h : 2 * h + 2, 0], kk, vv, bias)
+        torch.testing.assert_close(out[0, 0, 2 * h : 2 * h + 2], ref, atol=1e-5, rtol=1e-5)
+    # two more steps: the second compression merges again, counts carried by compaction
+    for step in range(2):
+        c.update(0, kv(1, 1, 6 + step), kv(1, 1, 8 + step))
+    stored = c._gather_dense(0)[0]  # 7 tokens per head, before the pending compression
+    c.flush()
+    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    for h in range(H):
+        keep = np.sort(torch.topk(-stored[0, h].norm(dim=-1), 4).indices.numpy())
+        plan = kvcore.ems_plan(stored[0, h].numpy(), np.zeros(7, np.float32), keep, threshold)
+        books[h].extend(3)
+        books[h].apply(plan)
+        torch.testing.assert_close(c.slot_count[idx[h]].double(), torch.from_numpy(books[h].mass))
+
+
+def test_merge_option_errors():
+    with pytest.raises(ValueError, match="merge must be None or 'ems'"):
+        KVCache(L, H, D, merge="mean")
+    with pytest.raises(ValueError, match=r"merge_threshold must be a float in \[-1, 1\]"):
+        KVCache(L, H, D, merge="ems", merge_threshold=2.0)

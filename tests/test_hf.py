@@ -332,3 +332,19 @@ def test_quantized_cache_generates_on_the_tiny_model(fmt):
         a = generate(model, kh.compressed_cache(model, None, 0), ids, mask, n=4)
         b = generate(model, kh.compressed_cache(model, None, 0, kv_format=fmt), ids, mask, n=4)
         assert torch.equal(a, b)
+
+
+def test_ems_merged_cache_generates_with_the_kvcore_attention():
+    model = tiny("kvcore")
+    ids, mask = batch(pad=3)
+    cache = kh.compressed_cache(model, "snapkv", 8, window=4, merge="ems", merge_threshold=-1.0)
+    out = generate(model, cache, ids, mask, n=3)
+    assert out.shape == (2, 27)
+    kv = cache.kv
+    idx, _ = kv._slots(kv.tables[0, 0].reshape(-1), kv.lengths[0, 0].reshape(-1))
+    # row 0 (no padding): every evicted prompt token was merged into a kept slot
+    assert kv.slot_count[idx[:, :8]].sum(-1).tolist() == [24.0, 24.0]
+    model = tiny("sdpa")
+    cache = kh.compressed_cache(model, "snapkv", 8, window=4, merge="ems")
+    with pytest.raises(ValueError, match="log\\(count\\) logit bias"):
+        generate(model, cache, ids, mask, n=2)

@@ -150,6 +150,13 @@ class KVCache:
             codes, then one float16 scale and zero point per group), written by
             :func:`kvcore.quant.quantize` and dequantized to ``dtype`` when read.
         quant_group: channels per quantization group (default ``min(32, head_dim)``).
+        merge: None (evicted tokens are dropped) or ``"ems"``: each compression merges the
+            tokens the policy evicts into kept ones with issue 4's ``kvcore.ems_plan`` (a
+            token joins the kept token with the most similar key when the cosine is >=
+            ``merge_threshold``, else it is dropped; a center becomes the attention-weighted
+            mean). ``slot_count`` follows ``MergeBook``'s mass rule and :meth:`attend` adds
+            ``log(count)`` to each slot's logit.
+        merge_threshold: EMS's cosine threshold, in ``[-1, 1]``.
 
     Raises:
         ValueError: bad sizes, a budget above the capacity or below the policy's needs.
@@ -173,6 +180,8 @@ class KVCache:
         scaling: float | None = None,
         kv_format: str = "native",
         quant_group: int | None = None,
+        merge: str | None = None,
+        merge_threshold: float = 0.5,
     ) -> None:
         for name, v in (
             ("num_layers", num_layers),
@@ -206,6 +215,16 @@ class KVCache:
             self.layout = QuantLayout(_BITS[kv_format], g, 1, head_dim, "channel", "float16")
         elif quant_group is not None:
             raise ValueError("quant_group needs a quantized kv_format")
+        if merge not in (None, "ems"):
+            raise ValueError(f"merge must be None or 'ems', got {merge!r}")
+        if (
+            not isinstance(merge_threshold, (int, float))
+            or isinstance(merge_threshold, bool)
+            or not -1.0 <= float(merge_threshold) <= 1.0
+        ):
+            raise ValueError(f"merge_threshold must be a float in [-1, 1], got {merge_threshold!r}")
+        self.merge = merge
+        self.merge_threshold = float(merge_threshold)
         if policy is not None and not isinstance(policy, TorchPolicy):
             raise TypeError(f"policy must be a kvcore.scoring.TorchPolicy, got {policy!r}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
@@ -242,7 +261,9 @@ class KVCache:
         self._next_queries: list[torch.Tensor | None] = [None] * num_layers
         self.num_compressions = 0
         # log(count) logit bias of merged slots in attend (RazorAttention "mean_logcount").
-        self.logcount_bias = getattr(policy, "compensation", "none") == "mean_logcount"
+        self.logcount_bias = (
+            getattr(policy, "compensation", "none") == "mean_logcount" or merge is not None
+        )
 
     # ------------------------------------------------------------------ set-up
 
@@ -813,6 +834,8 @@ class KVCache:
             keep, comp = policy.keep(inp, budgets[None, :].expand(b, h))
         if comp is not None:
             keep = self._fold_dropped(keep, comp.to(keep.device), inp.valid, slots)
+        if self.merge == "ems":
+            self._merge_evicted(inp, keep, slots)
         keep_flat = keep.reshape(b * h, -1).cpu()
         counts = keep_flat.sum(-1)
         indptr = np.zeros(b * h + 1, dtype=np.int64)
@@ -857,6 +880,55 @@ class KVCache:
             self.slot_count[host] = w.sum()
             keep[r, idx[0]] = True
         return keep.reshape(b, h, t)
+
+    def _merge_evicted(self, inp: ScoreInputs, keep: torch.Tensor, slots: torch.Tensor) -> None:
+        """EMS merge of each stream's evicted valid tokens into its kept ones (issue 4's
+        ``ems_plan``, applied to K and V in place; the kept set does not change)."""
+        from kvcore._kvcore import ems_plan
+        from kvcore.merge import apply_plan
+
+        b, h, t = keep.shape
+        valid = inp.valid.reshape(b * h, t).cpu()
+        kept = keep.reshape(b * h, t).cpu()
+        flat_slots = slots.reshape(b * h, t)
+        if inp.queries is not None:
+            from kvcore.scoring import window_attention
+
+            attn = window_attention(inp)
+        else:
+            attn = inp.accumulated
+        attn = attn.reshape(b * h, t).float().clamp(min=0.0).cpu()
+        for r in range(b * h):
+            idx = torch.nonzero(valid[r], as_tuple=True)[0]
+            retained = torch.nonzero(kept[r][idx], as_tuple=True)[0]
+            if len(retained) == len(idx) or len(retained) == 0:
+                continue
+            s = flat_slots[r, idx]
+            keys = self._read(self.k_pool, s).float()
+            plan = ems_plan(
+                np.ascontiguousarray(keys.cpu().numpy()),
+                np.ascontiguousarray(attn[r, idx].numpy()),
+                retained.numpy().astype(np.int64),
+                self.merge_threshold,
+            )
+            if len(plan.src) == 0:
+                continue
+            assert np.array_equal(plan.kept_positions(), retained.numpy())
+            dst = torch.from_numpy(plan.dst).to(self.device)
+            for pool, x in ((self.k_pool, keys), (self.v_pool, self._read(self.v_pool, s))):
+                merged = apply_plan(plan, x.float())
+                self._write(pool, s[torch.unique(dst)], merged[torch.unique(dst)].to(self.dtype))
+            # MergeBook's mass rule: a removed source hands its mass to its destinations in
+            # proportion to the entry weights; kept slots keep theirs.
+            mass = self.slot_count[s].double()
+            src_t = torch.from_numpy(plan.src).to(self.device)
+            w = torch.from_numpy(plan.weight).to(self.device, torch.float64)
+            moved = ~kept[r][idx].to(self.device)[src_t]
+            w = torch.where(moved, w, torch.zeros_like(w))
+            tot = torch.zeros_like(mass).index_add_(0, src_t, w)
+            share = torch.where(moved, w / tot[src_t].clamp(min=1e-300), torch.zeros_like(w))
+            new = mass.clone().index_add_(0, dst, mass[src_t] * share)
+            self.slot_count[s] = new.float()
 
     def _recompact_positions(
         self, layer: int, tables: np.ndarray, counts: torch.Tensor, old_pos: torch.Tensor

@@ -258,6 +258,8 @@ def compressed_cache(
     block_size: int = 16,
     kv_format: str = "native",
     quant_group: int | None = None,
+    merge: str | None = None,
+    merge_threshold: float = 0.5,
     **policy_params: Any,
 ) -> KVCoreCache:
     """A ready :class:`KVCoreCache` for ``model`` (hooks installed).
@@ -268,8 +270,9 @@ def compressed_cache(
             :func:`kvcore.scoring.get`), a policy, or None (no eviction).
         budget: tokens per (layer, kv-head) kept after compression, or a
             ``(num_layers, num_kv_heads)`` int tensor.
-        schedule, positions, capacity, capacity_bytes, block_size, kv_format, quant_group:
-            see :class:`KVCache` (``kv_format="int4"`` stores quantized pages).
+        schedule, positions, capacity, capacity_bytes, block_size, kv_format, quant_group,
+        merge, merge_threshold: see :class:`KVCache` (``kv_format="int4"`` stores quantized
+            pages, ``merge="ems"`` merges evicted tokens into kept ones).
         **policy_params: passed to the policy (e.g. ``window=16``).
     """
     cfg = model.config
@@ -296,6 +299,8 @@ def compressed_cache(
         rope=_rope(model) if positions == "compact" else None,
         kv_format=kv_format,
         quant_group=quant_group,
+        merge=merge,
+        merge_threshold=merge_threshold,
     )
     install(model)
     return KVCoreCache(kv)
