@@ -7,7 +7,9 @@ stream can hold a different number of tokens and evicting a head's tokens frees 
     k_pool     : (num_blocks, block_size, head_dim)   one head's key per slot
     slot       = block_id * block_size + offset       (block 0 is the null block, never written)
     per slot   : slot_pos (int64 sequence index), slot_valid (bool, False for padding),
-                 slot_score (float32, accumulated attention) -- moved with K/V by compaction
+                 slot_score (float32, accumulated attention), slot_count (float32, tokens a
+                 merged slot stands for) -- moved with K/V by compaction
+    kv_format      : "int8" / "int4" / "int2" pools hold one quantized token per slot (uint8)
 
 Steps. ``update(layer, k, v)`` appends the step's tokens and returns what dense attention reads.
 Compression of layer ``l`` for step ``t`` is decided by the :class:`Schedule` and runs *after*

@@ -11,16 +11,13 @@ and :func:`select_keep` turns scores, forced tokens and per-(layer, head) budget
 mask. The heavy statistics (softmax of observation-window queries against the keys, key norms)
 are computed here in torch, on the cache's device.
 
-**Where the Rust selection plugs in.** :func:`select_keep` is the reference top-k (forced
-tokens first, then highest score, ties broken by the lower position). :func:`select` is what
-the cache calls: it uses the Rust ``kvcore._kvcore.select_topk`` (issue 3) when the extension
-has it and falls back to :func:`select_keep` otherwise, so the merge needs no code change here.
-Issue 3's
-``kvcore.policies.get(name).select(scores, budget)`` takes ``(num_layers, num_heads, n)``
-float32 numpy scores and returns a CSR ``Selection(indptr, positions, budgets)`` with rows
-``layer * num_heads + head``. With ``num_layers = 1`` and one call per sequence it computes the
-same thing as :func:`select_keep` for one layer; :meth:`kvcore.cache.KVCache._compress_layer`
-is the single call site to switch.
+**The registry drives the cache.** :func:`get` builds a :class:`RegistryPolicy` for every
+name of issue 3's :mod:`kvcore.policies`: the registry validates the parameters and its Rust
+selection decides what stays (:meth:`RegistryPolicy.keep`), from the statistics computed here.
+:func:`select_keep` is the reference top-k (forced tokens first, then highest score, ties
+broken by the lower position) of the torch reference policies (:class:`SnapKVPolicy`, ...,
+still used for explicit per-head budget tensors); :func:`select` is the same computed by the
+Rust ``select_topk``.
 """
 
 from __future__ import annotations
