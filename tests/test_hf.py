@@ -292,11 +292,14 @@ def test_registry_errors_through_compressed_cache():
         kh.compressed_cache(model, "h2o", 8, sinks=2)
     with pytest.raises(ValueError, match=r"locret: stabilizers \(2500\) is larger"):
         kh.compressed_cache(model, "locret", 8)
-    with pytest.raises(ValueError, match="razor: retrieval has shape"):
-        cache = kh.compressed_cache(
+    with pytest.raises(ValueError, match=r"razor: retrieval has shape \(3, 2\), expected \(2, 2\)"):
+        kh.compressed_cache(
             model, "razor", 8, sinks=2, local_capacity=8, retrieval=torch.zeros(3, 2).bool()
         )
-        kh.prefill(model, batch()[0], cache)
+    with pytest.raises(ValueError, match="longgen: layer_kinds has 3 entries for 2 layers"):
+        kh.compressed_cache(model, "longgen", 8, sinks=2, layer_kinds=("sink",) * 3)
+    with pytest.raises(ValueError, match=r"per-head budget has shape \(1, 2\)"):
+        kh.compressed_cache(model, "knorm", torch.tensor([[4, 4]]))
 
 
 def test_razor_mean_logcount_needs_the_kvcore_attention():

@@ -229,6 +229,8 @@ class KVCache:
         self.merge_threshold = float(merge_threshold)
         if policy is not None and not isinstance(policy, TorchPolicy):
             raise TypeError(f"policy must be a kvcore.scoring.TorchPolicy, got {policy!r}")
+        if policy is not None:
+            policy.check_shape(num_layers, num_kv_heads)
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size = block_size
         self.dtype, self.device = dtype, torch.device(device)

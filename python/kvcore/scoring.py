@@ -151,6 +151,18 @@ class TorchPolicy:
             return self.budget[layer_idx].cpu()
         return torch.full((num_heads,), self.budget, dtype=torch.int64)
 
+    def check_shape(self, num_layers: int, num_heads: int) -> None:
+        """Raise ValueError when the policy cannot serve a cache of this shape (called by
+        :class:`kvcore.KVCache` at construction, so that a bad shape fails before any step)."""
+        if isinstance(self.budget, torch.Tensor) and tuple(self.budget.shape) != (
+            num_layers,
+            num_heads,
+        ):
+            raise ValueError(
+                f"per-head budget has shape {tuple(self.budget.shape)}, "
+                f"expected ({num_layers}, {num_heads})"
+            )
+
     def score(self, inp: ScoreInputs) -> torch.Tensor:
         raise NotImplementedError
 
@@ -479,6 +491,15 @@ class RegistryPolicy(TorchPolicy):
 
     def __repr__(self) -> str:
         return f"RegistryPolicy({self.reg!r})"
+
+    def check_shape(self, num_layers: int, num_heads: int) -> None:
+        if self.retrieval is not None and tuple(self.retrieval.shape) != (num_layers, num_heads):
+            raise ValueError(
+                f"razor: retrieval has shape {tuple(self.retrieval.shape)}, "
+                f"expected {(num_layers, num_heads)}"
+            )
+        if self.name == "longgen":
+            self.reg.kinds(num_layers)  # raises ValueError on a layer map of another length
 
     def max_budget(self) -> int:
         b = int(self.budget) if not isinstance(self.budget, torch.Tensor) else 0
