@@ -96,3 +96,14 @@ def test_registry_policies_on_int4_pages_on_the_real_model(smollm2, name, params
         want = torch.where(full, n + 2, 64 + 2)[:, None].expand(num_layers, heads)
         assert torch.equal(torch.from_numpy(lengths), want)
     assert comp.kv.memory_bytes() == comp.kv.k_pool.nbytes + comp.kv.v_pool.nbytes
+
+
+def test_the_demo_takes_a_registry_policy_and_a_page_format(smollm2, capsys):
+    from kvcore.__main__ import main
+
+    argv = ["demo", "--tokens", "200", "--budget", "64", "--max-new-tokens", "2"]
+    assert main([*argv, "--policy", "pyramidkv", "--kv-format", "int4", "--merge", "ems"]) == 0
+    out = capsys.readouterr().out
+    assert "compressed (pyramidkv, 64 tokens per layer and kv-head, int4 pages, ems merge)" in out
+    assert main([*argv, "--policy", "locret"]) == 2  # stabilizers (2500) > budget
+    assert "locret: stabilizers (2500) is larger than the budget (64)" in capsys.readouterr().err
