@@ -543,3 +543,15 @@ def test_merge_option_errors():
         KVCache(L, H, D, merge="mean")
     with pytest.raises(ValueError, match=r"merge_threshold must be a float in \[-1, 1\]"):
         KVCache(L, H, D, merge="ems", merge_threshold=2.0)
+
+
+def test_razor_compensation_and_ems_never_count_a_token_twice():
+    retrieval = torch.tensor([[True, False]])
+    pol = get("razor", 6, sinks=1, local_capacity=4, retrieval=retrieval)
+    c = KVCache(1, H, D, block_size=BS, capacity=16, policy=pol, merge="ems", merge_threshold=-1.0)
+    c.update(0, kv(1, 10), kv(1, 10, 1))
+    c.flush()
+    assert c.stored_lengths(0).tolist() == [[10, 4]]
+    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    assert c.slot_count[idx[1, :4]].tolist() == [1.0, 7.0, 1.0, 1.0]  # folded once, not merged
+    assert c.slot_count[idx[0]].sum().item() == 10.0

@@ -839,7 +839,8 @@ class KVCache:
         if comp is not None:
             keep = self._fold_dropped(keep, comp.to(keep.device), inp.valid, slots)
         if self.merge == "ems":
-            self._merge_evicted(inp, keep, slots)
+            # Rows that folded their dropped tokens into a compensation slot merge nothing more.
+            self._merge_evicted(inp, keep, slots, skip=comp)
         keep_flat = keep.reshape(b * h, -1).cpu()
         counts = keep_flat.sum(-1)
         indptr = np.zeros(b * h + 1, dtype=np.int64)
@@ -885,7 +886,13 @@ class KVCache:
             keep[r, idx[0]] = True
         return keep.reshape(b, h, t)
 
-    def _merge_evicted(self, inp: ScoreInputs, keep: torch.Tensor, slots: torch.Tensor) -> None:
+    def _merge_evicted(
+        self,
+        inp: ScoreInputs,
+        keep: torch.Tensor,
+        slots: torch.Tensor,
+        skip: torch.Tensor | None = None,
+    ) -> None:
         """EMS merge of each stream's evicted valid tokens into its kept ones (issue 4's
         ``ems_plan``, applied to K and V in place; the kept set does not change)."""
         from kvcore._kvcore import ems_plan
@@ -902,7 +909,10 @@ class KVCache:
         else:
             attn = inp.accumulated
         attn = attn.reshape(b * h, t).float().clamp(min=0.0).cpu()
+        skipped = torch.zeros(b * h, dtype=torch.bool) if skip is None else skip.reshape(-1).cpu()
         for r in range(b * h):
+            if skipped[r]:
+                continue
             idx = torch.nonzero(valid[r], as_tuple=True)[0]
             retained = torch.nonzero(kept[r][idx], as_tuple=True)[0]
             if len(retained) == len(idx) or len(retained) == 0:
