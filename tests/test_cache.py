@@ -555,3 +555,14 @@ def test_razor_compensation_and_ems_never_count_a_token_twice():
     idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
     assert c.slot_count[idx[1, :4]].tolist() == [1.0, 7.0, 1.0, 1.0]  # folded once, not merged
     assert c.slot_count[idx[0]].sum().item() == 10.0
+
+
+def test_cache_filled_under_inference_mode_works_outside_it():
+    c = snap_cache(6, capacity=40)
+    with torch.inference_mode():
+        prefill(c, kv(1, 20), kv(1, 20, 1))
+    c.flush()  # the prefill compression updates the pools in place, outside inference mode
+    assert (c.stored_lengths() == 6).all()
+    for layer in range(L):
+        c.update(layer, kv(1, 1, 7), kv(1, 1, 8))
+    assert c.get_seq_length() == 21

@@ -299,20 +299,23 @@ class KVCache:
             )
         num_blocks = streams * blocks_per_stream + 1
         alloc = BlockAllocator(num_blocks=num_blocks, block_size=self.block_size)
-        if self.layout is None:
-            shape = (num_blocks, self.block_size, self.head_dim)
-            self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        else:  # one quantized token (codes + float16 scales and zeros) per slot
-            shape = (num_blocks, self.block_size, self.layout.nbytes)
-            self.k_pool = torch.zeros(shape, dtype=torch.uint8, device=self.device)
-            self.v_pool = torch.zeros(shape, dtype=torch.uint8, device=self.device)
         n_slots = num_blocks * self.block_size
-        self.slot_pos = torch.zeros(n_slots, dtype=torch.int64, device=self.device)
-        self.slot_valid = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
-        self.slot_score = torch.zeros(n_slots, dtype=torch.float32, device=self.device)
-        # Tokens each slot stands for (> 1 for a merged / compensation slot).
-        self.slot_count = torch.ones(n_slots, dtype=torch.float32, device=self.device)
+        # Normal tensors even when the first update runs under torch.inference_mode():
+        # inference tensors could not be updated in place by a later call made outside it.
+        with torch.inference_mode(False):
+            if self.layout is None:
+                shape = (num_blocks, self.block_size, self.head_dim)
+                self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            else:  # one quantized token (codes + float16 scales and zeros) per slot
+                shape = (num_blocks, self.block_size, self.layout.nbytes)
+                self.k_pool = torch.zeros(shape, dtype=torch.uint8, device=self.device)
+                self.v_pool = torch.zeros(shape, dtype=torch.uint8, device=self.device)
+            self.slot_pos = torch.zeros(n_slots, dtype=torch.int64, device=self.device)
+            self.slot_valid = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
+            self.slot_score = torch.zeros(n_slots, dtype=torch.float32, device=self.device)
+            # Tokens each slot stands for (> 1 for a merged / compensation slot).
+            self.slot_count = torch.ones(n_slots, dtype=torch.float32, device=self.device)
         self.tables = alloc.create_tables(streams).reshape(
             batch, self.num_layers, self.num_kv_heads
         )

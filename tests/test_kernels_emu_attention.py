@@ -1,0 +1,198 @@
+"""The decode-attention kernel (kernel 5) run on the CPU through cuda/emu/cuda_emu_threads.h
+(one std::thread per CUDA thread, barriers for __syncthreads and warp shuffles), against
+kvcore.kernels.attention_reference: fp16/bf16/fp32 pages, quantized pages with fused
+dequantization, ragged heads, GQA, query chunks, log-count bias, masks, split-K."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the kernel references need torch")
+
+import kvcore  # noqa: E402
+from kvcore import kernels, quant  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ for the emulation")
+
+WRAPPER = """
+extern "C" void emu_partial(unsigned gx, unsigned gy, const void* q, const void* k, const void* v,
+                            const kv_i64* table, const kv_i64* lengths, const float* bias,
+                            const unsigned char* valid, float* acc, float* ml, kv_i64 width,
+                            kv_i64 split_len, float scale) {
+    KV_EMU_LAUNCH(kv_decode_partial, gx, gy, 1, KV_WARPS * 32, 1, 1, q, k, v, table, lengths,
+                  bias, valid, acc, ml, width, split_len, scale);
+}
+extern "C" void emu_reduce(unsigned gx, unsigned bx, const float* acc, const float* ml, void* out,
+                           int splits, kv_i64 h) {
+    KV_EMU_LAUNCH(kv_decode_reduce, gx, 1, 1, bx, 1, 1, acc, ml, out, splits, h);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    out_dir = tmp_path_factory.mktemp("emu_attn")
+    cache: dict[str, ctypes.CDLL] = {}
+
+    def get(defines: dict[str, int]) -> ctypes.CDLL:
+        src = (
+            '#include "cuda_emu_threads.h"\n'
+            + kernels.kernel_source("decode_attention", defines)
+            + WRAPPER
+        )
+        key = hashlib.sha256(src.encode()).hexdigest()[:16]
+        if key not in cache:
+            cpp, so = out_dir / f"{key}.cpp", out_dir / f"{key}.so"
+            cpp.write_text(src)
+            cmd = [
+                "g++",
+                "-std=c++17",
+                "-O1",
+                "-shared",
+                "-fPIC",
+                "-pthread",
+                f"-I{ROOT / 'cuda' / 'emu'}",
+                str(cpp),
+                "-o",
+                str(so),
+            ]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            assert res.returncode == 0, res.stderr
+            cache[key] = ctypes.CDLL(str(so))
+        return cache[key]
+
+    return get
+
+
+def p(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(0 if t is None else t.data_ptr())
+
+
+def run_emulated(
+    build,
+    query,
+    k_pool,
+    v_pool,
+    table,
+    lengths,
+    *,
+    bias=None,
+    valid=None,  # type: ignore[no-untyped-def]
+    k_layout=None,
+    v_layout=None,
+    num_splits=1,
+):
+    """The host side of kernels.decode_attention, with the launches emulated."""
+    b, hq, q_len, d = query.shape
+    n_streams, width = table.shape
+    h = n_streams // b
+    group = hq // h
+    lay = k_layout or v_layout
+    bs = lay.num_tokens if lay is not None else k_pool.shape[1]
+    defines = kernels.attention_defines(
+        query.dtype, d, bs, group, q_len, k_layout, v_layout, bias is not None, valid is not None
+    )
+    lib = build(defines)
+    rows = group * q_len
+    split_len = max(1, math.ceil(int(lengths.max()) / num_splits))
+    acc = torch.full((n_streams, num_splits, rows, d), float("nan"))
+    ml = torch.full((n_streams, num_splits, rows, 2), float("nan"))
+    out = torch.full((b, q_len, hq, d), float("nan")).to(query.dtype)  # poisoned
+    valid_u8 = None if valid is None else valid.to(torch.uint8)
+    lib.emu_partial(
+        ctypes.c_uint(num_splits),
+        ctypes.c_uint(n_streams),
+        p(query),
+        p(k_pool),
+        p(v_pool),
+        p(table),
+        p(lengths),
+        p(bias),
+        p(valid_u8),
+        p(acc),
+        p(ml),
+        ctypes.c_longlong(width),
+        ctypes.c_longlong(split_len),
+        ctypes.c_float(d**-0.5),
+    )
+    lib.emu_reduce(
+        ctypes.c_uint(n_streams * rows),
+        ctypes.c_uint(min(d, 256)),
+        p(acc),
+        p(ml),
+        p(out),
+        ctypes.c_int(num_splits),
+        ctypes.c_longlong(h),
+    )
+    return out
+
+
+def _paged(gen, b, h, d, bs, lens, dtype):  # type: ignore[no-untyped-def]
+    width = max(math.ceil(n / bs) for n in lens)
+    num_blocks = 1 + sum(math.ceil(n / bs) for n in lens)
+    perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    table = torch.zeros(b * h, width, dtype=torch.int64)
+    for i, n in enumerate(lens):
+        for j in range(math.ceil(n / bs)):
+            table[i, j] = perm.pop()
+    k = (torch.randn(num_blocks, bs, d, generator=gen) + 0.1).to(dtype)
+    v = (torch.randn(num_blocks, bs, d, generator=gen) + 0.1).to(dtype)
+    return k, v, table, torch.tensor(lens)
+
+
+# float32: exp vs __expf and another summation order; 16-bit outputs: one ulp of the output
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize(
+    "dtype,d,bs,group,q_len,splits",
+    [
+        (torch.float32, 64, 8, 2, 1, 1),
+        (torch.float16, 128, 16, 4, 1, 3),
+        (torch.bfloat16, 64, 32, 1, 1, 2),
+        (torch.float32, 32, 16, 2, 3, 2),
+        (torch.float16, 256, 8, 2, 1, 4),
+    ],
+)
+def test_emulated_decode_attention_matches_the_reference(
+    build, dtype, d, bs, group, q_len, splits
+) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(d + bs + group)
+    b, h = 2, 2
+    lens = [int(x) for x in torch.randint(q_len, 90, (b * h,), generator=gen)]
+    lens[0] = q_len  # a stream with nothing but the chunk
+    k, v, table, lengths = _paged(gen, b, h, d, bs, lens, dtype)
+    query = (torch.randn(b, h * group, q_len, d, generator=gen) * 0.5).to(dtype)
+    num_slots = k.shape[0] * bs
+    bias = torch.log(torch.randint(1, 5, (num_slots,), generator=gen).float())
+    valid = torch.rand(num_slots, generator=gen) > 0.2
+    got = run_emulated(
+        build, query, k, v, table, lengths, bias=bias, valid=valid, num_splits=splits
+    )
+    ref = kernels.attention_reference(query, k, v, table, lengths, slot_bias=bias, slot_valid=valid)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_emulated_attention_over_quantized_pages(build, bits: int) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(bits)
+    bs, d = 16, 64
+    k, v, table, lengths = _paged(gen, 1, 2, d, bs, [50, 33], torch.float16)
+    k_lay = kvcore.QuantLayout(bits, 16, bs, d, "token")  # KIVI keys: per channel
+    v_lay = kvcore.QuantLayout(bits, 32, bs, d, "channel")  # KIVI values: per token
+    kq, vq = quant.quantize(k, k_lay), quant.quantize(v, v_lay)
+    query = (torch.randn(1, 4, 1, d, generator=gen) * 0.5).half()
+    got = run_emulated(
+        build, query, kq, vq, table, lengths, k_layout=k_lay, v_layout=v_lay, num_splits=2
+    )
+    ref = kernels.attention_reference(query, kq, vq, table, lengths, k_layout=k_lay, v_layout=v_lay)
+    torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)

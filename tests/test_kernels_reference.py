@@ -1,0 +1,149 @@
+"""The torch paths of kvcore.kernels (the CPU path and the GPU tests' oracle) against the
+references of issue 4 (kvcore.merge.attention_with_bias, MergePlan) and issue 5
+(kvcore.attention.paged_attention, kvcore.cache.rotate_keys, skipped until it is merged)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the kernel references need torch")
+
+import kvcore  # noqa: E402
+from kvcore import kernels  # noqa: E402
+from kvcore.merge import attention_with_bias  # noqa: E402
+
+
+def _paged(
+    gen: torch.Generator, b: int, h: int, d: int, bs: int, lens: list[int], dtype=torch.float32
+):  # type: ignore[no-untyped-def]
+    """Random pools and a ragged block table: stream i holds lens[i] tokens in shuffled blocks."""
+    width = max(math.ceil(n / bs) for n in lens)
+    num_blocks = 1 + sum(math.ceil(n / bs) for n in lens)
+    perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    table = torch.zeros(b * h, width, dtype=torch.int64)  # padded with the null block 0
+    for i, n in enumerate(lens):
+        for j in range(math.ceil(n / bs)):
+            table[i, j] = perm.pop()
+    k = torch.randn(num_blocks, bs, d, generator=gen).to(dtype)
+    v = torch.randn(num_blocks, bs, d, generator=gen).to(dtype)
+    return k, v, table, torch.tensor(lens, dtype=torch.int64)
+
+
+def _stream_kv(k, v, table, lens, i, bs):  # type: ignore[no-untyped-def]
+    slots = (table[i][:, None] * bs + torch.arange(bs)).flatten()[: lens[i]]
+    return k.view(-1, k.shape[-1])[slots], v.view(-1, v.shape[-1])[slots], slots
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_decode_attention_reference_matches_attention_with_bias(q_len: int) -> None:
+    gen = torch.Generator().manual_seed(q_len)
+    b, h, group, d, bs = 2, 2, 4, 64, 8
+    lens = [37, 5, 64, 20]
+    k, v, table, lengths = _paged(gen, b, h, d, bs, lens)
+    bias = torch.log(torch.randint(1, 5, (k.shape[0] * bs,), generator=gen).float())
+    query = torch.randn(b, h * group, q_len, d, generator=gen)
+    out = kernels.decode_attention(query, k, v, table, lengths, slot_bias=bias)
+    assert out.shape == (b, q_len, h * group, d)
+    for i in range(b * h):
+        kk, vv, slots = _stream_kv(k, v, table, lens, i, bs)
+        bb, hh = divmod(i, h)
+        for g in range(group):
+            for t in range(q_len):
+                n = lens[i] - q_len + t + 1  # causal inside the chunk
+                ref = attention_with_bias(
+                    query[bb, hh * group + g, t : t + 1], kk[:n], vv[:n], bias[slots[:n]]
+                )
+                torch.testing.assert_close(out[bb, t, hh * group + g], ref[0])
+
+
+def test_decode_attention_masks_invalid_slots_and_empty_streams() -> None:
+    gen = torch.Generator().manual_seed(3)
+    k, v, table, lengths = _paged(gen, 1, 2, 32, 16, [20, 16])
+    valid = torch.ones(k.shape[0] * 16, dtype=torch.bool)
+    _, _, slots = _stream_kv(k, v, table, [20, 16], 1, 16)
+    valid[slots] = False  # stream 1: every slot invalid -> zeros
+    query = torch.randn(1, 2, 1, 32, generator=gen)
+    out = kernels.decode_attention(query, k, v, table, lengths, slot_valid=valid)
+    assert torch.equal(out[0, 0, 1], torch.zeros(32))
+    assert out[0, 0, 0].abs().sum() > 0
+
+
+def test_quantized_pages_attend_like_their_dequantized_values() -> None:
+    gen = torch.Generator().manual_seed(5)
+    bs, d = 16, 64
+    k, v, table, lengths = _paged(gen, 1, 1, d, bs, [40])
+    k_lay = kvcore.QuantLayout(4, 16, bs, d, "token")
+    v_lay = kvcore.QuantLayout(4, 16, bs, d, "channel")
+    from kvcore import quant
+
+    kq, vq = quant.quantize(k, k_lay), quant.quantize(v, v_lay)
+    query = torch.randn(1, 2, 1, d, generator=gen)
+    got = kernels.decode_attention(query, kq, vq, table, lengths, k_layout=k_lay, v_layout=v_lay)
+    want = kernels.decode_attention(
+        query, quant.dequantize(kq, k_lay), quant.dequantize(vq, v_lay), table, lengths
+    )
+    torch.testing.assert_close(got, want)
+    full = kernels.decode_attention(query, k, v, table, lengths)
+    # 4-bit pages: close to the unquantized attention, but not equal
+    assert not torch.equal(got, full)
+    torch.testing.assert_close(got, full, rtol=0.1, atol=0.1)
+
+
+def test_merge_reference_equals_mergeplan_apply() -> None:
+    rng = np.random.default_rng(0)
+    plan = kvcore.razor_plan(64, sink=4, local_capacity=16)
+    x = rng.standard_normal((64, 32)).astype(np.float32)
+    out, counts = kernels.apply_merge(
+        torch.from_numpy(x),
+        torch.from_numpy(plan.src),
+        torch.from_numpy(plan.dst),
+        torch.from_numpy(plan.weight),
+        torch.ones(64),
+        torch.from_numpy(plan.evicted),
+    )
+    np.testing.assert_allclose(out.numpy(), plan.apply(x), rtol=1e-6, atol=1e-6)
+    book = kvcore.MergeBook(64)
+    kept = book.apply(plan)
+    assert counts is not None
+    np.testing.assert_allclose(counts.numpy()[kept], book.mass, rtol=1e-6)
+    assert counts.sum().item() == pytest.approx(64.0)
+
+
+def test_rotate_reference_matches_issue5_rotate_keys() -> None:
+    cache = pytest.importorskip("kvcore.cache", reason="issue 5's kvcore.cache is not merged yet")
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(20, 128, generator=gen).half()
+    delta = torch.randint(-100, 100, (20,), generator=gen)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 96, 2, dtype=torch.float32) / 96))
+    assert torch.equal(
+        kernels.rotate_reference(keys, delta, inv), cache.rotate_keys(keys, delta, inv)
+    )
+
+
+def test_rotation_by_delta_then_minus_delta_is_the_identity() -> None:
+    gen = torch.Generator().manual_seed(2)
+    pool = torch.randn(4, 8, 64, generator=gen, dtype=torch.float64).float()
+    slots = torch.arange(32)
+    delta = torch.randint(-1000, 1000, (32,), generator=gen)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    x = pool.clone()
+    kernels.rotate_slots(x, slots, delta, inv)
+    assert not torch.allclose(x, pool)
+    kernels.rotate_slots(x, slots, -delta, inv)
+    torch.testing.assert_close(x, pool, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_reference_matches_issue5_paged_attention() -> None:
+    attention = pytest.importorskip(
+        "kvcore.attention", reason="issue 5's kvcore.attention is not merged yet"
+    )
+    gen = torch.Generator().manual_seed(4)
+    k, v, table, lengths = _paged(gen, 2, 2, 64, 16, [30, 3, 47, 16])
+    query = torch.randn(2, 8, 1, 64, generator=gen)
+    bias = torch.rand(k.shape[0] * 16, generator=gen)
+    got = kernels.decode_attention(query, k, v, table, lengths, slot_bias=bias)
+    want = attention.paged_attention(query, k, v, table, lengths, slot_bias=bias)
+    torch.testing.assert_close(got, want)
