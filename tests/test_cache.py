@@ -566,3 +566,16 @@ def test_cache_filled_under_inference_mode_works_outside_it():
     for layer in range(L):
         c.update(layer, kv(1, 1, 7), kv(1, 1, 8))
     assert c.get_seq_length() == 21
+
+
+def test_quantized_merging_cache_filled_under_inference_mode_works_outside_it():
+    pol = get("knorm", 6, skip_layers=())
+    c = KVCache(L, H, D, block_size=BS, capacity=40, policy=pol, kv_format="int4", merge="ems")
+    with torch.inference_mode():
+        prefill(c, kv(1, 20), kv(1, 20, 1))
+    c.flush()  # compaction, EMS merge and slot counts update the pools outside inference mode
+    assert (c.stored_lengths() == 6).all()
+    assert not c.slot_count.is_inference() and not c.k_pool.is_inference()
+    for layer in range(L):
+        c.update(layer, kv(1, 1, 7), kv(1, 1, 8))
+    assert c.get_seq_length() == 21
