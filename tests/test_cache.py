@@ -178,7 +178,7 @@ def test_ragged_per_head_budgets_shrink_storage():
 
 
 def test_padding_tokens_are_masked_then_evicted():
-    c = KVCache(1, H, D, block_size=BS, capacity=16, policy=get("knorm", 4))
+    c = KVCache(1, H, D, block_size=BS, capacity=16, policy=get("knorm", 4, skip_layers=()))
     k, v = kv(2, 6), kv(2, 6, 1)
     valid = torch.ones(2, 6, dtype=torch.bool)
     valid[1, :3] = False  # left padding
@@ -254,8 +254,12 @@ def test_errors_leave_the_cache_unchanged():
 
 
 def test_budget_errors():
-    with pytest.raises(ValueError, match=r"snapkv: budget 4 is below what the policy needs \(8"):
+    with pytest.raises(ValueError, match=r"snapkv: window \(8\) is larger than the budget \(4\)"):
         get("snapkv", 4, window=8)
+    with pytest.raises(TypeError, match=r"snapkv: unknown parameter\(s\) foo"):
+        get("snapkv", 4, foo=1)
+    with pytest.raises(TypeError, match="retrieval= is not an input"):
+        get("snapkv", 4, retrieval=torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"budget \(40\) is above the capacity \(16 tokens\)"):
         KVCache(L, H, D, capacity=16, policy=get("knorm", 40))
     with pytest.raises(ValueError, match="unknown policy 'nope'"):
@@ -348,12 +352,230 @@ def test_restore_refuses_after_a_compression():
         c.restore("not a snapshot")
 
 
+def test_razor_compensation_slot_is_the_mean_of_the_dropped_tokens():
+    """RazorAttention with compensation: sinks, one slot holding the mean of every dropped
+    K and V (counting them), then the window; a second compression folds the earlier slot
+    in by its count."""
+    pol = get("razor", 6, sinks=1, local_capacity=4, compensation="mean_logcount")
+    c = KVCache(1, H, D, block_size=BS, capacity=16, policy=pol, schedule=Schedule.decode(2))
+    k, v = kv(1, 10, 1), kv(1, 10, 2)
+    c.update(0, k, v)
+    c.flush()
+    assert (c.stored_lengths() == 4).all()
+    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    assert c.slot_pos[idx[0]].tolist() == [0, 1, 8, 9]  # sink, compensation (first dropped), window
+    assert c.slot_count[idx[0]].tolist() == [1.0, 7.0, 1.0, 1.0]
+    for h in range(H):
+        torch.testing.assert_close(c.k_pool.view(-1, D)[idx[h, 1]], k[0, h, 1:8].mean(0))
+        torch.testing.assert_close(c.v_pool.view(-1, D)[idx[h, 1]], v[0, h, 1:8].mean(0))
+    # attention applies the log-count bias: the slot weighs like its 7 tokens
+    k1, v1 = kv(1, 1, 3), kv(1, 1, 4)
+    c.update(0, k1, v1)
+    q = kv(1, 1, 5).repeat_interleave(2, 1)
+    out = c.attend(0, q)
+    for h in range(H):
+        kk = torch.cat([c.k_pool.view(-1, D)[idx[h]], k1[0, h]])
+        vv = torch.cat([c.v_pool.view(-1, D)[idx[h]], v1[0, h]])
+        bias = torch.tensor([0.0, math.log(7.0), 0.0, 0.0, 0.0])
+        for j in (2 * h, 2 * h + 1):
+            w = torch.softmax(q[0, j, 0] @ kk.T / math.sqrt(D) + bias, -1)
+            torch.testing.assert_close(out[0, 0, j], w @ vv, atol=1e-5, rtol=1e-5)
+    c.update(0, kv(1, 1, 6), kv(1, 1, 7))  # the second decode step compresses again
+    c.flush()
+    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    assert c.slot_count[idx[0]].tolist() == [1.0, 9.0, 1.0, 1.0]  # 7 + the two dropped
+    ref = (k[0, 0, 1:8].sum(0) + k[0, 0, 8] + k[0, 0, 9]) / 9
+    torch.testing.assert_close(c.k_pool.view(-1, D)[idx[0, 1]], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_registry_policies_equal_the_torch_references_on_tie_free_scores():
+    """snapkv / h2o / knorm / streaming through the registry keep what the torch reference
+    policies keep (same statistics, the registry's selection)."""
+    from kvcore.scoring import H2OPolicy, KNormPolicy, SnapKVPolicy, StreamingPolicy
+
+    cases = [
+        (get("snapkv", 6, window=2, kernel=3), SnapKVPolicy(6, window=2, kernel=3)),
+        (get("knorm", 6, skip_layers=()), KNormPolicy(6)),
+        (get("streaming", 6, sinks=2), StreamingPolicy(6, sinks=2)),
+        (get("h2o", 6), H2OPolicy(6)),
+    ]
+    for new, ref in cases:
+        kept = []
+        for pol in (new, ref):
+            c = KVCache(L, H, D, block_size=BS, capacity=32, policy=pol)
+            prefill(c, kv(1, 14), kv(1, 14, 1))
+            c.flush()
+            kept.append([c._gather_dense(layer)[0] for layer in range(L)])
+        for a, b in zip(*kept, strict=True):
+            assert torch.equal(a, b), new.name
+
+
+@pytest.mark.parametrize("fmt,bits", [("int8", 8), ("int4", 4), ("int2", 2)])
+def test_quantized_pages_round_trip_and_shrink_memory(fmt, bits):
+    from kvcore.quant import dequantize, quantize
+
+    layout = kvcore.QuantLayout(bits, D, 1, D, "channel", "float16")
+    c = KVCache(L, H, D, capacity=16, block_size=BS, kv_format=fmt)
+    native = KVCache(L, H, D, capacity=16, block_size=BS)
+    k, v = kv(2, 11, 1), kv(2, 11, 2)
+    keys, values = c.update(0, k, v)
+    native.update(0, k, v)
+    # what is stored is issue 4's torch reference, bit for bit
+    want_k = dequantize(quantize(k.reshape(-1, 1, D), layout), layout).reshape(k.shape)
+    assert torch.equal(keys, want_k)
+    assert c.k_pool.dtype == torch.uint8 and c.k_pool.shape[-1] == layout.nbytes
+    # error bound: half a quantization step per token (+ float16 metadata rounding)
+    step = (k.amax(-1, keepdim=True) - k.amin(-1, keepdim=True)) / (2**bits - 1)
+    assert ((keys - k).abs() <= step / 2 + 1e-3 * k.abs().amax()).all()
+    assert ((values - v).abs() <= (v.amax(-1, True) - v.amin(-1, True)) / (2**bits - 1)).all()
+    # the real bytes: slots of layout.nbytes instead of D float32 values
+    assert c.memory_bytes() == c.k_pool.nbytes + c.v_pool.nbytes
+    assert c.memory_bytes() * (D * 4) == native.memory_bytes() * layout.nbytes
+    assert c.used_bytes() == c.allocator.num_used_blocks * 2 * BS * layout.nbytes
+    # attention reads (dequantizes) the pages: equal to dense attention on the stored values
+    k1, v1 = kv(2, 1, 4), kv(2, 1, 5)
+    keys, values = c.update(0, k1, v1)
+    q = kv(2, 1, 6).repeat_interleave(2, 1)
+    ref = dense_reference(
+        q, torch.cat([keys[:, :, :11], k1], 2), torch.cat([values[:, :, :11], v1], 2)
+    )
+    torch.testing.assert_close(c.attend(0, q), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_cache_compresses_and_folds_like_the_native_one():
+    pol = get("razor", 6, sinks=1, local_capacity=4)
+    c = KVCache(1, H, D, block_size=BS, capacity=16, policy=pol, kv_format="int8")
+    k, v = kv(1, 10, 1), kv(1, 10, 2)
+    c.update(0, k, v)
+    c.flush()
+    assert (c.stored_lengths() == 4).all() and c.allocator.num_used_blocks == H
+    stored_k, _ = c._gather_dense(0)
+    # the compensation slot is the (re-quantized) mean of the dropped tokens
+    torch.testing.assert_close(stored_k[0, :, 1], k[0, :, 1:8].mean(1), atol=0.05, rtol=0)
+
+
+def test_quantized_format_errors_leave_the_cache_unchanged():
+    with pytest.raises(ValueError, match="kv_format must be one of"):
+        KVCache(L, H, D, kv_format="int3")
+    with pytest.raises(ValueError, match="group"):
+        KVCache(L, H, D, kv_format="int4", quant_group=3)
+    with pytest.raises(ValueError, match="quant_group needs a quantized kv_format"):
+        KVCache(L, H, D, quant_group=4)
+    c = KVCache(L, H, D, capacity=16, block_size=BS, kv_format="int4")
+    with pytest.raises(ValueError, match="non-finite"):
+        c.update(0, torch.full((1, H, 2, D), float("nan")), kv(1, 2))
+    assert not c.initialized
+    c.update(0, kv(1, 3), kv(1, 3))
+    before = c.k_pool.clone()
+    bad = kv(1, 2)
+    bad[0, 0, 1, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        c.update(0, bad, kv(1, 2))
+    assert torch.equal(c.k_pool, before) and c.stored_lengths(0).tolist() == [[3, 3]]
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.2])
+def test_ems_merge_matches_the_plan_and_the_merge_book(threshold):
+    """merge="ems": the evicted tokens merge into the kept ones exactly as issue 4's
+    ems_plan + MergePlan.apply say, slot counts follow MergeBook across two compressions,
+    and attention adds log(count) to each slot's logit."""
+    from kvcore.merge import attention_with_bias
+
+    pol = get("knorm", 4, skip_layers=())
+    c = KVCache(
+        1,
+        H,
+        D,
+        block_size=BS,
+        capacity=16,
+        policy=pol,
+        schedule=Schedule.decode(3),
+        merge="ems",
+        merge_threshold=threshold,
+    )
+    k, v = kv(1, 12, 1), kv(1, 12, 2)
+    c.update(0, k, v)
+    books, ref_k, ref_v = [], [], []
+    for h in range(H):
+        keep = np.sort(torch.topk(-k[0, h].norm(dim=-1), 4).indices.numpy())
+        plan = kvcore.ems_plan(k[0, h].numpy(), np.zeros(12, np.float32), keep, threshold)
+        book = kvcore.MergeBook(12)
+        assert np.array_equal(book.apply(plan), keep)
+        books.append(book)
+        ref_k.append(plan.apply(k[0, h].numpy())[keep])
+        ref_v.append(plan.apply(v[0, h].numpy())[keep])
+    c.flush()
+    assert (c.stored_lengths() == 4).all() and c.allocator.num_used_blocks == H
+    stored_k, stored_v = c._gather_dense(0)
+    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    for h in range(H):
+        torch.testing.assert_close(stored_k[0, h], torch.from_numpy(ref_k[h]))
+        torch.testing.assert_close(stored_v[0, h], torch.from_numpy(ref_v[h]))
+        torch.testing.assert_close(c.slot_count[idx[h]].double(), torch.from_numpy(books[h].mass))
+    if threshold == -1.0:  # every evicted token merged: the counts add up to all 12 tokens
+        assert c.slot_count[idx].sum().item() == H * 12
+    # a decode step attends with the log-count bias
+    k1, v1 = kv(1, 1, 3), kv(1, 1, 4)
+    c.update(0, k1, v1)
+    q = kv(1, 1, 5).repeat_interleave(2, 1)
+    out = c.attend(0, q)
+    for h in range(H):
+        kk, vv = torch.cat([stored_k[0, h], k1[0, h]]), torch.cat([stored_v[0, h], v1[0, h]])
+        bias = torch.cat([c.slot_count[idx[h]].log(), torch.zeros(1)])
+        ref = attention_with_bias(q[0, 2 * h : 2 * h + 2, 0], kk, vv, bias)
+        torch.testing.assert_close(out[0, 0, 2 * h : 2 * h + 2], ref, atol=1e-5, rtol=1e-5)
+    # two more steps: the second compression merges again, counts carried by compaction
+    for step in range(2):
+        c.update(0, kv(1, 1, 6 + step), kv(1, 1, 8 + step))
+    stored = c._gather_dense(0)[0]  # 7 tokens per head, before the pending compression
+    c.flush()
+    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    for h in range(H):
+        keep = np.sort(torch.topk(-stored[0, h].norm(dim=-1), 4).indices.numpy())
+        plan = kvcore.ems_plan(stored[0, h].numpy(), np.zeros(7, np.float32), keep, threshold)
+        books[h].extend(3)
+        books[h].apply(plan)
+        torch.testing.assert_close(c.slot_count[idx[h]].double(), torch.from_numpy(books[h].mass))
+
+
+def test_merge_option_errors():
+    with pytest.raises(ValueError, match="merge must be None or 'ems'"):
+        KVCache(L, H, D, merge="mean")
+    with pytest.raises(ValueError, match=r"merge_threshold must be a float in \[-1, 1\]"):
+        KVCache(L, H, D, merge="ems", merge_threshold=2.0)
+
+
+def test_razor_compensation_and_ems_never_count_a_token_twice():
+    retrieval = torch.tensor([[True, False]])
+    pol = get("razor", 6, sinks=1, local_capacity=4, retrieval=retrieval)
+    c = KVCache(1, H, D, block_size=BS, capacity=16, policy=pol, merge="ems", merge_threshold=-1.0)
+    c.update(0, kv(1, 10), kv(1, 10, 1))
+    c.flush()
+    assert c.stored_lengths(0).tolist() == [[10, 4]]
+    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    assert c.slot_count[idx[1, :4]].tolist() == [1.0, 7.0, 1.0, 1.0]  # folded once, not merged
+    assert c.slot_count[idx[0]].sum().item() == 10.0
+
+
 def test_cache_filled_under_inference_mode_works_outside_it():
     c = snap_cache(6, capacity=40)
     with torch.inference_mode():
         prefill(c, kv(1, 20), kv(1, 20, 1))
     c.flush()  # the prefill compression updates the pools in place, outside inference mode
     assert (c.stored_lengths() == 6).all()
+    for layer in range(L):
+        c.update(layer, kv(1, 1, 7), kv(1, 1, 8))
+    assert c.get_seq_length() == 21
+
+
+def test_quantized_merging_cache_filled_under_inference_mode_works_outside_it():
+    pol = get("knorm", 6, skip_layers=())
+    c = KVCache(L, H, D, block_size=BS, capacity=40, policy=pol, kv_format="int4", merge="ems")
+    with torch.inference_mode():
+        prefill(c, kv(1, 20), kv(1, 20, 1))
+    c.flush()  # compaction, EMS merge and slot counts update the pools outside inference mode
+    assert (c.stored_lengths() == 6).all()
+    assert not c.slot_count.is_inference() and not c.k_pool.is_inference()
     for layer in range(L):
         c.update(layer, kv(1, 1, 7), kv(1, 1, 8))
     assert c.get_seq_length() == 21

@@ -107,7 +107,7 @@ def test_compressed_generation_is_the_same_for_every_attention(positions):
         ("snapkv", Schedule.chunked(8), {"window": 4}),
         ("h2o", Schedule.decode(4), {}),
         ("streaming", Schedule.decode(2), {"sinks": 2}),
-        ("knorm", Schedule.decode(3, on_prefill=False), {}),
+        ("knorm", Schedule.decode(3, on_prefill=False), {"skip_layers": ()}),
     ],
 )
 def test_every_schedule_stays_in_its_capacity(policy, schedule, params):
@@ -194,3 +194,160 @@ def test_snapshot_restore_answers_two_questions_on_one_compressed_context():
     a2 = ask(shared, q2)
     torch.testing.assert_close(a1, ask(fresh(), q1), rtol=0, atol=0)
     torch.testing.assert_close(a2, ask(fresh(), q2), rtol=0, atol=0)
+
+
+# Every policy of issue 3's registry through compressed_cache on the tiny model (2 layers,
+# 2 kv heads, 24-token prompt, budget 8): the registry's own budgets, exactly.
+REG_BUDGET = 8
+RETRIEVAL = torch.tensor([[True, False], [False, False]])
+REG_CASES = {
+    "streaming": ({"sinks": 2}, None),
+    "h2o": ({}, None),
+    "snapkv": ({"window": 4}, None),
+    "pyramidkv": ({"window": 4}, None),
+    "adakv": ({"window": 4}, None),
+    "tova": ({}, None),
+    "knorm": ({"skip_layers": (0,)}, None),
+    "infinipot": ({}, 8),
+    "razor": ({"sinks": 2, "local_capacity": 8, "retrieval": RETRIEVAL}, None),
+    "locret": ({"stabilizers": 2}, 8),
+    "longgen": ({"layer_kinds": ("sink", "full"), "sinks": 2}, None),
+}
+
+
+def expected_lengths(name: str, n: int) -> torch.Tensor:
+    """(L, H) stored tokens per stream after compressing an n-token prompt."""
+    from kvcore import _kvcore
+
+    b = REG_BUDGET
+    if name == "pyramidkv":
+        per_layer = _kvcore.budget_pyramid(2, n, b, 4, 20)
+        return torch.tensor(per_layer)[:, None].expand(2, 2)
+    if name == "knorm":
+        return torch.tensor([[n, n], [b, b]])
+    if name == "razor":
+        return torch.where(RETRIEVAL, n, 8)
+    if name == "longgen":
+        return torch.tensor([[b, b], [n, n]])
+    return torch.full((2, 2), b)
+
+
+def test_the_registry_cases_cover_every_policy():
+    from kvcore import policies
+
+    assert sorted(REG_CASES) == sorted(policies.names())
+
+
+@pytest.mark.parametrize("name", sorted(REG_CASES))
+def test_every_registry_policy_through_the_cache(name):
+    params, chunk = REG_CASES[name]
+    model = tiny("kvcore")
+    ids, mask = batch()
+    schedule = Schedule.chunked(chunk) if chunk else Schedule.prefill()
+    cache = kh.compressed_cache(model, name, REG_BUDGET, schedule=schedule, **params)
+    kh.prefill(model, ids, cache)
+    kv = cache.kv
+    lengths = torch.from_numpy(kv.stored_lengths())  # (B, L, H)
+    want = expected_lengths(name, ids.shape[1])
+    if name == "adakv":
+        # Ada-KV: ragged heads, each layer's heads share exactly H * budget tokens
+        assert (lengths.sum(-1) == 2 * REG_BUDGET).all()
+        assert (lengths <= ids.shape[1]).all()
+    else:
+        assert torch.equal(lengths, want.expand_as(lengths)), lengths.tolist()
+    assert kv.num_compressions > 0
+    # storage really shrinks: each stream holds ceil(len / block) blocks, nothing more
+    blocks = int((-(-lengths // kv.block_size)).sum())
+    assert kv.allocator is not None and kv.allocator.num_used_blocks == blocks
+    kv.allocator.check_invariants()
+    per_block = 2 * kv.block_size * kv.head_dim * kv.k_pool.element_size()
+    assert kv.used_bytes() == blocks * per_block
+    assert kv.memory_bytes() == kv.k_pool.nbytes + kv.v_pool.nbytes
+    # the compressed cache keeps generating
+    out = generate(model, cache, ids, mask, n=3)
+    assert out.shape == (2, ids.shape[1] + 3)
+
+
+@pytest.mark.parametrize("name", sorted(REG_CASES))
+def test_every_registry_policy_drops_padding_first(name):
+    params, chunk = REG_CASES[name]
+    if name in ("razor", "longgen", "knorm"):
+        params = {**params}  # their full rows keep every valid token, padding excluded
+    model = tiny("kvcore")
+    ids, mask = batch(pad=5)
+    schedule = Schedule.chunked(chunk) if chunk else Schedule.prefill()
+    cache = kh.compressed_cache(model, name, REG_BUDGET, schedule=schedule, **params)
+    out = generate(model, cache, ids, mask, n=2)
+    assert out.shape == (2, ids.shape[1] + 2)
+    kv = cache.kv
+    for layer in range(2):
+        assert not kv._seen_padding(layer)  # padding never survives a compression
+
+
+def test_registry_errors_through_compressed_cache():
+    model = tiny("kvcore")
+    with pytest.raises(ValueError, match=r"unknown policy 'nope'; valid policies: streaming"):
+        kh.compressed_cache(model, "nope", 8)
+    with pytest.raises(TypeError, match=r"h2o: unknown parameter\(s\) sinks"):
+        kh.compressed_cache(model, "h2o", 8, sinks=2)
+    with pytest.raises(ValueError, match=r"locret: stabilizers \(2500\) is larger"):
+        kh.compressed_cache(model, "locret", 8)
+    with pytest.raises(ValueError, match=r"razor: retrieval has shape \(3, 2\), expected \(2, 2\)"):
+        kh.compressed_cache(
+            model, "razor", 8, sinks=2, local_capacity=8, retrieval=torch.zeros(3, 2).bool()
+        )
+    with pytest.raises(ValueError, match="longgen: layer_kinds has 3 entries for 2 layers"):
+        kh.compressed_cache(model, "longgen", 8, sinks=2, layer_kinds=("sink",) * 3)
+    with pytest.raises(ValueError, match=r"per-head budget has shape \(1, 2\)"):
+        kh.compressed_cache(model, "knorm", torch.tensor([[4, 4]]))
+
+
+def test_razor_mean_logcount_needs_the_kvcore_attention():
+    ids, mask = batch()
+    params = {"sinks": 2, "local_capacity": 8, "compensation": "mean_logcount"}
+    model = tiny("kvcore")
+    cache = kh.compressed_cache(model, "razor", 8, **params)
+    assert generate(model, cache, ids, mask, n=2).shape == (2, 26)
+    assert float(cache.kv.slot_count.max()) == ids.shape[1] - 7  # 17 folded tokens
+    model = tiny("sdpa")
+    cache = kh.compressed_cache(model, "razor", 8, **params)
+    with pytest.raises(ValueError, match="log\\(count\\) logit bias"):
+        generate(model, cache, ids, mask, n=2)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int2"])
+def test_quantized_cache_generates_on_the_tiny_model(fmt):
+    model = tiny("kvcore")
+    ids, mask = batch(pad=3)
+    ref = kh.compressed_cache(model, None, 0)
+    cache = kh.compressed_cache(model, None, 0, kv_format=fmt, quant_group=8)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, past_key_values=ref).logits[:, -1]
+        q = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
+    # the prompt attends its own (unquantized) step: the first logits are the same
+    torch.testing.assert_close(q, full, atol=1e-5, rtol=1e-5)
+    out = generate(
+        model, kh.compressed_cache(model, "snapkv", 8, window=4, kv_format=fmt), ids, mask, n=4
+    )
+    assert out.shape == (2, 28)
+    assert cache.memory_bytes() < ref.memory_bytes() / 2
+    if fmt == "int8":  # 8-bit pages: the next steps follow the full-precision ones
+        a = generate(model, kh.compressed_cache(model, None, 0), ids, mask, n=4)
+        b = generate(model, kh.compressed_cache(model, None, 0, kv_format=fmt), ids, mask, n=4)
+        assert torch.equal(a, b)
+
+
+def test_ems_merged_cache_generates_with_the_kvcore_attention():
+    model = tiny("kvcore")
+    ids, mask = batch(pad=3)
+    cache = kh.compressed_cache(model, "snapkv", 8, window=4, merge="ems", merge_threshold=-1.0)
+    out = generate(model, cache, ids, mask, n=3)
+    assert out.shape == (2, 27)
+    kv = cache.kv
+    idx, _ = kv._slots(kv.tables[0, 0].reshape(-1), kv.lengths[0, 0].reshape(-1))
+    # row 0 (no padding): every evicted prompt token was merged into a kept slot
+    assert kv.slot_count[idx[:, :8]].sum(-1).tolist() == [24.0, 24.0]
+    model = tiny("sdpa")
+    cache = kh.compressed_cache(model, "snapkv", 8, window=4, merge="ems")
+    with pytest.raises(ValueError, match="log\\(count\\) logit bias"):
+        generate(model, cache, ids, mask, n=2)

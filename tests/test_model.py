@@ -59,3 +59,51 @@ def test_the_demo_runs_and_prints_both_answers(smollm2, capsys):
     out = capsys.readouterr().out
     assert out.count("answer:") == 2 and out.count("speed:") == 2
     assert "less K/V memory" in out
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("pyramidkv", {}),
+        ("adakv", {}),
+        ("razor", {"local_capacity": 64, "compensation": "mean_logcount"}),
+        ("longgen", {"sinks": 16}),
+    ],
+)
+def test_registry_policies_on_int4_pages_on_the_real_model(smollm2, name, params):
+    """bf16 model, registry policies with their defaults, int4 pages: exact budgets after
+    the prefill compression (+ the 2 decoded tokens), and generation runs."""
+    model, tok = smollm2
+    ids = prompt(tok)
+    n = ids.shape[1]
+    comp = kh.compressed_cache(model, name, 64, kv_format="int4", **params)
+    out = greedy(model, ids, comp, n=3)
+    assert out.shape == (1, n + 3)
+    lengths = comp.kv.stored_lengths()[0]  # (L, H)
+    num_layers, heads = lengths.shape
+    if name == "pyramidkv":  # per-layer budgets summing to L * budget
+        assert (lengths.sum(0) == (64 + 2) * num_layers).all()
+        assert lengths[0, 0] > lengths[-1, 0]
+    elif name == "adakv":  # ragged heads, each layer holding H * budget
+        assert (lengths.sum(-1) == (64 + 2) * heads).all()
+    elif name == "razor":  # no retrieval head given: every head keeps local_capacity
+        assert (lengths == 64 + 2).all()
+        assert float(comp.kv.slot_count.max()) == n - 63
+    else:  # longgen: the middle third of the layers is full, the others sinks + window
+        lo, hi = num_layers // 3, num_layers - num_layers // 3
+        full = torch.zeros(num_layers, dtype=torch.bool)
+        full[lo:hi] = True
+        want = torch.where(full, n + 2, 64 + 2)[:, None].expand(num_layers, heads)
+        assert torch.equal(torch.from_numpy(lengths), want)
+    assert comp.kv.memory_bytes() == comp.kv.k_pool.nbytes + comp.kv.v_pool.nbytes
+
+
+def test_the_demo_takes_a_registry_policy_and_a_page_format(smollm2, capsys):
+    from kvcore.__main__ import main
+
+    argv = ["demo", "--tokens", "200", "--budget", "64", "--max-new-tokens", "2"]
+    assert main([*argv, "--policy", "pyramidkv", "--kv-format", "int4", "--merge", "ems"]) == 0
+    out = capsys.readouterr().out
+    assert "compressed (pyramidkv, 64 tokens per layer and kv-head, int4 pages, ems merge)" in out
+    assert main([*argv, "--policy", "locret"]) == 2  # stabilizers (2500) > budget
+    assert "locret: stabilizers (2500) is larger than the budget (64)" in capsys.readouterr().err

@@ -3,8 +3,10 @@
 The document is real reference prose shipped with every CPython (``pydoc_data.topics``); one
 sentence with a made-up fact is hidden in its middle. SmolLM2-135M-Instruct (the embedded
 model) reads it and answers a question about the fact twice: with a full kvcore cache, and
-with a SnapKV-compressed one that keeps ``--budget`` tokens per (layer, kv-head) after the
-prefill. For each run it prints the answer, the K/V memory held and the speed.
+with a compressed one (``--policy``, default SnapKV, any name of the ``kvcore.policies``
+registry; ``--kv-format int4`` quantized pages; ``--merge ems``) that keeps ``--budget`` tokens
+per (layer, kv-head) after the prefill. For each run it prints the answer, the K/V memory held
+and the speed.
 """
 
 from __future__ import annotations
@@ -125,15 +127,25 @@ def demo(args: argparse.Namespace) -> int:
         schedule, capacity = Schedule.chunked(args.chunk), args.budget + args.chunk
     else:
         schedule, capacity = Schedule.prefill(), n + args.max_new_tokens
-    comp = compressed_cache(
-        model,
-        "snapkv",
-        budget=args.budget,
-        window=args.window,
-        schedule=schedule,
-        capacity=capacity,
-    )
-    res_comp = run(model, tok, ids, comp, f"snapkv {args.budget}", args.max_new_tokens)
+    params: dict[str, Any] = {}
+    if args.policy in ("snapkv", "pyramidkv", "adakv"):
+        params["window"] = args.window
+    try:
+        comp = compressed_cache(
+            model,
+            args.policy,
+            budget=args.budget,
+            schedule=schedule,
+            capacity=capacity,
+            kv_format=args.kv_format,
+            merge=None if args.merge == "none" else args.merge,
+            **params,
+        )
+    except (TypeError, ValueError) as e:  # the registry's message for a bad policy setup
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    label = f"{args.policy} {args.budget}"
+    res_comp = run(model, tok, ids, comp, label, args.max_new_tokens)
 
     def line(name: str, r: dict[str, Any]) -> None:
         ok = "correct" if ANSWER in r["answer"] else "wrong"
@@ -150,7 +162,9 @@ def demo(args: argparse.Namespace) -> int:
         )
 
     line("full cache", res_full)
-    line(f"compressed (SnapKV, {args.budget} tokens per layer and kv-head)", res_comp)
+    extra = "" if args.kv_format == "native" else f", {args.kv_format} pages"
+    extra += "" if args.merge == "none" else f", {args.merge} merge"
+    line(f"compressed ({args.policy}, {args.budget} tokens per layer and kv-head{extra})", res_comp)
     ratio = res_full["held"] / max(res_comp["held"], 1)
     print(f"\nthe compressed cache holds {ratio:.1f}x less K/V memory")
     return 0
@@ -162,7 +176,23 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="full vs compressed cache on a long document")
     d.add_argument("--tokens", type=int, default=1000, help="document length in tokens")
     d.add_argument("--budget", type=int, default=256, help="tokens kept per layer and kv-head")
-    d.add_argument("--window", type=int, default=32, help="SnapKV observation window")
+    from kvcore.policies import names
+
+    d.add_argument(
+        "--policy", default="snapkv", choices=names(), help="compressed run: registry policy"
+    )
+    d.add_argument(
+        "--window", type=int, default=32, help="observation window (snapkv, pyramidkv, adakv)"
+    )
+    d.add_argument(
+        "--kv-format",
+        default="native",
+        choices=["native", "int8", "int4", "int2"],
+        help="compressed run: K/V page format",
+    )
+    d.add_argument(
+        "--merge", default="none", choices=["none", "ems"], help="compressed run: merge evictions"
+    )
     d.add_argument("--max-new-tokens", type=int, default=24)
     d.add_argument(
         "--chunk",

@@ -7,7 +7,9 @@ stream can hold a different number of tokens and evicting a head's tokens frees 
     k_pool     : (num_blocks, block_size, head_dim)   one head's key per slot
     slot       = block_id * block_size + offset       (block 0 is the null block, never written)
     per slot   : slot_pos (int64 sequence index), slot_valid (bool, False for padding),
-                 slot_score (float32, accumulated attention) -- moved with K/V by compaction
+                 slot_score (float32, accumulated attention), slot_count (float32, tokens a
+                 merged slot stands for) -- moved with K/V by compaction
+    kv_format      : "int8" / "int4" / "int2" pools hold one quantized token per slot (uint8)
 
 Steps. ``update(layer, k, v)`` appends the step's tokens and returns what dense attention reads.
 Compression of layer ``l`` for step ``t`` is decided by the :class:`Schedule` and runs *after*
@@ -31,11 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvcore._kvcore import BlockAllocator, OutOfBlocksError
+from kvcore._kvcore import BlockAllocator, OutOfBlocksError, QuantLayout
 from kvcore.attention import paged_attention
-from kvcore.scoring import ScoreInputs, TorchPolicy, select
+from kvcore.scoring import RegistryPolicy, ScoreInputs, TorchPolicy
 
 __all__ = ["KVCache", "Schedule", "rotate_keys"]
+
+_BITS = {"native": 0, "int8": 8, "int4": 4, "int2": 2}
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,19 @@ class KVCache:
         rope: the RoPE ``inv_freq`` ``(R / 2,)`` of every layer (one tensor, or one per
             layer), needed by ``positions="compact"``.
         scaling: attention softmax scale for scoring (default ``head_dim ** -0.5``).
+        kv_format: ``"native"`` (the pools hold ``dtype`` vectors) or ``"int8"``, ``"int4"``,
+            ``"int2"``: every slot holds one quantized token of issue 4's layout
+            ``QuantLayout(bits, quant_group, 1, head_dim, "channel", "float16")`` (packed
+            codes, then one float16 scale and zero point per group), written by
+            :func:`kvcore.quant.quantize` and dequantized to ``dtype`` when read.
+        quant_group: channels per quantization group (default ``min(32, head_dim)``).
+        merge: None (evicted tokens are dropped) or ``"ems"``: each compression merges the
+            tokens the policy evicts into kept ones with issue 4's ``kvcore.ems_plan`` (a
+            token joins the kept token with the most similar key when the cosine is >=
+            ``merge_threshold``, else it is dropped; a center becomes the attention-weighted
+            mean). ``slot_count`` follows ``MergeBook``'s mass rule and :meth:`attend` adds
+            ``log(count)`` to each slot's logit.
+        merge_threshold: EMS's cosine threshold, in ``[-1, 1]``.
 
     Raises:
         ValueError: bad sizes, a budget above the capacity or below the policy's needs.
@@ -163,6 +180,10 @@ class KVCache:
         positions: str = "original",
         rope: torch.Tensor | Sequence[torch.Tensor] | None = None,
         scaling: float | None = None,
+        kv_format: str = "native",
+        quant_group: int | None = None,
+        merge: str | None = None,
+        merge_threshold: float = 0.5,
     ) -> None:
         for name, v in (
             ("num_layers", num_layers),
@@ -182,8 +203,34 @@ class KVCache:
             raise ValueError(f"positions must be 'original' or 'compact', got {positions!r}")
         if positions == "compact" and rope is None:
             raise ValueError("positions='compact' needs rope= (the layers' RoPE inv_freq)")
+        if kv_format not in _BITS:
+            raise ValueError(
+                f"kv_format must be one of {', '.join(map(repr, _BITS))}, got {kv_format!r}"
+            )
+        self.kv_format = kv_format
+        self.layout: QuantLayout | None = None
+        if kv_format != "native":
+            g = min(32, head_dim) if quant_group is None else quant_group
+            if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+                raise ValueError(f"quant_group must be an int >= 1, got {quant_group!r}")
+            # QuantLayout raises ValueError naming the broken rule (divides D, whole bytes).
+            self.layout = QuantLayout(_BITS[kv_format], g, 1, head_dim, "channel", "float16")
+        elif quant_group is not None:
+            raise ValueError("quant_group needs a quantized kv_format")
+        if merge not in (None, "ems"):
+            raise ValueError(f"merge must be None or 'ems', got {merge!r}")
+        if (
+            not isinstance(merge_threshold, (int, float))
+            or isinstance(merge_threshold, bool)
+            or not -1.0 <= float(merge_threshold) <= 1.0
+        ):
+            raise ValueError(f"merge_threshold must be a float in [-1, 1], got {merge_threshold!r}")
+        self.merge = merge
+        self.merge_threshold = float(merge_threshold)
         if policy is not None and not isinstance(policy, TorchPolicy):
             raise TypeError(f"policy must be a kvcore.scoring.TorchPolicy, got {policy!r}")
+        if policy is not None:
+            policy.check_shape(num_layers, num_kv_heads)
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size = block_size
         self.dtype, self.device = dtype, torch.device(device)
@@ -217,6 +264,10 @@ class KVCache:
         self._step: list[dict[str, Any] | None] = [None] * num_layers
         self._next_queries: list[torch.Tensor | None] = [None] * num_layers
         self.num_compressions = 0
+        # log(count) logit bias of merged slots in attend (RazorAttention "mean_logcount").
+        self.logcount_bias = (
+            getattr(policy, "compensation", "none") == "mean_logcount" or merge is not None
+        )
 
     # ------------------------------------------------------------------ set-up
 
@@ -226,8 +277,7 @@ class KVCache:
 
     def _init(self, batch: int, first_len: int) -> None:
         streams = batch * self.num_layers * self.num_kv_heads
-        itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        block_bytes = 2 * self.block_size * self.head_dim * itemsize
+        block_bytes = 2 * self.block_size * self.slot_bytes
         if self._capacity_bytes is not None:
             blocks_per_stream = (self._capacity_bytes // block_bytes - 1) // streams
             if blocks_per_stream < 1:
@@ -249,22 +299,59 @@ class KVCache:
             )
         num_blocks = streams * blocks_per_stream + 1
         alloc = BlockAllocator(num_blocks=num_blocks, block_size=self.block_size)
-        shape = (num_blocks, self.block_size, self.head_dim)
         n_slots = num_blocks * self.block_size
         # Normal tensors even when the first update runs under torch.inference_mode():
         # inference tensors could not be updated in place by a later call made outside it.
         with torch.inference_mode(False):
-            self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if self.layout is None:
+                shape = (num_blocks, self.block_size, self.head_dim)
+                self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            else:  # one quantized token (codes + float16 scales and zeros) per slot
+                shape = (num_blocks, self.block_size, self.layout.nbytes)
+                self.k_pool = torch.zeros(shape, dtype=torch.uint8, device=self.device)
+                self.v_pool = torch.zeros(shape, dtype=torch.uint8, device=self.device)
             self.slot_pos = torch.zeros(n_slots, dtype=torch.int64, device=self.device)
             self.slot_valid = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
             self.slot_score = torch.zeros(n_slots, dtype=torch.float32, device=self.device)
+            # Tokens each slot stands for (> 1 for a merged / compensation slot).
+            self.slot_count = torch.ones(n_slots, dtype=torch.float32, device=self.device)
         self.tables = alloc.create_tables(streams).reshape(
             batch, self.num_layers, self.num_kv_heads
         )
         self.lengths = np.zeros((batch, self.num_layers, self.num_kv_heads), dtype=np.int64)
         self.batch_size = batch
         self.allocator = alloc
+
+    # ------------------------------------------------------------------ slot storage
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one token of one head in a pool (K or V): ``head_dim`` values of
+        ``dtype``, or the quantized layout's exact ``nbytes``."""
+        if self.layout is not None:
+            return int(self.layout.nbytes)
+        return self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` vectors -> what a pool slot stores (quantized bytes when quantized)."""
+        if self.layout is None:
+            return x.to(self.dtype)
+        from kvcore.quant import quantize
+
+        return quantize(x.reshape(-1, 1, self.head_dim), self.layout)
+
+    def _read(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` vectors in ``dtype`` of the given slots (dequantized when quantized)."""
+        flat = pool.view(-1, pool.shape[-1])[slots]
+        if self.layout is None:
+            return flat
+        from kvcore.quant import dequantize
+
+        return dequantize(flat, self.layout).reshape(-1, self.head_dim).to(self.dtype)
+
+    def _write(self, pool: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+        pool.view(-1, pool.shape[-1])[slots] = self._encode(x)
 
     # ------------------------------------------------------------------ sizes
 
@@ -280,7 +367,7 @@ class KVCache:
         if self.allocator is None:
             return 0
         self.flush()
-        per_block = 2 * self.block_size * self.head_dim * self.k_pool.element_size()
+        per_block = 2 * self.block_size * self.slot_bytes
         return int(self.allocator.num_used_blocks) * per_block
 
     def stored_lengths(self, layer_idx: int | None = None) -> np.ndarray:
@@ -441,6 +528,14 @@ class KVCache:
         assert self.allocator is not None
         tables = self.tables[:, layer_idx].reshape(-1)
         prev = self.lengths[:, layer_idx].reshape(-1).copy()
+        try:  # encode first: a value quantization rejects (NaN, inf) changes nothing
+            k_enc = self._encode(key_states.reshape(-1, self.head_dim))
+            v_enc = self._encode(value_states.reshape(-1, self.head_dim))
+        except Exception:
+            if fresh:
+                self.allocator = None
+                self.k_pool = self.v_pool = torch.empty(0)
+            raise
         if int(prev.max()) + q > self.capacity:
             if fresh:
                 self.allocator = None
@@ -457,9 +552,8 @@ class KVCache:
                 self.k_pool = self.v_pool = torch.empty(0)
             raise
         slots = torch.from_numpy(slots_np).to(self.device).reshape(b, self.num_kv_heads, q)
-        d = self.head_dim
-        self.k_pool.view(-1, d)[slots.reshape(-1)] = key_states.reshape(-1, d)
-        self.v_pool.view(-1, d)[slots.reshape(-1)] = value_states.reshape(-1, d)
+        self.k_pool.view(-1, self.k_pool.shape[-1])[slots.reshape(-1)] = k_enc
+        self.v_pool.view(-1, self.v_pool.shape[-1])[slots.reshape(-1)] = v_enc
         pos = self._next_pos[layer_idx] + torch.arange(q, device=self.device)
         self.slot_pos[slots.reshape(-1)] = pos.expand(b, self.num_kv_heads, q).reshape(-1)
         v_mask = (
@@ -471,6 +565,7 @@ class KVCache:
             v_mask[:, None, :].expand(b, self.num_kv_heads, q).reshape(-1)
         )
         self.slot_score[slots.reshape(-1)] = 0.0
+        self.slot_count[slots.reshape(-1)] = 1.0
         self.lengths[:, layer_idx] += q
         self._seen[layer_idx] += q
         self._next_pos[layer_idx] += q
@@ -519,13 +614,28 @@ class KVCache:
         width = -(-int(prev.max()) // self.block_size) if prev.numel() else 0
         bt, _, _ = self.allocator.vllm_layout(tables)
         block_table = torch.from_numpy(bt[:, :width].astype(np.int64)).to(self.device)
+        if slot_bias is None and self.logcount_bias:
+            slot_bias = self.slot_count.log()
+        k_pool, v_pool, slot_valid = self.k_pool, self.v_pool, self.slot_valid
+        if self.layout is not None:
+            # Dequantize only the pages this step reads, into a small dense pool of
+            # (streams * width) blocks; the slot metadata is gathered the same way.
+            bs = self.block_size
+            pages = block_table.reshape(-1)
+            page_slots = (pages[:, None] * bs + torch.arange(bs, device=self.device)).reshape(-1)
+            k_pool = self._read(self.k_pool, page_slots).reshape(-1, bs, self.head_dim)
+            v_pool = self._read(self.v_pool, page_slots).reshape(-1, bs, self.head_dim)
+            slot_valid = self.slot_valid[page_slots]
+            if slot_bias is not None:
+                slot_bias = slot_bias[page_slots]
+            block_table = torch.arange(pages.numel(), device=self.device).reshape(block_table.shape)
         return paged_attention(
             query,
-            self.k_pool,
-            self.v_pool,
+            k_pool,
+            v_pool,
             block_table,
             prev.to(self.device),
-            slot_valid=self.slot_valid,
+            slot_valid=slot_valid,
             new_keys=st["keys"],
             new_values=st["values"],
             new_valid=st["valid"],
@@ -556,8 +666,8 @@ class KVCache:
         slots, mask = self._slots(tables, self.lengths[:, layer_idx].reshape(-1))
         idx = slots.clamp(min=0).reshape(-1)
         b, h, d = self.batch_size, self.num_kv_heads, self.head_dim
-        k = self.k_pool.view(-1, d)[idx].reshape(b, h, -1, d)
-        v = self.v_pool.view(-1, d)[idx].reshape(b, h, -1, d)
+        k = self._read(self.k_pool, idx).reshape(b, h, -1, d)
+        v = self._read(self.v_pool, idx).reshape(b, h, -1, d)
         m = mask.reshape(b, h, -1, 1)
         return k * m, v * m
 
@@ -681,7 +791,7 @@ class KVCache:
         shape = (b, h, -1)
         inp = ScoreInputs(
             layer_idx=layer,
-            keys=self.k_pool.view(-1, d)[idx.reshape(-1)].reshape(b, h, -1, d),
+            keys=self._read(self.k_pool, idx.reshape(-1)).reshape(b, h, -1, d),
             valid=(mask & self.slot_valid[idx]).reshape(shape),
             positions=self.slot_pos[idx].reshape(shape),
             accumulated=self.slot_score[idx].reshape(shape),
@@ -689,6 +799,7 @@ class KVCache:
             query_positions=None if obs is None else obs[1],
             query_valid=None if obs is None else obs[2],
             scaling=self.scaling,
+            num_layers=self.num_layers,
         )
         return inp, slots, tables
 
@@ -698,6 +809,9 @@ class KVCache:
         inp, slots, _ = self._score_inputs(layer, obs)
         add = window_attention(inp).reshape(slots.shape)
         ok = slots >= 0
+        decay = float(getattr(self.policy, "decay", 1.0))
+        if decay != 1.0:
+            self.slot_score[slots[ok]] *= decay
         self.slot_score[slots[ok]] += add[ok]
 
     def _compress_layer(
@@ -714,14 +828,22 @@ class KVCache:
             )
         inp, slots, tables = self._score_inputs(layer, obs)
         n_valid = inp.valid.sum(-1).cpu()
-        if bool((n_valid <= budgets[None, :]).all()) and bool(
-            (torch.from_numpy(lens) == n_valid).all()
-        ):
-            return  # under budget and no padding to drop: nothing to evict
-        # The selection: Rust select_topk when the extension has it (issue 3), else torch.
-        keep = select(
-            policy.score(inp), inp.valid, policy.force_keep(inp), budgets[None, :].expand(b, h)
-        )
+        no_padding = bool((torch.from_numpy(lens) == n_valid).all())
+        if isinstance(policy, RegistryPolicy):
+            # The registry decides (per-layer and per-head budgets, static patterns).
+            keep, comp = policy.keep(inp, budgets[None, :].expand(b, h))
+            if no_padding and bool((keep == inp.valid).all()):
+                return  # everything stays: nothing to evict
+        else:
+            if bool((n_valid <= budgets[None, :]).all()) and no_padding:
+                return  # under budget and no padding to drop: nothing to evict
+            # The selection: Rust select_topk when the extension has it (issue 3), else torch.
+            keep, comp = policy.keep(inp, budgets[None, :].expand(b, h))
+        if comp is not None:
+            keep = self._fold_dropped(keep, comp.to(keep.device), inp.valid, slots)
+        if self.merge == "ems":
+            # Rows that folded their dropped tokens into a compensation slot merge nothing more.
+            self._merge_evicted(inp, keep, slots, skip=comp)
         keep_flat = keep.reshape(b * h, -1).cpu()
         counts = keep_flat.sum(-1)
         indptr = np.zeros(b * h + 1, dtype=np.int64)
@@ -732,14 +854,98 @@ class KVCache:
         if len(src_np):
             src = torch.from_numpy(src_np).to(self.device)
             dst = torch.from_numpy(dst_np).to(self.device)
-            for pool in (self.k_pool.view(-1, self.head_dim), self.v_pool.view(-1, self.head_dim)):
-                pool[dst] = pool[src]
-            for arr in (self.slot_pos, self.slot_valid, self.slot_score):
+            for pool in (self.k_pool, self.v_pool):
+                flat = pool.view(-1, pool.shape[-1])
+                flat[dst] = flat[src]
+            for arr in (self.slot_pos, self.slot_valid, self.slot_score, self.slot_count):
                 arr[dst] = arr[src]
         self.lengths[:, layer] = counts.numpy().reshape(b, h)
         self.num_compressions += 1
         if self.positions == "compact":
             self._recompact_positions(layer, tables, counts, kept_pos)
+
+    def _fold_dropped(
+        self, keep: torch.Tensor, comp: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
+        """Fold each ``comp`` row's dropped tokens into one slot (RazorAttention's
+        compensation token): the count-weighted mean of their K and V is written into the
+        first dropped token's slot, which is kept and counts them all (``slot_count``)."""
+        b, h, t = keep.shape
+        dropped = (valid & ~keep & comp[..., None]).reshape(b * h, t)
+        rows = torch.nonzero(dropped.any(-1), as_tuple=True)[0]
+        if rows.numel() == 0:
+            return keep
+        keep = keep.clone().reshape(b * h, t)
+        flat_slots = slots.reshape(b * h, t)
+        for r in rows.tolist():
+            idx = torch.nonzero(dropped[r], as_tuple=True)[0]
+            s = flat_slots[r, idx]
+            w = self.slot_count[s][:, None]
+            host = s[:1]
+            for pool in (self.k_pool, self.v_pool):
+                mean = (self._read(pool, s).float() * w).sum(0, keepdim=True) / w.sum()
+                self._write(pool, host, mean.to(self.dtype))
+            self.slot_count[host] = w.sum()
+            keep[r, idx[0]] = True
+        return keep.reshape(b, h, t)
+
+    def _merge_evicted(
+        self,
+        inp: ScoreInputs,
+        keep: torch.Tensor,
+        slots: torch.Tensor,
+        skip: torch.Tensor | None = None,
+    ) -> None:
+        """EMS merge of each stream's evicted valid tokens into its kept ones (issue 4's
+        ``ems_plan``, applied to K and V in place; the kept set does not change)."""
+        from kvcore._kvcore import ems_plan
+        from kvcore.merge import apply_plan
+
+        b, h, t = keep.shape
+        valid = inp.valid.reshape(b * h, t).cpu()
+        kept = keep.reshape(b * h, t).cpu()
+        flat_slots = slots.reshape(b * h, t)
+        if inp.queries is not None:
+            from kvcore.scoring import window_attention
+
+            attn = window_attention(inp)
+        else:
+            attn = inp.accumulated
+        attn = attn.reshape(b * h, t).float().clamp(min=0.0).cpu()
+        skipped = torch.zeros(b * h, dtype=torch.bool) if skip is None else skip.reshape(-1).cpu()
+        for r in range(b * h):
+            if skipped[r]:
+                continue
+            idx = torch.nonzero(valid[r], as_tuple=True)[0]
+            retained = torch.nonzero(kept[r][idx], as_tuple=True)[0]
+            if len(retained) == len(idx) or len(retained) == 0:
+                continue
+            s = flat_slots[r, idx]
+            keys = self._read(self.k_pool, s).float()
+            plan = ems_plan(
+                np.ascontiguousarray(keys.cpu().numpy()),
+                np.ascontiguousarray(attn[r, idx].numpy()),
+                retained.numpy().astype(np.int64),
+                self.merge_threshold,
+            )
+            if len(plan.src) == 0:
+                continue
+            assert np.array_equal(plan.kept_positions(), retained.numpy())
+            dst = torch.from_numpy(plan.dst).to(self.device)
+            for pool, x in ((self.k_pool, keys), (self.v_pool, self._read(self.v_pool, s))):
+                merged = apply_plan(plan, x.float())
+                self._write(pool, s[torch.unique(dst)], merged[torch.unique(dst)].to(self.dtype))
+            # MergeBook's mass rule: a removed source hands its mass to its destinations in
+            # proportion to the entry weights; kept slots keep theirs.
+            mass = self.slot_count[s].double()
+            src_t = torch.from_numpy(plan.src).to(self.device)
+            w = torch.from_numpy(plan.weight).to(self.device, torch.float64)
+            moved = ~kept[r][idx].to(self.device)[src_t]
+            w = torch.where(moved, w, torch.zeros_like(w))
+            tot = torch.zeros_like(mass).index_add_(0, src_t, w)
+            share = torch.where(moved, w / tot[src_t].clamp(min=1e-300), torch.zeros_like(w))
+            new = mass.clone().index_add_(0, dst, mass[src_t] * share)
+            self.slot_count[s] = new.float()
 
     def _recompact_positions(
         self, layer: int, tables: np.ndarray, counts: torch.Tensor, old_pos: torch.Tensor
@@ -755,7 +961,8 @@ class KVCache:
         flat = slots.reshape(-1)
         new_pos = torch.arange(n, device=self.device).repeat(len(tables))
         delta = new_pos - old_pos.to(self.device)
-        kp = self.k_pool.view(-1, self.head_dim)
-        kp[flat] = rotate_keys(kp[flat], delta, self._rope[layer])
+        self._write(
+            self.k_pool, flat, rotate_keys(self._read(self.k_pool, flat), delta, self._rope[layer])
+        )
         self.slot_pos[flat] = new_pos
         self._next_pos[layer] = n

@@ -134,6 +134,12 @@ class KVCoreCache(Cache):
         keys, values = self.kv.update(layer_idx, key_states, value_states, valid=valid)
         if self._attn_impl == ATTN_NAME:
             return key_states, value_states
+        if self.kv.logcount_bias and self.kv.num_compressions > 0:
+            raise ValueError(
+                "merged slots carry a log(count) logit bias that "
+                f"{self._attn_impl!r} attention cannot apply; load the model with "
+                "attn_implementation='kvcore' (or model.set_attn_implementation('kvcore'))"
+            )
         if self.kv.is_ragged(layer_idx) and self.kv.num_compressions > 0:
             raise ValueError(
                 f"layer {layer_idx} holds streams of different lengths or padding after an "
@@ -250,16 +256,23 @@ def compressed_cache(
     capacity: int | None = None,
     capacity_bytes: int | None = None,
     block_size: int = 16,
+    kv_format: str = "native",
+    quant_group: int | None = None,
+    merge: str | None = None,
+    merge_threshold: float = 0.5,
     **policy_params: Any,
 ) -> KVCoreCache:
     """A ready :class:`KVCoreCache` for ``model`` (hooks installed).
 
     Args:
         model: a transformers decoder (Llama-like attention modules with ``q_proj``).
-        policy: a policy name of :func:`kvcore.scoring.get`, a policy, or None (no eviction).
+        policy: a policy name of the registry (``kvcore.policies.names()``, built by
+            :func:`kvcore.scoring.get`), a policy, or None (no eviction).
         budget: tokens per (layer, kv-head) kept after compression, or a
             ``(num_layers, num_kv_heads)`` int tensor.
-        schedule, positions, capacity, capacity_bytes, block_size: see :class:`KVCache`.
+        schedule, positions, capacity, capacity_bytes, block_size, kv_format, quant_group,
+        merge, merge_threshold: see :class:`KVCache` (``kv_format="int4"`` stores quantized
+            pages, ``merge="ems"`` merges evicted tokens into kept ones).
         **policy_params: passed to the policy (e.g. ``window=16``).
     """
     cfg = model.config
@@ -284,6 +297,10 @@ def compressed_cache(
         schedule=schedule,
         positions=positions,
         rope=_rope(model) if positions == "compact" else None,
+        kv_format=kv_format,
+        quant_group=quant_group,
+        merge=merge,
+        merge_threshold=merge_threshold,
     )
     install(model)
     return KVCoreCache(kv)

@@ -11,29 +11,29 @@ and :func:`select_keep` turns scores, forced tokens and per-(layer, head) budget
 mask. The heavy statistics (softmax of observation-window queries against the keys, key norms)
 are computed here in torch, on the cache's device.
 
-**Where the Rust selection plugs in.** :func:`select_keep` is the reference top-k (forced
-tokens first, then highest score, ties broken by the lower position). :func:`select` is what
-the cache calls: it uses the Rust ``kvcore._kvcore.select_topk`` (issue 3) when the extension
-has it and falls back to :func:`select_keep` otherwise, so the merge needs no code change here.
-Issue 3's
-``kvcore.policies.get(name).select(scores, budget)`` takes ``(num_layers, num_heads, n)``
-float32 numpy scores and returns a CSR ``Selection(indptr, positions, budgets)`` with rows
-``layer * num_heads + head``. With ``num_layers = 1`` and one call per sequence it computes the
-same thing as :func:`select_keep` for one layer; :meth:`kvcore.cache.KVCache._compress_layer`
-is the single call site to switch.
+**The registry drives the cache.** :func:`get` builds a :class:`RegistryPolicy` for every
+name of issue 3's :mod:`kvcore.policies`: the registry validates the parameters and its Rust
+selection decides what stays (:meth:`RegistryPolicy.keep`), from the statistics computed here.
+:func:`select_keep` is the reference top-k (forced tokens first, then highest score, ties
+broken by the lower position) of the torch reference policies (:class:`SnapKVPolicy`, ...,
+still used for explicit per-head budget tensors); :func:`select` is the same computed by the
+Rust ``select_topk``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "H2OPolicy",
     "KNormPolicy",
+    "RegistryPolicy",
     "ScoreInputs",
     "SnapKVPolicy",
     "StreamingPolicy",
@@ -43,6 +43,7 @@ __all__ = [
     "select",
     "select_keep",
     "window_attention",
+    "window_probs",
 ]
 
 
@@ -71,6 +72,7 @@ class ScoreInputs:
     query_positions: torch.Tensor | None
     query_valid: torch.Tensor | None
     scaling: float
+    num_layers: int = 1
 
 
 def window_attention(inp: ScoreInputs) -> torch.Tensor:
@@ -80,23 +82,10 @@ def window_attention(inp: ScoreInputs) -> torch.Tensor:
     Returns:
         ``(B, H, T)`` float32; zeros where no observed query sees the key.
     """
-    if inp.queries is None or inp.query_positions is None:
-        raise ValueError("this policy needs observed queries: call cache.observe(...) first")
-    q = inp.queries.float()
-    b, hq, w, _ = q.shape
+    probs = window_probs(inp).sum(dim=2)  # (B, Hq, T)
+    b, hq, _ = probs.shape
     h = inp.keys.shape[1]
-    group = hq // h
-    keys = inp.keys.float().repeat_interleave(group, dim=1)
-    logits = torch.matmul(q, keys.transpose(2, 3)) * inp.scaling  # (B, Hq, w, T)
-    visible = inp.valid[:, :, None, :] & (
-        inp.positions[:, :, None, :] <= inp.query_positions[None, None, :, None]
-    )
-    if inp.query_valid is not None:
-        visible = visible & inp.query_valid[:, None, :, None]
-    visible = visible.repeat_interleave(group, dim=1)
-    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0).sum(dim=2)  # (B, Hq, T)
-    return probs.reshape(b, h, group, -1).mean(dim=2)
+    return probs.reshape(b, h, hq // h, -1).mean(dim=2)
 
 
 def _newest(valid: torch.Tensor, n: int) -> torch.Tensor:
@@ -121,6 +110,8 @@ class TorchPolicy:
     needs_queries = False
     accumulates = False
     observe_window: int | None = None  # observed queries per step (None: all of the step)
+    decay = 1.0  # per-step decay of the accumulated score
+    compensation = "none"  # RazorAttention's compensation token ("none": dropped are gone)
 
     def __init__(self, budget: int | torch.Tensor) -> None:
         if isinstance(budget, torch.Tensor):
@@ -160,11 +151,30 @@ class TorchPolicy:
             return self.budget[layer_idx].cpu()
         return torch.full((num_heads,), self.budget, dtype=torch.int64)
 
+    def check_shape(self, num_layers: int, num_heads: int) -> None:
+        """Raise ValueError when the policy cannot serve a cache of this shape (called by
+        :class:`kvcore.KVCache` at construction, so that a bad shape fails before any step)."""
+        if isinstance(self.budget, torch.Tensor) and tuple(self.budget.shape) != (
+            num_layers,
+            num_heads,
+        ):
+            raise ValueError(
+                f"per-head budget has shape {tuple(self.budget.shape)}, "
+                f"expected ({num_layers}, {num_heads})"
+            )
+
     def score(self, inp: ScoreInputs) -> torch.Tensor:
         raise NotImplementedError
 
     def force_keep(self, inp: ScoreInputs) -> torch.Tensor:
         return torch.zeros_like(inp.valid)
+
+    def keep(
+        self, inp: ScoreInputs, budgets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ``(B, H, T)`` keep mask of one layer for ``(B, H)`` budgets, and the ``(B, H)``
+        rows whose dropped tokens fold into a compensation slot (None: no such rows)."""
+        return select(self.score(inp), inp.valid, self.force_keep(inp), budgets), None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(budget={self.budget!r})"
@@ -258,24 +268,37 @@ class KNormPolicy(TorchPolicy):
         return out
 
 
-_REGISTRY: dict[str, type[TorchPolicy]] = {
+_LEGACY: dict[str, type[TorchPolicy]] = {
     p.name: p for p in (StreamingPolicy, SnapKVPolicy, H2OPolicy, KNormPolicy)
 }
 
 
 def names() -> list[str]:
-    """The policy names :func:`get` accepts."""
-    return sorted(_REGISTRY)
+    """The policy names :func:`get` accepts: issue 3's registry (``kvcore.policies``)."""
+    from kvcore import policies as reg
+
+    return reg.names()
 
 
 def get(name: str, budget: int | torch.Tensor, **params: object) -> TorchPolicy:
-    """Build a torch policy by name, e.g. ``get("snapkv", budget=256, window=16)``."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(names())}")
-    try:
-        return _REGISTRY[name](budget, **params)
-    except TypeError as e:
-        raise TypeError(f"{name}: {e}") from None
+    """Build a cache policy by name, e.g. ``get("snapkv", budget=256, window=16)``.
+
+    Every name of :mod:`kvcore.policies` (issue 3's registry) gives a :class:`RegistryPolicy`:
+    the registry checks the name and parameters (its ValueError / TypeError) and decides
+    what stays. A ``(num_layers, num_kv_heads)`` budget tensor (explicit ragged budgets) is
+    served by the torch reference policies (``streaming``, ``snapkv``, ``h2o``, ``knorm``).
+    """
+    if isinstance(budget, torch.Tensor):
+        if name not in _LEGACY:
+            raise ValueError(
+                f"a per-head budget tensor works with {', '.join(sorted(_LEGACY))}, "
+                f"not {name!r}; give an int budget"
+            )
+        try:
+            return _LEGACY[name](budget, **params)
+        except TypeError as e:
+            raise TypeError(f"{name}: {e}") from None
+    return RegistryPolicy(name, budget, **params)  # type: ignore[arg-type]
 
 
 def select_keep(
@@ -334,3 +357,248 @@ def select(
     row_of = torch.repeat_interleave(torch.arange(b * h), torch.from_numpy(np.diff(indptr)))
     keep[row_of, torch.from_numpy(positions)] = True
     return keep.reshape(b, h, n).to(valid.device) & valid
+
+
+# ---------------------------------------------------------------------- the registry policies
+
+# Policies whose heads of a layer share one decision (a layer budget split among heads, one
+# index set per layer, a novelty set shared by heads): their rows are selected together.
+_COUPLED = frozenset({"adakv", "tova", "infinipot"})
+_WINDOW_SCORED = frozenset({"snapkv", "pyramidkv", "adakv"})
+# Tokens of ragged rows padded in front for a coupled selection: never chosen first.
+_LOW = -3.0e38
+
+
+def window_probs(inp: ScoreInputs) -> torch.Tensor:
+    """Softmax probabilities of the observed queries over the stored keys.
+
+    Returns:
+        ``(B, Hq, w, T)`` float32; zero where a query does not see the key (causality,
+        padding); rows with no visible key are all zero.
+    """
+    if inp.queries is None or inp.query_positions is None:
+        raise ValueError("this policy needs observed queries: call cache.observe(...) first")
+    q = inp.queries.float()
+    h = inp.keys.shape[1]
+    group = q.shape[1] // h
+    keys = inp.keys.float().repeat_interleave(group, dim=1)
+    logits = torch.matmul(q, keys.transpose(2, 3)) * inp.scaling  # (B, Hq, w, T)
+    visible = inp.valid[:, :, None, :] & (
+        inp.positions[:, :, None, :] <= inp.query_positions[None, None, :, None]
+    )
+    if inp.query_valid is not None:
+        visible = visible & inp.query_valid[:, None, :, None]
+    visible = visible.repeat_interleave(group, dim=1)
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)
+
+
+def key_novelty(inp: ScoreInputs) -> torch.Tensor:
+    """InfiniPot's novelty stand-in, one value per token shared by the heads: ``1 - cos``
+    between a key and the mean valid key of its head, averaged over heads.
+
+    Returns:
+        ``(B, T)`` float32 (0 for invalid tokens).
+    """
+    k = inp.keys.float()
+    m = inp.valid[..., None].float()
+    mean = (k * m).sum(2, keepdim=True) / m.sum(2, keepdim=True).clamp(min=1.0)
+    cos = F.cosine_similarity(k, mean.expand_as(k), dim=-1)
+    nov = ((1.0 - cos) * inp.valid).sum(1) / inp.valid.sum(1).clamp(min=1)
+    return nov.float()
+
+
+class RegistryPolicy(TorchPolicy):
+    """A policy of issue 3's registry (:mod:`kvcore.policies`) driven from the cache.
+
+    The registry is the one source of truth for names, defaults and validation, and its
+    Rust selection decides what stays (per-layer budgets of PyramidKV, Ada-KV's ragged head
+    budgets, TOVA's shared index set, the static patterns). The torch side computes what each
+    policy scores from:
+
+    * ``snapkv``, ``pyramidkv``, ``adakv``: the observation window's softmax probabilities
+      (:func:`window_probs`), reduced by the registry's ``score`` (window, GQA, pooling);
+    * ``h2o``: attention accumulated in the cache's per-slot score (with ``decay``);
+    * ``tova``: the last query's attention; ``knorm``: the registry's ``-||k||``;
+    * ``infinipot``: the last ``window`` queries' attention as the catalyst scores and
+      :func:`key_novelty` as the novelty (``nuc_fn`` replaces it);
+    * ``locret``: ``score_fn(inp) -> (B, H, T)`` (the retaining heads' scores) when given,
+      else the accumulated attention as a stand-in;
+    * ``streaming``, ``longgen``, ``razor``: static patterns (positions only). Razor's
+      retrieval heads come from ``retrieval`` ``(num_layers, num_kv_heads)`` bool (default:
+      none); with ``compensation`` other than ``"none"`` the dropped tokens are folded into
+      one compensation slot (count-weighted mean of K and V, ``log(count)`` logit bias for
+      ``"mean_logcount"``).
+
+    Args:
+        name: a registry name (``kvcore.policies.names()``).
+        budget: tokens per (layer, kv-head) stream (the registry's average budget).
+        retrieval, score_fn, nuc_fn, window: the cache-side inputs above.
+        **params: the registry policy's parameters.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        budget: int,
+        *,
+        retrieval: object = None,
+        score_fn: object = None,
+        nuc_fn: object = None,
+        window: int | None = None,
+        **params: object,
+    ) -> None:
+        from kvcore import policies as reg
+
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+            raise ValueError(f"budget must be an int >= 0, got {budget!r}")
+        extras = {"retrieval": retrieval, "score_fn": score_fn, "nuc_fn": nuc_fn}
+        allowed = {"razor": {"retrieval"}, "locret": {"score_fn"}, "infinipot": {"nuc_fn"}}
+        for key, val in extras.items():
+            if val is not None and key not in allowed.get(name, set()):
+                raise TypeError(f"{name}: {key}= is not an input of this policy")
+        if window is not None:
+            params["window"] = window
+        self.reg = reg.get(name, budget=budget, **params)
+        self.name = name
+        self.retrieval = None
+        if retrieval is not None:
+            r = torch.as_tensor(retrieval)
+            if r.dtype != torch.bool or r.ndim != 2:
+                raise ValueError(
+                    "razor: retrieval must be a (num_layers, num_kv_heads) bool tensor"
+                )
+            self.retrieval = r.cpu()
+        for key, fn in (("score_fn", score_fn), ("nuc_fn", nuc_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name}: {key} must be callable, got {type(fn).__name__}")
+        self.score_fn = score_fn
+        self.nuc_fn = nuc_fn
+        self.decay = float(self.reg.config.get("decay", 1.0))
+        self.needs_queries = name in _WINDOW_SCORED | {"h2o", "tova", "infinipot"} or (
+            name == "locret" and score_fn is None
+        )
+        self.accumulates = name == "h2o" or (name == "locret" and score_fn is None)
+        if name in _WINDOW_SCORED:
+            self.observe_window = int(self.reg.config["window"])
+        elif name == "tova":
+            self.observe_window = 1
+        elif name == "infinipot":
+            self.observe_window = 32
+        comp = self.reg.config.get("compensation", "none") if name == "razor" else "none"
+        self.compensation = str(comp)
+        super().__init__(budget)
+
+    def __repr__(self) -> str:
+        return f"RegistryPolicy({self.reg!r})"
+
+    def check_shape(self, num_layers: int, num_heads: int) -> None:
+        if self.retrieval is not None and tuple(self.retrieval.shape) != (num_layers, num_heads):
+            raise ValueError(
+                f"razor: retrieval has shape {tuple(self.retrieval.shape)}, "
+                f"expected {(num_layers, num_heads)}"
+            )
+        if self.name == "longgen":
+            self.reg.kinds(num_layers)  # raises ValueError on a layer map of another length
+
+    def max_budget(self) -> int:
+        b = int(self.budget) if not isinstance(self.budget, torch.Tensor) else 0
+        if self.name == "razor":
+            return max(b, int(self.reg.config["local_capacity"]))
+        return b
+
+    def _scores(self, inp: ScoreInputs) -> torch.Tensor:
+        """``(B, H, T)`` float32 scores on the stored-token grid."""
+        b, h, t = inp.valid.shape
+        name = self.name
+        if name in _WINDOW_SCORED:
+            probs = window_probs(inp).cpu().numpy()
+            out = [self.reg.score(probs[i : i + 1], h)[0] for i in range(b)]
+            return torch.from_numpy(np.stack(out)) if out else torch.zeros(b, h, t)
+        if name == "knorm":
+            keys = inp.keys.float().cpu().numpy()
+            return torch.from_numpy(
+                np.stack([self.reg.score(keys[i : i + 1])[0] for i in range(b)])
+            )
+        if name == "h2o":
+            return inp.accumulated.float().cpu()
+        if name == "locret":
+            if self.score_fn is not None:
+                s = torch.as_tensor(self.score_fn(inp))  # type: ignore[operator]
+                if s.shape != (b, h, t):
+                    raise ValueError(
+                        f"locret: score_fn returned {tuple(s.shape)}, expected {(b, h, t)}"
+                    )
+                return s.float().cpu()
+            return inp.accumulated.float().cpu()
+        if name in ("tova", "infinipot"):
+            return window_probs(inp).sum(2).reshape(b, h, -1, t).mean(2).cpu()
+        return torch.zeros(b, h, t)
+
+    def keep(
+        self, inp: ScoreInputs, budgets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The keep mask ``(B, H, T)`` of the layer from the registry's selection, and for
+        Razor the ``(B, H)`` rows whose dropped tokens fold into a compensation slot."""
+        layer, L = inp.layer_idx, inp.num_layers
+        valid = inp.valid.cpu()
+        b, h, t = valid.shape
+        scores = torch.nan_to_num(self._scores(inp), nan=0.0, posinf=3e38, neginf=-3e38)
+        nuc = None
+        if self.name == "infinipot":
+            nuc = (
+                torch.as_tensor(self.nuc_fn(inp)).float().cpu()  # type: ignore[operator]
+                if self.nuc_fn is not None
+                else key_novelty(inp).cpu()
+            )
+            if nuc.shape != (b, t):
+                raise ValueError(
+                    f"infinipot: novelty has shape {tuple(nuc.shape)}, expected {(b, t)}"
+                )
+        retrieval = None
+        if self.name == "razor":
+            retrieval = (
+                self.retrieval
+                if self.retrieval is not None
+                else torch.zeros(L, h, dtype=torch.bool)
+            )
+            if tuple(retrieval.shape) != (L, h):
+                raise ValueError(
+                    f"razor: retrieval has shape {tuple(retrieval.shape)}, expected {(L, h)}"
+                )
+        keep = torch.zeros(b, h, t, dtype=torch.bool)
+        comp = torch.zeros(b, h, dtype=torch.bool) if self.compensation != "none" else None
+        for i in range(b):
+            idx = [torch.nonzero(valid[i, j], as_tuple=True)[0] for j in range(h)]
+            counts = [len(x) for x in idx]
+            groups: list[list[int]]
+            if len(set(counts)) == 1 or self.name in _COUPLED:
+                groups = [list(range(h))]
+            else:
+                groups = [[j] for j in range(h)]
+            for g in groups:
+                n = max(counts[j] for j in g)
+                rows = np.zeros((L, len(g), n), np.float32)
+                lead = []
+                for r, j in enumerate(g):
+                    pad = n - counts[j]
+                    lead.append(pad)
+                    rows[layer, r, :pad] = _LOW
+                    rows[layer, r, pad:] = scores[i, j, idx[j]].numpy()
+                inputs: dict[str, Any] = {}
+                if nuc is not None:
+                    # one novelty vector per token of the group (their valid tokens agree
+                    # unless the group is ragged; padded places get the lowest novelty)
+                    j0 = max(g, key=lambda j: counts[j])
+                    inputs["nuc"] = np.ascontiguousarray(nuc[i, idx[j0]].numpy(), np.float32)
+                if retrieval is not None:
+                    inputs["retrieval"] = retrieval[:, g].reshape(-1).numpy()
+                sel = self.reg.select(rows, **inputs)
+                for r, j in enumerate(g):
+                    row = layer * len(g) + r
+                    pos = sel.positions[sel.indptr[row] : sel.indptr[row + 1]] - lead[r]
+                    pos = pos[pos >= 0]
+                    keep[i, j, idx[j][torch.from_numpy(pos)]] = True
+                    if comp is not None and sel.num_dropped is not None:
+                        comp[i, j] = bool(sel.num_dropped[row] > 0)
+        return keep.to(inp.valid.device), comp
