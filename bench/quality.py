@@ -47,10 +47,22 @@ KVPRESS_VENV = ROOT / ".venv-kvpress"
 
 
 def kvcore_methods(policies: list[str]) -> dict[str, dict[str, Any]]:
-    """Method name -> keyword arguments of ``kvcore.hf.compressed_cache``."""
+    """Method name -> keyword arguments of ``kvcore.hf.compressed_cache``.
+
+    A method is a registry policy name, optionally with a storage suffix: ``snapkv+int4``
+    (quantized pages, ``kv_format``) or ``snapkv+ems`` (merged eviction, ``merge``).
+    """
     out: dict[str, dict[str, Any]] = {}
     for p in policies:
-        out[f"kvcore:{p}"] = {"policy": p}
+        name, _, extra = p.partition("+")
+        spec: dict[str, Any] = {"policy": name}
+        if extra in ("int8", "int4", "int2"):
+            spec["kv_format"] = extra
+        elif extra == "ems":
+            spec["merge"] = "ems"
+        elif extra:
+            raise ValueError(f"unknown storage variant {extra!r} in {p!r}")
+        out[f"kvcore:{p}"] = spec
     return out
 
 
@@ -116,7 +128,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1k-token tasks only")
     ap.add_argument("--keep", default="0.5,0.25,0.125", help="kept fractions of the prompt")
-    ap.add_argument("--policies", default="streaming,knorm,snapkv,h2o", help="kvcore policies")
+    ap.add_argument(
+        "--policies",
+        default="streaming,knorm,snapkv,h2o,tova,pyramidkv,adakv,snapkv+int4,tova+int4",
+        help="kvcore methods: registry names, optionally +int8/+int4/+int2/+ems",
+    )
     ap.add_argument("--skip-kvpress", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
@@ -180,7 +196,7 @@ def main() -> int:
     result = {
         "benchmark": "quality on SmolLM2-135M-Instruct (embedded), kvcore vs kvpress",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python bench/quality.py" + (" --quick" if args.quick else ""),
+        "command": "python " + " ".join(sys.argv),
         "machine": {
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
