@@ -5,16 +5,16 @@
 //! The lock is never held while Python code can run (no object is created under it), so a
 //! finaliser that calls back into the allocator cannot deadlock.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
-use kvcore_core::{BlockAllocator, CompactionPlan, Keep, KvError};
+use kvcore_core::{BlockAllocator, CompactionPlan, Keep};
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::convert::{self, KeepArg};
 use crate::errors;
+use crate::guard::{self, Core};
 
 /// See `_kvcore.pyi` for the user-facing documentation of every method.
 #[pyclass(frozen, name = "BlockAllocator", module = "kvcore._kvcore")]
@@ -22,7 +22,6 @@ pub struct PyBlockAllocator {
     inner: Mutex<BlockAllocator>,
 }
 
-type Core<T> = Result<T, KvError>;
 /// `append` releases the GIL from this many tokens on.
 const DETACH_MIN_TOKENS: usize = 1024;
 
@@ -37,19 +36,7 @@ impl PyBlockAllocator {
         py: Python<'_>,
         f: impl FnOnce(&mut BlockAllocator) -> Core<T>,
     ) -> PyResult<T> {
-        let r = catch_unwind(AssertUnwindSafe(|| match self.inner.lock() {
-            Ok(mut guard) => Some(f(&mut guard)),
-            Err(_) => None,
-        }));
-        match r {
-            Ok(Some(Ok(v))) => Ok(v),
-            Ok(Some(Err(e))) => Err(errors::to_py(py, e)),
-            Ok(None) => Err(errors::internal(
-                py,
-                "the allocator is unusable after an earlier internal error",
-            )),
-            Err(_) => Err(errors::internal(py, "a bug in the allocator core (panic)")),
-        }
+        guard::locked(py, &self.inner, "allocator", "allocator core", f)
     }
 
     /// Like `with`, with the GIL released while the core works.
@@ -58,21 +45,7 @@ impl PyBlockAllocator {
         py: Python<'_>,
         f: impl FnOnce(&mut BlockAllocator) -> Core<T> + Send,
     ) -> PyResult<T> {
-        let r = py.detach(|| {
-            catch_unwind(AssertUnwindSafe(|| match self.inner.lock() {
-                Ok(mut guard) => Some(f(&mut guard)),
-                Err(_) => None,
-            }))
-        });
-        match r {
-            Ok(Some(Ok(v))) => Ok(v),
-            Ok(Some(Err(e))) => Err(errors::to_py(py, e)),
-            Ok(None) => Err(errors::internal(
-                py,
-                "the allocator is unusable after an earlier internal error",
-            )),
-            Err(_) => Err(errors::internal(py, "a bug in the allocator core (panic)")),
-        }
+        guard::locked_detached(py, &self.inner, "allocator", "allocator core", f)
     }
 
     fn stat<T>(&self, py: Python<'_>, f: impl FnOnce(&BlockAllocator) -> T) -> PyResult<T> {

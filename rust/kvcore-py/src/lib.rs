@@ -7,6 +7,7 @@
 mod allocator;
 mod convert;
 mod errors;
+mod guard;
 mod merge;
 mod quant;
 mod select;

@@ -2,11 +2,9 @@
 //! MiniCache pair store. See `_kvcore.pyi` for the user documentation. Inputs are host numpy
 //! arrays; builders run with the GIL released.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
 use kvcore_core::merge::{minicache, plans, MergeBook, MergePlan};
-use kvcore_core::KvError;
 use numpy::{
     PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
 };
@@ -16,14 +14,10 @@ use pyo3::prelude::*;
 use crate::convert;
 use crate::errors;
 
-type Core<T> = Result<T, KvError>;
+use crate::guard::{self, Core};
 
 fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> Core<T> + Send) -> PyResult<T> {
-    match py.detach(|| catch_unwind(AssertUnwindSafe(f))) {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(errors::to_py(py, e)),
-        Err(_) => Err(errors::internal(py, "a bug in the merge core (panic)")),
-    }
+    guard::detached(py, "merge core", f)
 }
 
 /// A float32 array of `ndim` dims as (flat copy, shape).
@@ -158,16 +152,7 @@ pub struct PyMergeBook {
 
 impl PyMergeBook {
     fn with<T>(&self, py: Python<'_>, f: impl FnOnce(&mut MergeBook) -> Core<T>) -> PyResult<T> {
-        match catch_unwind(AssertUnwindSafe(|| {
-            self.inner.lock().ok().map(|mut g| f(&mut g))
-        })) {
-            Ok(Some(r)) => r.map_err(|e| errors::to_py(py, e)),
-            Ok(None) => Err(errors::internal(
-                py,
-                "the book is unusable after an earlier internal error",
-            )),
-            Err(_) => Err(errors::internal(py, "a bug in the merge core (panic)")),
-        }
+        guard::locked(py, &self.inner, "book", "merge core", f)
     }
 }
 

@@ -5,13 +5,11 @@
 //! when contiguous. The codec runs with the GIL released.
 
 use std::borrow::Cow;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
 use kvcore_core::quant::{
     self, GroupAxis, Input, KiviCache, MetaDtype, MixedPrecisionStore, QuantLayout, Tier,
 };
-use kvcore_core::KvError;
 use numpy::{
     PyArray1, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyUntypedArray,
     PyUntypedArrayMethods,
@@ -22,18 +20,11 @@ use pyo3::prelude::*;
 use crate::convert;
 use crate::errors;
 
-type Core<T> = Result<T, KvError>;
+use crate::guard::{self, Core};
 
 /// Runs core work with the GIL released; a panic becomes a `KVCoreError`.
 fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> Core<T> + Send) -> PyResult<T> {
-    match py.detach(|| catch_unwind(AssertUnwindSafe(f))) {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(errors::to_py(py, e)),
-        Err(_) => Err(errors::internal(
-            py,
-            "a bug in the quantization core (panic)",
-        )),
-    }
+    guard::detached(py, "quantization core", f)
 }
 
 fn core<T>(py: Python<'_>, r: Core<T>) -> PyResult<T> {
@@ -348,17 +339,16 @@ pub fn kivi_nbytes(
 }
 
 fn locked<T, R>(py: Python<'_>, m: &Mutex<T>, f: impl FnOnce(&mut T) -> Core<R>) -> PyResult<R> {
-    match catch_unwind(AssertUnwindSafe(|| m.lock().ok().map(|mut g| f(&mut g)))) {
-        Ok(Some(r)) => core(py, r),
-        Ok(None) => Err(errors::internal(
-            py,
-            "the object is unusable after an earlier internal error",
-        )),
-        Err(_) => Err(errors::internal(
-            py,
-            "a bug in the quantization core (panic)",
-        )),
-    }
+    guard::locked(py, m, "object", "quantization core", f)
+}
+
+/// Like `locked`, with the GIL released while the core works.
+fn locked_detached<T: Send, R: Send>(
+    py: Python<'_>,
+    m: &Mutex<T>,
+    f: impl FnOnce(&mut T) -> Core<R> + Send,
+) -> PyResult<R> {
+    guard::locked_detached(py, m, "object", "quantization core", f)
 }
 
 fn rows<'py>(py: Python<'py>, v: Vec<f32>, d: usize) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
@@ -418,9 +408,7 @@ impl PyKiviCache {
                 v.len() / self.head_dim.max(1)
             )));
         }
-        let inner = &self.inner;
-        py.detach(|| locked_nogil(inner, |c| c.append(&k, &v)))
-            .map_err(|e| e.into_py(py))
+        locked_detached(py, &self.inner, |c| c.append(&k, &v))
     }
 
     fn keys<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
@@ -467,34 +455,6 @@ impl PyKiviCache {
     }
 }
 
-/// A failure computed without the GIL, turned into a Python error once it is held again.
-enum NoGilErr {
-    Core(KvError),
-    Poisoned,
-    Panic,
-}
-
-impl NoGilErr {
-    fn into_py(self, py: Python<'_>) -> PyErr {
-        match self {
-            NoGilErr::Core(e) => errors::to_py(py, e),
-            NoGilErr::Poisoned => {
-                errors::internal(py, "the object is unusable after an earlier internal error")
-            }
-            NoGilErr::Panic => errors::internal(py, "a bug in the quantization core (panic)"),
-        }
-    }
-}
-
-fn locked_nogil<T, R>(m: &Mutex<T>, f: impl FnOnce(&mut T) -> Core<R>) -> Result<R, NoGilErr> {
-    match catch_unwind(AssertUnwindSafe(|| m.lock().ok().map(|mut g| f(&mut g)))) {
-        Ok(Some(Ok(v))) => Ok(v),
-        Ok(Some(Err(e))) => Err(NoGilErr::Core(e)),
-        Ok(None) => Err(NoGilErr::Poisoned),
-        Err(_) => Err(NoGilErr::Panic),
-    }
-}
-
 fn tier_arg(py: Python<'_>, s: &str) -> PyResult<Tier> {
     core(py, Tier::parse(s))
 }
@@ -535,9 +495,7 @@ impl PyMixedPrecisionStore {
     fn append(&self, py: Python<'_>, x: &Bound<'_, PyAny>, tier: &str) -> PyResult<()> {
         let t = tier_arg(py, tier)?;
         let v = tokens(x, "x", self.head_dim)?;
-        let inner = &self.inner;
-        py.detach(|| locked_nogil(inner, |s| s.append(&v, t)))
-            .map_err(|e| e.into_py(py))
+        locked_detached(py, &self.inner, |s| s.append(&v, t))
     }
 
     fn demote(&self, py: Python<'_>, positions: &Bound<'_, PyAny>, tier: &str) -> PyResult<()> {
@@ -548,16 +506,11 @@ impl PyMixedPrecisionStore {
             .iter()
             .map(|&i| usize::try_from(i).unwrap_or(usize::MAX))
             .collect();
-        let inner = &self.inner;
-        py.detach(|| locked_nogil(inner, |s| s.demote(&p, t)))
-            .map_err(|e| e.into_py(py))
+        locked_detached(py, &self.inner, |s| s.demote(&p, t))
     }
 
     fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
-        let inner = &self.inner;
-        let v = py
-            .detach(|| locked_nogil(inner, |s| s.read()))
-            .map_err(|e| e.into_py(py))?;
+        let v = locked_detached(py, &self.inner, |s| s.read())?;
         rows(py, v, self.head_dim)
     }
 

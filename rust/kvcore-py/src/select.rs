@@ -6,7 +6,6 @@
 //! with the GIL released and any panic becomes a `KVCoreError`.
 
 use std::borrow::Cow;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
 use kvcore_core::select::{self, budget, pattern, score, Csr, ForceKeep, Reduce};
@@ -18,7 +17,7 @@ use numpy::{
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::{convert, errors};
+use crate::{convert, guard};
 
 type I64Array<'py> = Bound<'py, PyArray1<i64>>;
 type CsrOut<'py> = (I64Array<'py>, I64Array<'py>);
@@ -38,11 +37,7 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Count {
 
 /// Runs core work with the GIL released; errors and panics become Python exceptions.
 fn run<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, KvError> + Send) -> PyResult<T> {
-    match py.detach(|| catch_unwind(AssertUnwindSafe(f))) {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(errors::to_py(py, e)),
-        Err(_) => Err(errors::internal(py, "a bug in the selection core (panic)")),
-    }
+    guard::detached(py, "selection core", f)
 }
 
 fn csr_out(py: Python<'_>, c: Csr) -> CsrOut<'_> {
@@ -633,21 +628,7 @@ impl PyScoreState {
         py: Python<'_>,
         f: impl FnOnce(&mut score::ScoreState) -> Result<T, KvError> + Send,
     ) -> PyResult<T> {
-        let r = py.detach(|| {
-            catch_unwind(AssertUnwindSafe(|| match self.inner.lock() {
-                Ok(mut g) => Some(f(&mut g)),
-                Err(_) => None,
-            }))
-        });
-        match r {
-            Ok(Some(Ok(v))) => Ok(v),
-            Ok(Some(Err(e))) => Err(errors::to_py(py, e)),
-            Ok(None) => Err(errors::internal(
-                py,
-                "the score state is unusable after an earlier internal error",
-            )),
-            Err(_) => Err(errors::internal(py, "a bug in the score state (panic)")),
-        }
+        guard::locked_detached(py, &self.inner, "score state", "score state", f)
     }
 }
 
