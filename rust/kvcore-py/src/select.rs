@@ -162,15 +162,15 @@ fn budgets(obj: &Bound<'_, PyAny>, rows: usize) -> PyResult<Vec<usize>> {
         .collect()
 }
 
+/// Force-keep ranges from the optional keyword arguments (absent or None: 0 / no spans).
 fn force_keep(
-    sinks: &Bound<'_, PyAny>,
-    window: &Bound<'_, PyAny>,
+    sinks: Option<&Bound<'_, PyAny>>,
+    window: Option<&Bound<'_, PyAny>>,
     protected: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<ForceKeep> {
-    let mut f = ForceKeep::new(
-        convert::count(sinks, "sinks")?,
-        convert::count(window, "window")?,
-    );
+    let count =
+        |v: Option<&Bound<'_, PyAny>>, name: &str| v.map_or(Ok(0), |v| convert::count(v, name));
+    let mut f = ForceKeep::new(count(sinks, "sinks")?, count(window, "window")?);
     if let Some(p) = protected.filter(|p| !p.is_none()) {
         let spans: Vec<(i64, i64)> = p.extract().map_err(|_| {
             PyTypeError::new_err("protected must be a sequence of (start, end) int pairs")
@@ -227,8 +227,7 @@ pub fn select_topk<'py>(
     let s = f32_nd(scores, "scores", "num_rows, n")?;
     let (rows, n) = (s.shape[0], s.shape[1]);
     let b = self::budgets(budgets, rows)?;
-    let zero = 0i64.into_pyobject(py)?.into_any();
-    let f = force_keep(sinks.unwrap_or(&zero), window.unwrap_or(&zero), protected)?;
+    let f = force_keep(sinks, window, protected)?;
     let data = s.data();
     let c = run(py, || {
         select::select_topk_parallel(&data, rows, n, &b, &f, num_threads)
@@ -251,8 +250,7 @@ pub fn select_per_layer<'py>(
     let (layers, n) = (s.shape[0], s.shape[1]);
     let heads = convert::count(num_heads, "num_heads")?;
     let b = self::budgets(budgets, layers)?;
-    let zero = 0i64.into_pyobject(py)?.into_any();
-    let f = force_keep(sinks.unwrap_or(&zero), window.unwrap_or(&zero), protected)?;
+    let f = force_keep(sinks, window, protected)?;
     let data = s.data();
     let c = run(py, || {
         select::select_per_layer(&data, layers, heads, n, &b, &f)
@@ -341,8 +339,7 @@ pub fn budget_adakv<'py>(
     let budget = budget.0;
     let s = f32_nd(scores, "scores", "num_layers, num_heads, n")?;
     let (l, h, n) = (s.shape[0], s.shape[1], s.shape[2]);
-    let zero = 0i64.into_pyobject(py)?.into_any();
-    let f = force_keep(sinks.unwrap_or(&zero), window.unwrap_or(&zero), protected)?;
+    let f = force_keep(sinks, window, protected)?;
     let data = s.data();
     let v = run(py, || budget::adakv(&data, l, h, n, budget, alpha, &f))?;
     Ok(usize_out(py, v))
@@ -363,8 +360,7 @@ pub fn select_adakv<'py>(
     let budget = budget.0;
     let s = f32_nd(scores, "scores", "num_layers, num_heads, n")?;
     let (l, h, n) = (s.shape[0], s.shape[1], s.shape[2]);
-    let zero = 0i64.into_pyobject(py)?.into_any();
-    let f = force_keep(sinks.unwrap_or(&zero), window.unwrap_or(&zero), protected)?;
+    let f = force_keep(sinks, window, protected)?;
     let data = s.data();
     let (_, c) = run(py, || {
         budget::adakv_select(&data, l, h, n, budget, alpha, &f)
@@ -607,8 +603,7 @@ pub fn plan_infinipot<'py>(
             nuc.shape
         )));
     }
-    let zero = 0i64.into_pyobject(py)?.into_any();
-    let f = force_keep(sinks.unwrap_or(&zero), window.unwrap_or(&zero), protected)?;
+    let f = force_keep(sinks, window, protected)?;
     let (cd, nd) = (cap.data(), nuc.data());
     let c = run(py, || {
         pattern::infinipot(&cd, rows, n, &nd, compressed, nuc_ratio, &f)
