@@ -91,6 +91,11 @@ def kvcore_ops() -> tuple[qc.Snapshot, qc.Restore, qc.KvBytes]:
     )
 
 
+def kvcore_reserved(cache: Any) -> int:
+    """The pool tensors' bytes: kvcore reserves its K/V storage at the first update."""
+    return int(cache.kv.memory_bytes())
+
+
 def full_prefill(model: Any, ctx: torch.Tensor) -> Any:
     from transformers import DynamicCache
 
@@ -100,7 +105,9 @@ def full_prefill(model: Any, ctx: torch.Tensor) -> Any:
     return cache
 
 
-def run_kvpress(tasks_path: Path, keeps: list[float], out: Path) -> dict[str, Any]:
+def run_kvpress(
+    tasks_path: Path, keeps: list[float], out: Path, presses: str = ""
+) -> dict[str, Any]:
     py = KVPRESS_VENV / "bin" / "python"
     if not py.exists():
         return {"error": f"{py} not found: run `make kvpress-venv` first"}
@@ -115,6 +122,8 @@ def run_kvpress(tasks_path: Path, keeps: list[float], out: Path) -> dict[str, An
         str(out),
         "--keep",
         ",".join(str(k) for k in keeps),
+        "--presses",
+        presses,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, env=env, cwd=HERE, text=True, capture_output=False)
@@ -127,6 +136,9 @@ def run_kvpress(tasks_path: Path, keeps: list[float], out: Path) -> dict[str, An
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1k-token tasks only")
+    ap.add_argument("--lengths", default=None, help="passkey lengths, e.g. 1024,2048,4096")
+    ap.add_argument("--depths", default=None, help="passkey depths, e.g. 0.1,0.5,0.9")
+    ap.add_argument("--presses", default="", help="kvpress presses (comma list; empty: all)")
     ap.add_argument("--keep", default="0.5,0.25,0.125", help="kept fractions of the prompt")
     ap.add_argument(
         "--policies",
@@ -148,7 +160,12 @@ def main() -> int:
     t_start = time.perf_counter()
 
     model, tok = qc.load_model(MODEL_CACHE)
-    tasks = qc.build_tasks(tok, quick=args.quick)
+    tasks = qc.build_tasks(
+        tok,
+        quick=args.quick,
+        lengths=[int(x) for x in args.lengths.split(",")] if args.lengths else None,
+        depths=[float(x) for x in args.depths.split(",")] if args.depths else None,
+    )
     print(f"{len(tasks)} tasks: " + ", ".join(f"{t.name} ({len(t.context_ids)})" for t in tasks))
     tmp = Path(tempfile.mkdtemp(prefix="kvcore-quality-"))
     tasks_path = tmp / "tasks.json"
@@ -173,7 +190,15 @@ def main() -> int:
         t1 = time.perf_counter()
         try:
             rows = [
-                qc.evaluate(model, tok, t, refs[t.name], kvcore_prefill(spec, keep), *ops)
+                qc.evaluate(
+                    model,
+                    tok,
+                    t,
+                    refs[t.name],
+                    kvcore_prefill(spec, keep),
+                    *ops,
+                    reserved_bytes=kvcore_reserved,
+                )
                 for t in tasks
             ]
             cells.append({"method": name, "keep": keep, "rows": rows})
@@ -187,7 +212,7 @@ def main() -> int:
     kvpress: dict[str, Any] = {"skipped": True}
     if not args.skip_kvpress:
         del model
-        kvpress = run_kvpress(tasks_path, keeps, tmp / "kvpress.json")
+        kvpress = run_kvpress(tasks_path, keeps, tmp / "kvpress.json", args.presses)
         cells.extend(kvpress.get("cells", []))
 
     summary = qr.summaries(cells)

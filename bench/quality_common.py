@@ -205,12 +205,22 @@ def ppl_task(tok: Any, text: str, n_context: int, n_cont: int, rng: random.Rando
     return Task(f"ppl-{n_context // 1024}k", "ppl", ids[:n_context], [q])
 
 
-def build_tasks(tok: Any, seed: int = 0, quick: bool = False) -> list[Task]:
+def build_tasks(
+    tok: Any,
+    seed: int = 0,
+    quick: bool = False,
+    lengths: list[int] | None = None,
+    depths: list[float] | None = None,
+) -> list[Task]:
+    """The benchmark's tasks: passkeys at ``lengths`` x ``depths`` (default 1k/2k/4k x
+    10/50/90 %; ``quick``: 1k at 50 %), a fact and four facts at 1k, and perplexity."""
     rng = random.Random(seed)
     text = real_text()
     tasks: list[Task] = []
-    lengths = [1024] if quick else [1024, 2048, 4096]
-    depths = [0.5] if quick else [0.1, 0.5, 0.9]
+    if lengths is None:
+        lengths = [1024] if quick else [1024, 2048, 4096]
+    if depths is None:
+        depths = [0.5] if quick else [0.1, 0.5, 0.9]
     for n in lengths:
         for d in depths:
             tasks.append(passkey_task(tok, n, d, rng))
@@ -315,13 +325,20 @@ def evaluate(
     restore: Restore,
     kv_bytes: KvBytes,
     max_new_tokens: int = 12,
+    reserved_bytes: KvBytes | None = None,
 ) -> dict[str, Any]:
-    """Runs one method on one task; returns the metrics of every question."""
+    """Runs one method on one task; returns the metrics of every question.
+
+    ``kv_bytes`` is what the cache holds after the prefill (and its compression);
+    ``kv_peak_bytes`` is the most K/V storage the cache had while the questions ran: the
+    pool tensors for a cache that reserves its storage up front (``reserved_bytes``),
+    else the largest ``kv_bytes`` seen after a question's tokens were appended."""
     ctx = torch.tensor([task.context_ids], dtype=torch.long)
     t0 = time.perf_counter()
     cache = prefill(model, ctx)
     prefill_s = time.perf_counter() - t0
     held = kv_bytes(cache)
+    peak = held
     state = snapshot(cache)
     eos = model.generation_config.eos_token_id
     eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
@@ -331,6 +348,7 @@ def evaluate(
     decode_steps = 0
     for q, ref in zip(task.questions, reference, strict=True):
         lp = continuation_logprobs(model, cache, q.question_ids + q.answer_ids, n_ctx)
+        peak = max(peak, kv_bytes(cache))
         restore(cache, state)
         # KL(full || compressed) and top-1 agreement at every position.
         kl = torch.sum(ref.exp() * (ref - lp), dim=-1).clamp_min(0.0)
@@ -365,6 +383,7 @@ def evaluate(
         "kind": task.kind,
         "context_tokens": n_ctx,
         "kv_bytes": held,
+        "kv_peak_bytes": reserved_bytes(cache) if reserved_bytes is not None else peak,
         "prefill_s": round(prefill_s, 4),
         "decode_tokens_per_s": round(decode_steps / decode_s, 2) if decode_s > 0 else None,
         "questions": per_q,
@@ -382,6 +401,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "accuracy": sum(q["correct"] for q in qa) / len(qa) if qa else None,
         "passkey_accuracy": _acc([r for r in rows if r["kind"] == "passkey"]),
         "kv_bytes": sum(r["kv_bytes"] for r in rows),
+        # the largest task's peak: what a machine must have for this method
+        "kv_peak_bytes": max((r.get("kv_peak_bytes", 0) for r in rows), default=0),
         "prefill_s": sum(r["prefill_s"] for r in rows),
     }
     if ppl:

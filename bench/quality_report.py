@@ -40,6 +40,31 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The table of docs/benchmarks.md (tests/test_benchmarks_doc.py checks it against the
+    JSON)."""
+    lines = [
+        "| method | keep | accuracy | passkey | KL | top-1 | ppl | KV MiB held | KV MiB peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(x: Any, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    for r in rows:
+        if "error" in r:
+            err = r["error"].replace("|", "/")[:80]
+            lines.append(f"| {r['method']} | {r['keep']} | error: {err} | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['method']} | {r['keep']} | {f(r['accuracy'], '.2f')} | "
+            f"{f(r['passkey_accuracy'], '.2f')} | {r['kl']:.3f} | {r['top1']:.3f} | "
+            f"{f(r.get('ppl'), '.2f')} | {r['kv_bytes'] / 2**20:.2f} | "
+            f"{r['kv_peak_bytes'] / 2**20:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -70,3 +95,12 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="print the markdown table of a quality JSON")
+    ap.add_argument("json", type=Path)
+    print(markdown(json.loads(ap.parse_args().json.read_text())["summary"]))
