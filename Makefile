@@ -98,6 +98,10 @@ bench-quality: wheel kvpress-venv ## Quality vs kvpress on the embedded model (l
 bench-kernels: dev ## CUDA kernels vs torch (needs a GPU and CuPy); writes bench/results/kernels.json
 	$(PY) bench/bench_kernels.py
 
+.PHONY: bench-e2e
+bench-e2e: dev ## Decode throughput, Llama-3.1-8B shape, 8k/32k (needs a GPU); writes bench/results/e2e.json
+	$(PY) bench/bench_e2e.py
+
 .PHONY: test-gpu
 test-gpu: dev ## The GPU kernel tests (tests/gpu; they skip without a CUDA device and CuPy)
 	$(PY) -m pytest -q tests/gpu
