@@ -138,6 +138,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1k-token tasks only")
     ap.add_argument("--lengths", default=None, help="passkey lengths, e.g. 1024,2048,4096")
     ap.add_argument("--depths", default=None, help="passkey depths, e.g. 0.1,0.5,0.9")
+    ap.add_argument("--passkey-only", action="store_true", help="only the passkey tasks")
     ap.add_argument("--presses", default="", help="kvpress presses (comma list; empty: all)")
     ap.add_argument("--keep", default="0.5,0.25,0.125", help="kept fractions of the prompt")
     ap.add_argument(
@@ -165,6 +166,7 @@ def main() -> int:
         quick=args.quick,
         lengths=[int(x) for x in args.lengths.split(",")] if args.lengths else None,
         depths=[float(x) for x in args.depths.split(",")] if args.depths else None,
+        passkey_only=args.passkey_only,
     )
     print(f"{len(tasks)} tasks: " + ", ".join(f"{t.name} ({len(t.context_ids)})" for t in tasks))
     tmp = Path(tempfile.mkdtemp(prefix="kvcore-quality-"))

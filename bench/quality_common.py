@@ -211,9 +211,11 @@ def build_tasks(
     quick: bool = False,
     lengths: list[int] | None = None,
     depths: list[float] | None = None,
+    passkey_only: bool = False,
 ) -> list[Task]:
     """The benchmark's tasks: passkeys at ``lengths`` x ``depths`` (default 1k/2k/4k x
-    10/50/90 %; ``quick``: 1k at 50 %), a fact and four facts at 1k, and perplexity."""
+    10/50/90 %; ``quick``: 1k at 50 %), then (unless ``passkey_only``) a fact and four facts
+    at 1k, and perplexity."""
     rng = random.Random(seed)
     text = real_text()
     tasks: list[Task] = []
@@ -224,6 +226,8 @@ def build_tasks(
     for n in lengths:
         for d in depths:
             tasks.append(passkey_task(tok, n, d, rng))
+    if passkey_only:
+        return tasks
     tasks.append(fact_task(tok, text, 1024, 1, rng))
     tasks.append(fact_task(tok, text, 1024, 4, rng))
     tasks.append(ppl_task(tok, text, 1024 if quick else 2048, 256, rng))
