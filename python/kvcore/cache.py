@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvcore._kvcore import BlockAllocator, OutOfBlocksError, QuantLayout
+from kvcore._kvcore import BlockAllocator, MergePlan, OutOfBlocksError, QuantLayout
 from kvcore.attention import paged_attention
 from kvcore.scoring import RegistryPolicy, ScoreInputs, TorchPolicy
 
@@ -243,6 +243,13 @@ class KVCache:
             rl = [rope] * num_layers if isinstance(rope, torch.Tensor) else list(rope)
             if len(rl) != num_layers:
                 raise ValueError(f"rope has {len(rl)} entries for {num_layers} layers")
+            for i, r in enumerate(rl):
+                if not isinstance(r, torch.Tensor) or r.ndim != 1 or 2 * r.numel() > head_dim:
+                    raise ValueError(
+                        f"rope[{i}] must be a 1-d inv_freq tensor of at most head_dim / 2 = "
+                        f"{head_dim // 2} frequencies, got "
+                        f"{tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__}"
+                    )
             self._rope = [r.detach().float().cpu() for r in rl]
         if policy is not None and capacity is not None:
             if policy.max_budget() > capacity:
@@ -852,17 +859,57 @@ class KVCache:
         kept_pos = inp.positions.reshape(b * h, -1)[keep.reshape(b * h, -1)]
         src_np, dst_np, _ = self.allocator.compact_batch(tables, indptr, positions)
         if len(src_np):
-            src = torch.from_numpy(src_np).to(self.device)
-            dst = torch.from_numpy(dst_np).to(self.device)
-            for pool in (self.k_pool, self.v_pool):
-                flat = pool.view(-1, pool.shape[-1])
-                flat[dst] = flat[src]
-            for arr in (self.slot_pos, self.slot_valid, self.slot_score, self.slot_count):
-                arr[dst] = arr[src]
+            self._move_slots(
+                torch.from_numpy(src_np).to(self.device), torch.from_numpy(dst_np).to(self.device)
+            )
         self.lengths[:, layer] = counts.numpy().reshape(b, h)
         self.num_compressions += 1
         if self.positions == "compact":
             self._recompact_positions(layer, tables, counts, kept_pos)
+
+    def _move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Applies a compaction plan: slot ``dst[i]`` takes what slot ``src[i]`` holds, in the
+        K and V pools and in every per-slot state tensor (``slot_pos``, ``slot_valid``,
+        ``slot_score``, ``slot_count``), all in one :func:`kvcore.kernels.compact_pools` call
+        (one CUDA launch on CUDA with CuPy, the torch reference otherwise).
+
+        Args:
+            src, dst: ``(num_moves,)`` int64 slots on the cache's device, as
+                ``BlockAllocator.compact_batch`` returns them (no move reads a slot that an
+                earlier move wrote).
+
+        The one place that knows how a slot's K/V bytes are laid out for compaction: a pool
+        row per slot (``(num_blocks, block_size, slot_bytes)``, native or quantized).
+        """
+        from kvcore import kernels
+
+        tensors = [
+            self.k_pool,
+            self.v_pool,
+            self.slot_pos,
+            self.slot_valid,
+            self.slot_score,
+            self.slot_count,
+        ]
+        indptr = torch.tensor([0, len(src)], dtype=torch.int64, device=src.device)
+        kernels.compact_pools(
+            tensors, [0] * len(tensors), src, dst, indptr, int(self.slot_pos.numel())
+        )
+
+    def _rotate_slots(self, slots: torch.Tensor, delta: torch.Tensor, layer: int) -> None:
+        """Re-rotates the keys at ``slots`` by ``delta`` positions with the layer's RoPE
+        frequencies: :func:`kvcore.kernels.rotate_slots` in place on a native pool of a
+        kernel dtype (float32, float16, bfloat16), else read, rotate, write back (quantized
+        pages are re-encoded)."""
+        from kvcore import kernels
+
+        assert self._rope is not None
+        inv_freq = self._rope[layer]
+        if self.layout is None and self.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            kernels.rotate_slots(self.k_pool, slots, delta, inv_freq.to(self.device))
+            return
+        keys = self._read(self.k_pool, slots)
+        self._write(self.k_pool, slots, kernels.rotate_reference(keys, delta, inv_freq))
 
     def _fold_dropped(
         self, keep: torch.Tensor, comp: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor
@@ -899,7 +946,6 @@ class KVCache:
         """EMS merge of each stream's evicted valid tokens into its kept ones (issue 4's
         ``ems_plan``, applied to K and V in place; the kept set does not change)."""
         from kvcore._kvcore import ems_plan
-        from kvcore.merge import apply_plan
 
         b, h, t = keep.shape
         valid = inp.valid.reshape(b * h, t).cpu()
@@ -931,21 +977,41 @@ class KVCache:
             if len(plan.src) == 0:
                 continue
             assert np.array_equal(plan.kept_positions(), retained.numpy())
-            dst = torch.from_numpy(plan.dst).to(self.device)
-            for pool, x in ((self.k_pool, keys), (self.v_pool, self._read(self.v_pool, s))):
-                merged = apply_plan(plan, x.float())
-                self._write(pool, s[torch.unique(dst)], merged[torch.unique(dst)].to(self.dtype))
-            # MergeBook's mass rule: a removed source hands its mass to its destinations in
-            # proportion to the entry weights; kept slots keep theirs.
-            mass = self.slot_count[s].double()
-            src_t = torch.from_numpy(plan.src).to(self.device)
-            w = torch.from_numpy(plan.weight).to(self.device, torch.float64)
-            moved = ~kept[r][idx].to(self.device)[src_t]
-            w = torch.where(moved, w, torch.zeros_like(w))
-            tot = torch.zeros_like(mass).index_add_(0, src_t, w)
-            share = torch.where(moved, w / tot[src_t].clamp(min=1e-300), torch.zeros_like(w))
-            new = mass.clone().index_add_(0, dst, mass[src_t] * share)
-            self.slot_count[s] = new.float()
+            self._apply_plan(plan, s, keys, merge_keys=True)
+
+    def _apply_plan(
+        self, plan: MergePlan, s: torch.Tensor, keys: torch.Tensor, *, merge_keys: bool
+    ) -> None:
+        """Applies a merge plan over one stream's slots ``s`` with
+        :func:`kvcore.kernels.apply_merge` (CUDA kernel on CUDA with CuPy, the torch reference
+        otherwise): the destination rows of V (and K when ``merge_keys``) are rewritten and
+        ``slot_count`` follows ``MergeBook``'s mass rule (a removed source hands its mass to
+        its destinations in proportion to the entry weights). The removed slots are left for
+        the compaction that follows.
+
+        Args:
+            plan: a ``kvcore.MergePlan`` over ``len(s)`` slots.
+            s: ``(n,)`` int64 slots of the stream, in stream order.
+            keys: ``(n, D)`` float32 keys of those slots (already read).
+        """
+        from kvcore import kernels
+
+        dev = self.device
+        src = torch.from_numpy(plan.src).to(dev)
+        dst = torch.from_numpy(plan.dst).to(dev)
+        weight = torch.from_numpy(plan.weight).to(dev)
+        evicted = torch.from_numpy(plan.evicted).to(dev)
+        hosts = torch.unique(dst)
+        values = self._read(self.v_pool, s).float()
+        merged_v, counts = kernels.apply_merge(
+            values, src, dst, weight, self.slot_count[s].contiguous(), evicted
+        )
+        assert counts is not None
+        if merge_keys:
+            merged_k, _ = kernels.apply_merge(keys.float().contiguous(), src, dst, weight)
+            self._write(self.k_pool, s[hosts], merged_k[hosts].to(self.dtype))
+        self._write(self.v_pool, s[hosts], merged_v[hosts].to(self.dtype))
+        self.slot_count[s[hosts]] = counts[hosts]
 
     def _recompact_positions(
         self, layer: int, tables: np.ndarray, counts: torch.Tensor, old_pos: torch.Tensor
@@ -961,8 +1027,6 @@ class KVCache:
         flat = slots.reshape(-1)
         new_pos = torch.arange(n, device=self.device).repeat(len(tables))
         delta = new_pos - old_pos.to(self.device)
-        self._write(
-            self.k_pool, flat, rotate_keys(self._read(self.k_pool, flat), delta, self._rope[layer])
-        )
+        self._rotate_slots(flat, delta, layer)
         self.slot_pos[flat] = new_pos
         self._next_pos[layer] = n
