@@ -539,7 +539,7 @@ def test_ems_merge_matches_the_plan_and_the_merge_book(threshold):
 
 
 def test_merge_option_errors():
-    with pytest.raises(ValueError, match="merge must be None or 'ems'"):
+    with pytest.raises(ValueError, match="merge must be None or one of .ems."):
         KVCache(L, H, D, merge="mean")
     with pytest.raises(ValueError, match=r"merge_threshold must be a float in \[-1, 1\]"):
         KVCache(L, H, D, merge="ems", merge_threshold=2.0)

@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the torch cache needs torch (pip install .[torch])")
 
+import kvcore  # noqa: E402
 from kvcore import kernels  # noqa: E402
 from kvcore.cache import KVCache, Schedule, rotate_keys  # noqa: E402
 from kvcore.scoring import get  # noqa: E402
@@ -190,3 +191,223 @@ def test_cache_through_the_emulated_cuda_kernels_equals_the_torch_path(monkeypat
         torch.testing.assert_close(got.v_pool.view(-1, D)[a], ref.v_pool.view(-1, D)[b])
         assert torch.equal(got.slot_pos[a], ref.slot_pos[b])
         torch.testing.assert_close(got.slot_count[a], ref.slot_count[b])
+
+
+# ------------------------------------------------------------------ 2. merge methods
+
+
+def one_head_cache(n_keep: int, **kw: Any) -> KVCache:
+    """One layer, one kv-head; streaming keeps token 0 and the newest ``n_keep - 1``."""
+    return KVCache(
+        1, 1, D, block_size=BS, capacity=16, policy=get("streaming", n_keep, sinks=1), **kw
+    )
+
+
+def basis(*parts: tuple[int, float]) -> torch.Tensor:
+    x = torch.zeros(D)
+    for i, a in parts:
+        x[i] += a
+    return x
+
+
+def test_kvmerger_merges_runs_into_their_kept_pivot_with_gaussian_weights():
+    # runs of similar adjacent keys: {0,1} (0 kept), {2,3} (no kept token), {4},
+    # {5,6,7,8} (7 and 8 kept: 7 is the pivot, the first kept on equal attention), {9}
+    keys = torch.stack(
+        [
+            basis((0, 1.0)),
+            basis((0, 1.0), (5, 0.3)),
+            basis((1, 1.0)),
+            basis((1, 1.0), (5, 0.2)),
+            basis((2, 1.0)),
+            basis((3, 1.0), (6, 0.4)),
+            basis((3, 1.0), (6, 0.1)),
+            basis((3, 1.0)),
+            basis((3, 1.0), (7, 0.2)),
+            basis((4, 1.0)),
+        ]
+    )
+    values = torch.randn(10, D, generator=torch.Generator().manual_seed(3))
+    c = one_head_cache(4, merge="kvmerger", merge_threshold=0.9, merge_sigma=0.5)
+    c.update(0, keys[None, None], values[None, None])
+    c.flush()
+    assert c.stored_lengths(0).tolist() == [[4]]  # the policy's budget: 0, 7, 8, 9
+    idx = stream_slots(c, 0)[0]
+    assert c.slot_pos[idx].tolist() == [0, 7, 8, 9]
+
+    def gauss_mean(members: list[int], pivot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d2 = ((keys[members] - keys[pivot]) ** 2).sum(-1).double()
+        g = torch.exp(-d2 / (2 * 0.5**2))
+        w = (g / g.sum()).float()[:, None]
+        return (w * keys[members]).sum(0), (w * values[members]).sum(0)
+
+    k0, v0 = gauss_mean([0, 1], 0)
+    k7, v7 = gauss_mean([5, 6, 7], 7)
+    want_k = torch.stack([k0, k7, keys[8], keys[9]])
+    want_v = torch.stack([v0, v7, values[8], values[9]])
+    torch.testing.assert_close(c.k_pool.view(-1, D)[idx], want_k)
+    torch.testing.assert_close(c.v_pool.view(-1, D)[idx], want_v)
+    # mass: 2 + 3 + 1 + 1 stays, tokens 2, 3, 4 (no kept token in their runs) are dropped
+    assert c.slot_count[idx].tolist() == [2.0, 3.0, 1.0, 1.0]
+    assert c.logcount_bias
+
+
+def test_kvmerger_pivot_is_the_most_attended_kept_token():
+    keys = torch.stack([basis((0, 1.0), (5, 0.1 * i)) for i in range(6)])
+    values = torch.randn(6, D, generator=torch.Generator().manual_seed(4))
+    c = one_head_cache(3, merge="kvmerger", merge_threshold=0.5)  # keeps 0, 4, 5
+    c.update(0, keys[None, None], values[None, None])
+    idx = stream_slots(c, 0)[0]
+    c.slot_score[idx] = torch.tensor([0.1, 0.9, 0.9, 0.9, 0.2, 0.3])  # the attention used
+    c.flush()
+    kept = stream_slots(c, 0)[0]
+    # one run 0..5: pivot 5 (most attended kept token), the evicted 1, 2, 3 join it
+    assert c.slot_count[kept].tolist() == [1.0, 1.0, 4.0]
+    members = [1, 2, 3, 5]
+    run = ((keys - keys[5]) ** 2).sum(-1).double()
+    s2 = run.sum() / 5  # sigma=None: RMS distance of the whole run (0..5) to its pivot
+    g = torch.exp(-run[members] / (2 * s2))
+    w = (g / g.sum()).float()[:, None]
+    torch.testing.assert_close(c.v_pool.view(-1, D)[kept[2]], (w * values[members]).sum(0))
+    torch.testing.assert_close(c.v_pool.view(-1, D)[kept[:2]], values[[0, 4]])
+
+
+def test_cam_adds_evicted_values_to_the_next_kept_ones():
+    keys = torch.randn(8, D, generator=torch.Generator().manual_seed(5))
+    values = torch.randn(8, D, generator=torch.Generator().manual_seed(6))
+    c = one_head_cache(4, merge="cam", merge_window=2)  # keeps 0, 5, 6, 7
+    c.update(0, keys[None, None], values[None, None])
+    idx = stream_slots(c, 0)[0]
+    # p = attn / max kept attn (1.0): tokens 1, 3, 4 always merge (p = 1), 2 never (p = 0)
+    c.slot_score[idx] = torch.tensor([1.0, 1.0, 0.0, 2.0, 1.0, 0.5, 0.2, 0.1])
+    c.flush()
+    kept = stream_slots(c, 0)[0]
+    assert c.slot_pos[kept].tolist() == [0, 5, 6, 7]
+    spread = (values[1] + values[3] + values[4]) / 2  # each into the 2 next kept: 5 and 6
+    want_v = torch.stack([values[0], values[5] + spread, values[6] + spread, values[7]])
+    torch.testing.assert_close(c.v_pool.view(-1, D)[kept], want_v)
+    torch.testing.assert_close(c.k_pool.view(-1, D)[kept], keys[[0, 5, 6, 7]])  # keys: no merge
+    assert c.slot_count[kept].tolist() == [1.0, 2.5, 2.5, 1.0]  # 7 = 8 - token 2
+    assert not c.logcount_bias  # values are sums already
+    assert one_head_cache(4, merge="cam", merge_bias=True).logcount_bias
+
+
+def test_cam_draws_are_seeded():
+    def run(seed: int) -> torch.Tensor:
+        c = one_head_cache(4, merge="cam", merge_window=2, merge_seed=seed)
+        x = torch.randn(1, 1, 12, D, generator=torch.Generator().manual_seed(7))
+        c.update(0, x, x)
+        idx = stream_slots(c, 0)[0]
+        c.slot_score[idx] = torch.full((12,), 0.5)
+        c.slot_score[idx[0]] = 1.0  # p = 0.5 for every evicted token
+        c.flush()
+        return c.slot_count[stream_slots(c, 0)[0]].clone()
+
+    counts = {tuple(run(s).tolist()) for s in range(6)}
+    assert run(3).tolist() == run(3).tolist()
+    assert len(counts) > 1  # the draws decide which tokens merge
+    for cnt in counts:
+        # every evicted token adds 1 (merged) or 0 (dropped) to the 4 kept slots' mass
+        assert 4.0 <= sum(cnt) <= 12.0 and float(sum(cnt)).is_integer()
+
+
+@pytest.mark.parametrize("method", ["ems", "kvmerger", "cam"])
+def test_merges_conserve_mass_across_compressions(method):
+    """slot_count equals MergeBook's mass for the plan each compression applied (replayed
+    from the plans the cache built), and kept + merged-away + dropped mass is every token."""
+    c = KVCache(
+        1,
+        H,
+        D,
+        block_size=BS,
+        capacity=20,
+        policy=get("h2o", 6, recent_ratio=0.5),
+        schedule=Schedule.decode(3),
+        merge=method,
+        merge_threshold=0.0,
+    )
+    plans: list[Any] = []
+    real = c._merge_plan
+
+    def record(*a: Any) -> Any:
+        plans.append(real(*a))
+        return plans[-1]
+
+    c._merge_plan = record  # type: ignore[method-assign]
+    c.observe(0, kv(1, 4, 1).repeat_interleave(2, 1))
+    c.update(0, kv(1, 12, 2), kv(1, 12, 3))
+    c.flush()
+    for step in range(3):
+        c.observe(0, kv(1, 1, 10 + step).repeat_interleave(2, 1))
+        c.update(0, kv(1, 1, 20 + step), kv(1, 1, 30 + step))
+    c.flush()
+    assert c.num_compressions == 2 and len(plans) == 2 * H
+    idx = stream_slots(c, 0)
+    for h in range(H):
+        book = kvcore.MergeBook(12)
+        book.apply(plans[h])
+        book.extend(3)
+        book.apply(plans[H + h])
+        torch.testing.assert_close(c.slot_count[idx[h]].double(), torch.from_numpy(book.mass))
+        assert book.total_mass + book.evicted_mass == pytest.approx(15.0)
+    assert (c.slot_count[idx] > 1).any()  # something was merged
+
+
+def test_merge_parameter_errors():
+    with pytest.raises(ValueError, match="merge must be None or one of 'ems', 'kvmerger', 'cam'"):
+        KVCache(L, H, D, merge="minicache")
+    with pytest.raises(ValueError, match="merge_sigma is a parameter of merge='kvmerger'"):
+        KVCache(L, H, D, merge="ems", merge_sigma=1.0)
+    with pytest.raises(ValueError, match="merge_window is a parameter of merge='cam'"):
+        KVCache(L, H, D, merge="kvmerger", merge_window=4)
+    with pytest.raises(ValueError, match="merge_seed is a parameter of merge='cam'"):
+        KVCache(L, H, D, merge_seed=1)
+    with pytest.raises(ValueError, match="merge_sigma must be None or a finite float > 0"):
+        KVCache(L, H, D, merge="kvmerger", merge_sigma=0.0)
+    with pytest.raises(ValueError, match="merge_window must be an int >= 1"):
+        KVCache(L, H, D, merge="cam", merge_window=0)
+    with pytest.raises(ValueError, match="merge_seed must be an int >= 0"):
+        KVCache(L, H, D, merge="cam", merge_seed=-1)
+    with pytest.raises(ValueError, match="merge_bias must be None or a bool, and needs a merge"):
+        KVCache(L, H, D, merge_bias=True)
+    with pytest.raises(ValueError, match=r"merge_threshold must be a float in \[-1, 1\]"):
+        KVCache(L, H, D, merge="kvmerger", merge_threshold=1.5)
+
+
+@pytest.mark.parametrize("method", ["kvmerger", "cam"])
+def test_merging_cache_generates_through_hf(method):
+    transformers = pytest.importorskip("transformers", reason="kvcore.hf needs transformers")
+    import kvcore.hf as kh
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+    )
+    model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="kvcore").eval()
+    ids = torch.randint(1, 64, (2, 24), generator=torch.Generator().manual_seed(1))
+    extra = {"merge_sigma": 2.0} if method == "kvmerger" else {"merge_window": 4}
+    cache = kh.compressed_cache(
+        model, "snapkv", 8, window=4, merge=method, merge_threshold=0.0, **extra
+    )
+    assert cache.kv.merge == method
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=3,
+        do_sample=False,
+        past_key_values=cache,
+        pad_token_id=0,
+    )
+    assert out.shape == (2, 27)
+    kv_ = cache.kv
+    idx, _ = kv_._slots(kv_.tables[:, 0].reshape(-1), kv_.lengths[:, 0].reshape(-1))
+    counts = kv_.slot_count[idx[:, :8]]
+    assert (counts > 1).any()  # evicted prompt tokens were merged into kept slots
+    assert (counts.sum(-1) <= 24).all()  # never more mass than prompt tokens
