@@ -411,3 +411,101 @@ def test_merging_cache_generates_through_hf(method):
     counts = kv_.slot_count[idx[:, :8]]
     assert (counts > 1).any()  # evicted prompt tokens were merged into kept slots
     assert (counts.sum(-1) <= 24).all()  # never more mass than prompt tokens
+
+
+# ------------------------------------------------------------------ 3. per-head budgets
+
+# Parameters that make each policy fit the tiny shapes (windows below the smallest budget).
+HEAD_BUDGET_PARAMS: dict[str, dict[str, Any]] = {
+    "streaming": {"sinks": 1},
+    "h2o": {},
+    "snapkv": {"window": 2, "kernel": 3},
+    "tova": {},
+    "knorm": {"skip_layers": ()},
+    "infinipot": {},
+    "locret": {"stabilizers": 1},
+    "longgen": {"layer_kinds": ("sink", "sink"), "sinks": 1},
+}
+BUDGETS = torch.tensor([[3, 5], [6, 2]])
+
+
+def test_every_registry_policy_is_covered_by_the_per_head_budget_tests():
+    from kvcore.scoring import NO_HEAD_BUDGETS, names
+
+    assert set(HEAD_BUDGET_PARAMS) | set(NO_HEAD_BUDGETS) == set(names())
+    assert not set(HEAD_BUDGET_PARAMS) & set(NO_HEAD_BUDGETS)
+
+
+def fill(c: KVCache, n: int, seed: int) -> None:
+    for layer in range(L):
+        c.observe(layer, kv(1, min(n, 2), seed + layer).repeat_interleave(2, 1))
+        c.update(layer, kv(1, n, seed + 10 + layer), kv(1, n, seed + 20 + layer))
+
+
+def stored_positions(c: KVCache, layer: int) -> list[list[int]]:
+    idx = stream_slots(c, layer)
+    lens = c.lengths[0, layer]
+    return [c.slot_pos[idx[h, : lens[h]]].tolist() for h in range(H)]
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_BUDGET_PARAMS))
+def test_per_head_budgets_hold_for_every_policy(name):
+    params = HEAD_BUDGET_PARAMS[name]
+    c = KVCache(
+        L,
+        H,
+        D,
+        block_size=BS,
+        capacity=24,
+        policy=get(name, BUDGETS, **params),
+        schedule=Schedule.decode(2),
+    )
+    fill(c, 14, 0)
+    c.flush()
+    assert c.stored_lengths()[0].tolist() == BUDGETS.tolist()
+    assert c.allocator is not None
+    # blocks really freed: ceil(budget / 4) per stream, nothing else held
+    assert c.allocator.num_used_blocks == sum(-(-b // BS) for b in BUDGETS.flatten().tolist())
+    c.allocator.check_invariants()
+    if name == "streaming":  # sinks=1 and the newest budget - 1 tokens of each head
+        assert stored_positions(c, 0) == [[0, 12, 13], [0, 10, 11, 12, 13]]
+    if name == "tova":  # one ranking per layer: a smaller head keeps a subset of a larger one
+        small, big = stored_positions(c, 0)
+        assert set(small) < set(big)
+    # two decode steps later the ragged heads compress back to their own budgets
+    for step in range(2):
+        fill(c, 1, 40 + step)
+    c.flush()
+    assert c.num_compressions == 2 * L
+    assert c.stored_lengths()[0].tolist() == BUDGETS.tolist()
+    assert c.allocator.num_used_blocks == sum(-(-b // BS) for b in BUDGETS.flatten().tolist())
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_BUDGET_PARAMS))
+def test_a_uniform_budget_tensor_selects_what_the_int_budget_selects(name):
+    params = HEAD_BUDGET_PARAMS[name]
+    got = []
+    for budget in (4, torch.full((L, H), 4)):
+        c = KVCache(L, H, D, block_size=BS, capacity=24, policy=get(name, budget, **params))
+        fill(c, 14, 3)
+        c.flush()
+        got.append([stored_positions(c, layer) for layer in range(L)])
+    assert got[0] == got[1]
+    assert all(len(p) == 4 for layer in got[0] for p in layer)
+
+
+def test_policies_that_set_head_budgets_themselves_refuse_a_budget_tensor():
+    from kvcore.scoring import NO_HEAD_BUDGETS
+
+    for name, why in NO_HEAD_BUDGETS.items():
+        with pytest.raises(ValueError) as e:
+            get(name, BUDGETS)
+        assert str(e.value) == f"{name}: a per-head budget tensor cannot be honoured: {why}"
+    with pytest.raises(ValueError, match=r"snapkv: window \(2\) is larger than the budget \(1\)"):
+        get("snapkv", torch.tensor([[1, 4], [4, 4]]), window=2)
+    with pytest.raises(ValueError, match=r"budget must be an int >= 0 or a \(num_layers"):
+        get("h2o", torch.tensor([[1.5, 4.0]]))
+    with pytest.raises(ValueError, match=r"per-head budget has shape \(1, 2\), expected \(2, 2\)"):
+        KVCache(L, H, D, policy=get("h2o", torch.tensor([[4, 4]])))
+    with pytest.raises(ValueError, match="unknown policy 'nope'"):
+        get("nope", BUDGETS)
