@@ -155,7 +155,7 @@ def test_h2o_accumulates_and_moves_scores_with_the_slots():
 
 def test_ragged_per_head_budgets_shrink_storage():
     budgets = torch.tensor([[2, 8], [4, 6]])
-    c = KVCache(L, H, D, block_size=BS, capacity=16, policy=get("knorm", budgets))
+    c = KVCache(L, H, D, block_size=BS, capacity=16, policy=get("knorm", budgets, skip_layers=()))
     k, v = kv(1, 12), kv(1, 12, 1)
     for layer in range(L):
         c.update(layer, k, v)
@@ -284,7 +284,14 @@ def test_import_without_torch_is_lazy():
 
 
 def test_page_tables_are_exported_from_the_same_pools():
-    c = KVCache(1, H, D, block_size=BS, capacity=16, policy=get("knorm", torch.tensor([[3, 6]])))
+    c = KVCache(
+        1,
+        H,
+        D,
+        block_size=BS,
+        capacity=16,
+        policy=get("knorm", torch.tensor([[3, 6]]), skip_layers=()),
+    )
     k = kv(1, 9)
     c.update(0, k, k)
     indptr, indices, last = c.page_table(0, "flashinfer")
@@ -539,7 +546,7 @@ def test_ems_merge_matches_the_plan_and_the_merge_book(threshold):
 
 
 def test_merge_option_errors():
-    with pytest.raises(ValueError, match="merge must be None or 'ems'"):
+    with pytest.raises(ValueError, match="merge must be None or one of .ems."):
         KVCache(L, H, D, merge="mean")
     with pytest.raises(ValueError, match=r"merge_threshold must be a float in \[-1, 1\]"):
         KVCache(L, H, D, merge="ems", merge_threshold=2.0)

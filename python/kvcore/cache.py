@@ -26,6 +26,7 @@ each kept key by its position delta with the layer's RoPE frequencies (Streaming
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,13 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvcore._kvcore import BlockAllocator, OutOfBlocksError, QuantLayout
+from kvcore._kvcore import BlockAllocator, MergePlan, OutOfBlocksError, QuantLayout
 from kvcore.attention import paged_attention
 from kvcore.scoring import RegistryPolicy, ScoreInputs, TorchPolicy
 
 __all__ = ["KVCache", "Schedule", "rotate_keys"]
 
 _BITS = {"native": 0, "int8": 8, "int4": 4, "int2": 2}
+_MERGES = (None, "ems", "kvmerger", "cam")
 
 
 @dataclass(frozen=True)
@@ -152,13 +154,36 @@ class KVCache:
             codes, then one float16 scale and zero point per group), written by
             :func:`kvcore.quant.quantize` and dequantized to ``dtype`` when read.
         quant_group: channels per quantization group (default ``min(32, head_dim)``).
-        merge: None (evicted tokens are dropped) or ``"ems"``: each compression merges the
-            tokens the policy evicts into kept ones with issue 4's ``kvcore.ems_plan`` (a
-            token joins the kept token with the most similar key when the cosine is >=
-            ``merge_threshold``, else it is dropped; a center becomes the attention-weighted
-            mean). ``slot_count`` follows ``MergeBook``'s mass rule and :meth:`attend` adds
-            ``log(count)`` to each slot's logit.
-        merge_threshold: EMS's cosine threshold, in ``[-1, 1]``.
+        merge: None (evicted tokens are dropped) or a method that folds the tokens the
+            policy evicts into the kept ones (the kept set, hence every budget, is the
+            policy's; docs/merging.md):
+
+            * ``"ems"``: issue 4's ``kvcore.ems_plan``: a token joins the kept token with the
+              most similar key when the cosine is >= ``merge_threshold``, else it is dropped;
+              a center becomes the attention-weighted mean of itself and its members.
+            * ``"kvmerger"``: ``kvcore.kvmerger_plan``: maximal runs of consecutive tokens
+              whose adjacent keys have cosine >= ``merge_threshold`` merge into their pivot,
+              the most attended *kept* token of the run, with Gaussian weights
+              ``exp(-|k_p - k_i|^2 / 2 sigma^2)`` (``merge_sigma``; None: the run's RMS
+              distance) renormalised over the pivot and its evicted members; other kept
+              tokens of the run stay verbatim, a run without a kept token is dropped.
+            * ``"cam"``: ``kvcore.cam_plan``: an evicted token ``e`` is merged with
+              probability ``clip(attn[e] / max attn of the kept tokens, 0, 1)`` (draws from
+              ``numpy.random.default_rng(merge_seed)``) into the next ``merge_window`` kept
+              tokens, each adding ``V[e] / r``; keys are not merged.
+
+            ``slot_count`` follows ``MergeBook``'s mass rule for all three.
+        merge_threshold: the cosine threshold of ``"ems"`` and ``"kvmerger"`` (KVMerger's
+            ``eps``), in ``[-1, 1]``.
+        merge_sigma: ``"kvmerger"`` only: the Gaussian kernel width (a float > 0), or None.
+        merge_window: ``"cam"`` only: kept tokens after an evicted one that share its value
+            (default 64, KVCache-Factory ``CAMKVCluster.window_size``).
+        merge_seed: ``"cam"`` only: the seed of the merge draws (default 0).
+        merge_bias: whether :meth:`attend` adds ``log(slot_count)`` to each slot's logit, so
+            a merged slot weighs like the tokens it stands for. Default: True for ``"ems"``
+            and ``"kvmerger"`` (their slots are weighted *means*), False for ``"cam"``
+            (its values are *sums*, ``V[r] + V[e] / r``, which already carry the evicted
+            token's contribution; a bias would count it twice).
 
     Raises:
         ValueError: bad sizes, a budget above the capacity or below the policy's needs.
@@ -184,6 +209,10 @@ class KVCache:
         quant_group: int | None = None,
         merge: str | None = None,
         merge_threshold: float = 0.5,
+        merge_sigma: float | None = None,
+        merge_window: int | None = None,
+        merge_seed: int | None = None,
+        merge_bias: bool | None = None,
     ) -> None:
         for name, v in (
             ("num_layers", num_layers),
@@ -217,8 +246,37 @@ class KVCache:
             self.layout = QuantLayout(_BITS[kv_format], g, 1, head_dim, "channel", "float16")
         elif quant_group is not None:
             raise ValueError("quant_group needs a quantized kv_format")
-        if merge not in (None, "ems"):
-            raise ValueError(f"merge must be None or 'ems', got {merge!r}")
+        if merge not in _MERGES:
+            raise ValueError(
+                f"merge must be None or one of {', '.join(map(repr, _MERGES[1:]))}, got {merge!r}"
+            )
+        for pname, pval, owner in (
+            ("merge_sigma", merge_sigma, "kvmerger"),
+            ("merge_window", merge_window, "cam"),
+            ("merge_seed", merge_seed, "cam"),
+        ):
+            if pval is not None and merge != owner:
+                raise ValueError(f"{pname} is a parameter of merge={owner!r}, not of {merge!r}")
+        if merge_sigma is not None and (
+            not isinstance(merge_sigma, (int, float))
+            or isinstance(merge_sigma, bool)
+            or not math.isfinite(merge_sigma)
+            or merge_sigma <= 0
+        ):
+            raise ValueError(f"merge_sigma must be None or a finite float > 0, got {merge_sigma!r}")
+        if merge_window is not None and (
+            not isinstance(merge_window, int) or isinstance(merge_window, bool) or merge_window < 1
+        ):
+            raise ValueError(f"merge_window must be an int >= 1, got {merge_window!r}")
+        if merge_seed is not None and (
+            not isinstance(merge_seed, int) or isinstance(merge_seed, bool) or merge_seed < 0
+        ):
+            raise ValueError(f"merge_seed must be an int >= 0, got {merge_seed!r}")
+        if merge_bias is not None and (merge is None or not isinstance(merge_bias, bool)):
+            raise ValueError(
+                f"merge_bias must be None or a bool, and needs a merge method (got "
+                f"merge_bias={merge_bias!r}, merge={merge!r})"
+            )
         if (
             not isinstance(merge_threshold, (int, float))
             or isinstance(merge_threshold, bool)
@@ -227,6 +285,9 @@ class KVCache:
             raise ValueError(f"merge_threshold must be a float in [-1, 1], got {merge_threshold!r}")
         self.merge = merge
         self.merge_threshold = float(merge_threshold)
+        self.merge_sigma = None if merge_sigma is None else float(merge_sigma)
+        self.merge_window = 64 if merge_window is None else merge_window
+        self._merge_rng = np.random.default_rng(0 if merge_seed is None else merge_seed)
         if policy is not None and not isinstance(policy, TorchPolicy):
             raise TypeError(f"policy must be a kvcore.scoring.TorchPolicy, got {policy!r}")
         if policy is not None:
@@ -243,6 +304,13 @@ class KVCache:
             rl = [rope] * num_layers if isinstance(rope, torch.Tensor) else list(rope)
             if len(rl) != num_layers:
                 raise ValueError(f"rope has {len(rl)} entries for {num_layers} layers")
+            for i, r in enumerate(rl):
+                if not isinstance(r, torch.Tensor) or r.ndim != 1 or 2 * r.numel() > head_dim:
+                    raise ValueError(
+                        f"rope[{i}] must be a 1-d inv_freq tensor of at most head_dim / 2 = "
+                        f"{head_dim // 2} frequencies, got "
+                        f"{tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__}"
+                    )
             self._rope = [r.detach().float().cpu() for r in rl]
         if policy is not None and capacity is not None:
             if policy.max_budget() > capacity:
@@ -265,8 +333,8 @@ class KVCache:
         self._next_queries: list[torch.Tensor | None] = [None] * num_layers
         self.num_compressions = 0
         # log(count) logit bias of merged slots in attend (RazorAttention "mean_logcount").
-        self.logcount_bias = (
-            getattr(policy, "compensation", "none") == "mean_logcount" or merge is not None
+        self.logcount_bias = getattr(policy, "compensation", "none") == "mean_logcount" or (
+            merge_bias if merge_bias is not None else merge in ("ems", "kvmerger")
         )
 
     # ------------------------------------------------------------------ set-up
@@ -841,7 +909,7 @@ class KVCache:
             keep, comp = policy.keep(inp, budgets[None, :].expand(b, h))
         if comp is not None:
             keep = self._fold_dropped(keep, comp.to(keep.device), inp.valid, slots)
-        if self.merge == "ems":
+        if self.merge is not None:
             # Rows that folded their dropped tokens into a compensation slot merge nothing more.
             self._merge_evicted(inp, keep, slots, skip=comp)
         keep_flat = keep.reshape(b * h, -1).cpu()
@@ -852,17 +920,57 @@ class KVCache:
         kept_pos = inp.positions.reshape(b * h, -1)[keep.reshape(b * h, -1)]
         src_np, dst_np, _ = self.allocator.compact_batch(tables, indptr, positions)
         if len(src_np):
-            src = torch.from_numpy(src_np).to(self.device)
-            dst = torch.from_numpy(dst_np).to(self.device)
-            for pool in (self.k_pool, self.v_pool):
-                flat = pool.view(-1, pool.shape[-1])
-                flat[dst] = flat[src]
-            for arr in (self.slot_pos, self.slot_valid, self.slot_score, self.slot_count):
-                arr[dst] = arr[src]
+            self._move_slots(
+                torch.from_numpy(src_np).to(self.device), torch.from_numpy(dst_np).to(self.device)
+            )
         self.lengths[:, layer] = counts.numpy().reshape(b, h)
         self.num_compressions += 1
         if self.positions == "compact":
             self._recompact_positions(layer, tables, counts, kept_pos)
+
+    def _move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Applies a compaction plan: slot ``dst[i]`` takes what slot ``src[i]`` holds, in the
+        K and V pools and in every per-slot state tensor (``slot_pos``, ``slot_valid``,
+        ``slot_score``, ``slot_count``), all in one :func:`kvcore.kernels.compact_pools` call
+        (one CUDA launch on CUDA with CuPy, the torch reference otherwise).
+
+        Args:
+            src, dst: ``(num_moves,)`` int64 slots on the cache's device, as
+                ``BlockAllocator.compact_batch`` returns them (no move reads a slot that an
+                earlier move wrote).
+
+        The one place that knows how a slot's K/V bytes are laid out for compaction: a pool
+        row per slot (``(num_blocks, block_size, slot_bytes)``, native or quantized).
+        """
+        from kvcore import kernels
+
+        tensors = [
+            self.k_pool,
+            self.v_pool,
+            self.slot_pos,
+            self.slot_valid,
+            self.slot_score,
+            self.slot_count,
+        ]
+        indptr = torch.tensor([0, len(src)], dtype=torch.int64, device=src.device)
+        kernels.compact_pools(
+            tensors, [0] * len(tensors), src, dst, indptr, int(self.slot_pos.numel())
+        )
+
+    def _rotate_slots(self, slots: torch.Tensor, delta: torch.Tensor, layer: int) -> None:
+        """Re-rotates the keys at ``slots`` by ``delta`` positions with the layer's RoPE
+        frequencies: :func:`kvcore.kernels.rotate_slots` in place on a native pool of a
+        kernel dtype (float32, float16, bfloat16), else read, rotate, write back (quantized
+        pages are re-encoded)."""
+        from kvcore import kernels
+
+        assert self._rope is not None
+        inv_freq = self._rope[layer]
+        if self.layout is None and self.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            kernels.rotate_slots(self.k_pool, slots, delta, inv_freq.to(self.device))
+            return
+        keys = self._read(self.k_pool, slots)
+        self._write(self.k_pool, slots, kernels.rotate_reference(keys, delta, inv_freq))
 
     def _fold_dropped(
         self, keep: torch.Tensor, comp: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor
@@ -896,11 +1004,10 @@ class KVCache:
         slots: torch.Tensor,
         skip: torch.Tensor | None = None,
     ) -> None:
-        """EMS merge of each stream's evicted valid tokens into its kept ones (issue 4's
-        ``ems_plan``, applied to K and V in place; the kept set does not change)."""
-        from kvcore._kvcore import ems_plan
-        from kvcore.merge import apply_plan
-
+        """Merges each stream's evicted valid tokens into its kept ones with the cache's
+        ``merge`` method (one plan per stream, applied in place by :meth:`_apply_plan`; the
+        kept set does not change). ``skip``: ``(B, H)`` rows that merge nothing (they folded
+        their dropped tokens into a compensation slot)."""
         b, h, t = keep.shape
         valid = inp.valid.reshape(b * h, t).cpu()
         kept = keep.reshape(b * h, t).cpu()
@@ -922,30 +1029,79 @@ class KVCache:
                 continue
             s = flat_slots[r, idx]
             keys = self._read(self.k_pool, s).float()
-            plan = ems_plan(
+            plan = self._merge_plan(
                 np.ascontiguousarray(keys.cpu().numpy()),
                 np.ascontiguousarray(attn[r, idx].numpy()),
                 retained.numpy().astype(np.int64),
-                self.merge_threshold,
             )
             if len(plan.src) == 0:
                 continue
             assert np.array_equal(plan.kept_positions(), retained.numpy())
-            dst = torch.from_numpy(plan.dst).to(self.device)
-            for pool, x in ((self.k_pool, keys), (self.v_pool, self._read(self.v_pool, s))):
-                merged = apply_plan(plan, x.float())
-                self._write(pool, s[torch.unique(dst)], merged[torch.unique(dst)].to(self.dtype))
-            # MergeBook's mass rule: a removed source hands its mass to its destinations in
-            # proportion to the entry weights; kept slots keep theirs.
-            mass = self.slot_count[s].double()
-            src_t = torch.from_numpy(plan.src).to(self.device)
-            w = torch.from_numpy(plan.weight).to(self.device, torch.float64)
-            moved = ~kept[r][idx].to(self.device)[src_t]
-            w = torch.where(moved, w, torch.zeros_like(w))
-            tot = torch.zeros_like(mass).index_add_(0, src_t, w)
-            share = torch.where(moved, w / tot[src_t].clamp(min=1e-300), torch.zeros_like(w))
-            new = mass.clone().index_add_(0, dst, mass[src_t] * share)
-            self.slot_count[s] = new.float()
+            self._apply_plan(plan, s, keys, merge_keys=self.merge != "cam")
+
+    def _merge_plan(self, keys: np.ndarray, attn: np.ndarray, retained: np.ndarray) -> MergePlan:
+        """The merge plan of one stream: ``keys`` ``(n, D)`` float32, ``attn`` ``(n,)``
+        float32 >= 0, ``retained`` the policy's kept positions (increasing). Every plan
+        keeps exactly ``retained`` (``kept_positions()``)."""
+        from kvcore import _kvcore
+
+        n = len(attn)
+        if self.merge == "ems":
+            return _kvcore.ems_plan(keys, attn, retained, self.merge_threshold)
+        is_kept = np.zeros(n, dtype=bool)
+        is_kept[retained] = True
+        if self.merge == "cam":
+            evicted = np.flatnonzero(~is_kept).astype(np.int64)
+            draws = self._merge_rng.random(len(evicted), dtype=np.float32)
+            return _kvcore.cam_plan(attn, evicted, draws, self.merge_window)
+        # KVMerger: kept tokens outrank evicted ones as pivots (the most attended kept token
+        # of a run); a run's other kept tokens stay verbatim, a run without one is dropped.
+        boost = (attn + (float(attn.max()) + 1.0) * is_kept).astype(np.float32)
+        raw = _kvcore.kvmerger_plan(keys, boost, self.merge_threshold, self.merge_sigma, n)
+        src, dst, w = raw.src, raw.dst, raw.weight.astype(np.float64)
+        take = ~is_kept[src] | (src == dst)  # evicted members, and the pivot itself
+        take &= is_kept[dst]  # a run merged into an evicted pivot has no host: dropped
+        total = np.zeros(n)
+        np.add.at(total, dst[take], w[take])
+        merged = np.zeros(n, dtype=bool)
+        merged[src[take & (src != dst)]] = True
+        evicted = np.flatnonzero(~is_kept & ~merged).astype(np.int64)
+        weight = (w[take] / total[dst[take]]).astype(np.float32)
+        return _kvcore.MergePlan(n, src[take], dst[take], weight, evicted)
+
+    def _apply_plan(
+        self, plan: MergePlan, s: torch.Tensor, keys: torch.Tensor, *, merge_keys: bool
+    ) -> None:
+        """Applies a merge plan over one stream's slots ``s`` with
+        :func:`kvcore.kernels.apply_merge` (CUDA kernel on CUDA with CuPy, the torch reference
+        otherwise): the destination rows of V (and K when ``merge_keys``) are rewritten and
+        ``slot_count`` follows ``MergeBook``'s mass rule (a removed source hands its mass to
+        its destinations in proportion to the entry weights). The removed slots are left for
+        the compaction that follows.
+
+        Args:
+            plan: a ``kvcore.MergePlan`` over ``len(s)`` slots.
+            s: ``(n,)`` int64 slots of the stream, in stream order.
+            keys: ``(n, D)`` float32 keys of those slots (already read).
+        """
+        from kvcore import kernels
+
+        dev = self.device
+        src = torch.from_numpy(plan.src).to(dev)
+        dst = torch.from_numpy(plan.dst).to(dev)
+        weight = torch.from_numpy(plan.weight).to(dev)
+        evicted = torch.from_numpy(plan.evicted).to(dev)
+        hosts = torch.unique(dst)
+        values = self._read(self.v_pool, s).float()
+        merged_v, counts = kernels.apply_merge(
+            values, src, dst, weight, self.slot_count[s].contiguous(), evicted
+        )
+        assert counts is not None
+        if merge_keys:
+            merged_k, _ = kernels.apply_merge(keys.float().contiguous(), src, dst, weight)
+            self._write(self.k_pool, s[hosts], merged_k[hosts].to(self.dtype))
+        self._write(self.v_pool, s[hosts], merged_v[hosts].to(self.dtype))
+        self.slot_count[s[hosts]] = counts[hosts]
 
     def _recompact_positions(
         self, layer: int, tables: np.ndarray, counts: torch.Tensor, old_pos: torch.Tensor
@@ -961,8 +1117,6 @@ class KVCache:
         flat = slots.reshape(-1)
         new_pos = torch.arange(n, device=self.device).repeat(len(tables))
         delta = new_pos - old_pos.to(self.device)
-        self._write(
-            self.k_pool, flat, rotate_keys(self._read(self.k_pool, flat), delta, self._rope[layer])
-        )
+        self._rotate_slots(flat, delta, layer)
         self.slot_pos[flat] = new_pos
         self._next_pos[layer] = n

@@ -260,6 +260,10 @@ def compressed_cache(
     quant_group: int | None = None,
     merge: str | None = None,
     merge_threshold: float = 0.5,
+    merge_sigma: float | None = None,
+    merge_window: int | None = None,
+    merge_seed: int | None = None,
+    merge_bias: bool | None = None,
     **policy_params: Any,
 ) -> KVCoreCache:
     """A ready :class:`KVCoreCache` for ``model`` (hooks installed).
@@ -271,8 +275,9 @@ def compressed_cache(
         budget: tokens per (layer, kv-head) kept after compression, or a
             ``(num_layers, num_kv_heads)`` int tensor.
         schedule, positions, capacity, capacity_bytes, block_size, kv_format, quant_group,
-        merge, merge_threshold: see :class:`KVCache` (``kv_format="int4"`` stores quantized
-            pages, ``merge="ems"`` merges evicted tokens into kept ones).
+        merge, merge_threshold, merge_sigma, merge_window, merge_seed, merge_bias: see
+            :class:`KVCache` (``kv_format="int4"`` stores quantized pages, ``merge="ems"``,
+            ``"kvmerger"`` or ``"cam"`` merges evicted tokens into kept ones).
         **policy_params: passed to the policy (e.g. ``window=16``).
     """
     cfg = model.config
@@ -301,6 +306,10 @@ def compressed_cache(
         quant_group=quant_group,
         merge=merge,
         merge_threshold=merge_threshold,
+        merge_sigma=merge_sigma,
+        merge_window=merge_window,
+        merge_seed=merge_seed,
+        merge_bias=merge_bias,
     )
     install(model)
     return KVCoreCache(kv)

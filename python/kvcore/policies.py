@@ -194,6 +194,11 @@ class Policy:
         self._check_budget(int(b))
         return int(b)
 
+    def check_budget(self, budget: int) -> None:
+        """Raise ValueError when ``select`` would refuse ``budget`` (a negative value, one
+        below the policy's forced tokens such as a window or stabilizers)."""
+        self._budget(budget)
+
     def select(self, scores: F32, budget: int | None = None, **inputs: Any) -> Selection:
         """Which tokens stay.
 

@@ -16,8 +16,7 @@ name of issue 3's :mod:`kvcore.policies`: the registry validates the parameters 
 selection decides what stays (:meth:`RegistryPolicy.keep`), from the statistics computed here.
 :func:`select_keep` is the reference top-k (forced tokens first, then highest score, ties
 broken by the lower position) of the torch reference policies (:class:`SnapKVPolicy`, ...,
-still used for explicit per-head budget tensors); :func:`select` is the same computed by the
-Rust ``select_topk``.
+kept as references); :func:`select` is the same computed by the Rust ``select_topk``.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ __all__ = [
     "SnapKVPolicy",
     "StreamingPolicy",
     "TorchPolicy",
+    "NO_HEAD_BUDGETS",
     "get",
     "names",
     "select",
@@ -268,8 +268,16 @@ class KNormPolicy(TorchPolicy):
         return out
 
 
-_LEGACY: dict[str, type[TorchPolicy]] = {
-    p.name: p for p in (StreamingPolicy, SnapKVPolicy, H2OPolicy, KNormPolicy)
+# Registry policies whose rule sets each head's budget itself, so that a user-given
+# (num_layers, num_kv_heads) budget tensor cannot be honoured (the reason is the message).
+NO_HEAD_BUDGETS = {
+    "pyramidkv": "its rule derives every layer's budget from one average budget (the "
+    "pyramid); give an int budget, or use snapkv (pooling='avg', kernel=5) for explicit "
+    "per-head budgets",
+    "adakv": "its rule decides each head's budget itself (the layer's total split among the "
+    "heads by one global top-k); give an int budget",
+    "razor": "its head map decides each head's size (retrieval heads keep everything, the "
+    "others sinks + local_capacity); set retrieval= and local_capacity= instead",
 }
 
 
@@ -285,19 +293,10 @@ def get(name: str, budget: int | torch.Tensor, **params: object) -> TorchPolicy:
 
     Every name of :mod:`kvcore.policies` (issue 3's registry) gives a :class:`RegistryPolicy`:
     the registry checks the name and parameters (its ValueError / TypeError) and decides
-    what stays. A ``(num_layers, num_kv_heads)`` budget tensor (explicit ragged budgets) is
-    served by the torch reference policies (``streaming``, ``snapkv``, ``h2o``, ``knorm``).
+    what stays. ``budget`` is an int (tokens per stream) or a ``(num_layers, num_kv_heads)``
+    int tensor: each head keeps its own budget (every policy except those in
+    :data:`NO_HEAD_BUDGETS`, which raise ValueError saying why).
     """
-    if isinstance(budget, torch.Tensor):
-        if name not in _LEGACY:
-            raise ValueError(
-                f"a per-head budget tensor works with {', '.join(sorted(_LEGACY))}, "
-                f"not {name!r}; give an int budget"
-            )
-        try:
-            return _LEGACY[name](budget, **params)
-        except TypeError as e:
-            raise TypeError(f"{name}: {e}") from None
     return RegistryPolicy(name, budget, **params)  # type: ignore[arg-type]
 
 
@@ -430,9 +429,19 @@ class RegistryPolicy(TorchPolicy):
       one compensation slot (count-weighted mean of K and V, ``log(count)`` logit bias for
       ``"mean_logcount"``).
 
+    Per-head budgets: with a ``(num_layers, num_kv_heads)`` int tensor as ``budget``, each
+    head keeps its own number of tokens: the registry selects head by head with that head's
+    budget (TOVA and InfiniPot, whose heads share a ranking, select once per distinct budget
+    of a layer, so a head keeps the top of the shared ranking and the sets are nested).
+    Entries of layers whose rule ignores the budget (K-norm's ``skip_layers``, LongGen's
+    full and block-sparse layers) are not read, as an int budget is not. PyramidKV, Ada-KV
+    and RazorAttention set head budgets themselves and raise ValueError
+    (:data:`NO_HEAD_BUDGETS`).
+
     Args:
         name: a registry name (``kvcore.policies.names()``).
-        budget: tokens per (layer, kv-head) stream (the registry's average budget).
+        budget: tokens per (layer, kv-head) stream (the registry's average budget), or a
+            ``(num_layers, num_kv_heads)`` int tensor of per-head budgets.
         retrieval, score_fn, nuc_fn, window: the cache-side inputs above.
         **params: the registry policy's parameters.
     """
@@ -440,7 +449,7 @@ class RegistryPolicy(TorchPolicy):
     def __init__(
         self,
         name: str,
-        budget: int,
+        budget: int | torch.Tensor,
         *,
         retrieval: object = None,
         score_fn: object = None,
@@ -450,7 +459,8 @@ class RegistryPolicy(TorchPolicy):
     ) -> None:
         from kvcore import policies as reg
 
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+        per_head = isinstance(budget, torch.Tensor)
+        if not per_head and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
             raise ValueError(f"budget must be an int >= 0, got {budget!r}")
         extras = {"retrieval": retrieval, "score_fn": score_fn, "nuc_fn": nuc_fn}
         allowed = {"razor": {"retrieval"}, "locret": {"score_fn"}, "infinipot": {"nuc_fn"}}
@@ -459,8 +469,17 @@ class RegistryPolicy(TorchPolicy):
                 raise TypeError(f"{name}: {key}= is not an input of this policy")
         if window is not None:
             params["window"] = window
-        self.reg = reg.get(name, budget=budget, **params)
+        self.reg = reg.get(name, budget=None if per_head else budget, **params)
         self.name = name
+        if per_head:
+            if name in NO_HEAD_BUDGETS:
+                raise ValueError(
+                    f"{name}: a per-head budget tensor cannot be honoured: {NO_HEAD_BUDGETS[name]}"
+                )
+            TorchPolicy.__init__(self, budget)  # the tensor's shape, dtype and sign
+            assert isinstance(self.budget, torch.Tensor)
+            for v in torch.unique(self.budget).tolist():
+                self.reg.check_budget(int(v))  # e.g. a window larger than a head's budget
         self.retrieval = None
         if retrieval is not None:
             r = torch.as_tensor(retrieval)
@@ -493,6 +512,7 @@ class RegistryPolicy(TorchPolicy):
         return f"RegistryPolicy({self.reg!r})"
 
     def check_shape(self, num_layers: int, num_heads: int) -> None:
+        super().check_shape(num_layers, num_heads)
         if self.retrieval is not None and tuple(self.retrieval.shape) != (num_layers, num_heads):
             raise ValueError(
                 f"razor: retrieval has shape {tuple(self.retrieval.shape)}, "
@@ -502,7 +522,7 @@ class RegistryPolicy(TorchPolicy):
             self.reg.kinds(num_layers)  # raises ValueError on a layer map of another length
 
     def max_budget(self) -> int:
-        b = int(self.budget) if not isinstance(self.budget, torch.Tensor) else 0
+        b = int(self.budget.max()) if isinstance(self.budget, torch.Tensor) else int(self.budget)
         if self.name == "razor":
             return max(b, int(self.reg.config["local_capacity"]))
         return b
@@ -568,11 +588,16 @@ class RegistryPolicy(TorchPolicy):
                 )
         keep = torch.zeros(b, h, t, dtype=torch.bool)
         comp = torch.zeros(b, h, dtype=torch.bool) if self.compensation != "none" else None
+        per_head = isinstance(self.budget, torch.Tensor)
         for i in range(b):
             idx = [torch.nonzero(valid[i, j], as_tuple=True)[0] for j in range(h)]
             counts = [len(x) for x in idx]
             groups: list[list[int]]
-            if len(set(counts)) == 1 or self.name in _COUPLED:
+            # InfiniPot's novelty is one value per token position shared by the heads; heads of
+            # different lengths (per-head budgets) hold different tokens at a position, so
+            # each selects alone with its own tokens' novelty.
+            alone = per_head and self.name == "infinipot" and len(set(counts)) > 1
+            if (self.name in _COUPLED and not alone) or (len(set(counts)) == 1 and not per_head):
                 groups = [list(range(h))]
             else:
                 groups = [[j] for j in range(h)]
@@ -586,19 +611,40 @@ class RegistryPolicy(TorchPolicy):
                     rows[layer, r, :pad] = _LOW
                     rows[layer, r, pad:] = scores[i, j, idx[j]].numpy()
                 inputs: dict[str, Any] = {}
-                if nuc is not None:
+                if nuc is not None and alone:
+                    (j,) = g
+                    if self.nuc_fn is None:  # the head's own keys against their mean
+                        k = inp.keys[i, j, idx[j].to(inp.keys.device)].float()
+                        cos = F.cosine_similarity(k, k.mean(0, keepdim=True).expand_as(k), dim=-1)
+                        own = (1.0 - cos).cpu()
+                    else:
+                        own = nuc[i, idx[j]]
+                    inputs["nuc"] = np.ascontiguousarray(own.numpy(), np.float32)
+                elif nuc is not None:
                     # one novelty vector per token of the group (their valid tokens agree
                     # unless the group is ragged; padded places get the lowest novelty)
                     j0 = max(g, key=lambda j: counts[j])
                     inputs["nuc"] = np.ascontiguousarray(nuc[i, idx[j0]].numpy(), np.float32)
                 if retrieval is not None:
                     inputs["retrieval"] = retrieval[:, g].reshape(-1).numpy()
-                sel = self.reg.select(rows, **inputs)
-                for r, j in enumerate(g):
-                    row = layer * len(g) + r
-                    pos = sel.positions[sel.indptr[row] : sel.indptr[row + 1]] - lead[r]
-                    pos = pos[pos >= 0]
-                    keep[i, j, idx[j][torch.from_numpy(pos)]] = True
-                    if comp is not None and sel.num_dropped is not None:
-                        comp[i, j] = bool(sel.num_dropped[row] > 0)
+                # per-head budgets: one selection per distinct budget of the group, each head
+                # reads its own row of the selection made with its budget
+                calls: list[tuple[int | None, list[int]]] = (
+                    [
+                        (bud, [r for r, j in enumerate(g) if int(budgets[i, j]) == bud])
+                        for bud in sorted({int(budgets[i, j]) for j in g})
+                    ]
+                    if per_head
+                    else [(None, list(range(len(g))))]
+                )
+                for bud, members in calls:
+                    sel = self.reg.select(rows, budget=bud, **inputs)
+                    for r in members:
+                        j = g[r]
+                        row = layer * len(g) + r
+                        pos = sel.positions[sel.indptr[row] : sel.indptr[row + 1]] - lead[r]
+                        pos = pos[pos >= 0]
+                        keep[i, j, idx[j][torch.from_numpy(pos)]] = True
+                        if comp is not None and sel.num_dropped is not None:
+                            comp[i, j] = bool(sel.num_dropped[row] > 0)
         return keep.to(inp.valid.device), comp
