@@ -49,19 +49,23 @@ KVPRESS_VENV = ROOT / ".venv-kvpress"
 def kvcore_methods(policies: list[str]) -> dict[str, dict[str, Any]]:
     """Method name -> keyword arguments of ``kvcore.hf.compressed_cache``.
 
-    A method is a registry policy name, optionally with a storage suffix: ``snapkv+int4``
-    (quantized pages, ``kv_format``) or ``snapkv+ems`` (merged eviction, ``merge``).
+    A method is a registry policy name, optionally with storage suffixes: ``snapkv+int4``
+    (quantized pages, ``kv_format``: int8/int4/int2/kivi2/kivi4), ``snapkv+ems`` (merged
+    eviction, ``merge``: ems/kvmerger/cam), or both (``tova+int4+kvmerger``).
     """
+    formats = ("int8", "int4", "int2", "kivi2", "kivi4")
+    merges = ("ems", "kvmerger", "cam")
     out: dict[str, dict[str, Any]] = {}
     for p in policies:
-        name, _, extra = p.partition("+")
+        name, *extras = p.split("+")
         spec: dict[str, Any] = {"policy": name}
-        if extra in ("int8", "int4", "int2"):
-            spec["kv_format"] = extra
-        elif extra == "ems":
-            spec["merge"] = "ems"
-        elif extra:
-            raise ValueError(f"unknown storage variant {extra!r} in {p!r}")
+        for extra in extras:
+            if extra in formats and "kv_format" not in spec:
+                spec["kv_format"] = extra
+            elif extra in merges and "merge" not in spec:
+                spec["merge"] = extra
+            else:
+                raise ValueError(f"unknown or repeated storage variant {extra!r} in {p!r}")
         out[f"kvcore:{p}"] = spec
     return out
 
@@ -144,7 +148,8 @@ def main() -> int:
     ap.add_argument(
         "--policies",
         default="streaming,knorm,snapkv,h2o,tova,pyramidkv,adakv,snapkv+int4,tova+int4",
-        help="kvcore methods: registry names, optionally +int8/+int4/+int2/+ems",
+        help="kvcore methods: registry names, optionally +int8/+int4/+int2/+kivi2/+kivi4 and "
+        "+ems/+kvmerger/+cam",
     )
     ap.add_argument("--skip-kvpress", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
