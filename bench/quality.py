@@ -152,6 +152,9 @@ def main() -> int:
         "+ems/+kvmerger/+cam",
     )
     ap.add_argument("--skip-kvpress", action="store_true")
+    ap.add_argument(
+        "--skip-kvcore-full", action="store_true", help="no kvcore cache without a policy"
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
     ap.add_argument("--plot", type=Path, default=HERE / "results" / "quality.png")
@@ -189,7 +192,9 @@ def main() -> int:
     # kvcore reads its pages with its own attention, which handles ragged heads.
     model.set_attn_implementation(kh.ATTN_NAME)
     ops = kvcore_ops()
-    plan: list[tuple[str, dict[str, Any], float]] = [("kvcore:full", {"policy": None}, 1.0)]
+    plan: list[tuple[str, dict[str, Any], float]] = []
+    if not args.skip_kvcore_full:
+        plan.append(("kvcore:full", {"policy": None}, 1.0))
     for keep in keeps:
         for name, spec in kvcore_methods(args.policies.split(",")).items():
             plan.append((name, spec, keep))
