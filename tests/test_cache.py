@@ -423,15 +423,19 @@ def test_quantized_pages_round_trip_and_shrink_memory(fmt, bits):
     # what is stored is issue 4's torch reference, bit for bit
     want_k = dequantize(quantize(k.reshape(-1, 1, D), layout), layout).reshape(k.shape)
     assert torch.equal(keys, want_k)
-    assert c.k_pool.dtype == torch.uint8 and c.k_pool.shape[-1] == layout.nbytes
+    page = kvcore.QuantLayout(bits, D, BS, D, "channel", "float16")
+    assert c.k_pool.dtype == torch.uint8 and tuple(c.k_pool.shape) == (
+        c.k_pool.shape[0],
+        page.nbytes,
+    )
     # error bound: half a quantization step per token (+ float16 metadata rounding)
     step = (k.amax(-1, keepdim=True) - k.amin(-1, keepdim=True)) / (2**bits - 1)
     assert ((keys - k).abs() <= step / 2 + 1e-3 * k.abs().amax()).all()
     assert ((values - v).abs() <= (v.amax(-1, True) - v.amin(-1, True)) / (2**bits - 1)).all()
     # the real bytes: slots of layout.nbytes instead of D float32 values
     assert c.memory_bytes() == c.k_pool.nbytes + c.v_pool.nbytes
-    assert c.memory_bytes() * (D * 4) == native.memory_bytes() * layout.nbytes
-    assert c.used_bytes() == c.allocator.num_used_blocks * 2 * BS * layout.nbytes
+    assert c.memory_bytes() * (BS * D * 4) == native.memory_bytes() * page.nbytes
+    assert c.used_bytes() == c.allocator.num_used_blocks * 2 * page.nbytes
     # attention reads (dequantizes) the pages: equal to dense attention on the stored values
     k1, v1 = kv(2, 1, 4), kv(2, 1, 5)
     keys, values = c.update(0, k1, v1)
@@ -440,6 +444,47 @@ def test_quantized_pages_round_trip_and_shrink_memory(fmt, bits):
         q, torch.cat([keys[:, :, :11], k1], 2), torch.cat([values[:, :, :11], v1], 2)
     )
     torch.testing.assert_close(c.attend(0, q), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits,group", [(8, 8), (4, 4), (2, 4)])
+def test_quantized_pages_are_one_layout_block_of_the_tokens(bits, group):
+    """A page holds one QuantLayout(bits, G, block_size, D, "channel") block: a full page's
+    bytes equal kvcore.quant.quantize of its tokens (and Rust's), a partial page's tokens
+    have the same codes and metadata, and compaction moves a token's pieces."""
+    from kvcore.quant import quantize
+
+    fmt = {8: "int8", 4: "int4", 2: "int2"}[bits]
+    page = kvcore.QuantLayout(bits, group, BS, D, "channel", "float16")
+    tok = kvcore.QuantLayout(bits, group, 1, D, "channel", "float16")
+    pol = get("streaming", 6, sinks=2)
+    c = KVCache(1, H, D, capacity=16, block_size=BS, kv_format=fmt, quant_group=group, policy=pol)
+    k, v = kv(1, 10, 1), kv(1, 10, 2)
+    c.update(0, k, v)  # 2 full pages and 2 tokens per stream, before the compression
+    bt = c.allocator.vllm_layout(c.tables[:, 0].reshape(-1))[0].astype(np.int64)
+    for h in range(H):
+        for j in range(2):
+            want = quantize(k[0, h, j * BS : (j + 1) * BS], page)
+            assert torch.equal(c.k_pool[bt[h, j]], want)
+            rust = kvcore.quantize(k[0, h, j * BS : (j + 1) * BS].numpy(), page)
+            assert torch.equal(c.k_pool[bt[h, j]], torch.from_numpy(rust))
+        # the partial page: each token's codes, scales and zeros are its one-token block's
+        for o in range(2):
+            one = quantize(v[0, h, 8 + o : 9 + o], tok)
+            assert torch.equal(c._get(c.v_pool, torch.tensor([bt[h, 2] * BS + o]))[0], one)
+    c.flush()  # StreamingLLM keeps 0, 1, 6..9: four tokens move to other slots
+    assert (c.stored_lengths() == 6).all()
+    kept = torch.tensor([0, 1, 6, 7, 8, 9])
+    keys, values = c._gather_dense(0)
+    for h in range(H):
+        want_k = quantize(k[0, h, kept].reshape(6, 1, D), tok)
+        idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+        assert torch.equal(c._get(c.k_pool, idx[h]), want_k)
+        bt = c.allocator.vllm_layout(c.tables[:, 0].reshape(-1))[0].astype(np.int64)
+        # the first page is whole again: one block of tokens 0, 1, 6, 7
+        assert torch.equal(c.k_pool[bt[h, 0]], quantize(k[0, h, kept[:4]], page))
+    full = KVCache(1, H, D, capacity=16, block_size=BS, kv_format=fmt, quant_group=group)
+    want_keys, want_values = full.update(0, k[:, :, kept], v[:, :, kept])
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
 
 
 def test_quantized_cache_compresses_and_folds_like_the_native_one():

@@ -9,7 +9,8 @@ stream can hold a different number of tokens and evicting a head's tokens frees 
     per slot   : slot_pos (int64 sequence index), slot_valid (bool, False for padding),
                  slot_score (float32, accumulated attention), slot_count (float32, tokens a
                  merged slot stands for) -- moved with K/V by compaction
-    kv_format      : "int8" / "int4" / "int2" pools hold one quantized token per slot (uint8)
+    kv_format      : "int8" / "int4" / "int2" pools hold one quantized layout block per page
+                     ((num_blocks, layout.nbytes) uint8, docs/cache.md)
 
 Steps. ``update(layer, k, v)`` appends the step's tokens and returns what dense attention reads.
 Compression of layer ``l`` for step ``t`` is decided by the :class:`Schedule` and runs *after*
@@ -147,10 +148,11 @@ class KVCache:
             layer), needed by ``positions="compact"``.
         scaling: attention softmax scale for scoring (default ``head_dim ** -0.5``).
         kv_format: ``"native"`` (the pools hold ``dtype`` vectors) or ``"int8"``, ``"int4"``,
-            ``"int2"``: every slot holds one quantized token of issue 4's layout
-            ``QuantLayout(bits, quant_group, 1, head_dim, "channel", "float16")`` (packed
-            codes, then one float16 scale and zero point per group), written by
-            :func:`kvcore.quant.quantize` and dequantized to ``dtype`` when read.
+            ``"int2"``: every page is one block of issue 4's layout
+            ``QuantLayout(bits, quant_group, block_size, head_dim, "channel", "float16")``
+            (packed codes, then one float16 scale and zero point per group); a token is
+            encoded alone (:func:`kvcore.kernels.quantize`) and its codes and metadata are
+            scattered into its page, and it is dequantized to ``dtype`` when read.
         quant_group: channels per quantization group (default ``min(32, head_dim)``).
         merge: None (evicted tokens are dropped) or ``"ems"``: each compression merges the
             tokens the policy evicts into kept ones with issue 4's ``kvcore.ems_plan`` (a
@@ -208,13 +210,17 @@ class KVCache:
                 f"kv_format must be one of {', '.join(map(repr, _BITS))}, got {kv_format!r}"
             )
         self.kv_format = kv_format
-        self.layout: QuantLayout | None = None
+        self.layout: QuantLayout | None = None  # one page: (block_size, head_dim) tokens
+        self.token_layout: QuantLayout | None = None  # one token of a page, as it is encoded
         if kv_format != "native":
             g = min(32, head_dim) if quant_group is None else quant_group
             if not isinstance(g, int) or isinstance(g, bool) or g < 1:
                 raise ValueError(f"quant_group must be an int >= 1, got {quant_group!r}")
             # QuantLayout raises ValueError naming the broken rule (divides D, whole bytes).
-            self.layout = QuantLayout(_BITS[kv_format], g, 1, head_dim, "channel", "float16")
+            self.token_layout = QuantLayout(_BITS[kv_format], g, 1, head_dim, "channel", "float16")
+            self.layout = QuantLayout(
+                _BITS[kv_format], g, block_size, head_dim, "channel", "float16"
+            )
         elif quant_group is not None:
             raise ValueError("quant_group needs a quantized kv_format")
         if merge not in (None, "ems"):
@@ -277,7 +283,7 @@ class KVCache:
 
     def _init(self, batch: int, first_len: int) -> None:
         streams = batch * self.num_layers * self.num_kv_heads
-        block_bytes = 2 * self.block_size * self.slot_bytes
+        block_bytes = 2 * self.page_bytes
         if self._capacity_bytes is not None:
             blocks_per_stream = (self._capacity_bytes // block_bytes - 1) // streams
             if blocks_per_stream < 1:
@@ -307,10 +313,10 @@ class KVCache:
                 shape = (num_blocks, self.block_size, self.head_dim)
                 self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            else:  # one quantized token (codes + float16 scales and zeros) per slot
-                shape = (num_blocks, self.block_size, self.layout.nbytes)
-                self.k_pool = torch.zeros(shape, dtype=torch.uint8, device=self.device)
-                self.v_pool = torch.zeros(shape, dtype=torch.uint8, device=self.device)
+            else:  # one quantized layout block (codes, float16 scales, zeros) per page
+                shape2 = (num_blocks, self.layout.nbytes)
+                self.k_pool = torch.zeros(shape2, dtype=torch.uint8, device=self.device)
+                self.v_pool = torch.zeros(shape2, dtype=torch.uint8, device=self.device)
             self.slot_pos = torch.zeros(n_slots, dtype=torch.int64, device=self.device)
             self.slot_valid = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
             self.slot_score = torch.zeros(n_slots, dtype=torch.float32, device=self.device)
@@ -326,32 +332,104 @@ class KVCache:
     # ------------------------------------------------------------------ slot storage
 
     @property
-    def slot_bytes(self) -> int:
-        """Bytes of one token of one head in a pool (K or V): ``head_dim`` values of
-        ``dtype``, or the quantized layout's exact ``nbytes``."""
+    def page_bytes(self) -> int:
+        """Bytes of one page (block) of one pool, K or V: ``block_size * head_dim`` values of
+        ``dtype``, or the page layout's exact ``nbytes`` (docs/layouts.md)."""
         if self.layout is not None:
             return int(self.layout.nbytes)
-        return self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+        return self.block_size * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    def _regions(self) -> list[tuple[int, int, int]]:
+        """Where one token's bytes lie in a quantized page, as ``(page offset, offset in the
+        token's own one-token block, width)`` for its codes, its scales and its zero points.
+
+        With axis ``"channel"`` every group lies inside one token, so token ``o`` of a page
+        owns three contiguous byte ranges, each ``o * width`` past the start of its region::
+
+            page:  | codes: tok 0 | tok 1 | ... | pad | scales: tok 0 | tok 1 | ... | zeros: ...
+                     <-- cb -->                         <-- sb -->
+            token: | codes (cb) | pad | scales (sb) | zeros (sb) |   (QuantLayout(.., 1, D, ..))
+        """
+        page, tok = self.layout, self.token_layout
+        assert page is not None and tok is not None
+        cb = int(tok.codes_bytes)
+        sb = int(tok.zeros_offset) - int(tok.scales_offset)
+        return [
+            (0, 0, cb),
+            (int(page.scales_offset), int(tok.scales_offset), sb),
+            (int(page.zeros_offset), int(tok.zeros_offset), sb),
+        ]
+
+    def _slot_views(self, pool: torch.Tensor) -> list[tuple[torch.Tensor, int, int]]:
+        """Per-slot byte views of a pool: ``(view, token offset, width)``, each view
+        ``(num_blocks, block_size, width)`` over the pool's storage (strided for quantized
+        pages), so ``view[block, offset]`` is one slot's piece."""
+        if self.layout is None:
+            return [(pool, 0, pool.shape[-1])]
+        bs = self.block_size
+        return [
+            (pool[:, po : po + bs * w].view(pool.shape[0], bs, w), to, w)
+            for po, to, w in self._regions()
+        ]
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, D)`` vectors -> what a pool slot stores (quantized bytes when quantized)."""
-        if self.layout is None:
+        """``(N, D)`` vectors -> what one slot stores: ``dtype`` values, or one one-token
+        block of ``token_layout`` (bytes identical to the token's piece of its page)."""
+        if self.token_layout is None:
             return x.to(self.dtype)
-        from kvcore.quant import quantize
+        from kvcore import kernels
 
-        return quantize(x.reshape(-1, 1, self.head_dim), self.layout)
+        return kernels.quantize(x.reshape(-1, 1, self.head_dim).contiguous(), self.token_layout)
+
+    def _put(self, pool: torch.Tensor, slots: torch.Tensor, enc: torch.Tensor) -> None:
+        """Stores :meth:`_encode`'s ``(N, ...)`` rows at ``slots``."""
+        bs = self.block_size
+        b, o = slots // bs, slots % bs
+        for view, to, w in self._slot_views(pool):
+            view[b, o] = enc[:, to : to + w]
+
+    def _get(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """What ``slots`` store, as :meth:`_encode` wrote it (one-token blocks when quantized;
+        the padding between codes and scales is zero, as the encoder writes it)."""
+        if self.layout is None:
+            return pool.view(-1, pool.shape[-1])[slots]
+        assert self.token_layout is not None
+        bs = self.block_size
+        b, o = slots // bs, slots % bs
+        out = torch.zeros(
+            len(slots), self.token_layout.nbytes, dtype=torch.uint8, device=pool.device
+        )
+        for view, to, w in self._slot_views(pool):
+            out[:, to : to + w] = view[b, o]
+        return out
 
     def _read(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` vectors in ``dtype`` of the given slots (dequantized when quantized)."""
-        flat = pool.view(-1, pool.shape[-1])[slots]
-        if self.layout is None:
-            return flat
-        from kvcore.quant import dequantize
+        raw = self._get(pool, slots)
+        if self.token_layout is None:
+            return raw
+        from kvcore import kernels
 
-        return dequantize(flat, self.layout).reshape(-1, self.head_dim).to(self.dtype)
+        out = kernels.dequantize(raw.contiguous(), self.token_layout, torch.float32)
+        return out.reshape(-1, self.head_dim).to(self.dtype)
 
     def _write(self, pool: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
-        pool.view(-1, pool.shape[-1])[slots] = self._encode(x)
+        self._put(pool, slots, self._encode(x))
+
+    def _move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Compaction moves ``slot dst[i] <- slot src[i]`` of K, V and the per-slot state.
+
+        A quantized token moves as its three pieces (codes, scales, zeros), never as a raw
+        row of the page. The allocator's plans never read a slot an earlier move wrote, so
+        gathering every source first equals running the moves in order.
+        """
+        bs = self.block_size
+        sb, so, db, do = src // bs, src % bs, dst // bs, dst % bs
+        for pool in (self.k_pool, self.v_pool):
+            for view, _, _ in self._slot_views(pool):
+                view[db, do] = view[sb, so]
+        for arr in (self.slot_pos, self.slot_valid, self.slot_score, self.slot_count):
+            arr[dst] = arr[src]
 
     # ------------------------------------------------------------------ sizes
 
@@ -367,7 +445,7 @@ class KVCache:
         if self.allocator is None:
             return 0
         self.flush()
-        per_block = 2 * self.block_size * self.slot_bytes
+        per_block = 2 * self.page_bytes
         return int(self.allocator.num_used_blocks) * per_block
 
     def stored_lengths(self, layer_idx: int | None = None) -> np.ndarray:
@@ -552,8 +630,8 @@ class KVCache:
                 self.k_pool = self.v_pool = torch.empty(0)
             raise
         slots = torch.from_numpy(slots_np).to(self.device).reshape(b, self.num_kv_heads, q)
-        self.k_pool.view(-1, self.k_pool.shape[-1])[slots.reshape(-1)] = k_enc
-        self.v_pool.view(-1, self.v_pool.shape[-1])[slots.reshape(-1)] = v_enc
+        self._put(self.k_pool, slots.reshape(-1), k_enc)
+        self._put(self.v_pool, slots.reshape(-1), v_enc)
         pos = self._next_pos[layer_idx] + torch.arange(q, device=self.device)
         self.slot_pos[slots.reshape(-1)] = pos.expand(b, self.num_kv_heads, q).reshape(-1)
         v_mask = (
@@ -854,11 +932,7 @@ class KVCache:
         if len(src_np):
             src = torch.from_numpy(src_np).to(self.device)
             dst = torch.from_numpy(dst_np).to(self.device)
-            for pool in (self.k_pool, self.v_pool):
-                flat = pool.view(-1, pool.shape[-1])
-                flat[dst] = flat[src]
-            for arr in (self.slot_pos, self.slot_valid, self.slot_score, self.slot_count):
-                arr[dst] = arr[src]
+            self._move_slots(src, dst)
         self.lengths[:, layer] = counts.numpy().reshape(b, h)
         self.num_compressions += 1
         if self.positions == "compact":
