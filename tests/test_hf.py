@@ -324,8 +324,11 @@ def test_quantized_cache_generates_on_the_tiny_model(fmt):
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, past_key_values=ref).logits[:, -1]
         q = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
-    # the prompt attends its own (unquantized) step: the first logits are the same
-    torch.testing.assert_close(q, full, atol=1e-5, rtol=1e-5)
+    # the prompt attends its own step as stored (quantized, the kernel's contract): the first
+    # logits move by the quantization error only; bounds ~5x the measured 1.3e-4 / 3.5e-3 /
+    # 1.3e-2 of int8 / int4 / int2 pages (group 8) on logits of magnitude ~0.3
+    err = (q - full).abs().max().item()
+    assert 0 < err <= {"int8": 1e-3, "int4": 2e-2, "int2": 6e-2}[fmt]
     out = generate(
         model, kh.compressed_cache(model, "snapkv", 8, window=4, kv_format=fmt), ids, mask, n=4
     )

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 from kvcore._kvcore import BlockAllocator, OutOfBlocksError, QuantLayout
-from kvcore.attention import paged_attention
 from kvcore.scoring import RegistryPolicy, ScoreInputs, TorchPolicy
 
 __all__ = ["KVCache", "Schedule", "rotate_keys"]
@@ -651,9 +650,6 @@ class KVCache:
             "q": q,
             "positions": pos,
             "valid": v_mask,
-            "prev_lengths": torch.from_numpy(prev),
-            "keys": key_states,
-            "values": value_states,
             "queries": qobs,
         }
         self._next_queries[layer_idx] = None
@@ -671,6 +667,11 @@ class KVCache:
     ) -> torch.Tensor:
         """Paged attention of the last step's queries of a layer (ragged heads, padding).
 
+        Runs :func:`kvcore.kernels.decode_attention` over the layer's pages (the CUDA kernel
+        on CUDA tensors with CuPy, else the torch reference
+        :func:`kvcore.attention.paged_attention`). The step's own tokens are read from the
+        pages like the prefix (quantized pages: as stored, i.e. quantized), causally.
+
         Args:
             query: ``(B, Hq, q, D)`` the step's (rotated) queries, ``q`` as in the last
                 :meth:`update` of the layer.
@@ -679,46 +680,49 @@ class KVCache:
 
         Returns:
             ``(B, q, Hq, D)``.
+
+        Raises:
+            ValueError: no :meth:`update` of this layer since its last attention or
+                compression, or a query of another batch or length than that step.
         """
         self._check_layer(layer_idx)
         st = self._step[layer_idx]
         if st is None or layer_idx not in self._pending:
             raise ValueError(f"attend({layer_idx}) must follow update({layer_idx}) of the step")
+        if (
+            not isinstance(query, torch.Tensor)
+            or query.ndim != 4
+            or query.shape[0] != self.batch_size
+            or query.shape[2] != st["q"]
+        ):
+            raise ValueError(
+                f"query must have shape ({self.batch_size}, num_q_heads, {st['q']}, "
+                f"{self.head_dim}) (the step of update({layer_idx})), got "
+                f"{tuple(getattr(query, 'shape', ()))}"
+            )
         assert self.allocator is not None
+        from kvcore import kernels
+
         tables = self.tables[:, layer_idx].reshape(-1)
-        prev = st["prev_lengths"]
-        assert isinstance(prev, torch.Tensor)
-        # Only the prefix's pages: the step's own tokens are passed densely.
-        width = -(-int(prev.max()) // self.block_size) if prev.numel() else 0
+        lens = self.lengths[:, layer_idx].reshape(-1)
+        # The step's tokens are already stored at the end of every stream: the kernel's
+        # contract (token t of a chunk of q sees stored tokens [0, len - q + t + 1)).
+        width = -(-int(lens.max()) // self.block_size) if lens.size else 0
         bt, _, _ = self.allocator.vllm_layout(tables)
         block_table = torch.from_numpy(bt[:, :width].astype(np.int64)).to(self.device)
         if slot_bias is None and self.logcount_bias:
             slot_bias = self.slot_count.log()
-        k_pool, v_pool, slot_valid = self.k_pool, self.v_pool, self.slot_valid
-        if self.layout is not None:
-            # Dequantize only the pages this step reads, into a small dense pool of
-            # (streams * width) blocks; the slot metadata is gathered the same way.
-            bs = self.block_size
-            pages = block_table.reshape(-1)
-            page_slots = (pages[:, None] * bs + torch.arange(bs, device=self.device)).reshape(-1)
-            k_pool = self._read(self.k_pool, page_slots).reshape(-1, bs, self.head_dim)
-            v_pool = self._read(self.v_pool, page_slots).reshape(-1, bs, self.head_dim)
-            slot_valid = self.slot_valid[page_slots]
-            if slot_bias is not None:
-                slot_bias = slot_bias[page_slots]
-            block_table = torch.arange(pages.numel(), device=self.device).reshape(block_table.shape)
-        return paged_attention(
+        return kernels.decode_attention(
             query,
-            k_pool,
-            v_pool,
+            self.k_pool,
+            self.v_pool,
             block_table,
-            prev.to(self.device),
-            slot_valid=slot_valid,
-            new_keys=st["keys"],
-            new_values=st["values"],
-            new_valid=st["valid"],
-            scaling=self.scaling,
+            torch.from_numpy(lens.astype(np.int64)).to(self.device),
             slot_bias=slot_bias,
+            slot_valid=self.slot_valid,
+            scaling=self.scaling,
+            k_layout=self.layout,
+            v_layout=self.layout,
         )
 
     # ------------------------------------------------------------------ gathers
