@@ -10,7 +10,8 @@ stream can hold a different number of tokens and evicting a head's tokens frees 
                  slot_score (float32, accumulated attention), slot_count (float32, tokens a
                  merged slot stands for) -- moved with K/V by compaction
     kv_format      : "int8" / "int4" / "int2" pools hold one quantized layout block per page
-                     ((num_blocks, layout.nbytes) uint8, docs/cache.md)
+                     ((num_blocks, layout.nbytes) uint8, docs/cache.md); "kivi2" / "kivi4":
+                     sealed pages per channel (K) / per token (V), open pages in res_k / res_v
 
 Steps. ``update(layer, k, v)`` appends the step's tokens and returns what dense attention reads.
 Compression of layer ``l`` for step ``t`` is decided by the :class:`Schedule` and runs *after*
@@ -39,7 +40,7 @@ from kvcore.scoring import RegistryPolicy, ScoreInputs, TorchPolicy
 
 __all__ = ["KVCache", "Schedule", "rotate_keys"]
 
-_BITS = {"native": 0, "int8": 8, "int4": 4, "int2": 2}
+_BITS = {"native": 0, "int8": 8, "int4": 4, "int2": 2, "kivi2": 2, "kivi4": 4}
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,11 @@ class KVCache:
             (packed codes, then one float16 scale and zero point per group); a token is
             encoded alone (:func:`kvcore.kernels.quantize`) and its codes and metadata are
             scattered into its page, and it is dequantized to ``dtype`` when read.
-        quant_group: channels per quantization group (default ``min(32, head_dim)``).
+            ``"kivi2"``, ``"kivi4"``: KIVI (docs/cache.md): full pages sealed, keys per channel
+            (``QuantLayout(bits, block_size, block_size, head_dim, "token")``), values per
+            token; each stream's open last page in ``dtype`` in a residual buffer.
+        quant_group: channels per quantization group (default ``min(32, head_dim)``; KIVI:
+            of the values).
         merge: None (evicted tokens are dropped) or ``"ems"``: each compression merges the
             tokens the policy evicts into kept ones with issue 4's ``kvcore.ems_plan`` (a
             token joins the kept token with the most similar key when the cosine is >=
@@ -209,9 +214,28 @@ class KVCache:
                 f"kv_format must be one of {', '.join(map(repr, _BITS))}, got {kv_format!r}"
             )
         self.kv_format = kv_format
-        self.layout: QuantLayout | None = None  # one page: (block_size, head_dim) tokens
+        self.layout: QuantLayout | None = None  # int pages: (block_size, head_dim) tokens
         self.token_layout: QuantLayout | None = None  # one token of a page, as it is encoded
-        if kv_format != "native":
+        self.kivi = kv_format.startswith("kivi")
+        # The page layouts attention reads (None: pages of dtype values).
+        self.k_layout: QuantLayout | None = None
+        self.v_layout: QuantLayout | None = None
+        if self.kivi:
+            g = min(32, head_dim) if quant_group is None else quant_group
+            if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+                raise ValueError(f"quant_group must be an int >= 1, got {quant_group!r}")
+            bits = _BITS[kv_format]
+            if block_size * bits % 8:
+                raise ValueError(
+                    f"{kv_format}: keys are quantized per channel in groups of block_size "
+                    f"tokens, so block_size * {bits} bits must be whole bytes (block_size a "
+                    f"multiple of {8 // bits}), got block_size={block_size}"
+                )
+            # Keys: per channel, one group of block_size tokens per channel and page (KIVI's
+            # R = G = block_size); values: per token, groups of quant_group channels.
+            self.k_layout = QuantLayout(bits, block_size, block_size, head_dim, "token", "float16")
+            self.v_layout = QuantLayout(bits, g, block_size, head_dim, "channel", "float16")
+        elif kv_format != "native":
             g = min(32, head_dim) if quant_group is None else quant_group
             if not isinstance(g, int) or isinstance(g, bool) or g < 1:
                 raise ValueError(f"quant_group must be an int >= 1, got {quant_group!r}")
@@ -220,6 +244,7 @@ class KVCache:
             self.layout = QuantLayout(
                 _BITS[kv_format], g, block_size, head_dim, "channel", "float16"
             )
+            self.k_layout = self.v_layout = self.layout
         elif quant_group is not None:
             raise ValueError("quant_group needs a quantized kv_format")
         if merge not in (None, "ems"):
@@ -282,9 +307,11 @@ class KVCache:
 
     def _init(self, batch: int, first_len: int) -> None:
         streams = batch * self.num_layers * self.num_kv_heads
-        block_bytes = 2 * self.page_bytes
+        block_bytes = self.page_bytes
+        # KIVI: one full-precision residual page (K and V) per stream besides the pools
+        res_bytes = streams * self.residual_page_bytes
         if self._capacity_bytes is not None:
-            blocks_per_stream = (self._capacity_bytes // block_bytes - 1) // streams
+            blocks_per_stream = ((self._capacity_bytes - res_bytes) // block_bytes - 1) // streams
             if blocks_per_stream < 1:
                 raise ValueError(
                     f"capacity_bytes={self._capacity_bytes} holds less than one block "
@@ -308,14 +335,28 @@ class KVCache:
         # Normal tensors even when the first update runs under torch.inference_mode():
         # inference tensors could not be updated in place by a later call made outside it.
         with torch.inference_mode(False):
-            if self.layout is None:
+            if self.k_layout is not None and self.v_layout is not None:
+                # one quantized layout block (codes, float16 scales, zeros) per page
+                self.k_pool = torch.zeros(
+                    num_blocks, self.k_layout.nbytes, dtype=torch.uint8, device=self.device
+                )
+                self.v_pool = torch.zeros(
+                    num_blocks, self.v_layout.nbytes, dtype=torch.uint8, device=self.device
+                )
+            else:
                 shape = (num_blocks, self.block_size, self.head_dim)
                 self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            else:  # one quantized layout block (codes, float16 scales, zeros) per page
-                shape2 = (num_blocks, self.layout.nbytes)
-                self.k_pool = torch.zeros(shape2, dtype=torch.uint8, device=self.device)
-                self.v_pool = torch.zeros(shape2, dtype=torch.uint8, device=self.device)
+            if self.kivi:
+                # KIVI's residual window: each stream's open (not yet full) page, K and V in
+                # dtype, one row per stream (b, l, h); block_row[block] is the row holding an
+                # open page, -1 for a sealed (quantized) one.
+                res = (streams, self.block_size, self.head_dim)
+                self.res_k = torch.zeros(res, dtype=self.dtype, device=self.device)
+                self.res_v = torch.zeros(res, dtype=self.dtype, device=self.device)
+                self.block_row = torch.full(
+                    (num_blocks,), -1, dtype=torch.int64, device=self.device
+                )
             self.slot_pos = torch.zeros(n_slots, dtype=torch.int64, device=self.device)
             self.slot_valid = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
             self.slot_score = torch.zeros(n_slots, dtype=torch.float32, device=self.device)
@@ -332,11 +373,19 @@ class KVCache:
 
     @property
     def page_bytes(self) -> int:
-        """Bytes of one page (block) of one pool, K or V: ``block_size * head_dim`` values of
-        ``dtype``, or the page layout's exact ``nbytes`` (docs/layouts.md)."""
-        if self.layout is not None:
-            return int(self.layout.nbytes)
-        return self.block_size * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+        """Bytes of one block in the K pool plus the V pool: ``2 * block_size * head_dim``
+        values of ``dtype``, or the page layouts' exact ``nbytes`` (docs/layouts.md)."""
+        if self.k_layout is not None and self.v_layout is not None:
+            return int(self.k_layout.nbytes) + int(self.v_layout.nbytes)
+        return 2 * self.block_size * self.head_dim * self._elt()
+
+    @property
+    def residual_page_bytes(self) -> int:
+        """KIVI: bytes of one stream's full-precision residual page, K and V (0 otherwise)."""
+        return 2 * self.block_size * self.head_dim * self._elt() if self.kivi else 0
+
+    def _elt(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
 
     def _regions(self) -> list[tuple[int, int, int]]:
         """Where one token's bytes lie in a quantized page, as ``(page offset, offset in the
@@ -404,6 +453,8 @@ class KVCache:
 
     def _read(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` vectors in ``dtype`` of the given slots (dequantized when quantized)."""
+        if self.kivi:
+            return self._kivi_read(pool, slots)
         raw = self._get(pool, slots)
         if self.token_layout is None:
             return raw
@@ -413,6 +464,10 @@ class KVCache:
         return out.reshape(-1, self.head_dim).to(self.dtype)
 
     def _write(self, pool: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Stores ``(N, D)`` vectors at ``slots`` (encoded as the format says)."""
+        if self.kivi:
+            self._kivi_write(pool, slots, x)
+            return
         self._put(pool, slots, self._encode(x))
 
     def _move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -422,30 +477,202 @@ class KVCache:
         row of the page. The allocator's plans never read a slot an earlier move wrote, so
         gathering every source first equals running the moves in order.
         """
-        bs = self.block_size
-        sb, so, db, do = src // bs, src % bs, dst // bs, dst % bs
-        for pool in (self.k_pool, self.v_pool):
-            for view, _, _ in self._slot_views(pool):
-                view[db, do] = view[sb, so]
+        if self.kivi:
+            # KIVI: every source is read (dequantized) first; each destination page is then
+            # patched and re-sealed (sealed pages) or written in its residual row (open ones).
+            k_src, v_src = self._read(self.k_pool, src), self._read(self.v_pool, src)
+            self._write(self.k_pool, dst, k_src)
+            self._write(self.v_pool, dst, v_src)
+        else:
+            bs = self.block_size
+            sb, so, db, do = src // bs, src % bs, dst // bs, dst % bs
+            for pool in (self.k_pool, self.v_pool):
+                for view, _, _ in self._slot_views(pool):
+                    view[db, do] = view[sb, so]
         for arr in (self.slot_pos, self.slot_valid, self.slot_score, self.slot_count):
             arr[dst] = arr[src]
+
+    # ------------------------------------------------------------------ KIVI storage
+    #
+    # A stream's full pages are sealed: keys one QuantLayout(bits, bs, bs, D, "token") block
+    # (per channel, one group of bs tokens), values one QuantLayout(bits, G, bs, D, "channel")
+    # block (per token). Its last page, while not full, is open: its K and V live in dtype in
+    # the stream's residual row (block_row[block] = row). A page is sealed when it fills up.
+    # After a compaction or a restore, a stream's last page may be sealed with fewer tokens
+    # (its tail slots hold stale tokens, never read); the next update reads its tokens back
+    # (dequantized) and reopens it.
+
+    def _kivi_side(self, pool: torch.Tensor) -> tuple[QuantLayout, torch.Tensor]:
+        if pool is self.k_pool:
+            assert self.k_layout is not None
+            return self.k_layout, self.res_k
+        assert self.v_layout is not None
+        return self.v_layout, self.res_v
+
+    def _kivi_read(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        from kvcore import kernels
+
+        layout, res = self._kivi_side(pool)
+        bs = self.block_size
+        blocks, off = slots // bs, slots % bs
+        row = self.block_row[blocks]
+        out = torch.empty(len(slots), self.head_dim, dtype=self.dtype, device=self.device)
+        is_open = row >= 0
+        out[is_open] = res[row[is_open], off[is_open]]
+        sealed = ~is_open
+        if bool(sealed.any()):
+            # a key group spans the whole page: dequantize each page read once
+            pages, inv = torch.unique(blocks[sealed], return_inverse=True)
+            dense = kernels.dequantize(pool[pages].contiguous(), layout, torch.float32)
+            out[sealed] = dense[inv, off[sealed]].to(self.dtype)
+        return out
+
+    def _kivi_write(self, pool: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Writes tokens into their pages: an open page's residual row directly; a sealed
+        page is re-sealed from its dequantized tokens with the new ones in place (one more
+        rounding of the page's other tokens: their groups change)."""
+        from kvcore import kernels
+
+        layout, res = self._kivi_side(pool)
+        bs = self.block_size
+        blocks, off = slots // bs, slots % bs
+        row = self.block_row[blocks]
+        is_open = row >= 0
+        res[row[is_open], off[is_open]] = x[is_open].to(self.dtype)
+        sealed = ~is_open
+        if bool(sealed.any()):
+            pages, inv = torch.unique(blocks[sealed], return_inverse=True)
+            dense = kernels.dequantize(pool[pages].contiguous(), layout, torch.float32)
+            dense[inv, off[sealed]] = x[sealed].float()
+            pool[pages] = kernels.quantize(dense, layout)
+
+    def _kivi_stage(
+        self, tables: np.ndarray, prev: np.ndarray, k: torch.Tensor, v: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Everything an update writes, computed before the allocator appends anything (so a
+        rejected step changes nothing): the pages the step fills, sealed, and the new open
+        pages.
+
+        Per stream ``s`` with ``r = prev % bs`` tokens in its last page::
+
+            work[s] = | the r tokens of the last page | the q new tokens | ...
+                      |<-- page 0 -->|<-- page 1 -->| ...   pages k < (r + q) // bs are full
+        """
+        from kvcore import kernels
+
+        if not bool(torch.isfinite(k).all()) or not bool(torch.isfinite(v).all()):
+            raise ValueError("input contains a non-finite value (NaN or inf)")
+        assert self.k_layout is not None and self.v_layout is not None
+        bs, d, dev = self.block_size, self.head_dim, self.device
+        n_s, q = k.shape[0], k.shape[1]
+        r = torch.from_numpy(prev % bs).to(dev)
+        num_pages = int((r + q).max()) // bs + 1
+        works = []
+        tail_slots = None
+        if int(r.max()) > 0:
+            bt = torch.from_numpy(self._block_table(tables)).to(dev)
+            j = torch.arange(bs, device=dev)
+            has = j[None, :] < r[:, None]
+            col = torch.from_numpy(prev // bs).to(dev).clamp(max=bt.shape[1] - 1)
+            last = bt.gather(1, col[:, None])
+            tail_slots = (last * bs + j[None, :])[has]
+        for pool, x in ((self.k_pool, k), (self.v_pool, v)):
+            w = torch.zeros(n_s, num_pages * bs, d, dtype=self.dtype, device=dev)
+            if tail_slots is not None:
+                j = torch.arange(bs, device=dev)
+                has = j[None, :] < r[:, None]
+                w[:, :bs][has] = self._kivi_read(pool, tail_slots)
+            cols = r[:, None] + torch.arange(q, device=dev)[None, :]
+            w[torch.arange(n_s, device=dev)[:, None], cols] = x.to(self.dtype)
+            works.append(w.view(n_s, num_pages, bs, d))
+        full = (r + q) // bs
+        page_mask = torch.arange(num_pages, device=dev)[None, :] < full[:, None]
+        rows = torch.arange(n_s, device=dev)
+        sealed_k = sealed_v = torch.empty(0, dtype=torch.uint8, device=dev)
+        if bool(page_mask.any()):
+            sealed_k = kernels.quantize(works[0][page_mask].contiguous(), self.k_layout)
+            sealed_v = kernels.quantize(works[1][page_mask].contiguous(), self.v_layout)
+        return {
+            "full": full,
+            "page_mask": page_mask,
+            "k_sealed": sealed_k,
+            "v_sealed": sealed_v,
+            "k_open": works[0][rows, full],
+            "v_open": works[1][rows, full],
+            "has_open": (r + q) % bs > 0,
+        }
+
+    def _block_table(self, tables: np.ndarray) -> np.ndarray:
+        """``(len(tables), W)`` int64 block ids of the streams (vLLM block table)."""
+        assert self.allocator is not None
+        bt, _, _ = self.allocator.vllm_layout(np.ascontiguousarray(tables))
+        return np.asarray(bt, dtype=np.int64)
+
+    def _kivi_commit(
+        self, layer: int, tables: np.ndarray, prev: np.ndarray, st: dict[str, torch.Tensor]
+    ) -> None:
+        """After the append: sealed pages into the pools, open pages into residual rows."""
+        bs, dev = self.block_size, self.device
+        bt = torch.from_numpy(self._block_table(tables)).to(dev)
+        base = torch.from_numpy(prev // bs).to(dev)
+        s_idx, k_idx = torch.nonzero(st["page_mask"], as_tuple=True)
+        if len(s_idx):
+            blocks = bt[s_idx, base[s_idx] + k_idx]
+            self.k_pool[blocks] = st["k_sealed"]
+            self.v_pool[blocks] = st["v_sealed"]
+            self.block_row[blocks] = -1
+        b, h = self.batch_size, self.num_kv_heads
+        rows = torch.arange(b * self.num_layers * h, device=dev).reshape(b, self.num_layers, h)
+        rows = rows[:, layer].reshape(-1)
+        o = torch.nonzero(st["has_open"], as_tuple=True)[0]
+        if len(o):
+            blocks = bt[o, base[o] + st["full"][o]]
+            self.res_k[rows[o]] = st["k_open"][o]
+            self.res_v[rows[o]] = st["v_open"][o]
+            self.block_row[blocks] = rows[o]
 
     # ------------------------------------------------------------------ sizes
 
     def memory_bytes(self) -> int:
-        """Bytes held by the K and V pool tensors (what the budget is measured against)."""
-        return int(
-            self.k_pool.numel() * self.k_pool.element_size()
-            + self.v_pool.numel() * self.v_pool.element_size()
-        )
+        """Bytes held by the K and V pool tensors (what the budget is measured against), and
+        for KIVI the full-precision residual pages."""
+        n = self.k_pool.nbytes + self.v_pool.nbytes
+        if self.kivi and self.allocator is not None:
+            n += self.res_k.nbytes + self.res_v.nbytes
+        return int(n)
 
     def used_bytes(self) -> int:
         """Bytes of K and V in blocks that streams hold now."""
         if self.allocator is None:
             return 0
         self.flush()
-        per_block = 2 * self.page_bytes
-        return int(self.allocator.num_used_blocks) * per_block
+        if self.kivi:
+            return self._kivi_used_bytes()
+        return int(self.allocator.num_used_blocks) * self.page_bytes
+
+    def _kivi_used_bytes(self) -> int:
+        """Sealed pages at their layouts' bytes, open pages at their tokens' full-precision
+        bytes (``n // bs`` key and value pages plus ``n % bs`` tokens per stream, when each
+        stream's last page is open; KIVI's ``kivi_nbytes`` with ``R = G = block_size``, values
+        paged like the keys)."""
+        assert self.allocator is not None
+        bs = self.block_size
+        lens = self.lengths.reshape(-1)
+        tables = self.tables.reshape(-1)
+        bt = self.allocator.vllm_layout(tables)[0].astype(np.int64)
+        pages = -(-lens // bs)
+        row = self.block_row.cpu().numpy()
+        total = 0
+        tok = 2 * self.head_dim * self._elt()
+        for s_, n in enumerate(lens.tolist()):
+            if n == 0:
+                continue
+            last = int(bt[s_, pages[s_] - 1])
+            open_tail = row[last] >= 0
+            total += (pages[s_] - int(open_tail)) * self.page_bytes
+            if open_tail:
+                total += (n - (pages[s_] - 1) * bs) * tok
+        return int(total)
 
     def stored_lengths(self, layer_idx: int | None = None) -> np.ndarray:
         """Stored tokens per stream: ``(B, L, H)`` or ``(B, H)`` for one layer (padding
@@ -606,8 +833,14 @@ class KVCache:
         tables = self.tables[:, layer_idx].reshape(-1)
         prev = self.lengths[:, layer_idx].reshape(-1).copy()
         try:  # encode first: a value quantization rejects (NaN, inf) changes nothing
-            k_enc = self._encode(key_states.reshape(-1, self.head_dim))
-            v_enc = self._encode(value_states.reshape(-1, self.head_dim))
+            if self.kivi:
+                d = self.head_dim
+                staged = self._kivi_stage(
+                    tables, prev, key_states.reshape(-1, q, d), value_states.reshape(-1, q, d)
+                )
+            else:
+                k_enc = self._encode(key_states.reshape(-1, self.head_dim))
+                v_enc = self._encode(value_states.reshape(-1, self.head_dim))
         except Exception:
             if fresh:
                 self.allocator = None
@@ -629,8 +862,11 @@ class KVCache:
                 self.k_pool = self.v_pool = torch.empty(0)
             raise
         slots = torch.from_numpy(slots_np).to(self.device).reshape(b, self.num_kv_heads, q)
-        self._put(self.k_pool, slots.reshape(-1), k_enc)
-        self._put(self.v_pool, slots.reshape(-1), v_enc)
+        if self.kivi:
+            self._kivi_commit(layer_idx, tables, prev, staged)
+        else:
+            self._put(self.k_pool, slots.reshape(-1), k_enc)
+            self._put(self.v_pool, slots.reshape(-1), v_enc)
         pos = self._next_pos[layer_idx] + torch.arange(q, device=self.device)
         self.slot_pos[slots.reshape(-1)] = pos.expand(b, self.num_kv_heads, q).reshape(-1)
         v_mask = (
@@ -712,18 +948,89 @@ class KVCache:
         block_table = torch.from_numpy(bt[:, :width].astype(np.int64)).to(self.device)
         if slot_bias is None and self.logcount_bias:
             slot_bias = self.slot_count.log()
+        lengths = torch.from_numpy(lens.astype(np.int64)).to(self.device)
+        if self.kivi:
+            return self._kivi_attend(query, block_table, lengths, layer_idx, slot_bias)
         return kernels.decode_attention(
             query,
             self.k_pool,
             self.v_pool,
             block_table,
-            torch.from_numpy(lens.astype(np.int64)).to(self.device),
+            lengths,
             slot_bias=slot_bias,
             slot_valid=self.slot_valid,
             scaling=self.scaling,
-            k_layout=self.layout,
-            v_layout=self.layout,
+            k_layout=self.k_layout,
+            v_layout=self.v_layout,
         )
+
+    def _kivi_attend(
+        self,
+        query: torch.Tensor,
+        block_table: torch.Tensor,
+        lengths: torch.Tensor,
+        layer: int,
+        slot_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """KIVI attention: the sealed pages through the fused-dequantization path, the open
+        pages (residual rows) as a small dtype pool, merged by their log-sum-exps::
+
+            part 1: pools, k_layout (axis token) / v_layout; open pages' slots masked
+            part 2: pool = [zeros page, residual rows of the layer's streams]; stream s reads
+                    row s + 1 at its open page's column, the null page (masked) elsewhere
+        """
+        from kvcore import kernels
+
+        bs, dev = self.block_size, self.device
+        n_s = block_table.shape[0]
+        sealed_slot = (self.block_row < 0).repeat_interleave(bs)
+        o1, l1 = kernels.decode_attention(
+            query,
+            self.k_pool,
+            self.v_pool,
+            block_table,
+            lengths,
+            slot_bias=slot_bias,
+            slot_valid=self.slot_valid & sealed_slot,
+            scaling=self.scaling,
+            k_layout=self.k_layout,
+            v_layout=self.v_layout,
+            return_lse=True,
+        )
+        b, h = self.batch_size, self.num_kv_heads
+        rows = torch.arange(b * self.num_layers * h, device=dev).reshape(b, self.num_layers, h)
+        rows = rows[:, layer].reshape(-1)
+        row_of = self.block_row[block_table]  # (S, W)
+        mine = (row_of == rows[:, None]) & (block_table > 0)
+        small_table = torch.where(mine, torch.arange(1, n_s + 1, device=dev)[:, None], 0)
+        zero = torch.zeros(1, bs, self.head_dim, dtype=self.dtype, device=dev)
+        k_small = torch.cat([zero, self.res_k[rows]]).to(query.dtype)
+        v_small = torch.cat([zero, self.res_v[rows]]).to(query.dtype)
+        # the per-slot state of the open pages' slots, in the small pool's slot numbering
+        open_block = torch.where(mine, block_table, 0).amax(1)  # (S,) 0: no open page
+        src_slots = (open_block[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1)
+        valid = torch.cat(
+            [torch.zeros(bs, dtype=torch.bool, device=dev), self.slot_valid[src_slots]]
+        )
+        valid[bs:] &= (open_block > 0).repeat_interleave(bs)
+        bias = None
+        if slot_bias is not None:
+            bias = torch.cat([torch.zeros(bs, device=dev), slot_bias[src_slots].float()])
+        o2, l2 = kernels.decode_attention(
+            query,
+            k_small,
+            v_small,
+            small_table,
+            lengths,
+            slot_bias=bias,
+            slot_valid=valid,
+            scaling=self.scaling,
+            return_lse=True,
+        )
+        lse = torch.logaddexp(l1, l2)
+        w1 = torch.nan_to_num((l1 - lse).exp(), nan=0.0)[..., None]
+        w2 = torch.nan_to_num((l2 - lse).exp(), nan=0.0)[..., None]
+        return (w1 * o1.float() + w2 * o2.float()).to(query.dtype)
 
     # ------------------------------------------------------------------ gathers
 
