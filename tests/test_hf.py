@@ -324,8 +324,11 @@ def test_quantized_cache_generates_on_the_tiny_model(fmt):
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, past_key_values=ref).logits[:, -1]
         q = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
-    # the prompt attends its own (unquantized) step: the first logits are the same
-    torch.testing.assert_close(q, full, atol=1e-5, rtol=1e-5)
+    # the prompt attends its own step as stored (quantized, the kernel's contract): the first
+    # logits move by the quantization error only; bounds ~5x the measured 1.3e-4 / 3.5e-3 /
+    # 1.3e-2 of int8 / int4 / int2 pages (group 8) on logits of magnitude ~0.3
+    err = (q - full).abs().max().item()
+    assert 0 < err <= {"int8": 1e-3, "int4": 2e-2, "int2": 6e-2}[fmt]
     out = generate(
         model, kh.compressed_cache(model, "snapkv", 8, window=4, kv_format=fmt), ids, mask, n=4
     )
@@ -351,3 +354,29 @@ def test_ems_merged_cache_generates_with_the_kvcore_attention():
     cache = kh.compressed_cache(model, "snapkv", 8, window=4, merge="ems")
     with pytest.raises(ValueError, match="log\\(count\\) logit bias"):
         generate(model, cache, ids, mask, n=2)
+
+
+@pytest.mark.parametrize("fmt", ["kivi2", "kivi4"])
+def test_kivi_cache_generates_on_the_tiny_model(fmt):
+    """KIVI pages (keys per channel, values per token, the open page in full precision) with
+    and without SnapKV: generation runs, takes less memory than float32 pages, and the first
+    logits stay close (quantization error only: measured 1.3e-2 kivi2, 3.8e-3 kivi4, on logits
+    of magnitude ~0.3; bound 0.1)."""
+    model = tiny("kvcore")
+    ids, mask = batch(pad=3)
+    ref = kh.compressed_cache(model, None, 0, block_size=8)
+    cache = kh.compressed_cache(model, None, 0, kv_format=fmt, quant_group=8, block_size=8)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, past_key_values=ref).logits[:, -1]
+        q = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
+    err = (q - full).abs().max().item()
+    assert 0 < err <= 0.1
+    assert cache.memory_bytes() < ref.memory_bytes()
+    out = generate(
+        model,
+        kh.compressed_cache(model, "snapkv", 8, window=4, kv_format=fmt, block_size=8),
+        ids,
+        mask,
+        n=4,
+    )
+    assert out.shape == (2, 28)

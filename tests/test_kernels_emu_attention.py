@@ -1,6 +1,6 @@
 """The decode-attention kernel (kernel 5) run on the CPU through cuda/emu/cuda_emu_threads.h
 (one std::thread per CUDA thread, barriers for __syncthreads and warp shuffles), against
-kvcore.kernels.attention_reference: fp16/bf16/fp32 pages, quantized pages with fused
+kvcore.attention.paged_attention: fp16/bf16/fp32 pages, quantized pages with fused
 dequantization, ragged heads, GQA, query chunks, log-count bias, masks, split-K."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch", reason="the kernel references need torch")
 
 import kvcore  # noqa: E402
 from kvcore import kernels, quant  # noqa: E402
+from kvcore.attention import paged_attention  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ for the emulation")
@@ -31,8 +32,8 @@ extern "C" void emu_partial(unsigned gx, unsigned gy, const void* q, const void*
                   bias, valid, acc, ml, width, split_len, scale);
 }
 extern "C" void emu_reduce(unsigned gx, unsigned bx, const float* acc, const float* ml, void* out,
-                           int splits, kv_i64 h) {
-    KV_EMU_LAUNCH(kv_decode_reduce, gx, 1, 1, bx, 1, 1, acc, ml, out, splits, h);
+                           float* lse, int splits, kv_i64 h) {
+    KV_EMU_LAUNCH(kv_decode_reduce, gx, 1, 1, bx, 1, 1, acc, ml, out, lse, splits, h);
 }
 """
 
@@ -89,8 +90,10 @@ def run_emulated(
     k_layout=None,
     v_layout=None,
     num_splits=1,
+    lse=None,
 ):
-    """The host side of kernels.decode_attention, with the launches emulated."""
+    """The host side of kernels.decode_attention, with the launches emulated (``lse``: an
+    optional ``(B, q, Hq)`` float32 output of the row log-sum-exps)."""
     b, hq, q_len, d = query.shape
     n_streams, width = table.shape
     h = n_streams // b
@@ -129,6 +132,7 @@ def run_emulated(
         p(acc),
         p(ml),
         p(out),
+        p(lse),
         ctypes.c_int(num_splits),
         ctypes.c_longlong(h),
     )
@@ -174,12 +178,17 @@ def test_emulated_decode_attention_matches_the_reference(
     num_slots = k.shape[0] * bs
     bias = torch.log(torch.randint(1, 5, (num_slots,), generator=gen).float())
     valid = torch.rand(num_slots, generator=gen) > 0.2
+    lse = torch.full((b, q_len, h * group), float("nan"))  # poisoned
     got = run_emulated(
-        build, query, k, v, table, lengths, bias=bias, valid=valid, num_splits=splits
+        build, query, k, v, table, lengths, bias=bias, valid=valid, num_splits=splits, lse=lse
     )
-    ref = kernels.attention_reference(query, k, v, table, lengths, slot_bias=bias, slot_valid=valid)
+    ref, ref_lse = paged_attention(
+        query, k, v, table, lengths, slot_bias=bias, slot_valid=valid, return_lse=True
+    )
     tol = TOL[dtype]
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    # the row log-sum-exps (float32 in both; __expf vs exp, another summation order)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -194,5 +203,5 @@ def test_emulated_attention_over_quantized_pages(build, bits: int) -> None:  # t
     got = run_emulated(
         build, query, kq, vq, table, lengths, k_layout=k_lay, v_layout=v_lay, num_splits=2
     )
-    ref = kernels.attention_reference(query, kq, vq, table, lengths, k_layout=k_lay, v_layout=v_lay)
+    ref = paged_attention(query, kq, vq, table, lengths, k_layout=k_lay, v_layout=v_lay)
     torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch", reason="the kernel references need torch")
 
 import kvcore  # noqa: E402
 from kvcore import kernels, quant  # noqa: E402
+from kvcore.attention import paged_attention  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ for the emulation")
 
@@ -135,6 +136,11 @@ def test_decode_attention_kernel_path(emulated: None, quantized: bool) -> None:
     lengths = torch.tensor(lens)
     bias = torch.log(torch.randint(1, 4, (num_blocks * bs,), generator=gen).float())
     kw = dict(slot_bias=bias, k_layout=kl, v_layout=vl)
-    got = kernels.decode_attention(query, k, v, table, lengths, num_splits=2, **kw)  # type: ignore[arg-type]
-    ref = kernels.attention_reference(query, k, v, table, lengths, **kw)  # type: ignore[arg-type]
+    got, lse = kernels.decode_attention(
+        query, k, v, table, lengths, num_splits=2, return_lse=True, **kw
+    )  # type: ignore[arg-type]
+    ref, ref_lse = paged_attention(query, k, v, table, lengths, return_lse=True, **kw)  # type: ignore[arg-type]
     torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    plain = kernels.decode_attention(query, k, v, table, lengths, num_splits=2, **kw)  # type: ignore[arg-type]
+    assert torch.equal(plain, got)

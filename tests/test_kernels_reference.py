@@ -1,6 +1,7 @@
 """The torch paths of kvcore.kernels (the CPU path and the GPU tests' oracle) against the
-references of issue 4 (kvcore.merge.attention_with_bias, MergePlan) and issue 5
-(kvcore.attention.paged_attention, kvcore.cache.rotate_keys, skipped until it is merged)."""
+references of issue 4 (kvcore.merge.attention_with_bias, MergePlan), and
+kvcore.attention.paged_attention (the one attention reference) on quantized pages and with
+``return_lse``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ torch = pytest.importorskip("torch", reason="the kernel references need torch")
 
 import kvcore  # noqa: E402
 from kvcore import kernels  # noqa: E402
+from kvcore.attention import paged_attention  # noqa: E402
 from kvcore.merge import attention_with_bias  # noqa: E402
 
 
@@ -136,14 +138,42 @@ def test_rotation_by_delta_then_minus_delta_is_the_identity() -> None:
     torch.testing.assert_close(x, pool, rtol=1e-5, atol=1e-5)
 
 
-def test_decode_attention_reference_matches_issue5_paged_attention() -> None:
-    attention = pytest.importorskip(
-        "kvcore.attention", reason="issue 5's kvcore.attention is not merged yet"
-    )
+def test_paged_attention_reads_quantized_pages_as_their_dequantized_values() -> None:
+    from kvcore import quant
+
     gen = torch.Generator().manual_seed(4)
     k, v, table, lengths = _paged(gen, 2, 2, 64, 16, [30, 3, 47, 16])
-    query = torch.randn(2, 8, 1, 64, generator=gen)
-    bias = torch.rand(k.shape[0] * 16, generator=gen)
-    got = kernels.decode_attention(query, k, v, table, lengths, slot_bias=bias)
-    want = attention.paged_attention(query, k, v, table, lengths, slot_bias=bias)
-    torch.testing.assert_close(got, want)
+    k_lay = kvcore.QuantLayout(4, 16, 16, 64, "token")
+    v_lay = kvcore.QuantLayout(2, 32, 16, 64, "channel")
+    kq, vq = quant.quantize(k, k_lay), quant.quantize(v, v_lay)
+    query = torch.randn(2, 8, 2, 64, generator=gen)
+    got = paged_attention(query, kq, vq, table, lengths, k_layout=k_lay, v_layout=v_lay)
+    kd, vd = quant.dequantize(kq, k_lay), quant.dequantize(vq, v_lay)
+    torch.testing.assert_close(got, paged_attention(query, kd, vd, table, lengths))
+    assert not torch.allclose(got, paged_attention(query, k, v, table, lengths), atol=1e-3)
+
+
+def test_lse_merges_two_parts_of_the_keys_into_the_whole() -> None:
+    """``return_lse``: attention over two disjoint slot sets, merged by their log-sum-exps,
+    equals attention over all slots (how KVCache.attend adds KIVI's residual window)."""
+    gen = torch.Generator().manual_seed(5)
+    k, v, table, lengths = _paged(gen, 2, 2, 32, 8, [21, 9, 40, 1])
+    query = torch.randn(2, 4, 1, 32, generator=gen)
+    bias = torch.rand(k.shape[0] * 8, generator=gen)
+    part = torch.rand(k.shape[0] * 8, generator=gen) > 0.5
+    whole = paged_attention(query, k, v, table, lengths, slot_bias=bias)
+    o1, l1 = paged_attention(
+        query, k, v, table, lengths, slot_bias=bias, slot_valid=part, return_lse=True
+    )
+    o2, l2 = paged_attention(
+        query, k, v, table, lengths, slot_bias=bias, slot_valid=~part, return_lse=True
+    )
+    lse = torch.logaddexp(l1, l2)
+    merged = (l1 - lse).exp()[..., None] * o1 + (l2 - lse).exp()[..., None] * o2
+    torch.testing.assert_close(merged, whole)
+    _, full_lse = paged_attention(query, k, v, table, lengths, slot_bias=bias, return_lse=True)
+    torch.testing.assert_close(lse, full_lse)
+    # a row with no visible key: zeros and -inf
+    none = torch.zeros_like(part)
+    o, lse0 = paged_attention(query, k, v, table, lengths, slot_valid=none, return_lse=True)
+    assert (o == 0).all() and (lse0 == float("-inf")).all()

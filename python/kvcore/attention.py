@@ -1,21 +1,76 @@
-"""Paged attention in plain torch: the CPU path and the reference for the CUDA kernels.
+"""Paged attention in plain torch: the CPU path of the cache and the reference of the CUDA kernel.
+
+:func:`paged_attention` is the one torch reference of ``kvcore.kernels.decode_attention``
+(``cuda/decode_attention.cu``): the dispatcher runs it whenever the kernel does not (CPU
+tensors, no CuPy, unsupported shapes), ``KVCache.attend`` reaches it through the dispatcher,
+and the kernel tests compare against it.
 
 It reads K and V straight from the paged pools through one block table per
 (sequence, kv-head) stream, so every head of every sequence may hold a different number of
-tokens (ragged per-head budgets). The tokens of the current step are passed densely and are
-attended causally after the stored prefix::
+tokens (ragged per-head budgets). The step's own tokens are already stored, at the end of
+each stream, and are attended causally::
 
-    stream (b, h):  pages of the prefix (length lengths[b, h])   | new chunk (q tokens)
-                    block_table[b*H + h] -> slots, masked >= len   | causal, masked by new_valid
+    stream b*H + h:  block_table[b*H + h, j // block_size] -> block; slot = block*bs + j % bs
+    query token t of a chunk of q sees stored tokens [0, lengths[b*H + h] - q + t + 1)
 
-Nothing is copied into a contiguous cache: the gather ``pool[block_table]`` reads pages.
+Only the pages of the block table are gathered (and dequantized, for quantized pages); no
+contiguous cache is kept.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal, overload
+
 import torch
 
+if TYPE_CHECKING:
+    from kvcore._kvcore import QuantLayout
+
 __all__ = ["paged_attention"]
+
+
+def _pages(pool: torch.Tensor, table: torch.Tensor, layout: QuantLayout | None) -> torch.Tensor:
+    """The pages of ``table`` ``(S, W)`` -> ``(S, W, block_size, D)`` float32."""
+    pages = pool[table]
+    if layout is None:
+        return pages.float()
+    from kvcore import quant
+
+    return quant.dequantize(pages, layout)
+
+
+@overload
+def paged_attention(
+    query: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    slot_bias: torch.Tensor | None = ...,
+    slot_valid: torch.Tensor | None = ...,
+    scaling: float | None = ...,
+    k_layout: QuantLayout | None = ...,
+    v_layout: QuantLayout | None = ...,
+    return_lse: Literal[False] = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def paged_attention(
+    query: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    slot_bias: torch.Tensor | None = ...,
+    slot_valid: torch.Tensor | None = ...,
+    scaling: float | None = ...,
+    k_layout: QuantLayout | None = ...,
+    v_layout: QuantLayout | None = ...,
+    return_lse: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def paged_attention(
@@ -25,83 +80,76 @@ def paged_attention(
     block_table: torch.Tensor,
     lengths: torch.Tensor,
     *,
-    slot_valid: torch.Tensor | None = None,
-    new_keys: torch.Tensor | None = None,
-    new_values: torch.Tensor | None = None,
-    new_valid: torch.Tensor | None = None,
-    scaling: float | None = None,
     slot_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Attention of ``query`` over paged prefixes plus an optional dense causal chunk.
+    slot_valid: torch.Tensor | None = None,
+    scaling: float | None = None,
+    k_layout: QuantLayout | None = None,
+    v_layout: QuantLayout | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of a chunk of ``q`` query tokens over paged streams (float32 softmax).
 
     Args:
-        query: ``(B, Hq, q, D)`` float; ``Hq`` a multiple of ``H`` (GQA).
-        k_pool, v_pool: ``(num_blocks, block_size, D)`` float, the pools (same dtype as
-            ``query``).
+        query: ``(B, Hq, q, D)`` float16, bfloat16 or float32; ``Hq`` a multiple of ``H``
+            (GQA: query head ``j`` reads kv head ``j // (Hq / H)``).
+        k_pool, v_pool: ``(num_blocks, block_size, D)`` float pools, or
+            ``(num_blocks, layout.nbytes)`` uint8 quantized pages (one block of
+            ``layout.num_tokens = block_size`` tokens per page) with ``k_layout`` /
+            ``v_layout`` (docs/layouts.md).
         block_table: ``(B * H, W)`` int64 block ids per stream ``b * H + h``; padded with
             block 0.
-        lengths: ``(B * H,)`` int64 stored prefix length of each stream.
-        slot_valid: optional ``(num_blocks * block_size,)`` bool; False slots (padding tokens)
-            are masked out.
-        new_keys, new_values: optional ``(B, H, q, D)`` the current chunk, attended causally.
-        new_valid: optional ``(B, q)`` bool, False for padding tokens of the chunk.
+        lengths: ``(B * H,)`` int64 stored tokens per stream, the chunk's own included.
+        slot_bias: optional ``(num_slots,)`` float32 added to each slot's logit (the
+            log-count of merged slots); ``-inf`` masks a slot.
+        slot_valid: optional ``(num_slots,)`` bool, False masks a slot (padding tokens).
         scaling: softmax scale, default ``D ** -0.5``.
-        slot_bias: optional ``(num_blocks * block_size,)`` float added to the logits of each
-            stored slot (the log-count bias of merged slots; 0 for plain slots).
+        k_layout, v_layout: the page layouts of quantized pools (None: float pools).
+        return_lse: also return the log-sum-exp of each row's scaled, biased logits.
 
     Returns:
-        ``(B, q, Hq, D)`` in ``query``'s dtype (the layout HF attention functions return).
-        A query row with no visible key (a padding token) gets zeros.
+        ``(B, q, Hq, D)`` in ``query``'s dtype (the layout HF attention functions return);
+        a row with no visible key gets zeros. With ``return_lse``, also ``(B, q, Hq)``
+        float32 (``-inf`` for a row with no visible key), to merge with another part of the
+        keys (``out = sum_i exp(lse_i - lse) * out_i`` with ``lse = logaddexp(lse_i)``).
+
+    Raises:
+        ValueError: block table rows and query heads that do not match the batch.
     """
     b_sz, hq, q_len, d = query.shape
     n_streams, width = block_table.shape
-    if n_streams % b_sz:
-        raise ValueError(f"block_table has {n_streams} rows, not a multiple of batch {b_sz}")
+    if n_streams % b_sz or hq % max(n_streams // b_sz, 1):
+        raise ValueError(
+            f"block_table rows ({n_streams}) and query heads ({hq}) do not match batch {b_sz}"
+        )
     h = n_streams // b_sz
-    if hq % h:
-        raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({h})")
     group = hq // h
-    bs = k_pool.shape[1]
+    kp = _pages(k_pool, block_table, k_layout)
+    vp = _pages(v_pool, block_table, v_layout)
+    bs = kp.shape[2]
     scale = d**-0.5 if scaling is None else scaling
-
-    # Pages -> (B, H, W * block_size, D): a gather by block id, no contiguous cache kept.
-    keys = k_pool[block_table].reshape(b_sz, h, width * bs, d)
-    values = v_pool[block_table].reshape(b_sz, h, width * bs, d)
-    idx = torch.arange(width * bs, device=query.device)
-    mask = (idx[None, :] < lengths[:, None]).reshape(b_sz, h, 1, width * bs)
-    slots = (block_table[:, :, None] * bs + torch.arange(bs, device=query.device)).reshape(
-        b_sz, h, width * bs
-    )
+    dev = query.device
+    keys = kp.reshape(b_sz, h, width * bs, d)
+    values = vp.reshape(b_sz, h, width * bs, d)
+    idx = torch.arange(width * bs, device=dev)
+    t = torch.arange(q_len, device=dev)
+    limit = lengths.reshape(b_sz, h, 1, 1) - q_len + t.reshape(1, 1, q_len, 1) + 1
+    mask = idx.reshape(1, 1, 1, -1) < limit
+    slots = (block_table[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(b_sz, h, 1, -1)
+    bias = torch.zeros(b_sz, h, 1, width * bs, device=dev)
     if slot_valid is not None:
-        mask = mask & slot_valid[slots].reshape(b_sz, h, 1, width * bs)
-    bias = None
+        mask = mask & slot_valid.bool()[slots]
     if slot_bias is not None:
-        bias = slot_bias[slots].reshape(b_sz, h, 1, width * bs).float()
-    mask = mask.expand(b_sz, h, q_len, width * bs)
-
-    if new_keys is not None and new_values is not None:
-        causal = torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril()
-        nmask = causal.expand(b_sz, h, q_len, q_len)
-        if new_valid is not None:
-            nmask = nmask & new_valid[:, None, None, :]
-        keys = torch.cat([keys, new_keys], dim=2)
-        values = torch.cat([values, new_values], dim=2)
-        mask = torch.cat([mask, nmask], dim=3)
-        if bias is not None:
-            bias = torch.cat([bias, bias.new_zeros(b_sz, h, 1, q_len)], dim=3)
-
-    # GQA: query head j reads kv head j // group. float32 for a precise reference.
-    keys = keys.repeat_interleave(group, dim=1).float()
-    values = values.repeat_interleave(group, dim=1).float()
+        bias = slot_bias.float()[slots]
+        mask = mask & (bias > float("-inf"))
+    keys = keys.repeat_interleave(group, dim=1)
+    values = values.repeat_interleave(group, dim=1)
     mask = mask.repeat_interleave(group, dim=1)
-    if bias is not None:
-        attn_mask = bias.repeat_interleave(group, dim=1).expand_as(mask)
-        attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
-    else:
-        attn_mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.float(), keys, values, attn_mask=attn_mask, scale=scale
-    )
-    out = torch.nan_to_num(out, nan=0.0).to(query.dtype)  # rows with no visible key
-    return out.transpose(1, 2).contiguous()
+    bias = bias.repeat_interleave(group, dim=1)
+    logits = (query.float() * scale) @ keys.transpose(-1, -2) + bias
+    logits = logits.masked_fill(~mask, float("-inf"))
+    p = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
+    out = (p @ values).to(query.dtype).transpose(1, 2).contiguous()
+    if not return_lse:
+        return out
+    lse = torch.logsumexp(logits, dim=-1).transpose(1, 2).contiguous()
+    return out, lse

@@ -9,7 +9,9 @@ stream can hold a different number of tokens and evicting a head's tokens frees 
     per slot   : slot_pos (int64 sequence index), slot_valid (bool, False for padding),
                  slot_score (float32, accumulated attention), slot_count (float32, tokens a
                  merged slot stands for) -- moved with K/V by compaction
-    kv_format      : "int8" / "int4" / "int2" pools hold one quantized token per slot (uint8)
+    kv_format      : "int8" / "int4" / "int2" pools hold one quantized layout block per page
+                     ((num_blocks, layout.nbytes) uint8, docs/cache.md); "kivi2" / "kivi4":
+                     sealed pages per channel (K) / per token (V), open pages in res_k / res_v
 
 Steps. ``update(layer, k, v)`` appends the step's tokens and returns what dense attention reads.
 Compression of layer ``l`` for step ``t`` is decided by the :class:`Schedule` and runs *after*
@@ -35,12 +37,11 @@ import numpy as np
 import torch
 
 from kvcore._kvcore import BlockAllocator, MergePlan, OutOfBlocksError, QuantLayout
-from kvcore.attention import paged_attention
 from kvcore.scoring import RegistryPolicy, ScoreInputs, TorchPolicy
 
 __all__ = ["KVCache", "Schedule", "rotate_keys"]
 
-_BITS = {"native": 0, "int8": 8, "int4": 4, "int2": 2}
+_BITS = {"native": 0, "int8": 8, "int4": 4, "int2": 2, "kivi2": 2, "kivi4": 4}
 _MERGES = (None, "ems", "kvmerger", "cam")
 
 
@@ -149,11 +150,16 @@ class KVCache:
             layer), needed by ``positions="compact"``.
         scaling: attention softmax scale for scoring (default ``head_dim ** -0.5``).
         kv_format: ``"native"`` (the pools hold ``dtype`` vectors) or ``"int8"``, ``"int4"``,
-            ``"int2"``: every slot holds one quantized token of issue 4's layout
-            ``QuantLayout(bits, quant_group, 1, head_dim, "channel", "float16")`` (packed
-            codes, then one float16 scale and zero point per group), written by
-            :func:`kvcore.quant.quantize` and dequantized to ``dtype`` when read.
-        quant_group: channels per quantization group (default ``min(32, head_dim)``).
+            ``"int2"``: every page is one block of issue 4's layout
+            ``QuantLayout(bits, quant_group, block_size, head_dim, "channel", "float16")``
+            (packed codes, then one float16 scale and zero point per group); a token is
+            encoded alone (:func:`kvcore.kernels.quantize`) and its codes and metadata are
+            scattered into its page, and it is dequantized to ``dtype`` when read.
+            ``"kivi2"``, ``"kivi4"``: KIVI (docs/cache.md): full pages sealed, keys per channel
+            (``QuantLayout(bits, block_size, block_size, head_dim, "token")``), values per
+            token; each stream's open last page in ``dtype`` in a residual buffer.
+        quant_group: channels per quantization group (default ``min(32, head_dim)``; KIVI:
+            of the values).
         merge: None (evicted tokens are dropped) or a method that folds the tokens the
             policy evicts into the kept ones (the kept set, hence every budget, is the
             policy's; docs/merging.md):
@@ -237,13 +243,37 @@ class KVCache:
                 f"kv_format must be one of {', '.join(map(repr, _BITS))}, got {kv_format!r}"
             )
         self.kv_format = kv_format
-        self.layout: QuantLayout | None = None
-        if kv_format != "native":
+        self.layout: QuantLayout | None = None  # int pages: (block_size, head_dim) tokens
+        self.token_layout: QuantLayout | None = None  # one token of a page, as it is encoded
+        self.kivi = kv_format.startswith("kivi")
+        # The page layouts attention reads (None: pages of dtype values).
+        self.k_layout: QuantLayout | None = None
+        self.v_layout: QuantLayout | None = None
+        if self.kivi:
+            g = min(32, head_dim) if quant_group is None else quant_group
+            if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+                raise ValueError(f"quant_group must be an int >= 1, got {quant_group!r}")
+            bits = _BITS[kv_format]
+            if block_size * bits % 8:
+                raise ValueError(
+                    f"{kv_format}: keys are quantized per channel in groups of block_size "
+                    f"tokens, so block_size * {bits} bits must be whole bytes (block_size a "
+                    f"multiple of {8 // bits}), got block_size={block_size}"
+                )
+            # Keys: per channel, one group of block_size tokens per channel and page (KIVI's
+            # R = G = block_size); values: per token, groups of quant_group channels.
+            self.k_layout = QuantLayout(bits, block_size, block_size, head_dim, "token", "float16")
+            self.v_layout = QuantLayout(bits, g, block_size, head_dim, "channel", "float16")
+        elif kv_format != "native":
             g = min(32, head_dim) if quant_group is None else quant_group
             if not isinstance(g, int) or isinstance(g, bool) or g < 1:
                 raise ValueError(f"quant_group must be an int >= 1, got {quant_group!r}")
             # QuantLayout raises ValueError naming the broken rule (divides D, whole bytes).
-            self.layout = QuantLayout(_BITS[kv_format], g, 1, head_dim, "channel", "float16")
+            self.token_layout = QuantLayout(_BITS[kv_format], g, 1, head_dim, "channel", "float16")
+            self.layout = QuantLayout(
+                _BITS[kv_format], g, block_size, head_dim, "channel", "float16"
+            )
+            self.k_layout = self.v_layout = self.layout
         elif quant_group is not None:
             raise ValueError("quant_group needs a quantized kv_format")
         if merge not in _MERGES:
@@ -345,9 +375,11 @@ class KVCache:
 
     def _init(self, batch: int, first_len: int) -> None:
         streams = batch * self.num_layers * self.num_kv_heads
-        block_bytes = 2 * self.block_size * self.slot_bytes
+        block_bytes = self.page_bytes
+        # KIVI: one full-precision residual page (K and V) per stream besides the pools
+        res_bytes = streams * self.residual_page_bytes
         if self._capacity_bytes is not None:
-            blocks_per_stream = (self._capacity_bytes // block_bytes - 1) // streams
+            blocks_per_stream = ((self._capacity_bytes - res_bytes) // block_bytes - 1) // streams
             if blocks_per_stream < 1:
                 raise ValueError(
                     f"capacity_bytes={self._capacity_bytes} holds less than one block "
@@ -371,14 +403,28 @@ class KVCache:
         # Normal tensors even when the first update runs under torch.inference_mode():
         # inference tensors could not be updated in place by a later call made outside it.
         with torch.inference_mode(False):
-            if self.layout is None:
+            if self.k_layout is not None and self.v_layout is not None:
+                # one quantized layout block (codes, float16 scales, zeros) per page
+                self.k_pool = torch.zeros(
+                    num_blocks, self.k_layout.nbytes, dtype=torch.uint8, device=self.device
+                )
+                self.v_pool = torch.zeros(
+                    num_blocks, self.v_layout.nbytes, dtype=torch.uint8, device=self.device
+                )
+            else:
                 shape = (num_blocks, self.block_size, self.head_dim)
                 self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            else:  # one quantized token (codes + float16 scales and zeros) per slot
-                shape = (num_blocks, self.block_size, self.layout.nbytes)
-                self.k_pool = torch.zeros(shape, dtype=torch.uint8, device=self.device)
-                self.v_pool = torch.zeros(shape, dtype=torch.uint8, device=self.device)
+            if self.kivi:
+                # KIVI's residual window: each stream's open (not yet full) page, K and V in
+                # dtype, one row per stream (b, l, h); block_row[block] is the row holding an
+                # open page, -1 for a sealed (quantized) one.
+                res = (streams, self.block_size, self.head_dim)
+                self.res_k = torch.zeros(res, dtype=self.dtype, device=self.device)
+                self.res_v = torch.zeros(res, dtype=self.dtype, device=self.device)
+                self.block_row = torch.full(
+                    (num_blocks,), -1, dtype=torch.int64, device=self.device
+                )
             self.slot_pos = torch.zeros(n_slots, dtype=torch.int64, device=self.device)
             self.slot_valid = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
             self.slot_score = torch.zeros(n_slots, dtype=torch.float32, device=self.device)
@@ -394,49 +440,285 @@ class KVCache:
     # ------------------------------------------------------------------ slot storage
 
     @property
-    def slot_bytes(self) -> int:
-        """Bytes of one token of one head in a pool (K or V): ``head_dim`` values of
-        ``dtype``, or the quantized layout's exact ``nbytes``."""
-        if self.layout is not None:
-            return int(self.layout.nbytes)
-        return self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+    def page_bytes(self) -> int:
+        """Bytes of one block in the K pool plus the V pool: ``2 * block_size * head_dim``
+        values of ``dtype``, or the page layouts' exact ``nbytes`` (docs/layouts.md)."""
+        if self.k_layout is not None and self.v_layout is not None:
+            return int(self.k_layout.nbytes) + int(self.v_layout.nbytes)
+        return 2 * self.block_size * self.head_dim * self._elt()
+
+    @property
+    def residual_page_bytes(self) -> int:
+        """KIVI: bytes of one stream's full-precision residual page, K and V (0 otherwise)."""
+        return 2 * self.block_size * self.head_dim * self._elt() if self.kivi else 0
+
+    def _elt(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+    def _regions(self) -> list[tuple[int, int, int]]:
+        """Where one token's bytes lie in a quantized page, as ``(page offset, offset in the
+        token's own one-token block, width)`` for its codes, its scales and its zero points.
+
+        With axis ``"channel"`` every group lies inside one token, so token ``o`` of a page
+        owns three contiguous byte ranges, each ``o * width`` past the start of its region::
+
+            page:  | codes: tok 0 | tok 1 | ... | pad | scales: tok 0 | tok 1 | ... | zeros: ...
+                     <-- cb -->                         <-- sb -->
+            token: | codes (cb) | pad | scales (sb) | zeros (sb) |   (QuantLayout(.., 1, D, ..))
+        """
+        page, tok = self.layout, self.token_layout
+        assert page is not None and tok is not None
+        cb = int(tok.codes_bytes)
+        sb = int(tok.zeros_offset) - int(tok.scales_offset)
+        return [
+            (0, 0, cb),
+            (int(page.scales_offset), int(tok.scales_offset), sb),
+            (int(page.zeros_offset), int(tok.zeros_offset), sb),
+        ]
+
+    def _slot_views(self, pool: torch.Tensor) -> list[tuple[torch.Tensor, int, int]]:
+        """Per-slot byte views of a pool: ``(view, token offset, width)``, each view
+        ``(num_blocks, block_size, width)`` over the pool's storage (strided for quantized
+        pages), so ``view[block, offset]`` is one slot's piece."""
+        if self.layout is None:
+            return [(pool, 0, pool.shape[-1])]
+        bs = self.block_size
+        return [
+            (pool[:, po : po + bs * w].view(pool.shape[0], bs, w), to, w)
+            for po, to, w in self._regions()
+        ]
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, D)`` vectors -> what a pool slot stores (quantized bytes when quantized)."""
-        if self.layout is None:
+        """``(N, D)`` vectors -> what one slot stores: ``dtype`` values, or one one-token
+        block of ``token_layout`` (bytes identical to the token's piece of its page)."""
+        if self.token_layout is None:
             return x.to(self.dtype)
-        from kvcore.quant import quantize
+        from kvcore import kernels
 
-        return quantize(x.reshape(-1, 1, self.head_dim), self.layout)
+        return kernels.quantize(x.reshape(-1, 1, self.head_dim).contiguous(), self.token_layout)
+
+    def _put(self, pool: torch.Tensor, slots: torch.Tensor, enc: torch.Tensor) -> None:
+        """Stores :meth:`_encode`'s ``(N, ...)`` rows at ``slots``."""
+        bs = self.block_size
+        b, o = slots // bs, slots % bs
+        for view, to, w in self._slot_views(pool):
+            view[b, o] = enc[:, to : to + w]
+
+    def _get(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """What ``slots`` store, as :meth:`_encode` wrote it (one-token blocks when quantized;
+        the padding between codes and scales is zero, as the encoder writes it)."""
+        if self.layout is None:
+            return pool.view(-1, pool.shape[-1])[slots]
+        assert self.token_layout is not None
+        bs = self.block_size
+        b, o = slots // bs, slots % bs
+        out = torch.zeros(
+            len(slots), self.token_layout.nbytes, dtype=torch.uint8, device=pool.device
+        )
+        for view, to, w in self._slot_views(pool):
+            out[:, to : to + w] = view[b, o]
+        return out
 
     def _read(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` vectors in ``dtype`` of the given slots (dequantized when quantized)."""
-        flat = pool.view(-1, pool.shape[-1])[slots]
-        if self.layout is None:
-            return flat
-        from kvcore.quant import dequantize
+        if self.kivi:
+            return self._kivi_read(pool, slots)
+        raw = self._get(pool, slots)
+        if self.token_layout is None:
+            return raw
+        from kvcore import kernels
 
-        return dequantize(flat, self.layout).reshape(-1, self.head_dim).to(self.dtype)
+        out = kernels.dequantize(raw.contiguous(), self.token_layout, torch.float32)
+        return out.reshape(-1, self.head_dim).to(self.dtype)
 
     def _write(self, pool: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
-        pool.view(-1, pool.shape[-1])[slots] = self._encode(x)
+        """Stores ``(N, D)`` vectors at ``slots`` (encoded as the format says)."""
+        if self.kivi:
+            self._kivi_write(pool, slots, x)
+            return
+        self._put(pool, slots, self._encode(x))
+
+    # ------------------------------------------------------------------ KIVI storage
+    #
+    # A stream's full pages are sealed: keys one QuantLayout(bits, bs, bs, D, "token") block
+    # (per channel, one group of bs tokens), values one QuantLayout(bits, G, bs, D, "channel")
+    # block (per token). Its last page, while not full, is open: its K and V live in dtype in
+    # the stream's residual row (block_row[block] = row). A page is sealed when it fills up.
+    # After a compaction or a restore, a stream's last page may be sealed with fewer tokens
+    # (its tail slots hold stale tokens, never read); the next update reads its tokens back
+    # (dequantized) and reopens it.
+
+    def _kivi_side(self, pool: torch.Tensor) -> tuple[QuantLayout, torch.Tensor]:
+        if pool is self.k_pool:
+            assert self.k_layout is not None
+            return self.k_layout, self.res_k
+        assert self.v_layout is not None
+        return self.v_layout, self.res_v
+
+    def _kivi_read(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        from kvcore import kernels
+
+        layout, res = self._kivi_side(pool)
+        bs = self.block_size
+        blocks, off = slots // bs, slots % bs
+        row = self.block_row[blocks]
+        out = torch.empty(len(slots), self.head_dim, dtype=self.dtype, device=self.device)
+        is_open = row >= 0
+        out[is_open] = res[row[is_open], off[is_open]]
+        sealed = ~is_open
+        if bool(sealed.any()):
+            # a key group spans the whole page: dequantize each page read once
+            pages, inv = torch.unique(blocks[sealed], return_inverse=True)
+            dense = kernels.dequantize(pool[pages].contiguous(), layout, torch.float32)
+            out[sealed] = dense[inv, off[sealed]].to(self.dtype)
+        return out
+
+    def _kivi_write(self, pool: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Writes tokens into their pages: an open page's residual row directly; a sealed
+        page is re-sealed from its dequantized tokens with the new ones in place (one more
+        rounding of the page's other tokens: their groups change)."""
+        from kvcore import kernels
+
+        layout, res = self._kivi_side(pool)
+        bs = self.block_size
+        blocks, off = slots // bs, slots % bs
+        row = self.block_row[blocks]
+        is_open = row >= 0
+        res[row[is_open], off[is_open]] = x[is_open].to(self.dtype)
+        sealed = ~is_open
+        if bool(sealed.any()):
+            pages, inv = torch.unique(blocks[sealed], return_inverse=True)
+            dense = kernels.dequantize(pool[pages].contiguous(), layout, torch.float32)
+            dense[inv, off[sealed]] = x[sealed].float()
+            pool[pages] = kernels.quantize(dense, layout)
+
+    def _kivi_stage(
+        self, tables: np.ndarray, prev: np.ndarray, k: torch.Tensor, v: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Everything an update writes, computed before the allocator appends anything (so a
+        rejected step changes nothing): the pages the step fills, sealed, and the new open
+        pages.
+
+        Per stream ``s`` with ``r = prev % bs`` tokens in its last page::
+
+            work[s] = | the r tokens of the last page | the q new tokens | ...
+                      |<-- page 0 -->|<-- page 1 -->| ...   pages k < (r + q) // bs are full
+        """
+        from kvcore import kernels
+
+        if not bool(torch.isfinite(k).all()) or not bool(torch.isfinite(v).all()):
+            raise ValueError("input contains a non-finite value (NaN or inf)")
+        assert self.k_layout is not None and self.v_layout is not None
+        bs, d, dev = self.block_size, self.head_dim, self.device
+        n_s, q = k.shape[0], k.shape[1]
+        r = torch.from_numpy(prev % bs).to(dev)
+        num_pages = int((r + q).max()) // bs + 1
+        works = []
+        tail_slots = None
+        if int(r.max()) > 0:
+            bt = torch.from_numpy(self._block_table(tables)).to(dev)
+            j = torch.arange(bs, device=dev)
+            has = j[None, :] < r[:, None]
+            col = torch.from_numpy(prev // bs).to(dev).clamp(max=bt.shape[1] - 1)
+            last = bt.gather(1, col[:, None])
+            tail_slots = (last * bs + j[None, :])[has]
+        for pool, x in ((self.k_pool, k), (self.v_pool, v)):
+            w = torch.zeros(n_s, num_pages * bs, d, dtype=self.dtype, device=dev)
+            if tail_slots is not None:
+                j = torch.arange(bs, device=dev)
+                has = j[None, :] < r[:, None]
+                w[:, :bs][has] = self._kivi_read(pool, tail_slots)
+            cols = r[:, None] + torch.arange(q, device=dev)[None, :]
+            w[torch.arange(n_s, device=dev)[:, None], cols] = x.to(self.dtype)
+            works.append(w.view(n_s, num_pages, bs, d))
+        full = (r + q) // bs
+        page_mask = torch.arange(num_pages, device=dev)[None, :] < full[:, None]
+        rows = torch.arange(n_s, device=dev)
+        sealed_k = sealed_v = torch.empty(0, dtype=torch.uint8, device=dev)
+        if bool(page_mask.any()):
+            sealed_k = kernels.quantize(works[0][page_mask].contiguous(), self.k_layout)
+            sealed_v = kernels.quantize(works[1][page_mask].contiguous(), self.v_layout)
+        return {
+            "full": full,
+            "page_mask": page_mask,
+            "k_sealed": sealed_k,
+            "v_sealed": sealed_v,
+            "k_open": works[0][rows, full],
+            "v_open": works[1][rows, full],
+            "has_open": (r + q) % bs > 0,
+        }
+
+    def _block_table(self, tables: np.ndarray) -> np.ndarray:
+        """``(len(tables), W)`` int64 block ids of the streams (vLLM block table)."""
+        assert self.allocator is not None
+        bt, _, _ = self.allocator.vllm_layout(np.ascontiguousarray(tables))
+        return np.asarray(bt, dtype=np.int64)
+
+    def _kivi_commit(
+        self, layer: int, tables: np.ndarray, prev: np.ndarray, st: dict[str, torch.Tensor]
+    ) -> None:
+        """After the append: sealed pages into the pools, open pages into residual rows."""
+        bs, dev = self.block_size, self.device
+        bt = torch.from_numpy(self._block_table(tables)).to(dev)
+        base = torch.from_numpy(prev // bs).to(dev)
+        s_idx, k_idx = torch.nonzero(st["page_mask"], as_tuple=True)
+        if len(s_idx):
+            blocks = bt[s_idx, base[s_idx] + k_idx]
+            self.k_pool[blocks] = st["k_sealed"]
+            self.v_pool[blocks] = st["v_sealed"]
+            self.block_row[blocks] = -1
+        b, h = self.batch_size, self.num_kv_heads
+        rows = torch.arange(b * self.num_layers * h, device=dev).reshape(b, self.num_layers, h)
+        rows = rows[:, layer].reshape(-1)
+        o = torch.nonzero(st["has_open"], as_tuple=True)[0]
+        if len(o):
+            blocks = bt[o, base[o] + st["full"][o]]
+            self.res_k[rows[o]] = st["k_open"][o]
+            self.res_v[rows[o]] = st["v_open"][o]
+            self.block_row[blocks] = rows[o]
 
     # ------------------------------------------------------------------ sizes
 
     def memory_bytes(self) -> int:
-        """Bytes held by the K and V pool tensors (what the budget is measured against)."""
-        return int(
-            self.k_pool.numel() * self.k_pool.element_size()
-            + self.v_pool.numel() * self.v_pool.element_size()
-        )
+        """Bytes held by the K and V pool tensors (what the budget is measured against), and
+        for KIVI the full-precision residual pages."""
+        n = self.k_pool.nbytes + self.v_pool.nbytes
+        if self.kivi and self.allocator is not None:
+            n += self.res_k.nbytes + self.res_v.nbytes
+        return int(n)
 
     def used_bytes(self) -> int:
         """Bytes of K and V in blocks that streams hold now."""
         if self.allocator is None:
             return 0
         self.flush()
-        per_block = 2 * self.block_size * self.slot_bytes
-        return int(self.allocator.num_used_blocks) * per_block
+        if self.kivi:
+            return self._kivi_used_bytes()
+        return int(self.allocator.num_used_blocks) * self.page_bytes
+
+    def _kivi_used_bytes(self) -> int:
+        """Sealed pages at their layouts' bytes, open pages at their tokens' full-precision
+        bytes (``n // bs`` key and value pages plus ``n % bs`` tokens per stream, when each
+        stream's last page is open; KIVI's ``kivi_nbytes`` with ``R = G = block_size``, values
+        paged like the keys)."""
+        assert self.allocator is not None
+        bs = self.block_size
+        lens = self.lengths.reshape(-1)
+        tables = self.tables.reshape(-1)
+        bt = self.allocator.vllm_layout(tables)[0].astype(np.int64)
+        pages = -(-lens // bs)
+        row = self.block_row.cpu().numpy()
+        total = 0
+        tok = 2 * self.head_dim * self._elt()
+        for s_, n in enumerate(lens.tolist()):
+            if n == 0:
+                continue
+            last = int(bt[s_, pages[s_] - 1])
+            open_tail = row[last] >= 0
+            total += (pages[s_] - int(open_tail)) * self.page_bytes
+            if open_tail:
+                total += (n - (pages[s_] - 1) * bs) * tok
+        return int(total)
 
     def stored_lengths(self, layer_idx: int | None = None) -> np.ndarray:
         """Stored tokens per stream: ``(B, L, H)`` or ``(B, H)`` for one layer (padding
@@ -597,8 +879,14 @@ class KVCache:
         tables = self.tables[:, layer_idx].reshape(-1)
         prev = self.lengths[:, layer_idx].reshape(-1).copy()
         try:  # encode first: a value quantization rejects (NaN, inf) changes nothing
-            k_enc = self._encode(key_states.reshape(-1, self.head_dim))
-            v_enc = self._encode(value_states.reshape(-1, self.head_dim))
+            if self.kivi:
+                d = self.head_dim
+                staged = self._kivi_stage(
+                    tables, prev, key_states.reshape(-1, q, d), value_states.reshape(-1, q, d)
+                )
+            else:
+                k_enc = self._encode(key_states.reshape(-1, self.head_dim))
+                v_enc = self._encode(value_states.reshape(-1, self.head_dim))
         except Exception:
             if fresh:
                 self.allocator = None
@@ -620,8 +908,11 @@ class KVCache:
                 self.k_pool = self.v_pool = torch.empty(0)
             raise
         slots = torch.from_numpy(slots_np).to(self.device).reshape(b, self.num_kv_heads, q)
-        self.k_pool.view(-1, self.k_pool.shape[-1])[slots.reshape(-1)] = k_enc
-        self.v_pool.view(-1, self.v_pool.shape[-1])[slots.reshape(-1)] = v_enc
+        if self.kivi:
+            self._kivi_commit(layer_idx, tables, prev, staged)
+        else:
+            self._put(self.k_pool, slots.reshape(-1), k_enc)
+            self._put(self.v_pool, slots.reshape(-1), v_enc)
         pos = self._next_pos[layer_idx] + torch.arange(q, device=self.device)
         self.slot_pos[slots.reshape(-1)] = pos.expand(b, self.num_kv_heads, q).reshape(-1)
         v_mask = (
@@ -641,9 +932,6 @@ class KVCache:
             "q": q,
             "positions": pos,
             "valid": v_mask,
-            "prev_lengths": torch.from_numpy(prev),
-            "keys": key_states,
-            "values": value_states,
             "queries": qobs,
         }
         self._next_queries[layer_idx] = None
@@ -661,6 +949,11 @@ class KVCache:
     ) -> torch.Tensor:
         """Paged attention of the last step's queries of a layer (ragged heads, padding).
 
+        Runs :func:`kvcore.kernels.decode_attention` over the layer's pages (the CUDA kernel
+        on CUDA tensors with CuPy, else the torch reference
+        :func:`kvcore.attention.paged_attention`). The step's own tokens are read from the
+        pages like the prefix (quantized pages: as stored, i.e. quantized), causally.
+
         Args:
             query: ``(B, Hq, q, D)`` the step's (rotated) queries, ``q`` as in the last
                 :meth:`update` of the layer.
@@ -669,47 +962,121 @@ class KVCache:
 
         Returns:
             ``(B, q, Hq, D)``.
+
+        Raises:
+            ValueError: no :meth:`update` of this layer since its last attention or
+                compression, or a query of another batch or length than that step.
         """
         self._check_layer(layer_idx)
         st = self._step[layer_idx]
         if st is None or layer_idx not in self._pending:
             raise ValueError(f"attend({layer_idx}) must follow update({layer_idx}) of the step")
+        if (
+            not isinstance(query, torch.Tensor)
+            or query.ndim != 4
+            or query.shape[0] != self.batch_size
+            or query.shape[2] != st["q"]
+        ):
+            raise ValueError(
+                f"query must have shape ({self.batch_size}, num_q_heads, {st['q']}, "
+                f"{self.head_dim}) (the step of update({layer_idx})), got "
+                f"{tuple(getattr(query, 'shape', ()))}"
+            )
         assert self.allocator is not None
+        from kvcore import kernels
+
         tables = self.tables[:, layer_idx].reshape(-1)
-        prev = st["prev_lengths"]
-        assert isinstance(prev, torch.Tensor)
-        # Only the prefix's pages: the step's own tokens are passed densely.
-        width = -(-int(prev.max()) // self.block_size) if prev.numel() else 0
+        lens = self.lengths[:, layer_idx].reshape(-1)
+        # The step's tokens are already stored at the end of every stream: the kernel's
+        # contract (token t of a chunk of q sees stored tokens [0, len - q + t + 1)).
+        width = -(-int(lens.max()) // self.block_size) if lens.size else 0
         bt, _, _ = self.allocator.vllm_layout(tables)
         block_table = torch.from_numpy(bt[:, :width].astype(np.int64)).to(self.device)
         if slot_bias is None and self.logcount_bias:
             slot_bias = self.slot_count.log()
-        k_pool, v_pool, slot_valid = self.k_pool, self.v_pool, self.slot_valid
-        if self.layout is not None:
-            # Dequantize only the pages this step reads, into a small dense pool of
-            # (streams * width) blocks; the slot metadata is gathered the same way.
-            bs = self.block_size
-            pages = block_table.reshape(-1)
-            page_slots = (pages[:, None] * bs + torch.arange(bs, device=self.device)).reshape(-1)
-            k_pool = self._read(self.k_pool, page_slots).reshape(-1, bs, self.head_dim)
-            v_pool = self._read(self.v_pool, page_slots).reshape(-1, bs, self.head_dim)
-            slot_valid = self.slot_valid[page_slots]
-            if slot_bias is not None:
-                slot_bias = slot_bias[page_slots]
-            block_table = torch.arange(pages.numel(), device=self.device).reshape(block_table.shape)
-        return paged_attention(
+        lengths = torch.from_numpy(lens.astype(np.int64)).to(self.device)
+        if self.kivi:
+            return self._kivi_attend(query, block_table, lengths, layer_idx, slot_bias)
+        return kernels.decode_attention(
             query,
-            k_pool,
-            v_pool,
+            self.k_pool,
+            self.v_pool,
             block_table,
-            prev.to(self.device),
-            slot_valid=slot_valid,
-            new_keys=st["keys"],
-            new_values=st["values"],
-            new_valid=st["valid"],
-            scaling=self.scaling,
+            lengths,
             slot_bias=slot_bias,
+            slot_valid=self.slot_valid,
+            scaling=self.scaling,
+            k_layout=self.k_layout,
+            v_layout=self.v_layout,
         )
+
+    def _kivi_attend(
+        self,
+        query: torch.Tensor,
+        block_table: torch.Tensor,
+        lengths: torch.Tensor,
+        layer: int,
+        slot_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """KIVI attention: the sealed pages through the fused-dequantization path, the open
+        pages (residual rows) as a small dtype pool, merged by their log-sum-exps::
+
+            part 1: pools, k_layout (axis token) / v_layout; open pages' slots masked
+            part 2: pool = [zeros page, residual rows of the layer's streams]; stream s reads
+                    row s + 1 at its open page's column, the null page (masked) elsewhere
+        """
+        from kvcore import kernels
+
+        bs, dev = self.block_size, self.device
+        n_s = block_table.shape[0]
+        sealed_slot = (self.block_row < 0).repeat_interleave(bs)
+        o1, l1 = kernels.decode_attention(
+            query,
+            self.k_pool,
+            self.v_pool,
+            block_table,
+            lengths,
+            slot_bias=slot_bias,
+            slot_valid=self.slot_valid & sealed_slot,
+            scaling=self.scaling,
+            k_layout=self.k_layout,
+            v_layout=self.v_layout,
+            return_lse=True,
+        )
+        b, h = self.batch_size, self.num_kv_heads
+        rows = torch.arange(b * self.num_layers * h, device=dev).reshape(b, self.num_layers, h)
+        rows = rows[:, layer].reshape(-1)
+        row_of = self.block_row[block_table]  # (S, W)
+        mine = (row_of == rows[:, None]) & (block_table > 0)
+        small_table = torch.where(mine, torch.arange(1, n_s + 1, device=dev)[:, None], 0)
+        zero = torch.zeros(1, bs, self.head_dim, dtype=self.dtype, device=dev)
+        k_small = torch.cat([zero, self.res_k[rows]]).to(query.dtype)
+        v_small = torch.cat([zero, self.res_v[rows]]).to(query.dtype)
+        # the per-slot state of the open pages' slots, in the small pool's slot numbering
+        open_block = torch.where(mine, block_table, 0).amax(1)  # (S,) 0: no open page
+        src_slots = (open_block[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1)
+        valid = torch.cat(
+            [torch.zeros(bs, dtype=torch.bool, device=dev), self.slot_valid[src_slots]]
+        )
+        valid[bs:] &= (open_block > 0).repeat_interleave(bs)
+        bias = None
+        if slot_bias is not None:
+            bias = torch.cat([torch.zeros(bs, device=dev), slot_bias[src_slots].float()])
+        o2, l2 = kernels.decode_attention(
+            query,
+            k_small,
+            v_small,
+            small_table,
+            lengths,
+            slot_bias=bias,
+            slot_valid=valid,
+            scaling=self.scaling,
+            return_lse=True,
+        )
+        lse = torch.logaddexp(l1, l2)
+        w1 = torch.nan_to_num((l1 - lse).exp(), nan=0.0)[..., None]
+        w2 = torch.nan_to_num((l2 - lse).exp(), nan=0.0)[..., None]
+        return (w1 * o1.float() + w2 * o2.float()).to(query.dtype)
 
     # ------------------------------------------------------------------ gathers
 
@@ -920,9 +1287,9 @@ class KVCache:
         kept_pos = inp.positions.reshape(b * h, -1)[keep.reshape(b * h, -1)]
         src_np, dst_np, _ = self.allocator.compact_batch(tables, indptr, positions)
         if len(src_np):
-            self._move_slots(
-                torch.from_numpy(src_np).to(self.device), torch.from_numpy(dst_np).to(self.device)
-            )
+            src = torch.from_numpy(src_np).to(self.device)
+            dst = torch.from_numpy(dst_np).to(self.device)
+            self._move_slots(src, dst)
         self.lengths[:, layer] = counts.numpy().reshape(b, h)
         self.num_compressions += 1
         if self.positions == "compact":
@@ -931,27 +1298,35 @@ class KVCache:
     def _move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Applies a compaction plan: slot ``dst[i]`` takes what slot ``src[i]`` holds, in the
         K and V pools and in every per-slot state tensor (``slot_pos``, ``slot_valid``,
-        ``slot_score``, ``slot_count``), all in one :func:`kvcore.kernels.compact_pools` call
-        (one CUDA launch on CUDA with CuPy, the torch reference otherwise).
+        ``slot_score``, ``slot_count``).
 
         Args:
             src, dst: ``(num_moves,)`` int64 slots on the cache's device, as
                 ``BlockAllocator.compact_batch`` returns them (no move reads a slot that an
-                earlier move wrote).
+                earlier move wrote, so gathering every source first equals running the moves
+                in order).
 
-        The one place that knows how a slot's K/V bytes are laid out for compaction: a pool
-        row per slot (``(num_blocks, block_size, slot_bytes)``, native or quantized).
+        Native pages (one pool row per slot) move with the state tensors in one
+        :func:`kvcore.kernels.compact_pools` call (one CUDA launch on CUDA with CuPy, the torch
+        reference otherwise). A quantized token moves as its three pieces of the page (codes,
+        scales, zeros), never as a raw row of the page; KIVI reads every source (dequantized)
+        and patches and re-seals each destination page (or writes its residual row).
         """
         from kvcore import kernels
 
-        tensors = [
-            self.k_pool,
-            self.v_pool,
-            self.slot_pos,
-            self.slot_valid,
-            self.slot_score,
-            self.slot_count,
-        ]
+        tensors = [self.slot_pos, self.slot_valid, self.slot_score, self.slot_count]
+        if self.kivi:
+            k_src, v_src = self._read(self.k_pool, src), self._read(self.v_pool, src)
+            self._write(self.k_pool, dst, k_src)
+            self._write(self.v_pool, dst, v_src)
+        elif self.layout is not None:
+            bs = self.block_size
+            sb, so, db, do = src // bs, src % bs, dst // bs, dst % bs
+            for pool in (self.k_pool, self.v_pool):
+                for view, _, _ in self._slot_views(pool):
+                    view[db, do] = view[sb, so]
+        else:
+            tensors = [self.k_pool, self.v_pool, *tensors]
         indptr = torch.tensor([0, len(src)], dtype=torch.int64, device=src.device)
         kernels.compact_pools(
             tensors, [0] * len(tensors), src, dst, indptr, int(self.slot_pos.numel())
@@ -966,7 +1341,7 @@ class KVCache:
 
         assert self._rope is not None
         inv_freq = self._rope[layer]
-        if self.layout is None and self.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        if self.k_layout is None and self.dtype in (torch.float32, torch.float16, torch.bfloat16):
             kernels.rotate_slots(self.k_pool, slots, delta, inv_freq.to(self.device))
             return
         keys = self._read(self.k_pool, slots)

@@ -9,7 +9,7 @@
   records which new tokens are padding (from ``attention_mask``); a pre-hook on each attention
   module recomputes the rotated queries of the observation window for query-aware policies.
 * ``attn_implementation="kvcore"`` (registered with ``AttentionInterface``) runs
-  :func:`kvcore.attention.paged_attention` over the pages: ragged per-head budgets and padded
+  :func:`kvcore.kernels.decode_attention` over the pages: ragged per-head budgets and padded
   batches after eviction need it; ``"sdpa"`` and ``"eager"`` work while every stream of a layer
   has the same length and no padding token is stored after an eviction.
 

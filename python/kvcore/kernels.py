@@ -20,8 +20,11 @@ function                  kernel (``cuda/``)                          reference
 :func:`dequantize`        ``quant.cu`` ``kv_dequantize``              ``kvcore.quant.dequantize``
 :func:`apply_merge`       ``merge.cu``                                :func:`merge_reference`
 :func:`rotate_slots`      ``rope.cu``                                 :func:`rotate_reference`
-:func:`decode_attention`  ``decode_attention.cu`` (split-K)           :func:`attention_reference`
+:func:`decode_attention`  ``decode_attention.cu`` (split-K)           ``paged_attention``
 ========================  ==========================================  ==================
+
+``paged_attention`` is :func:`kvcore.attention.paged_attention`, the one torch reference of the
+attention (also the CPU path of ``KVCache.attend``).
 """
 
 from __future__ import annotations
@@ -30,17 +33,18 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast, overload
 
 import numpy as np
 import torch
+
+from kvcore.attention import paged_attention
 
 __all__ = [
     "KERNEL_FILES",
     "SOURCE_DIR",
     "apply_merge",
     "attention_defines",
-    "attention_reference",
     "compact_pools",
     "cupy_available",
     "decode_attention",
@@ -586,64 +590,6 @@ def rotate_slots(
 # 5. Decode attention
 
 
-def _pages(pool: torch.Tensor, layout: Layout | None, dtype: torch.dtype) -> torch.Tensor:
-    """Pool -> ``(num_blocks, block_size, D)`` float32 (dequantizing quantized pages)."""
-    if layout is None:
-        return pool.float()
-    from kvcore import quant
-
-    return quant.dequantize(pool, layout).float()  # type: ignore[arg-type]
-
-
-def attention_reference(
-    query: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    block_table: torch.Tensor,
-    lengths: torch.Tensor,
-    *,
-    slot_bias: torch.Tensor | None = None,
-    slot_valid: torch.Tensor | None = None,
-    scaling: float | None = None,
-    k_layout: Layout | None = None,
-    v_layout: Layout | None = None,
-) -> torch.Tensor:
-    """Torch reference of :func:`decode_attention` (float32 softmax)."""
-    b_sz, hq, q_len, d = query.shape
-    n_streams, width = block_table.shape
-    h = n_streams // b_sz
-    group = hq // h
-    kp = _pages(k_pool, k_layout, query.dtype)
-    vp = _pages(v_pool, v_layout, query.dtype)
-    bs = kp.shape[1]
-    scale = d**-0.5 if scaling is None else scaling
-    keys = kp[block_table].reshape(b_sz, h, width * bs, d)
-    values = vp[block_table].reshape(b_sz, h, width * bs, d)
-    idx = torch.arange(width * bs, device=query.device)
-    t = torch.arange(q_len, device=query.device)
-    # token t of the chunk sees stored tokens [0, len - q_len + t + 1)
-    limit = lengths.reshape(b_sz, h, 1, 1) - q_len + t.reshape(1, 1, q_len, 1) + 1
-    mask = idx.reshape(1, 1, 1, -1) < limit
-    slots = (block_table[:, :, None] * bs + torch.arange(bs, device=query.device)).reshape(
-        b_sz, h, 1, -1
-    )
-    logits_bias = torch.zeros(b_sz, h, 1, width * bs, device=query.device)
-    if slot_valid is not None:
-        mask = mask & slot_valid.bool()[slots]
-    if slot_bias is not None:
-        logits_bias = slot_bias.float()[slots]
-        mask = mask & (logits_bias > float("-inf"))
-    keys = keys.repeat_interleave(group, dim=1)
-    values = values.repeat_interleave(group, dim=1)
-    mask = mask.repeat_interleave(group, dim=1)
-    logits_bias = logits_bias.repeat_interleave(group, dim=1)
-    logits = (query.float() * scale) @ keys.transpose(-1, -2) + logits_bias
-    logits = logits.masked_fill(~mask, float("-inf"))
-    p = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
-    out = (p @ values).to(query.dtype)
-    return out.transpose(1, 2).contiguous()
-
-
 def attention_defines(
     dtype: torch.dtype,
     head_dim: int,
@@ -676,6 +622,44 @@ def attention_defines(
     return out
 
 
+@overload
+def decode_attention(
+    query: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    slot_bias: torch.Tensor | None = ...,
+    slot_valid: torch.Tensor | None = ...,
+    scaling: float | None = ...,
+    k_layout: Layout | None = ...,
+    v_layout: Layout | None = ...,
+    num_splits: int | None = ...,
+    out: torch.Tensor | None = ...,
+    return_lse: Literal[False] = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def decode_attention(
+    query: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    slot_bias: torch.Tensor | None = ...,
+    slot_valid: torch.Tensor | None = ...,
+    scaling: float | None = ...,
+    k_layout: Layout | None = ...,
+    v_layout: Layout | None = ...,
+    num_splits: int | None = ...,
+    out: torch.Tensor | None = ...,
+    return_lse: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def decode_attention(
     query: torch.Tensor,
     k_pool: torch.Tensor,
@@ -690,8 +674,12 @@ def decode_attention(
     v_layout: Layout | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of a few query tokens per sequence over the paged cache (split-K on CUDA).
+
+    The torch path (CPU, no CuPy, or a shape the kernel does not take) is
+    :func:`kvcore.attention.paged_attention`, the one reference of this kernel.
 
     The step's keys are already stored: token ``t`` of a chunk of ``q`` tokens sees stored
     tokens ``[0, len - q + t + 1)`` of its stream (``q = 1``: decode sees all of them)::
@@ -710,9 +698,12 @@ def decode_attention(
         scaling: softmax scale, default ``D ** -0.5``.
         num_splits: key splits per stream (CUDA only); default from the longest stream.
         out: optional preallocated ``(B, q, Hq, D)`` result (CUDA path).
+        return_lse: also return each row's log-sum-exp ``(B, q, Hq)`` float32 (``-inf``
+            for a row with no visible key), to merge with attention over other keys.
 
     Returns:
-        ``(B, q, Hq, D)`` in ``query``'s dtype; a row with no visible key is zeros.
+        ``(B, q, Hq, D)`` in ``query``'s dtype; a row with no visible key is zeros. With
+        ``return_lse``, the pair ``(out, lse)``.
     """
     b_sz, hq, q_len, d = query.shape
     n_streams, width = block_table.shape
@@ -728,11 +719,15 @@ def decode_attention(
         scaling=scaling,
         k_layout=k_layout,
         v_layout=v_layout,
+        return_lse=return_lse,
     )
     rows = group * q_len
     if not uses_kernel(query, k_pool, v_pool, block_table, lengths) or d % 32 or rows * d > 2048:
         # rows * d > 2048 would overflow the kernel's static shared memory: torch path
-        return attention_reference(query, k_pool, v_pool, block_table, lengths, **kw)
+        ref: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = paged_attention(
+            query, k_pool, v_pool, block_table, lengths, **kw
+        )
+        return ref
     dev = query.device
     for name, a in (("block_table", block_table), ("lengths", lengths)):
         if a.dtype != torch.int64:
@@ -768,6 +763,7 @@ def decode_attention(
             f"out must be {query.dtype} {(b_sz, q_len, hq, d)}, got {tuple(out.shape)}"
         )
     _check(dev, out=out)
+    lse = torch.empty(b_sz, q_len, hq, dtype=torch.float32, device=dev) if return_lse else None
     scale = d**-0.5 if scaling is None else scaling
     _launch(
         dev,
@@ -798,6 +794,8 @@ def decode_attention(
         "kv_decode_reduce",
         (n_streams * rows,),
         (min(d, 256),),
-        (_ptr(ws_acc), _ptr(ws_ml), _ptr(out), np.int32(num_splits), np.int64(h)),
+        (_ptr(ws_acc), _ptr(ws_ml), _ptr(out), _ptr(lse), np.int32(num_splits), np.int64(h)),
     )
+    if lse is not None:
+        return out, lse
     return out

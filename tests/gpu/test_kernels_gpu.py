@@ -35,6 +35,7 @@ if not (torch.cuda.is_available() and kernels.cupy_available()):
 
 import kvcore  # noqa: E402
 from kvcore import quant  # noqa: E402
+from kvcore.attention import paged_attention  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
@@ -203,7 +204,7 @@ def test_decode_attention(dtype: torch.dtype, head_dim: int, block_size: int, q_
     num_slots = k.shape[0] * block_size
     bias = torch.log(torch.randint(1, 6, (num_slots,), generator=gen).float())
     valid = torch.rand(num_slots, generator=gen) > 0.1
-    ref = kernels.attention_reference(query, k, v, table, lengths, slot_bias=bias, slot_valid=valid)
+    ref = paged_attention(query, k, v, table, lengths, slot_bias=bias, slot_valid=valid)
     rtol, atol = TOL[dtype]
     for splits in (1, 3, None):
         out = torch.full((b, q_len, h * group, head_dim), float("nan"), dtype=dtype, device=DEV)
@@ -219,6 +220,21 @@ def test_decode_attention(dtype: torch.dtype, head_dim: int, block_size: int, q_
             out=out,
         )
         torch.testing.assert_close(got.cpu(), ref, rtol=rtol, atol=atol)
+    # the row log-sum-exps (float32 both ways), used to merge KIVI's residual window
+    _, ref_lse = paged_attention(
+        query, k, v, table, lengths, slot_bias=bias, slot_valid=valid, return_lse=True
+    )
+    _, lse = kernels.decode_attention(
+        query.to(DEV),
+        k.to(DEV),
+        v.to(DEV),
+        table.to(DEV),
+        lengths.to(DEV),
+        slot_bias=bias.to(DEV),
+        slot_valid=valid.to(DEV),
+        return_lse=True,
+    )
+    torch.testing.assert_close(lse.cpu(), ref_lse, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -232,7 +248,7 @@ def test_decode_attention_quantized_pages(dtype: torch.dtype, bits: int) -> None
     v_lay = kvcore.QuantLayout(bits, 32, bs, d, "channel")  # KIVI values: per token
     kq, vq = quant.quantize(k, k_lay), quant.quantize(v, v_lay)
     query = _rand(gen, b, h * group, 1, d, dtype=dtype) * 0.3
-    ref = kernels.attention_reference(query, kq, vq, table, lengths, k_layout=k_lay, v_layout=v_lay)
+    ref = paged_attention(query, kq, vq, table, lengths, k_layout=k_lay, v_layout=v_lay)
     got = kernels.decode_attention(
         query.to(DEV),
         kq.to(DEV),
@@ -250,7 +266,7 @@ def test_long_context_split_k() -> None:
     gen = torch.Generator().manual_seed(11)
     k, v, table, lengths = _paged(gen, 1, 8, 128, 16, [32768] * 8, torch.float16)
     query = _rand(gen, 1, 32, 1, 128, dtype=torch.float16) * 0.3
-    ref = kernels.attention_reference(query, k, v, table, lengths)
+    ref = paged_attention(query, k, v, table, lengths)
     got = kernels.decode_attention(
         query.to(DEV), k.to(DEV), v.to(DEV), table.to(DEV), lengths.to(DEV)
     )

@@ -4,7 +4,8 @@
 //                      stream's tokens [s * split_len, (s+1) * split_len) page by page and
 //                      keeps, for each of its ROWS = KV_GROUP * KV_QLEN query rows, an online
 //                      softmax (max m, sum l, acc[D]) that it writes to the workspace;
-//   kv_decode_reduce   grid (B * H * ROWS): merges the splits of one row into the output.
+//   kv_decode_reduce   grid (B * H * ROWS): merges the splits of one row into the output
+//                      (and, optionally, the row's log-sum-exp).
 //
 // Rows: query head hq = h * KV_GROUP + r / KV_QLEN (GQA), query token t = r % KV_QLEN. The
 // step's keys are already stored: token t of a chunk of KV_QLEN sees stored tokens
@@ -184,10 +185,13 @@ extern "C" __global__ void __launch_bounds__(KV_WARPS * 32) kv_decode_partial(
 }
 
 // out: (B, KV_QLEN, Hq, KV_D) KV_DT; one CTA per (stream, row), threads over channels.
+// lse: optional (B, KV_QLEN, Hq) float32 (null: not written), the log-sum-exp of the row's
+// scaled, biased logits (-inf when no key is visible), so that a caller can merge this
+// attention with one over other keys (KIVI's full-precision residual window).
 extern "C" __global__ void kv_decode_reduce(const float* __restrict__ ws_acc,
                                             const float* __restrict__ ws_ml,
-                                            void* __restrict__ out, int num_splits,
-                                            kv_i64 num_kv_heads) {
+                                            void* __restrict__ out, float* __restrict__ lse,
+                                            int num_splits, kv_i64 num_kv_heads) {
     const kv_i64 stream = blockIdx.x / KV_ROWS;
     const int r = blockIdx.x % KV_ROWS;
     const kv_i64 b = stream / num_kv_heads, h = stream % num_kv_heads;
@@ -199,6 +203,17 @@ extern "C" __global__ void kv_decode_reduce(const float* __restrict__ ws_acc,
         mm = v > mm ? v : mm;
     }
     kv_i64 o = ((b * KV_QLEN + t) * num_q_heads + hq) * KV_D;
+    if (lse != nullptr && threadIdx.x == 0) {
+        float ll = 0.0f;
+        if (mm != KV_NEG_INF) {
+            for (int s = 0; s < num_splits; ++s) {
+                kv_i64 row = (stream * num_splits + s) * KV_ROWS + r;
+                float ms = ws_ml[row * 2];
+                ll += ms == KV_NEG_INF ? 0.0f : ws_ml[row * 2 + 1] * __expf(ms - mm);
+            }
+        }
+        lse[o / KV_D] = ll > 0.0f ? mm + logf(ll) : KV_NEG_INF;
+    }
     for (int c = threadIdx.x; c < KV_D; c += blockDim.x) {
         float ll = 0.0f, aa = 0.0f;
         if (mm != KV_NEG_INF) {
