@@ -40,6 +40,11 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def mib(x: int | None) -> float | None:
+    """Bytes -> MiB; None (a run from before the peak was recorded) stays None."""
+    return None if not x else x / 2**20
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The table of docs/benchmarks.md (tests/test_benchmarks_doc.py checks it against the
     JSON)."""
@@ -60,7 +65,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['method']} | {r['keep']} | {f(r['accuracy'], '.2f')} | "
             f"{f(r['passkey_accuracy'], '.2f')} | {r['kl']:.3f} | {r['top1']:.3f} | "
             f"{f(r.get('ppl'), '.2f')} | {r['kv_bytes'] / 2**20:.2f} | "
-            f"{r['kv_peak_bytes'] / 2**20:.2f} |"
+            f"{f(mib(r.get('kv_peak_bytes')), '.2f')} |"
         )
     return "\n".join(lines)
 

@@ -1,22 +1,38 @@
-"""docs/benchmarks.md quotes the committed quality JSON exactly (every row of its table)."""
+"""docs/benchmarks.md quotes the committed quality JSONs exactly (every row of each table)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
+# section heading prefix in docs/benchmarks.md -> the JSON its table quotes
+SECTIONS = {
+    "## Quality on the embedded model": "quality.json",
+    "## Quality at 2k and 4k tokens": "quality_long.json",
+    "## Storage variants": "quality_variants.json",
+}
 
-def test_quality_table_matches_the_json() -> None:
-    data = json.loads((ROOT / "bench" / "results" / "quality.json").read_text())
-    doc = (ROOT / "docs" / "benchmarks.md").read_text()
-    section = doc[doc.index("## Quality on the embedded model") :]
+
+def _table(section: str) -> dict[tuple[str, float], list[str]]:
     rows = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 8 and cells[0] not in ("method", "---"):
+        if len(cells) == 9 and cells[0] not in ("method",) and not cells[0].startswith("---"):
             rows[(cells[0], float(cells[1]))] = cells
+    return rows
+
+
+@pytest.mark.parametrize("heading", list(SECTIONS))
+def test_quality_table_matches_the_json(heading: str) -> None:
+    data = json.loads((ROOT / "bench" / "results" / SECTIONS[heading]).read_text())
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    section = doc[doc.index(heading) :]
+    nxt = section.find("\n## ", 1)
+    rows = _table(section if nxt < 0 else section[:nxt])
     assert len(rows) == len(data["summary"]), "the table must list every cell of the JSON"
 
     def fmt(x: float | None, spec: str) -> str:
@@ -27,6 +43,7 @@ def test_quality_table_matches_the_json() -> None:
         if "error" in r:
             assert cells[2].startswith("error"), r["method"]
             continue
+        peak = r.get("kv_peak_bytes")
         assert cells[2:] == [
             fmt(r["accuracy"], ".2f"),
             fmt(r["passkey_accuracy"], ".2f"),
@@ -34,4 +51,5 @@ def test_quality_table_matches_the_json() -> None:
             format(r["top1"], ".3f"),
             fmt(r.get("ppl"), ".2f"),
             format(r["kv_bytes"] / 2**20, ".2f"),
+            fmt(peak / 2**20 if peak else None, ".2f"),
         ], r["method"]
