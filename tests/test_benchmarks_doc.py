@@ -13,7 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {
     "## Quality on the embedded model": "quality.json",
     "## Quality at 2k and 4k tokens": "quality_long.json",
-    "## Storage variants": "quality_variants.json",
 }
 
 

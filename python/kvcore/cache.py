@@ -933,6 +933,9 @@ class KVCache:
             "positions": pos,
             "valid": v_mask,
             "queries": qobs,
+            # quantized pages: the chunk's own K/V in full precision, for attend's prefill
+            "keys": key_states if self.k_layout is not None else None,
+            "values": value_states if self.k_layout is not None else None,
         }
         self._next_queries[layer_idx] = None
         self._pending.add(layer_idx)
@@ -952,7 +955,9 @@ class KVCache:
         Runs :func:`kvcore.kernels.decode_attention` over the layer's pages (the CUDA kernel
         on CUDA tensors with CuPy, else the torch reference
         :func:`kvcore.attention.paged_attention`). The step's own tokens are read from the
-        pages like the prefix (quantized pages: as stored, i.e. quantized), causally.
+        pages like the prefix, causally; with quantized pages a prefill chunk (``q > 1``)
+        attends its own tokens in full precision and the stored prefix dequantized, while a
+        decode step reads everything as stored (the fused-dequantization path).
 
         Args:
             query: ``(B, Hq, q, D)`` the step's (rotated) queries, ``q`` as in the last
@@ -995,6 +1000,8 @@ class KVCache:
         if slot_bias is None and self.logcount_bias:
             slot_bias = self.slot_count.log()
         lengths = torch.from_numpy(lens.astype(np.int64)).to(self.device)
+        if self.k_layout is not None and int(st["q"]) > 1:
+            return self._chunk_attend(query, block_table, lengths, slot_bias, st)
         if self.kivi:
             return self._kivi_attend(query, block_table, lengths, layer_idx, slot_bias)
         return kernels.decode_attention(
@@ -1008,6 +1015,47 @@ class KVCache:
             scaling=self.scaling,
             k_layout=self.k_layout,
             v_layout=self.v_layout,
+        )
+
+    def _chunk_attend(
+        self,
+        query: torch.Tensor,
+        block_table: torch.Tensor,
+        lengths: torch.Tensor,
+        slot_bias: torch.Tensor | None,
+        st: dict[str, Any],
+    ) -> torch.Tensor:
+        """Attention of a prefill chunk over quantized pages: the stored prefix dequantized,
+        the chunk's own tokens in full precision (as given to :meth:`update`), so quantization
+        changes what later steps read, not the prefill's own attention (as in KIVI and HF's
+        quantized caches; KIVI pages are read through :meth:`_read`, sealed pages dequantized
+        and open ones from the residual). The pages the table names are dequantized into a
+        small dtype pool, one copy per stream, and the chunk's tokens are written over their
+        slots there."""
+        from kvcore import kernels
+
+        bs, d = self.block_size, self.head_dim
+        n, width = block_table.shape
+        q = int(st["q"])
+        page_slots = block_table.reshape(-1)[:, None] * bs + torch.arange(bs, device=self.device)
+        page_slots = page_slots.reshape(-1)
+        k_tmp = self._read(self.k_pool, page_slots).reshape(n * width, bs, d)
+        v_tmp = self._read(self.v_pool, page_slots).reshape(n * width, bs, d)
+        # the chunk is the last q tokens of every stream: positions [len - q, len)
+        pos = lengths[:, None] - q + torch.arange(q, device=self.device)[None, :]
+        own = (torch.arange(n, device=self.device)[:, None] * (width * bs) + pos).reshape(-1)
+        k_tmp.view(-1, d)[own] = st["keys"].reshape(-1, d).to(self.dtype)
+        v_tmp.view(-1, d)[own] = st["values"].reshape(-1, d).to(self.dtype)
+        tmp_table = torch.arange(n * width, device=self.device).reshape(n, width)
+        return kernels.decode_attention(
+            query,
+            k_tmp,
+            v_tmp,
+            tmp_table,
+            lengths,
+            slot_bias=None if slot_bias is None else slot_bias[page_slots].contiguous(),
+            slot_valid=self.slot_valid[page_slots].contiguous(),
+            scaling=self.scaling,
         )
 
     def _kivi_attend(
