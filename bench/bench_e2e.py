@@ -89,6 +89,7 @@ def run_cell(
     peak: Any,
 ) -> dict[str, Any]:
     """Prefill ``prompt`` (B, n) in chunks, then ``new_tokens`` greedy decode steps."""
+    import quality_common as qc
     import torch
     from transformers import DynamicCache
 
@@ -142,7 +143,7 @@ def run_cell(
         sync()
         t2 = time.perf_counter()
     if method == "full":
-        kv = sum(t.numel() * t.element_size() for la in cache.layers for t in (la.keys, la.values))
+        kv = qc.dynamic_kv_bytes(cache)
     else:
         kv = int(cache.kv.used_bytes())
     model.set_attn_implementation("sdpa")

@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -234,13 +233,7 @@ def main() -> int:
         "benchmark": "quality on SmolLM2-135M-Instruct (embedded), kvcore vs kvpress",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "kvcore": kvcore.__version__,
-        },
+        "machine": qc.machine(),
         "kvpress_versions": kvpress.get("versions"),
         "kvpress_error": kvpress.get("error"),
         "tasks": [{"name": t.name, "context_tokens": len(t.context_ids)} for t in tasks],

@@ -247,6 +247,22 @@ Restore = Callable[[Any, Any], None]
 KvBytes = Callable[[Any], int]
 
 
+def machine() -> dict[str, Any]:
+    """What a result JSON records of the machine and the versions (our venv only)."""
+    import os
+    import platform
+
+    import kvcore
+
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "kvcore": kvcore.__version__,
+    }
+
+
 def dynamic_snapshot(cache: Any) -> list[int]:
     return [layer.keys.shape[-2] for layer in cache.layers]
 

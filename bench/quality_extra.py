@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,16 +40,6 @@ from kvcore.cache import Schedule
 
 HERE = Path(__file__).resolve().parent
 MODEL_CACHE = Path.home() / ".cache" / "kvcore" / "quality-smollm2-bf16"
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "kvcore": kvcore.__version__,
-    }
 
 
 def kv_bytes(cache: Any) -> int:
@@ -246,7 +235,7 @@ def main() -> int:
         {
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "python " + " ".join(sys.argv),
-            "machine": machine(),
+            "machine": qc.machine(),
             "seconds": round(time.perf_counter() - t0, 1),
         }
     )

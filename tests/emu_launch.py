@@ -48,27 +48,34 @@ extern "C" void emu(unsigned gx, unsigned gy, unsigned gz, unsigned bx,
 """
 
 
-def _lib(name: str, defines: Mapping[str, int], kernel: str) -> ctypes.CDLL:
-    threads = name == "decode_attention"  # the only kernel with barriers and shuffles
-    header = "cuda_emu_threads.h" if threads else "cuda_emu.h"
-    src = (
-        f'#include "{header}"\n#include <type_traits>\n'
-        + kernels.kernel_source(name, defines)
-        + f"\n#define KERNEL {kernel}\n"
-        + _INVOKE
-    )
+def compile_emu(src: str) -> ctypes.CDLL:
+    """Builds C++ source that includes a cuda/emu header into a shared library (once per
+    source text). -ffp-contract=off: no fused multiply-add, as __fmul_rn/__fadd_rn on the GPU."""
     key = hashlib.sha256(src.encode()).hexdigest()[:16]
     if key not in _LIBS:
         cpp, so = _OUT / f"{key}.cpp", _OUT / f"{key}.so"
         cpp.write_text(src)
         cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-ffp-contract=off"]
         res = subprocess.run(
-            [*cmd, f"-I{EMU}", str(cpp), "-o", str(so)], capture_output=True, text=True
+            [*cmd, "-fno-fast-math", f"-I{EMU}", str(cpp), "-o", str(so)],
+            capture_output=True,
+            text=True,
         )
         if res.returncode:
             raise RuntimeError(res.stderr)
         _LIBS[key] = ctypes.CDLL(str(so))
     return _LIBS[key]
+
+
+def _lib(name: str, defines: Mapping[str, int], kernel: str) -> ctypes.CDLL:
+    threads = name == "decode_attention"  # the only kernel with barriers and shuffles
+    header = "cuda_emu_threads.h" if threads else "cuda_emu.h"
+    return compile_emu(
+        f'#include "{header}"\n#include <type_traits>\n'
+        + kernels.kernel_source(name, defines)
+        + f"\n#define KERNEL {kernel}\n"
+        + _INVOKE
+    )
 
 
 def _slot(v: Any) -> int:

@@ -10,22 +10,18 @@ without a GPU. References: issue 4's ``kvcore.quant`` / ``kvcore.quantize`` (byt
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import shutil
-import subprocess
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="the kernel references need torch")
 
+from emu_launch import compile_emu  # noqa: E402
+
 import kvcore  # noqa: E402
 from kvcore import kernels, quant  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-EMU = ROOT / "cuda" / "emu"
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ for the emulation")
 
@@ -60,10 +56,8 @@ extern "C" void emu(unsigned gx, void* pool, const kv_i64* slots, const kv_i64* 
 
 
 @pytest.fixture(scope="session")
-def emu_build(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Callable[..., None]]:
+def emu_build() -> Callable[..., Callable[..., None]]:
     """``emu_build(file, kernel, defines)`` -> the C launcher of that kernel (built once)."""
-    out_dir = tmp_path_factory.mktemp("emu")
-    cache: dict[str, ctypes.CDLL] = {}
 
     def build(name: str, kernel: str, defines: dict[str, int]) -> Callable[..., None]:
         src = (
@@ -71,28 +65,7 @@ def emu_build(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Callabl
             + kernels.kernel_source(name, defines)
             + WRAPPERS[(name, kernel)]
         )
-        key = hashlib.sha256(src.encode()).hexdigest()[:16]
-        if key not in cache:
-            cpp, so = out_dir / f"{key}.cpp", out_dir / f"{key}.so"
-            cpp.write_text(src)
-            # -ffp-contract=off: no fused multiply-add, as __fmul_rn/__fadd_rn on the GPU
-            cmd = [
-                "g++",
-                "-std=c++17",
-                "-O1",
-                "-shared",
-                "-fPIC",
-                "-ffp-contract=off",
-                "-fno-fast-math",
-                f"-I{EMU}",
-                str(cpp),
-                "-o",
-                str(so),
-            ]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            assert res.returncode == 0, res.stderr
-            cache[key] = ctypes.CDLL(str(so))
-        return cache[key].emu  # type: ignore[no-any-return]
+        return compile_emu(src).emu  # type: ignore[no-any-return]
 
     return build
 

@@ -6,21 +6,19 @@ dequantization, ragged heads, GQA, query chunks, log-count bias, masks, split-K.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch", reason="the kernel references need torch")
 
+from emu_launch import compile_emu  # noqa: E402
+
 import kvcore  # noqa: E402
 from kvcore import kernels, quant  # noqa: E402
 from kvcore.attention import paged_attention  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ for the emulation")
 
 WRAPPER = """
@@ -39,36 +37,13 @@ extern "C" void emu_reduce(unsigned gx, unsigned bx, const float* acc, const flo
 
 
 @pytest.fixture(scope="module")
-def build(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    out_dir = tmp_path_factory.mktemp("emu_attn")
-    cache: dict[str, ctypes.CDLL] = {}
-
+def build():  # type: ignore[no-untyped-def]
     def get(defines: dict[str, int]) -> ctypes.CDLL:
-        src = (
+        return compile_emu(
             '#include "cuda_emu_threads.h"\n'
             + kernels.kernel_source("decode_attention", defines)
             + WRAPPER
         )
-        key = hashlib.sha256(src.encode()).hexdigest()[:16]
-        if key not in cache:
-            cpp, so = out_dir / f"{key}.cpp", out_dir / f"{key}.so"
-            cpp.write_text(src)
-            cmd = [
-                "g++",
-                "-std=c++17",
-                "-O1",
-                "-shared",
-                "-fPIC",
-                "-pthread",
-                f"-I{ROOT / 'cuda' / 'emu'}",
-                str(cpp),
-                "-o",
-                str(so),
-            ]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            assert res.returncode == 0, res.stderr
-            cache[key] = ctypes.CDLL(str(so))
-        return cache[key]
 
     return get
 
