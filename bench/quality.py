@@ -50,10 +50,13 @@ def kvcore_methods(policies: list[str]) -> dict[str, dict[str, Any]]:
 
     A method is a registry policy name, optionally with storage suffixes: ``snapkv+int4``
     (quantized pages, ``kv_format``: int8/int4/int2/kivi2/kivi4), ``snapkv+ems`` (merged
-    eviction, ``merge``: ems/kvmerger/cam), or both (``tova+int4+kvmerger``).
+    eviction, ``merge``: ems/kvmerger/cam), or both (``tova+int4+kvmerger``); ``+mikv8``,
+    ``+mikv4``, ``+mikv2`` keep the evicted tokens in a low-precision tier (MiKV,
+    ``evicted_format``: int8/int4/int2).
     """
     formats = ("int8", "int4", "int2", "kivi2", "kivi4")
     merges = ("ems", "kvmerger", "cam")
+    tiers = {"mikv8": "int8", "mikv4": "int4", "mikv2": "int2"}
     out: dict[str, dict[str, Any]] = {}
     for p in policies:
         name, *extras = p.split("+")
@@ -63,6 +66,8 @@ def kvcore_methods(policies: list[str]) -> dict[str, dict[str, Any]]:
                 spec["kv_format"] = extra
             elif extra in merges and "merge" not in spec:
                 spec["merge"] = extra
+            elif extra in tiers and "evicted_format" not in spec:
+                spec["evicted_format"] = tiers[extra]
             else:
                 raise ValueError(f"unknown or repeated storage variant {extra!r} in {p!r}")
         out[f"kvcore:{p}"] = spec
@@ -148,7 +153,7 @@ def main() -> int:
         "--policies",
         default="streaming,knorm,snapkv,h2o,tova,pyramidkv,adakv,snapkv+int4,tova+int4",
         help="kvcore methods: registry names, optionally +int8/+int4/+int2/+kivi2/+kivi4 and "
-        "+ems/+kvmerger/+cam",
+        "+ems/+kvmerger/+cam and +mikv8/+mikv4/+mikv2",
     )
     ap.add_argument("--skip-kvpress", action="store_true")
     ap.add_argument(

@@ -376,21 +376,12 @@ def test_merge_parameter_errors():
 
 @pytest.mark.parametrize("method", ["kvmerger", "cam"])
 def test_merging_cache_generates_through_hf(method):
-    transformers = pytest.importorskip("transformers", reason="kvcore.hf needs transformers")
+    pytest.importorskip("transformers", reason="kvcore.hf needs transformers")
+    from tiny_llama import tiny
+
     import kvcore.hf as kh
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-    )
-    model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="kvcore").eval()
+    model = tiny("kvcore")
     ids = torch.randint(1, 64, (2, 24), generator=torch.Generator().manual_seed(1))
     extra = {"merge_sigma": 2.0} if method == "kvmerger" else {"merge_window": 4}
     cache = kh.compressed_cache(

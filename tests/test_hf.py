@@ -7,28 +7,13 @@ import pytest
 torch = pytest.importorskip("torch", reason="kvcore.hf needs torch")
 transformers = pytest.importorskip("transformers", reason="kvcore.hf needs transformers")
 
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tiny_llama import tiny  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
 import kvcore.hf as kh  # noqa: E402
 from kvcore.cache import Schedule  # noqa: E402
 
-CFG = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    pad_token_id=0,
-)
 IMPLS = ["sdpa", "eager", "kvcore"]
-
-
-def tiny(impl: str, **over: object) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**{**CFG, **over})
-    return LlamaForCausalLM._from_config(cfg, attn_implementation=impl).eval()
 
 
 def batch(n: int = 24, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -107,3 +107,36 @@ def test_the_demo_takes_a_registry_policy_and_a_page_format(smollm2, capsys):
     assert "compressed (pyramidkv, 64 tokens per layer and kv-head, int4 pages, ems merge)" in out
     assert main([*argv, "--policy", "locret"]) == 2  # stabilizers (2500) > budget
     assert "locret: stabilizers (2500) is larger than the budget (64)" in capsys.readouterr().err
+
+
+def _first_decode_logprobs(model, ids, cache):
+    with torch.inference_mode():
+        out = model(input_ids=ids, past_key_values=cache)
+        nxt = out.logits[:, -1:].argmax(-1)
+        step = model(input_ids=nxt, past_key_values=cache)
+    return step.logits[0, -1].float().log_softmax(-1)
+
+
+def test_mikv_tier_brings_the_compressed_cache_closer_to_the_full_one(smollm2):
+    """SnapKV at a tight budget, with the evicted tokens dropped or kept in an int8 / int2
+    tier (MiKV): the first decode step's next-token distribution is closer to the full
+    cache's with the tier (KL), and the tier's tokens are really stored."""
+    model, tok = smollm2
+    ids = prompt(tok)
+    n = ids.shape[1]
+    assert model.config._attn_implementation == kh.ATTN_NAME  # the fixture's; the tier needs it
+    ref = _first_decode_logprobs(model, ids, DynamicCache(config=model.config))
+
+    def kl(**kw):
+        cache = kh.compressed_cache(model, "snapkv", budget=32, **kw)
+        lp = _first_decode_logprobs(model, ids, cache)
+        return float((ref.exp() * (ref - lp)).sum()), cache
+
+    kl_drop, _ = kl()
+    kl_int8, c8 = kl(evicted_format="int8")
+    kl_int2, c2 = kl(evicted_format="int2")
+    assert (c8.kv.stored_lengths() == 32 + 1).all()
+    assert (c8.kv.evicted_lengths() == n - 32).all()
+    assert c2.kv.used_bytes() < c8.kv.used_bytes()
+    assert kl_int8 < 0.25 * kl_drop, (kl_int8, kl_drop)  # measured 0.0004 vs 0.195
+    assert kl_int2 < 0.5 * kl_drop, (kl_int2, kl_drop)  # with the key balancer (0.055 vs 0.195)

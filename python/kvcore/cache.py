@@ -43,6 +43,7 @@ __all__ = ["KVCache", "Schedule", "rotate_keys"]
 
 _BITS = {"native": 0, "int8": 8, "int4": 4, "int2": 2, "kivi2": 2, "kivi4": 4}
 _MERGES = (None, "ems", "kvmerger", "cam")
+_LO_FORMATS = ("int8", "int4", "int2")
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,18 @@ class CacheSnapshot:
     num_compressions: int
 
 
+def _merge_by_lse(
+    o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Two attentions of the same queries over disjoint key sets, ``(B, q, Hq, D)`` outputs
+    and ``(B, q, Hq)`` log-sum-exps, merged into the attention over their union (a side with
+    no visible key has lse -inf and weight 0)."""
+    lse = torch.logaddexp(l1, l2)
+    w1 = torch.nan_to_num((l1 - lse).exp(), nan=0.0)[..., None]
+    w2 = torch.nan_to_num((l2 - lse).exp(), nan=0.0)[..., None]
+    return (w1 * o1.float() + w2 * o2.float()).to(dtype)
+
+
 class KVCache:
     """A fixed-budget paged KV cache for ``num_layers`` layers of ``num_kv_heads`` heads.
 
@@ -140,7 +153,9 @@ class KVCache:
             whole blocks). None: sized at the first update to ``max(budget, first step) +
             schedule headroom`` (or the first step + 256 without a policy).
         capacity_bytes: alternatively, the total bytes of the K and V pools (null block
-            included); the per-stream capacity is what fits.
+            included); the per-stream capacity is what fits. With ``evicted_format`` this
+            bounds the high tier; the low tier is sized by ``evicted_capacity`` (both are
+            counted by :meth:`memory_bytes`).
         block_size: tokens per block.
         dtype, device: of the pools; every update must match them.
         policy: a :class:`kvcore.scoring.TorchPolicy` or None (no compression).
@@ -190,6 +205,22 @@ class KVCache:
             and ``"kvmerger"`` (their slots are weighted *means*), False for ``"cam"``
             (its values are *sums*, ``V[r] + V[e] / r``, which already carry the evicted
             token's contribution; a bias would count it twice).
+        evicted_format: None (evicted tokens are dropped) or ``"int8"``, ``"int4"``,
+            ``"int2"``: MiKV's mixed precision (docs/cache.md). The tokens the policy evicts
+            at a compression are moved, re-encoded from their high-tier values, to a
+            low-precision tier of the same stream: a second allocator table per stream in its
+            own pool of pages of ``lo_layout = QuantLayout(bits, quant_group, block_size,
+            head_dim, "channel", "float16")`` (``kv_format="int2"``'s page layout), with their
+            positions and validity (``lo_slot_pos``, ``lo_slot_valid``). The high tier holds
+            exactly the policy's budget, as without it. :meth:`attend` reads both tiers and
+            merges them by log-sum-exp; :meth:`update`'s dense return is the high tier only
+            (:meth:`is_ragged` is true once a layer's low tier holds tokens). Low-tier tokens
+            are never re-promoted. Needs a policy, a non-KIVI ``kv_format``, ``merge=None``,
+            ``positions="original"`` and no compensation token.
+        evicted_capacity: low-tier tokens per stream (rounded up to whole blocks); None: the
+            first step's length + ``max(schedule headroom, 256)``. The low tier is bounded:
+            a compression that would pass it drops the stream's earliest demoted tokens first
+            (FIFO), so it never raises ``OutOfBlocksError``.
 
     Raises:
         ValueError: bad sizes, a budget above the capacity or below the policy's needs.
@@ -219,6 +250,8 @@ class KVCache:
         merge_window: int | None = None,
         merge_seed: int | None = None,
         merge_bias: bool | None = None,
+        evicted_format: str | None = None,
+        evicted_capacity: int | None = None,
     ) -> None:
         for name, v in (
             ("num_layers", num_layers),
@@ -274,8 +307,51 @@ class KVCache:
                 _BITS[kv_format], g, block_size, head_dim, "channel", "float16"
             )
             self.k_layout = self.v_layout = self.layout
-        elif quant_group is not None:
-            raise ValueError("quant_group needs a quantized kv_format")
+        elif quant_group is not None and evicted_format is None:
+            raise ValueError("quant_group needs a quantized kv_format or evicted_format")
+        # MiKV: the evicted tokens' low-precision tier (its own allocator and pools).
+        self.evicted_format = evicted_format
+        self.lo_layout: QuantLayout | None = None
+        self.lo_token_layout: QuantLayout | None = None
+        if evicted_format is not None:
+            if evicted_format not in _LO_FORMATS:
+                raise ValueError(
+                    f"evicted_format must be None or one of {', '.join(map(repr, _LO_FORMATS))}, "
+                    f"got {evicted_format!r}"
+                )
+            why = None
+            if policy is None:
+                why = "a policy (it keeps the tokens a policy evicts)"
+            elif self.kivi:
+                why = "a kv_format other than KIVI's"
+            elif merge is not None:
+                why = "merge=None (evicted tokens go to the low tier, not into kept ones)"
+            elif positions != "original":
+                why = "positions='original'"
+            elif getattr(policy, "compensation", "none") != "none":
+                why = "a policy without a compensation token"
+            if why is not None:
+                raise ValueError(f"evicted_format={evicted_format!r} needs {why}")
+            g = min(32, head_dim) if quant_group is None else quant_group
+            if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+                raise ValueError(f"quant_group must be an int >= 1, got {quant_group!r}")
+            bits = _BITS[evicted_format]
+            self.lo_token_layout = QuantLayout(bits, g, 1, head_dim, "channel", "float16")
+            self.lo_layout = QuantLayout(bits, g, block_size, head_dim, "channel", "float16")
+        if evicted_capacity is not None and (
+            evicted_format is None
+            or not isinstance(evicted_capacity, int)
+            or isinstance(evicted_capacity, bool)
+            or evicted_capacity < 1
+        ):
+            raise ValueError(
+                "evicted_capacity must be None or an int >= 1 tokens per stream, and needs "
+                f"evicted_format (got evicted_capacity={evicted_capacity!r}, "
+                f"evicted_format={evicted_format!r})"
+            )
+        self._lo_capacity_req = evicted_capacity
+        self.lo_capacity = 0
+        self.lo_allocator: BlockAllocator | None = None
         if merge not in _MERGES:
             raise ValueError(
                 f"merge must be None or one of {', '.join(map(repr, _MERGES[1:]))}, got {merge!r}"
@@ -433,9 +509,40 @@ class KVCache:
         self.tables = alloc.create_tables(streams).reshape(
             batch, self.num_layers, self.num_kv_heads
         )
+        if self.lo_layout is not None:
+            self._init_low_tier(batch, first_len)
         self.lengths = np.zeros((batch, self.num_layers, self.num_kv_heads), dtype=np.int64)
         self.batch_size = batch
         self.allocator = alloc
+
+    def _init_low_tier(self, batch: int, first_len: int) -> None:
+        """MiKV's low tier: one more allocator table per stream, in its own pool of pages of
+        ``lo_layout`` (the per-page quantized layout of ``kv_format="int2"`` and friends)."""
+        assert self.lo_layout is not None
+        streams = batch * self.num_layers * self.num_kv_heads
+        cap = self._lo_capacity_req
+        if cap is None:
+            cap = first_len + max(self.schedule.headroom(), 256)
+        blocks_per_stream = -(-cap // self.block_size)
+        self.lo_capacity = blocks_per_stream * self.block_size
+        num_blocks = streams * blocks_per_stream + 1
+        lo = BlockAllocator(num_blocks=num_blocks, block_size=self.block_size)
+        n_slots = num_blocks * self.block_size
+        with torch.inference_mode(False):
+            nb = self.lo_layout.nbytes
+            self.lo_k_pool = torch.zeros(num_blocks, nb, dtype=torch.uint8, device=self.device)
+            self.lo_v_pool = torch.zeros(num_blocks, nb, dtype=torch.uint8, device=self.device)
+            self.lo_slot_pos = torch.zeros(n_slots, dtype=torch.int64, device=self.device)
+            self.lo_slot_valid = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
+            # MiKV's per-channel key balancer of each stream (keys stored as K / s)
+            self.lo_key_scale = torch.ones(
+                batch, self.num_layers, self.num_kv_heads, self.head_dim, device=self.device
+            )
+        self.lo_tables = lo.create_tables(streams).reshape(
+            batch, self.num_layers, self.num_kv_heads
+        )
+        self.lo_lengths = np.zeros((batch, self.num_layers, self.num_kv_heads), dtype=np.int64)
+        self.lo_allocator = lo
 
     # ------------------------------------------------------------------ slot storage
 
@@ -448,6 +555,12 @@ class KVCache:
         return 2 * self.block_size * self.head_dim * self._elt()
 
     @property
+    def lo_page_bytes(self) -> int:
+        """MiKV: bytes of one low-tier block, K plus V (``2 * lo_layout.nbytes``; 0 without
+        ``evicted_format``)."""
+        return 2 * int(self.lo_layout.nbytes) if self.lo_layout is not None else 0
+
+    @property
     def residual_page_bytes(self) -> int:
         """KIVI: bytes of one stream's full-precision residual page, K and V (0 otherwise)."""
         return 2 * self.block_size * self.head_dim * self._elt() if self.kivi else 0
@@ -455,7 +568,9 @@ class KVCache:
     def _elt(self) -> int:
         return torch.empty(0, dtype=self.dtype).element_size()
 
-    def _regions(self) -> list[tuple[int, int, int]]:
+    def _regions(
+        self, page: QuantLayout | None = None, tok: QuantLayout | None = None
+    ) -> list[tuple[int, int, int]]:
         """Where one token's bytes lie in a quantized page, as ``(page offset, offset in the
         token's own one-token block, width)`` for its codes, its scales and its zero points.
 
@@ -466,7 +581,8 @@ class KVCache:
                      <-- cb -->                         <-- sb -->
             token: | codes (cb) | pad | scales (sb) | zeros (sb) |   (QuantLayout(.., 1, D, ..))
         """
-        page, tok = self.layout, self.token_layout
+        if page is None:
+            page, tok = self.layout, self.token_layout
         assert page is not None and tok is not None
         cb = int(tok.codes_bytes)
         sb = int(tok.zeros_offset) - int(tok.scales_offset)
@@ -476,16 +592,19 @@ class KVCache:
             (int(page.zeros_offset), int(tok.zeros_offset), sb),
         ]
 
-    def _slot_views(self, pool: torch.Tensor) -> list[tuple[torch.Tensor, int, int]]:
+    def _slot_views(
+        self, pool: torch.Tensor, page: QuantLayout | None = None, tok: QuantLayout | None = None
+    ) -> list[tuple[torch.Tensor, int, int]]:
         """Per-slot byte views of a pool: ``(view, token offset, width)``, each view
         ``(num_blocks, block_size, width)`` over the pool's storage (strided for quantized
-        pages), so ``view[block, offset]`` is one slot's piece."""
-        if self.layout is None:
+        pages), so ``view[block, offset]`` is one slot's piece. ``page`` / ``tok``: other
+        layouts than the cache's pages (the MiKV low tier)."""
+        if page is None and self.layout is None:
             return [(pool, 0, pool.shape[-1])]
         bs = self.block_size
         return [
             (pool[:, po : po + bs * w].view(pool.shape[0], bs, w), to, w)
-            for po, to, w in self._regions()
+            for po, to, w in self._regions(page, tok)
         ]
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -537,6 +656,173 @@ class KVCache:
             self._kivi_write(pool, slots, x)
             return
         self._put(pool, slots, self._encode(x))
+
+    # ------------------------------------------------------------------ MiKV low tier
+
+    def _lo_write(self, pool: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Encodes ``(N, D)`` vectors alone with ``lo_token_layout`` and scatters each one's
+        codes, scales and zeros into its page of the low tier."""
+        from kvcore import kernels
+
+        assert self.lo_layout is not None and self.lo_token_layout is not None
+        enc = kernels.quantize(
+            x.float().reshape(-1, 1, self.head_dim).contiguous(), self.lo_token_layout
+        )
+        bs = self.block_size
+        b, o = slots // bs, slots % bs
+        for view, to, w in self._slot_views(pool, self.lo_layout, self.lo_token_layout):
+            view[b, o] = enc[:, to : to + w]
+
+    def _lo_read(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` float32 dequantized vectors of low-tier ``slots``."""
+        from kvcore import kernels
+
+        assert self.lo_layout is not None and self.lo_token_layout is not None
+        bs = self.block_size
+        b, o = slots // bs, slots % bs
+        raw = torch.zeros(
+            len(slots), self.lo_token_layout.nbytes, dtype=torch.uint8, device=pool.device
+        )
+        for view, to, w in self._slot_views(pool, self.lo_layout, self.lo_token_layout):
+            raw[:, to : to + w] = view[b, o]
+        out = kernels.dequantize(raw.contiguous(), self.lo_token_layout, torch.float32)
+        return out.reshape(-1, self.head_dim)
+
+    def _lo_move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """A low-tier compaction plan: each token's three pieces and its state move."""
+        assert self.lo_layout is not None
+        bs = self.block_size
+        sb, so, db, do = src // bs, src % bs, dst // bs, dst % bs
+        for pool in (self.lo_k_pool, self.lo_v_pool):
+            for view, _, _ in self._slot_views(pool, self.lo_layout, self.lo_token_layout):
+                view[db, do] = view[sb, so]
+        for t in (self.lo_slot_pos, self.lo_slot_valid):
+            t[dst] = t[src]
+
+    def _demote(
+        self, layer: int, inp: ScoreInputs, keep: torch.Tensor, slots: torch.Tensor
+    ) -> None:
+        """Moves the valid tokens the policy evicts from the high tier (``slots``, before the
+        compaction) to the end of their streams' low tier, re-encoded at ``evicted_format``
+        from their (dequantized) high-tier values. A low-tier stream past ``lo_capacity``
+        drops its earliest demoted tokens first (FIFO); padding is never demoted."""
+        assert self.lo_allocator is not None
+        b, h, t = keep.shape
+        ev = (inp.valid & ~keep.to(inp.valid.device)).reshape(b * h, t)
+        n_ev = ev.sum(-1)
+        if int(n_ev.sum()) == 0:
+            return
+        cap = self.lo_capacity
+        if bool((n_ev > cap).any()):  # more than fits at once: the latest ones
+            rank = ev.cumsum(-1)
+            ev &= rank > (n_ev - cap).clamp(min=0)[:, None]
+            n_ev = ev.sum(-1)
+        n_new = n_ev.cpu().numpy().astype(np.int64)
+        lo_tables = np.ascontiguousarray(self.lo_tables[:, layer].reshape(-1))
+        lo_lens = self.lo_lengths[:, layer].reshape(-1).copy()
+        over = np.maximum(lo_lens + n_new - cap, 0)
+        if over.any():
+            indptr = np.zeros(len(lo_tables) + 1, dtype=np.int64)
+            indptr[1:] = np.cumsum(lo_lens - over)
+            positions = np.concatenate(
+                [
+                    np.arange(o, n, dtype=np.int64)
+                    for o, n in zip(over.tolist(), lo_lens.tolist(), strict=True)
+                ]
+            )
+            src_np, dst_np, _ = self.lo_allocator.compact_batch(lo_tables, indptr, positions)
+            if len(src_np):
+                self._lo_move(
+                    torch.from_numpy(src_np).to(self.device),
+                    torch.from_numpy(dst_np).to(self.device),
+                )
+            lo_lens -= over
+            self.lo_lengths[:, layer] = lo_lens.reshape(b, h)
+        # Fits by construction (capacity per stream, blocks reserved per stream).
+        dst_np, _, _, _ = self.lo_allocator.append_batch(lo_tables, n_new)
+        dst = torch.from_numpy(dst_np).to(self.device)
+        src = slots.reshape(b * h, t)[ev]  # stream by stream, in stream order: as dst
+        # MiKV's key balancer, fixed per stream when its low tier starts (empty now).
+        fresh = torch.from_numpy(lo_lens == 0).to(self.device).reshape(b, h)
+        scale = self.lo_key_scale[:, layer]  # (B, H, D)
+        scale[fresh] = self._balance(inp)[fresh]
+        owner = torch.repeat_interleave(
+            torch.arange(b * h, device=self.device), n_ev.to(self.device)
+        )
+        keys = self._read(self.k_pool, src) / scale.reshape(b * h, -1)[owner]
+        self._lo_write(self.lo_k_pool, dst, keys)
+        self._lo_write(self.lo_v_pool, dst, self._read(self.v_pool, src))
+        self.lo_slot_pos[dst] = self.slot_pos[src]
+        self.lo_slot_valid[dst] = True
+        self.lo_lengths[:, layer] += n_new.reshape(b, h)
+
+    def _balance(self, inp: ScoreInputs) -> torch.Tensor:
+        """MiKV's per-channel key balancer ``(B, H, D)``: ``s_c = sqrt(max|K_c| / max|Q_c|)``
+        over the layer's valid stored keys and the observed queries of the head's GQA group;
+        the low tier stores ``K / s`` and attends with ``Q * s``, so ``q . k`` is unchanged
+        while the keys' outlier channels are flattened before their per-token quantization
+        (SmoothQuant's migration with alpha = 0.5). Without observed queries the keys'
+        channel maxima are balanced against their mean."""
+        b, h, _, d = inp.keys.shape
+        k = inp.keys.float().abs().masked_fill(~inp.valid[..., None], 0.0)
+        kmax = k.amax(2).clamp(min=1e-6)  # (B, H, D)
+        if inp.queries is not None:
+            q = inp.queries.float().abs()
+            if inp.query_valid is not None:
+                q = q.masked_fill(~inp.query_valid[:, None, :, None].to(q.device), 0.0)
+            qmax = q.reshape(b, h, -1, d).amax(2).clamp(min=1e-6)  # group heads x window
+        else:
+            qmax = kmax.mean(-1, keepdim=True).expand_as(kmax)
+        return (kmax / qmax).sqrt().to(self.device)
+
+    def evicted_lengths(self, layer_idx: int | None = None) -> np.ndarray:
+        """MiKV: tokens per stream in the low-precision tier, ``(B, L, H)`` or ``(B, H)``
+        (zeros without ``evicted_format``)."""
+        self.flush()
+        if self.allocator is None:
+            return np.zeros((0, self.num_layers, self.num_kv_heads), np.int64)
+        if self.lo_allocator is None:
+            lens = np.zeros_like(self.lengths)
+        else:
+            lens = self.lo_lengths.copy()
+        return lens if layer_idx is None else lens[:, layer_idx].copy()
+
+    def _lo_attend(
+        self, query: torch.Tensor, layer: int, q: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention (output, lse) of the step's queries over the layer's low tier: every query
+        sees every low-tier token (they all precede the step). Pages of ``lo_layout`` through
+        the fused-dequantization path; the kernel's causal window is opened by ``q - 1``
+        extra slots, masked (null block, or dead slots of the last page)."""
+        from kvcore import kernels
+
+        assert self.lo_allocator is not None
+        bs, dev = self.block_size, self.device
+        tables = np.ascontiguousarray(self.lo_tables[:, layer].reshape(-1))
+        lens = self.lo_lengths[:, layer].reshape(-1)
+        eff = lens + (q - 1) * (lens > 0)
+        width = max(1, -(-int(eff.max()) // bs))
+        bt, _, _ = self.lo_allocator.vllm_layout(tables)
+        table = np.zeros((len(tables), width), dtype=np.int64)
+        cols = min(width, bt.shape[1])
+        table[:, :cols] = bt[:, :cols]
+        slots, mask = self._slots(tables, lens, self.lo_allocator)
+        live = torch.zeros_like(self.lo_slot_valid)
+        live[slots[mask]] = True
+        group = query.shape[1] // self.num_kv_heads
+        scale = self.lo_key_scale[:, layer].repeat_interleave(group, dim=1)  # (B, Hq, D)
+        return kernels.decode_attention(
+            (query.float() * scale[:, :, None, :]).to(query.dtype),
+            self.lo_k_pool,
+            self.lo_v_pool,
+            torch.from_numpy(table).to(dev),
+            torch.from_numpy(eff.astype(np.int64)).to(dev),
+            slot_valid=self.lo_slot_valid & live,
+            scaling=self.scaling,
+            k_layout=self.lo_layout,
+            v_layout=self.lo_layout,
+            return_lse=True,
+        )
 
     # ------------------------------------------------------------------ KIVI storage
     #
@@ -685,6 +971,8 @@ class KVCache:
         n = self.k_pool.nbytes + self.v_pool.nbytes
         if self.kivi and self.allocator is not None:
             n += self.res_k.nbytes + self.res_v.nbytes
+        if self.lo_allocator is not None and self.allocator is not None:
+            n += self.lo_k_pool.nbytes + self.lo_v_pool.nbytes
         return int(n)
 
     def used_bytes(self) -> int:
@@ -694,7 +982,10 @@ class KVCache:
         self.flush()
         if self.kivi:
             return self._kivi_used_bytes()
-        return int(self.allocator.num_used_blocks) * self.page_bytes
+        n = int(self.allocator.num_used_blocks) * self.page_bytes
+        if self.lo_allocator is not None:
+            n += int(self.lo_allocator.num_used_blocks) * self.lo_page_bytes
+        return n
 
     def _kivi_used_bytes(self) -> int:
         """Sealed pages at their layouts' bytes, open pages at their tokens' full-precision
@@ -750,6 +1041,8 @@ class KVCache:
         if self.allocator is None:
             return False
         lens = self.lengths[:, layer_idx]
+        if self.lo_allocator is not None and bool(self.lo_lengths[:, layer_idx].any()):
+            return True  # the low tier is only read by attend
         return bool(lens.min() != lens.max()) or self._seen_padding(layer_idx)
 
     def page_table(
@@ -840,6 +1133,8 @@ class KVCache:
             ``(keys, values)``, each ``(B, num_kv_heads, T, head_dim)``: every stored token of
             the layer, this step's included, padded with zeros to the longest stream. When
             :meth:`is_ragged` is true the padding would be attended: use :meth:`attend`.
+            With ``evicted_format`` only the high tier is returned (the low tier is read by
+            :meth:`attend` alone; :meth:`is_ragged` is then true).
 
         Raises:
             IndexError: a bad layer index. TypeError / ValueError: wrong types, shapes, dtype or
@@ -1000,22 +1295,33 @@ class KVCache:
         if slot_bias is None and self.logcount_bias:
             slot_bias = self.slot_count.log()
         lengths = torch.from_numpy(lens.astype(np.int64)).to(self.device)
+        # MiKV: the high tier (the step's tokens included, causal) and the low tier (all
+        # visible: every demoted token precedes the step), merged by their log-sum-exps.
+        mikv = self.lo_allocator is not None and bool(self.lo_lengths[:, layer_idx].any())
         if self.k_layout is not None and int(st["q"]) > 1:
-            return self._chunk_attend(query, block_table, lengths, slot_bias, st)
-        if self.kivi:
+            hi = self._chunk_attend(query, block_table, lengths, slot_bias, st, return_lse=mikv)
+        elif self.kivi:
             return self._kivi_attend(query, block_table, lengths, layer_idx, slot_bias)
-        return kernels.decode_attention(
-            query,
-            self.k_pool,
-            self.v_pool,
-            block_table,
-            lengths,
-            slot_bias=slot_bias,
-            slot_valid=self.slot_valid,
-            scaling=self.scaling,
-            k_layout=self.k_layout,
-            v_layout=self.v_layout,
-        )
+        else:
+            hi = kernels.decode_attention(
+                query,
+                self.k_pool,
+                self.v_pool,
+                block_table,
+                lengths,
+                slot_bias=slot_bias,
+                slot_valid=self.slot_valid,
+                scaling=self.scaling,
+                k_layout=self.k_layout,
+                v_layout=self.v_layout,
+                return_lse=mikv,
+            )
+        if not mikv:
+            assert isinstance(hi, torch.Tensor)
+            return hi
+        o1, l1 = hi
+        o2, l2 = self._lo_attend(query, layer_idx, int(st["q"]))
+        return _merge_by_lse(o1, l1, o2, l2, query.dtype)
 
     def _chunk_attend(
         self,
@@ -1024,7 +1330,8 @@ class KVCache:
         lengths: torch.Tensor,
         slot_bias: torch.Tensor | None,
         st: dict[str, Any],
-    ) -> torch.Tensor:
+        return_lse: bool = False,
+    ) -> Any:
         """Attention of a prefill chunk over quantized pages: the stored prefix dequantized,
         the chunk's own tokens in full precision (as given to :meth:`update`), so quantization
         changes what later steps read, not the prefill's own attention (as in KIVI and HF's
@@ -1056,6 +1363,7 @@ class KVCache:
             slot_bias=None if slot_bias is None else slot_bias[page_slots].contiguous(),
             slot_valid=self.slot_valid[page_slots].contiguous(),
             scaling=self.scaling,
+            return_lse=return_lse,
         )
 
     def _kivi_attend(
@@ -1121,23 +1429,23 @@ class KVCache:
             scaling=self.scaling,
             return_lse=True,
         )
-        lse = torch.logaddexp(l1, l2)
-        w1 = torch.nan_to_num((l1 - lse).exp(), nan=0.0)[..., None]
-        w2 = torch.nan_to_num((l2 - lse).exp(), nan=0.0)[..., None]
-        return (w1 * o1.float() + w2 * o2.float()).to(query.dtype)
+        return _merge_by_lse(o1, l1, o2, l2, query.dtype)
 
     # ------------------------------------------------------------------ gathers
 
-    def _slots(self, tables: np.ndarray, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _slots(
+        self, tables: np.ndarray, lengths: np.ndarray, allocator: BlockAllocator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots ``(n, T)`` (-1 past the end) and mask ``(n, T)`` of streams, read from the
-        block tables."""
-        assert self.allocator is not None
+        block tables (of ``allocator``, default the high tier's)."""
+        alloc = self.allocator if allocator is None else allocator
+        assert alloc is not None
         t = int(lengths.max()) if lengths.size else 0
         n = len(tables)
         if t == 0:
             e = torch.zeros((n, 0), dtype=torch.int64, device=self.device)
             return e, e.bool()
-        bt, _, _ = self.allocator.vllm_layout(tables)
+        bt, _, _ = alloc.vllm_layout(tables)
         bt_t = torch.from_numpy(bt.astype(np.int64)).to(self.device)
         p = torch.arange(t, device=self.device)
         slots = bt_t[:, p // self.block_size] * self.block_size + p % self.block_size
@@ -1327,6 +1635,8 @@ class KVCache:
         if self.merge is not None:
             # Rows that folded their dropped tokens into a compensation slot merge nothing more.
             self._merge_evicted(inp, keep, slots, skip=comp)
+        if self.lo_allocator is not None:
+            self._demote(layer, inp, keep, slots)  # before the compaction moves slots
         keep_flat = keep.reshape(b * h, -1).cpu()
         counts = keep_flat.sum(-1)
         indptr = np.zeros(b * h + 1, dtype=np.int64)

@@ -264,6 +264,8 @@ def compressed_cache(
     merge_window: int | None = None,
     merge_seed: int | None = None,
     merge_bias: bool | None = None,
+    evicted_format: str | None = None,
+    evicted_capacity: int | None = None,
     **policy_params: Any,
 ) -> KVCoreCache:
     """A ready :class:`KVCoreCache` for ``model`` (hooks installed).
@@ -275,9 +277,11 @@ def compressed_cache(
         budget: tokens per (layer, kv-head) kept after compression, or a
             ``(num_layers, num_kv_heads)`` int tensor.
         schedule, positions, capacity, capacity_bytes, block_size, kv_format, quant_group,
-        merge, merge_threshold, merge_sigma, merge_window, merge_seed, merge_bias: see
-            :class:`KVCache` (``kv_format="int4"`` stores quantized pages, ``merge="ems"``,
-            ``"kvmerger"`` or ``"cam"`` merges evicted tokens into kept ones).
+        merge, merge_threshold, merge_sigma, merge_window, merge_seed, merge_bias,
+        evicted_format, evicted_capacity: see :class:`KVCache` (``kv_format="int4"`` stores
+            quantized pages, ``merge="ems"``, ``"kvmerger"`` or ``"cam"`` merges evicted tokens
+            into kept ones, ``evicted_format="int2"`` keeps them in a 2-bit tier (MiKV; needs
+            ``attn_implementation="kvcore"``)).
         **policy_params: passed to the policy (e.g. ``window=16``).
     """
     cfg = model.config
@@ -310,6 +314,8 @@ def compressed_cache(
         merge_window=merge_window,
         merge_seed=merge_seed,
         merge_bias=merge_bias,
+        evicted_format=evicted_format,
+        evicted_capacity=evicted_capacity,
     )
     install(model)
     return KVCoreCache(kv)
