@@ -177,3 +177,34 @@ def test_lse_merges_two_parts_of_the_keys_into_the_whole() -> None:
     none = torch.zeros_like(part)
     o, lse0 = paged_attention(query, k, v, table, lengths, slot_valid=none, return_lse=True)
     assert (o == 0).all() and (lse0 == float("-inf")).all()
+
+
+@pytest.mark.parametrize(
+    "lens, q_len, biased",
+    [
+        ([24, 24, 24, 24], 24, False),  # a first prefill chunk: plain causal, no mask
+        ([40, 40, 40, 40], 9, False),  # a chunk after a prefix: lower-right causal window
+        ([40, 40, 40, 40], 1, False),  # a decode step over equal streams
+        ([37, 5, 64, 20], 3, False),  # ragged streams: explicit mask
+        ([40, 40, 40, 40], 9, True),  # a slot bias: explicit float mask
+    ],
+)
+def test_sdpa_path_equals_the_explicit_softmax(lens: list[int], q_len: int, biased: bool) -> None:
+    """Without ``return_lse`` the reference runs torch's scaled_dot_product_attention (a
+    mask-free causal call when it can); it equals the explicit softmax path that
+    ``return_lse=True`` takes, for every shape of visibility."""
+    gen = torch.Generator().manual_seed(q_len + len(set(lens)))
+    b, h, group, d, bs = 2, 2, 3, 32, 8
+    k, v, table, lengths = _paged(gen, b, h, d, bs, lens)
+    query = torch.randn(b, h * group, q_len, d, generator=gen)
+    bias = torch.log(torch.randint(1, 5, (k.shape[0] * bs,), generator=gen).float())
+    kw = {"slot_bias": bias} if biased else {}
+    fast = paged_attention(query, k, v, table, lengths, **kw)
+    explicit, _ = paged_attention(query, k, v, table, lengths, return_lse=True, **kw)
+    torch.testing.assert_close(fast, explicit, atol=2e-6, rtol=1e-5)
+    # and a stream with every slot masked still gives zeros on the fast path
+    valid = torch.ones(k.shape[0] * bs, dtype=torch.bool)
+    valid[_stream_kv(k, v, table, lens, 1, bs)[2]] = False
+    out = paged_attention(query, k, v, table, lengths, slot_valid=valid, **kw)
+    assert torch.equal(out[0, :, group : 2 * group], torch.zeros(q_len, group, d))
+    assert out[0, :, :group].abs().sum() > 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal, overload
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 if TYPE_CHECKING:
     from kvcore._kvcore import QuantLayout
@@ -123,10 +124,14 @@ def paged_attention(
         )
     h = n_streams // b_sz
     group = hq // h
+    scale = d**-0.5 if scaling is None else scaling
+    if not return_lse and slot_bias is None and k_layout is None and v_layout is None:
+        fast = _causal(query, k_pool, v_pool, block_table, lengths, slot_valid, scale)
+        if fast is not None:
+            return fast
     kp = _pages(k_pool, block_table, k_layout)
     vp = _pages(v_pool, block_table, v_layout)
     bs = kp.shape[2]
-    scale = d**-0.5 if scaling is None else scaling
     dev = query.device
     keys = kp.reshape(b_sz, h, width * bs, d)
     values = vp.reshape(b_sz, h, width * bs, d)
@@ -141,6 +146,8 @@ def paged_attention(
     if slot_bias is not None:
         bias = slot_bias.float()[slots]
         mask = mask & (bias > float("-inf"))
+    if not return_lse:
+        return _sdpa(query, keys, values, mask, bias if slot_bias is not None else None, scale)
     keys = keys.repeat_interleave(group, dim=1)
     values = values.repeat_interleave(group, dim=1)
     mask = mask.repeat_interleave(group, dim=1)
@@ -149,7 +156,88 @@ def paged_attention(
     logits = logits.masked_fill(~mask, float("-inf"))
     p = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
     out = (p @ values).to(query.dtype).transpose(1, 2).contiguous()
-    if not return_lse:
-        return out
     lse = torch.logsumexp(logits, dim=-1).transpose(1, 2).contiguous()
     return out, lse
+
+
+def _sdpa(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """The same attention through ``torch.nn.functional.scaled_dot_product_attention`` in
+    float32 (its fused CPU / CUDA kernels, no ``(q, T)`` softmax materialized by hand), with
+    the visibility mask (and slot bias) passed explicitly and the GQA group folded into the
+    query axis.
+
+    ``keys`` / ``values`` ``(B, H, T, D)`` float32, ``mask`` ``(B, H, q, T)`` bool (True:
+    visible), ``bias`` ``(B, H, 1, T)`` float32 or None. A row with no visible key gets zeros.
+    """
+    b_sz, hq, q_len, d = query.shape
+    h, t = keys.shape[1], keys.shape[2]
+    group = hq // h
+    # the visible keys of every stream end at its length: drop the columns no row sees
+    last = int(mask.any(2).any(0).any(0).nonzero().max()) + 1 if bool(mask.any()) else 1
+    keys, values, mask = keys[:, :, :last], values[:, :, :last], mask[..., :last]
+    t = last
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    # The GQA group folded into the query axis: K and V are not repeated per query head.
+    qf = query.float().reshape(b_sz, h, group * q_len, d)
+    full = mask[:, :, None].expand(b_sz, h, group, q_len, t).reshape(b_sz, h, group * q_len, t)
+    attn: torch.Tensor = full
+    if bias is not None:
+        attn = bias[:, :, :, :t].masked_fill(~full, float("-inf"))
+    out = sdpa(qf, keys, values, attn_mask=attn, scale=scale)
+    out = out.masked_fill(~full.any(-1, keepdim=True), 0.0)  # rows with no visible key
+    out = out.reshape(b_sz, hq, q_len, d)
+    return out.to(query.dtype).transpose(1, 2).contiguous()
+
+
+def _causal(
+    query: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    slot_valid: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor | None:
+    """The common case without building a mask: native pages, no bias, every stream holding
+    the same ``t >= q`` tokens, all of them valid. That is the kernel's causal window (query
+    ``i`` sees keys ``[0, t - q + i]``), run by SDPA's causal kernels in the pools' dtype when
+    the query has it (as transformers' sdpa attention does), else in float32. None when the
+    case does not apply."""
+    b_sz, hq, q_len, d = query.shape
+    n_streams, width = block_table.shape
+    bs = k_pool.shape[1]
+    t = int(lengths[0]) if lengths.numel() else 0
+    if t < q_len or t > width * bs or not bool((lengths == t).all()):
+        return None
+    h = n_streams // b_sz
+    if slot_valid is not None:
+        p = torch.arange(t, device=block_table.device)
+        slots = block_table[:, p // bs] * bs + p % bs
+        if not bool(slot_valid[slots].all()):
+            return None
+    dtype = query.dtype if query.dtype == k_pool.dtype else torch.float32
+    keys = k_pool[block_table].reshape(b_sz, h, width * bs, d)[:, :, :t].to(dtype)
+    values = v_pool[block_table].reshape(b_sz, h, width * bs, d)[:, :, :t].to(dtype)
+    qx = query.to(dtype)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if q_len == t:
+        out = sdpa(qx, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+    elif q_len == 1:
+        out = sdpa(qx, keys, values, scale=scale, enable_gqa=True)
+    else:
+        group = hq // h
+        out = sdpa(
+            qx,
+            keys.repeat_interleave(group, dim=1),
+            values.repeat_interleave(group, dim=1),
+            attn_mask=causal_lower_right(q_len, t),
+            scale=scale,
+        )
+    return out.to(query.dtype).transpose(1, 2).contiguous()

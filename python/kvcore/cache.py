@@ -1303,19 +1303,18 @@ class KVCache:
         elif self.kivi:
             return self._kivi_attend(query, block_table, lengths, layer_idx, slot_bias)
         else:
-            hi = kernels.decode_attention(
-                query,
-                self.k_pool,
-                self.v_pool,
-                block_table,
-                lengths,
-                slot_bias=slot_bias,
-                slot_valid=self.slot_valid,
-                scaling=self.scaling,
-                k_layout=self.k_layout,
-                v_layout=self.v_layout,
-                return_lse=mikv,
-            )
+            args = (query, self.k_pool, self.v_pool, block_table, lengths)
+            kw: dict[str, Any] = {
+                "slot_bias": slot_bias,
+                "slot_valid": self.slot_valid,
+                "scaling": self.scaling,
+                "k_layout": self.k_layout,
+                "v_layout": self.v_layout,
+            }
+            if not mikv:
+                out: torch.Tensor = kernels.decode_attention(*args, **kw)
+                return out
+            hi = kernels.decode_attention(*args, **kw, return_lse=True)
         if not mikv:
             assert isinstance(hi, torch.Tensor)
             return hi
@@ -1354,17 +1353,15 @@ class KVCache:
         k_tmp.view(-1, d)[own] = st["keys"].reshape(-1, d).to(self.dtype)
         v_tmp.view(-1, d)[own] = st["values"].reshape(-1, d).to(self.dtype)
         tmp_table = torch.arange(n * width, device=self.device).reshape(n, width)
-        return kernels.decode_attention(
-            query,
-            k_tmp,
-            v_tmp,
-            tmp_table,
-            lengths,
-            slot_bias=None if slot_bias is None else slot_bias[page_slots].contiguous(),
-            slot_valid=self.slot_valid[page_slots].contiguous(),
-            scaling=self.scaling,
-            return_lse=return_lse,
-        )
+        args = (query, k_tmp, v_tmp, tmp_table, lengths)
+        kw: dict[str, Any] = {
+            "slot_bias": None if slot_bias is None else slot_bias[page_slots].contiguous(),
+            "slot_valid": self.slot_valid[page_slots].contiguous(),
+            "scaling": self.scaling,
+        }
+        if return_lse:
+            return kernels.decode_attention(*args, **kw, return_lse=True)
+        return kernels.decode_attention(*args, **kw)
 
     def _kivi_attend(
         self,
