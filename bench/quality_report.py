@@ -75,9 +75,17 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(16, 6))
     methods = sorted({r["method"] for r in rows if "error" not in r})
+    # enough distinct colours for a full grid: tab20 then tab20b, ours and theirs apart
+    ours = [m for m in methods if not m.startswith("kvpress:")]
+    theirs_m = [m for m in methods if m.startswith("kvpress:")]
+    palette = [*plt.get_cmap("tab20").colors, *plt.get_cmap("tab20b").colors]
+    color = {m: palette[i % len(palette)] for i, m in enumerate(ours)}
+    dark = plt.get_cmap("Dark2").colors
+    color.update({m: dark[i % len(dark)] for i, m in enumerate(theirs_m)})
     for m in methods:
         pts = sorted(
             (r for r in rows if r["method"] == m and "error" not in r), key=lambda r: r["kv_bytes"]
@@ -88,6 +96,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         if len(pts) == 1:
             style["marker"] = "*"
             style["markersize"] = 12
+        style["color"] = color[m]
         axes[0].plot(xs, [r["accuracy"] or 0.0 for r in pts], label=m, **style)
         axes[1].plot(xs, [max(r["kl"], 1e-5) for r in pts], label=m, **style)
     axes[0].set_xlabel("KV bytes held over all tasks (MiB)")
@@ -95,7 +104,11 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     axes[1].set_xlabel("KV bytes held over all tasks (MiB)")
     axes[1].set_ylabel("KL(full || compressed), mean per position")
     axes[1].set_yscale("log")
-    axes[1].legend(fontsize=7, ncol=2)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[1].legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

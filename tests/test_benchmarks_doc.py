@@ -52,3 +52,23 @@ def test_quality_table_matches_the_json(heading: str) -> None:
             format(r["kv_bytes"] / 2**20, ".2f"),
             fmt(peak / 2**20 if peak else None, ".2f"),
         ], r["method"]
+
+
+def test_speed_table_matches_the_json() -> None:
+    data = json.loads((ROOT / "bench" / "results" / "quality_speed.json").read_text())
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    section = doc[doc.index("## Decode speed at 4k tokens") :]
+    section = section[: section.find("\n## ", 1)]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0] != "method" and not cells[0].startswith("---"):
+            rows[cells[0]] = cells[1:]
+    assert len(rows) == len(data["cells"])
+    for c in data["cells"]:
+        assert rows[c["method"]] == [
+            format(c["prefill_s_median"], ".2f"),
+            format(c["decode_tokens_per_s_median"], ".2f"),
+            format(c["decode_speed_vs_full_hf"], ".2f"),
+            format(c["kv_bytes"] / 2**20, ".2f"),
+        ], c["method"]
