@@ -1459,6 +1459,86 @@ class KVCache:
         m = mask.reshape(b, h, -1, 1)
         return k * m, v * m
 
+    # ------------------------------------------------------------------ shrinking
+
+    def shrink(self, capacity: int | None = None) -> int:
+        """Reallocates the pools smaller once compression has emptied their blocks, and
+        returns the bytes given back.
+
+        The pools are sized at the first update, and a compression returns blocks to the
+        allocator, not memory to the device: with the default ``Schedule.prefill()`` they
+        still span the whole prompt after it. ``shrink`` copies every stream's pages, block by
+        block in table order, into pools of ``capacity`` tokens per stream (rounded up to
+        whole blocks) with their per-slot state; nothing is re-encoded and no token moves
+        within its page, so attention reads the same values. Pending compressions run first.
+        The MiKV low tier keeps its own pools.
+
+        Args:
+            capacity: tokens per stream after the call; None: the longest stream (at least the
+                policy's budget) plus ``max(schedule headroom, 256)`` for the coming steps.
+
+        Returns:
+            ``memory_bytes()`` before minus after (0 when the pools are already that small, or
+            before the first update).
+
+        Raises:
+            ValueError: ``capacity`` below the longest stream or the policy's budget (the
+                cache is unchanged).
+        """
+        self.flush()
+        if self.allocator is None:
+            return 0
+        lens = self.lengths.reshape(-1).astype(np.int64)
+        longest = int(lens.max()) if lens.size else 0
+        need = max(longest, self.policy.max_budget() if self.policy is not None else 0)
+        if capacity is None:
+            capacity = need + max(self.schedule.headroom(), 256)
+        elif not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < need:
+            raise ValueError(
+                f"capacity must be an int >= {need} tokens per stream (the longest stream "
+                f"holds {longest}, the policy's budget is "
+                f"{self.policy.max_budget() if self.policy is not None else 0}), got {capacity!r}"
+            )
+        bs = self.block_size
+        per_stream = -(-capacity // bs)
+        if per_stream * bs >= self.capacity:
+            return 0
+        before = self.memory_bytes()
+        old_tables = self.tables.reshape(-1)
+        streams = len(old_tables)
+        num_blocks = streams * per_stream + 1
+        alloc = BlockAllocator(num_blocks=num_blocks, block_size=bs)
+        tables = alloc.create_tables(streams)
+        alloc.append_batch(tables, lens)
+        # block k of stream s holds its tokens [k * bs, (k + 1) * bs) in both allocators
+        used = -(-lens // bs)
+        width = int(used.max()) if used.size else 0
+        old_bt = self.allocator.vllm_layout(old_tables)[0][:, :width]
+        new_bt = alloc.vllm_layout(tables)[0][:, :width]
+        mask = np.arange(width)[None, :] < used[:, None]
+        src = torch.from_numpy(old_bt[mask].astype(np.int64)).to(self.device)
+        dst = torch.from_numpy(new_bt[mask].astype(np.int64)).to(self.device)
+
+        def moved(t: torch.Tensor, per_block: int, fill: float = 0.0) -> torch.Tensor:
+            old = t.reshape(-1, per_block, *t.shape[1:]) if per_block > 1 else t
+            out = torch.full((num_blocks, *old.shape[1:]), fill, dtype=t.dtype, device=t.device)
+            out[dst] = old[src]
+            return out.reshape(-1, *t.shape[1:]) if per_block > 1 else out
+
+        with torch.inference_mode(False):
+            self.k_pool = moved(self.k_pool, 1)
+            self.v_pool = moved(self.v_pool, 1)
+            self.slot_pos = moved(self.slot_pos, bs)
+            self.slot_valid = moved(self.slot_valid, bs)
+            self.slot_score = moved(self.slot_score, bs)
+            self.slot_count = moved(self.slot_count, bs, 1.0)
+            if self.kivi:
+                self.block_row = moved(self.block_row, 1, -1)
+        self.allocator = alloc
+        self.tables = tables.reshape(self.batch_size, self.num_layers, self.num_kv_heads)
+        self.capacity = per_stream * bs
+        return before - self.memory_bytes()
+
     # ------------------------------------------------------------------ snapshots
 
     def snapshot(self) -> CacheSnapshot:

@@ -170,6 +170,10 @@ class KVCoreCache(Cache):
         """See :meth:`KVCache.snapshot`: ask several questions about one context."""
         return self.kv.snapshot()
 
+    def shrink(self, capacity: int | None = None) -> int:
+        """See :meth:`KVCache.shrink`: give back the pool memory a compression emptied."""
+        return self.kv.shrink(capacity)
+
     def restore(self, snap: CacheSnapshot) -> None:
         """See :meth:`KVCache.restore`."""
         self.kv.restore(snap)

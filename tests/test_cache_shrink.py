@@ -1,0 +1,150 @@
+"""KVCache.shrink: the pools reallocated smaller after a compression, contents unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="kvcore.cache needs torch")
+
+import kvcore  # noqa: E402
+from kvcore.cache import KVCache, Schedule  # noqa: E402
+from kvcore.scoring import get  # noqa: E402
+
+L, H, D, BS = 2, 2, 16, 4
+
+
+def rnd(b: int, n: int, seed: int) -> torch.Tensor:
+    return torch.randn(b, H, n, D, generator=torch.Generator().manual_seed(seed))
+
+
+def make(schedule: Schedule | None = None, policy: str = "snapkv", **kw) -> KVCache:
+    params = {"window": 2, "kernel": 3} if policy == "snapkv" else {}
+    return KVCache(
+        L,
+        H,
+        D,
+        block_size=BS,
+        policy=get(policy, 6, **params),
+        schedule=schedule or Schedule.prefill(),
+        **kw,
+    )
+
+
+def prefill(c: KVCache) -> None:
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, :5] = False  # a left-padded second sequence
+    for layer in range(L):
+        c.observe(layer, rnd(2, 2, 50 + layer))
+        c.update(layer, rnd(2, 40, layer), rnd(2, 40, 10 + layer), valid=valid)
+        c.attend(layer, rnd(2, 40, 20 + layer))
+
+
+def step(c: KVCache, seed: int) -> list[torch.Tensor]:
+    outs = []
+    for layer in range(L):
+        q = rnd(2, 1, seed + 200 + layer)
+        c.observe(layer, q)
+        c.update(layer, rnd(2, 1, seed + layer), rnd(2, 1, seed + 100 + layer))
+        outs.append(c.attend(layer, q))
+    return outs
+
+
+FORMATS = [
+    {},
+    {"kv_format": "int4", "quant_group": 8},
+    {"kv_format": "kivi2"},
+    {"evicted_format": "int2", "quant_group": 8},
+]
+
+
+@pytest.mark.parametrize("kw", FORMATS, ids=["native", "int4", "kivi2", "mikv-int2"])
+def test_shrink_frees_memory_and_keeps_every_answer(kw):
+    a, b = make(**kw), make(**kw)
+    prefill(a)
+    prefill(b)
+    before = a.memory_bytes()
+    freed = a.shrink(12)
+    assert freed == before - a.memory_bytes() > 0
+    assert a.capacity == 12 and a.k_pool.shape[0] == 2 * L * H * 3 + 1  # 3 blocks a stream
+    own = a.k_pool.nbytes + a.v_pool.nbytes
+    if a.kivi:
+        own += a.res_k.nbytes + a.res_v.nbytes
+    if a.lo_allocator is not None:
+        own += a.lo_k_pool.nbytes + a.lo_v_pool.nbytes
+    assert a.memory_bytes() == own  # measured from the tensors
+    assert a.used_bytes() == b.used_bytes()
+    assert np.array_equal(a.stored_lengths(), b.stored_lengths())
+    assert np.array_equal(a.evicted_lengths(), b.evicted_lengths())
+    a.allocator.check_invariants()
+    for t in range(4):  # decoding reads the same values (and writes the same new ones)
+        for x, y in zip(step(a, 1000 + 10 * t), step(b, 1000 + 10 * t), strict=True):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "h2o"])  # h2o: per-slot accumulated scores
+def test_shrink_then_decode_compressions_match_the_unshrunk_cache(policy):
+    a, b = make(Schedule.decode(3), policy), make(Schedule.decode(3), policy)
+    prefill(a)
+    prefill(b)
+    assert a.shrink() > 0  # default: longest stream + 256 tokens of headroom
+    assert a.capacity == -(-(6 + 256) // BS) * BS
+    for t in range(7):
+        for x, y in zip(step(a, 3000 + 10 * t), step(b, 3000 + 10 * t), strict=True):
+            assert torch.equal(x, y)
+    assert np.array_equal(a.stored_lengths(), b.stored_lengths())
+    assert a.num_compressions == b.num_compressions > 1
+
+
+def test_shrink_refuses_a_capacity_below_the_contents_and_is_a_no_op_when_small():
+    c = make()
+    assert c.shrink() == 0  # before the first update
+    prefill(c)
+    pools = (c.k_pool, c.v_pool)
+    with pytest.raises(ValueError, match="capacity must be an int >= 6"):
+        c.shrink(5)
+    with pytest.raises(ValueError, match="capacity must be an int"):
+        c.shrink(8.5)  # type: ignore[arg-type]
+    assert c.k_pool is pools[0] and c.v_pool is pools[1]
+    assert c.shrink(8) > 0
+    assert c.shrink(8) == 0  # already that small
+    assert c.shrink(100) == 0  # never grows
+
+
+def test_running_out_after_a_shrink_is_the_documented_error():
+    c = make()
+    prefill(c)
+    c.shrink(8)  # 6 stored + room for 2 tokens
+    step(c, 5000)
+    step(c, 5010)
+    lengths = c.stored_lengths().copy()
+    with pytest.raises(kvcore.OutOfBlocksError, match="exceed the capacity of 8"):
+        c.update(0, rnd(2, 1, 1), rnd(2, 1, 2))
+    assert np.array_equal(c.stored_lengths(), lengths)
+
+
+def test_hf_cache_shrink_keeps_generation():
+    pytest.importorskip("transformers", reason="kvcore.hf needs transformers")
+    from tiny_llama import tiny
+
+    import kvcore.hf as kh
+
+    model = tiny("kvcore")
+    ids = torch.randint(1, 64, (1, 40), generator=torch.Generator().manual_seed(3))
+
+    def run(shrink: bool) -> tuple[torch.Tensor, int]:
+        cache = kh.compressed_cache(model, "snapkv", 8, window=4)
+        with torch.inference_mode():
+            out = model(input_ids=ids, past_key_values=cache)
+            nxt = out.logits[:, -1:].argmax(-1)
+            freed = cache.shrink() if shrink else 0
+            toks = [nxt]
+            for _ in range(5):
+                out = model(input_ids=toks[-1], past_key_values=cache)
+                toks.append(out.logits[:, -1:].argmax(-1))
+        return torch.cat(toks, 1), freed
+
+    plain, _ = run(False)
+    shrunk, freed = run(True)
+    assert freed > 0
+    assert torch.equal(plain, shrunk)
