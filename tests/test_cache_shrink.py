@@ -82,6 +82,18 @@ def test_shrink_frees_memory_and_keeps_every_answer(kw):
             assert torch.equal(x, y)
 
 
+def test_after_a_shrink_to_the_budget_the_pools_are_the_budget_within_one_block_per_stream():
+    c = make()  # snapkv, budget 6, the 40-token prompt compressed at the prefill
+    prefill(c)
+    streams, per_token = 2 * L * H, 2 * D * 4  # K and V, float32
+    assert c.memory_bytes() >= streams * 40 * per_token  # sized for the whole prompt
+    c.shrink(6)
+    pools = c.k_pool.nbytes + c.v_pool.nbytes  # measured from the tensors
+    assert c.memory_bytes() == pools
+    extra = pools - streams * 6 * per_token
+    assert 0 <= extra <= streams * BS * per_token + BS * per_token  # + the null block
+
+
 @pytest.mark.parametrize("policy", ["snapkv", "h2o"])  # h2o: per-slot accumulated scores
 def test_shrink_then_decode_compressions_match_the_unshrunk_cache(policy):
     a, b = make(Schedule.decode(3), policy), make(Schedule.decode(3), policy)

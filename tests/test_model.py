@@ -59,6 +59,8 @@ def test_the_demo_runs_and_prints_both_answers(smollm2, capsys):
     out = capsys.readouterr().out
     assert out.count("answer:") == 2 and out.count("speed:") == 2
     assert "less K/V memory" in out
+    # the compressed run's pools shrank after the prefill; the full cache's did not
+    assert out.count("pool:") == 2 and out.count("after shrink (prefill peak") == 1
 
 
 @pytest.mark.parametrize(
