@@ -70,6 +70,26 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+VARIANTS = ("", "+int4", "+kivi2", "+mikv2", "+ems")
+
+
+def kl_pivot(rows: list[dict[str, Any]], policies: list[str]) -> str:
+    """KL and KV MiB held of each policy with each storage variant, one row per (policy, kept
+    fraction): the grid of docs/benchmarks.md (``rows``: the summaries of one or more runs)."""
+    by = {(r["method"], r["keep"]): r for r in rows if "error" not in r}
+    keeps = sorted({r["keep"] for r in rows if r["keep"] < 1.0}, reverse=True)
+    names = ["native" if v == "" else v[1:] for v in VARIANTS]
+    lines = ["| policy | keep | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]
+    for pol in policies:
+        for keep in keeps:
+            cells = []
+            for v in VARIANTS:
+                r = by.get((f"kvcore:{pol}{v}", keep))
+                cells.append("-" if r is None else f"{r['kl']:.3f} ({r['kv_bytes'] / 2**20:.1f})")
+            lines.append(f"| {pol} | {keep} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -120,5 +140,16 @@ if __name__ == "__main__":
     import json
 
     ap = argparse.ArgumentParser(description="print the markdown table of a quality JSON")
-    ap.add_argument("json", type=Path)
-    print(markdown(json.loads(ap.parse_args().json.read_text())["summary"]))
+    ap.add_argument("json", type=Path, nargs="+")
+    ap.add_argument(
+        "--kl-pivot",
+        metavar="POLICIES",
+        help="instead: KL (KV MiB) of these policies (comma list) x storage variants, "
+        "over every given JSON",
+    )
+    args = ap.parse_args()
+    summary = [r for p in args.json for r in json.loads(p.read_text())["summary"]]
+    if args.kl_pivot:
+        print(kl_pivot(summary, args.kl_pivot.split(",")))
+    else:
+        print(markdown(summary))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {
     "## Quality on the embedded model": "quality.json",
     "## Quality at 2k and 4k tokens": "quality_long.json",
+    "## Quality at 1k: every policy with every storage variant": "quality_grid.json",
 }
 
 
@@ -72,3 +75,26 @@ def test_speed_table_matches_the_json() -> None:
             format(c["decode_speed_vs_full_hf"], ".2f"),
             format(c["kv_bytes"] / 2**20, ".2f"),
         ], c["method"]
+
+
+def test_storage_variant_pivot_matches_the_jsons() -> None:
+    """The KL (MiB) pivot of the storage-variant section is what quality_report prints from the
+    two committed 1k JSONs."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import quality_report
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    section = doc[doc.index("## Quality at 1k: every policy with every storage variant") :]
+    section = section[: section.find("\n## ", 1)]
+    m = re.search(r"--kl-pivot ([a-z0-9,]+)`", section)
+    assert m, "the section names the policies of its pivot"
+    rows = [
+        r
+        for name in ("quality.json", "quality_grid.json")
+        for r in json.loads((ROOT / "bench" / "results" / name).read_text())["summary"]
+    ]
+    pivot = quality_report.kl_pivot(rows, m.group(1).split(","))
+    assert pivot in section
+    assert pivot.count("\n") == 2 + 3 * len(m.group(1).split(",")) - 1
