@@ -100,8 +100,10 @@ def kvcore_ops() -> tuple[qc.Snapshot, qc.Restore, qc.KvBytes]:
 
 
 def kvcore_reserved(cache: Any) -> int:
-    """The pool tensors' bytes: kvcore reserves its K/V storage at the first update."""
-    return int(cache.kv.memory_bytes())
+    """The most the pool tensors held: kvcore reserves its K/V storage at the first update
+    (for the whole prompt under ``Schedule.prefill()``), and pools sized on demand are copied
+    into smaller ones after the compression (both exist during the copy)."""
+    return int(cache.kv.peak_memory_bytes())
 
 
 def full_prefill(model: Any, ctx: torch.Tensor) -> Any:

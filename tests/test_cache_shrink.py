@@ -160,3 +160,90 @@ def test_hf_cache_shrink_keeps_generation():
     shrunk, freed = run(True)
     assert freed > 0
     assert torch.equal(plain, shrunk)
+
+
+# ---------------------------------------------------------------- pools sized on demand
+
+
+def long_prefill(c: KVCache, n: int, seed: int = 0) -> None:
+    for layer in range(L):
+        c.observe(layer, rnd(2, 2, seed + 50 + layer))
+        c.update(layer, rnd(2, n, seed + layer), rnd(2, n, seed + 10 + layer))
+        c.attend(layer, rnd(2, n, seed + 20 + layer))
+
+
+def test_on_demand_pools_shrink_once_the_prefill_is_compressed():
+    auto, fixed = make(), make(capacity=1000)  # snapkv, budget 6
+    long_prefill(auto, 700)
+    long_prefill(fixed, 700)
+    prefill_pools = auto.memory_bytes()
+    assert auto.capacity == 700 + 256  # first step + slack, whole blocks
+    outs = [step(auto, 7000), step(fixed, 7000)]  # layer 0's update shrinks first
+    # room for the budget, the step and the slack: ceil((6 + 1 + 256) / 4) blocks
+    assert auto.capacity == 264 and auto.k_pool.shape[0] == 2 * L * H * 66 + 1
+    assert auto.memory_bytes() < prefill_pools / 3
+    assert auto.peak_memory_bytes() == prefill_pools + auto.memory_bytes()  # during the copy
+    for x, y in zip(*outs, strict=True):
+        assert torch.equal(x, y)
+    for t in range(3):  # later steps neither shrink nor grow, and read the same values
+        for x, y in zip(step(auto, 7100 + 10 * t), step(fixed, 7100 + 10 * t), strict=True):
+            assert torch.equal(x, y)
+    assert auto.capacity == 264
+    auto.allocator.check_invariants()
+
+
+@pytest.mark.parametrize("kw", FORMATS[:3], ids=["native", "int4", "kivi2"])
+def test_on_demand_pools_grow_where_a_fixed_capacity_raises(kw):
+    auto = KVCache(L, H, D, block_size=BS, **kw)  # no policy: every token is kept
+    fixed = KVCache(L, H, D, block_size=BS, capacity=20 + 256, **kw)
+    for c in (auto, fixed):
+        for layer in range(L):
+            c.update(layer, rnd(2, 20, layer), rnd(2, 20, 10 + layer))
+    assert auto.capacity == fixed.capacity == 276
+    k, v = rnd(2, 300, 90), rnd(2, 300, 91)
+    with pytest.raises(kvcore.OutOfBlocksError, match="exceed the capacity of 276"):
+        fixed.update(0, k, v)
+    assert (fixed.stored_lengths() == 20).all()  # unchanged
+    keys, values = auto.update(0, k, v)
+    assert auto.capacity == 20 + 300 + 256 and (auto.stored_lengths()[:, 0] == 320).all()
+    twin = KVCache(L, H, D, block_size=BS, capacity=400, **kw)
+    twin.update(0, rnd(2, 20, 0), rnd(2, 20, 10))
+    want_k, want_v = twin.update(0, k, v)
+    assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+    auto.allocator.check_invariants()
+
+
+def test_an_explicit_shrink_capacity_fixes_the_capacity():
+    c = make(policy="streaming")
+    prefill(c)
+    assert c.shrink() > 0  # on demand: stays on demand
+    c.update(0, rnd(2, 300, 1), rnd(2, 300, 2))  # grows
+    assert c.capacity == -(-(6 + 300 + 256) // BS) * BS
+    c.shrink(320)  # (the step's compression runs first: 6 tokens a stream)
+    assert c.capacity == 320
+    with pytest.raises(kvcore.OutOfBlocksError, match="exceed the capacity of 320"):
+        c.update(0, rnd(2, 315, 3), rnd(2, 315, 4))
+
+
+def test_hf_generation_with_on_demand_pools_equals_a_fixed_capacity():
+    pytest.importorskip("transformers", reason="kvcore.hf needs transformers")
+    from tiny_llama import tiny
+
+    import kvcore.hf as kh
+
+    model = tiny("kvcore")
+    ids = torch.randint(1, 64, (1, 600), generator=torch.Generator().manual_seed(5))
+
+    def run(**kw) -> tuple[torch.Tensor, KVCache]:
+        cache = kh.compressed_cache(model, "snapkv", 16, window=4, **kw)
+        with torch.inference_mode():
+            out = model.generate(
+                ids, past_key_values=cache, max_new_tokens=6, do_sample=False, min_new_tokens=6
+            )
+        return out, cache.kv
+
+    auto, kv = run()
+    fixed, kv_fixed = run(capacity=700)
+    assert torch.equal(auto, fixed)
+    assert kv.memory_bytes() < kv_fixed.memory_bytes() / 2  # shrunk after the prefill
+    assert kv.peak_memory_bytes() > kv.memory_bytes()

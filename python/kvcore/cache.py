@@ -18,7 +18,8 @@ Compression of layer ``l`` for step ``t`` is decided by the :class:`Schedule` an
 step ``t``'s attention of that layer, lazily: at the next ``update`` of any layer or the next
 query of the cache's lengths. So the pool holds at most ``budget + step`` tokens per stream
 (``budget + chunk`` for chunked prefill, ``budget + N`` when compressing every ``N`` decode
-steps), and never more than its fixed ``capacity``.
+steps), and never more than its ``capacity`` (fixed when given, else sized on demand: grown
+when a step does not fit, shrunk after compressions; see ``KVCache``).
 
 Positions. ``positions="original"`` keeps every key at the position it was encoded at and the
 logical length grows with every token seen (``get_seq_length``), apart from the stored length.
@@ -150,8 +151,15 @@ class KVCache:
     Args:
         num_layers, num_kv_heads, head_dim: the model's attention shape.
         capacity: tokens per (sequence, layer, kv-head) stream the pool holds (rounded up to
-            whole blocks). None: sized at the first update to ``max(budget, first step) +
-            schedule headroom`` (or the first step + 256 without a policy).
+            whole blocks); a step past it raises ``OutOfBlocksError``. None (and no
+            ``capacity_bytes``): the pools are sized on demand. The first update sizes them to
+            ``max(budget, first step) + slack`` with ``slack = max(schedule headroom, 256)``
+            tokens per stream; a step that does not fit grows them (to the longest stream +
+            the step + slack) instead of raising; and once every layer has run its
+            compressions, pools more than a third larger than ``max(longest stream, budget) +
+            step + slack`` are shrunk to that (:meth:`shrink`). Either way pools are
+            reallocated, so block ids exported earlier (:meth:`page_table`) go stale: a
+            serving stack that keeps them should give a fixed ``capacity``.
         capacity_bytes: alternatively, the total bytes of the K and V pools (null block
             included); the per-stream capacity is what fits. With ``evicted_format`` this
             bounds the high tier; the low tier is sized by ``evicted_capacity`` (both are
@@ -425,6 +433,8 @@ class KVCache:
                 )
         self._capacity_req = capacity
         self._capacity_bytes = capacity_bytes
+        self._auto_size = capacity is None and capacity_bytes is None
+        self._peak_bytes = 0
         self.batch_size = 0
         self.capacity = 0
         self.allocator: BlockAllocator | None = None
@@ -465,7 +475,7 @@ class KVCache:
             cap = self._capacity_req
             if cap is None:
                 budget = self.policy.max_budget() if self.policy is not None else first_len
-                cap = max(budget, first_len) + max(self.schedule.headroom(), 256)
+                cap = max(budget, first_len) + self._slack()
             blocks_per_stream = -(-cap // self.block_size)
         self.capacity = blocks_per_stream * self.block_size
         if self.policy is not None and self.policy.max_budget() > self.capacity:
@@ -514,6 +524,7 @@ class KVCache:
         self.lengths = np.zeros((batch, self.num_layers, self.num_kv_heads), dtype=np.int64)
         self.batch_size = batch
         self.allocator = alloc
+        self._peak_bytes = max(self._peak_bytes, self.memory_bytes())
 
     def _init_low_tier(self, batch: int, first_len: int) -> None:
         """MiKV's low tier: one more allocator table per stream, in its own pool of pages of
@@ -975,6 +986,11 @@ class KVCache:
             n += self.lo_k_pool.nbytes + self.lo_v_pool.nbytes
         return int(n)
 
+    def peak_memory_bytes(self) -> int:
+        """The largest :meth:`memory_bytes` the cache has had: its pools are reallocated by
+        :meth:`shrink` and, when sized on demand, when a step does not fit."""
+        return max(self._peak_bytes, self.memory_bytes())
+
     def used_bytes(self) -> int:
         """Bytes of K and V in blocks that streams hold now."""
         if self.allocator is None:
@@ -1170,6 +1186,13 @@ class KVCache:
         fresh = self.allocator is None
         if fresh:
             self._init(b, q)
+        elif self._auto_size:
+            if layer_idx == 0:
+                self._auto_shrink(q)
+            if int(self.lengths[:, layer_idx].max()) + q > self.capacity:
+                # on-demand pools grow instead of raising (the contents move unchanged)
+                grown = int(self.lengths.max()) + q + self._slack()
+                self._resize(-(-grown // self.block_size))
         assert self.allocator is not None
         tables = self.tables[:, layer_idx].reshape(-1)
         prev = self.lengths[:, layer_idx].reshape(-1).copy()
@@ -1474,8 +1497,11 @@ class KVCache:
         The MiKV low tier keeps its own pools.
 
         Args:
-            capacity: tokens per stream after the call; None: the longest stream (at least the
-                policy's budget) plus ``max(schedule headroom, 256)`` for the coming steps.
+            capacity: tokens per stream after the call, which also fixes the capacity from
+                then on (a step past it raises ``OutOfBlocksError``, even when the pools were
+                sized on demand); None: the longest stream (at least the policy's budget) plus
+                ``max(schedule headroom, 256)`` for the coming steps, and pools sized on demand
+                stay so.
 
         Returns:
             ``memory_bytes()`` before minus after (0 when the pools are already that small, or
@@ -1492,18 +1518,45 @@ class KVCache:
         longest = int(lens.max()) if lens.size else 0
         need = max(longest, self.policy.max_budget() if self.policy is not None else 0)
         if capacity is None:
-            capacity = need + max(self.schedule.headroom(), 256)
+            capacity = need + self._slack()
         elif not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < need:
             raise ValueError(
                 f"capacity must be an int >= {need} tokens per stream (the longest stream "
                 f"holds {longest}, the policy's budget is "
                 f"{self.policy.max_budget() if self.policy is not None else 0}), got {capacity!r}"
             )
-        bs = self.block_size
-        per_stream = -(-capacity // bs)
-        if per_stream * bs >= self.capacity:
+        else:
+            self._auto_size = False
+        per_stream = -(-capacity // self.block_size)
+        if per_stream * self.block_size >= self.capacity:
             return 0
         before = self.memory_bytes()
+        self._resize(per_stream)
+        return before - self.memory_bytes()
+
+    def _slack(self) -> int:
+        """Tokens per stream an on-demand pool keeps free beyond its contents."""
+        return max(self.schedule.headroom(), 256)
+
+    def _auto_shrink(self, q: int) -> None:
+        """On-demand pools, at the start of a step of ``q`` tokens with every layer's
+        compressions done: give back what is more than a third above the contents."""
+        if self.allocator is None or len(set(self._seen)) != 1:
+            return
+        need = int(self.lengths.max())
+        if self.policy is not None:
+            need = max(need, self.policy.max_budget())
+        per_stream = -(-(need + q + self._slack()) // self.block_size)
+        if 4 * per_stream * self.block_size <= 3 * self.capacity:
+            self._resize(per_stream)
+
+    def _resize(self, per_stream: int) -> None:
+        """Moves every stream's pages, block by block in table order, into new pools of
+        ``per_stream`` blocks a stream, with their per-slot state (contents unchanged)."""
+        assert self.allocator is not None
+        bs = self.block_size
+        before = self.memory_bytes()
+        lens = self.lengths.reshape(-1).astype(np.int64)
         old_tables = self.tables.reshape(-1)
         streams = len(old_tables)
         num_blocks = streams * per_stream + 1
@@ -1537,7 +1590,8 @@ class KVCache:
         self.allocator = alloc
         self.tables = tables.reshape(self.batch_size, self.num_layers, self.num_kv_heads)
         self.capacity = per_stream * bs
-        return before - self.memory_bytes()
+        # both generations of pools exist while the pages are copied
+        self._peak_bytes = max(self._peak_bytes, before + self.memory_bytes())
 
     # ------------------------------------------------------------------ snapshots
 
