@@ -779,3 +779,22 @@ def test_kivi_errors():
     with pytest.raises(kvcore.OutOfBlocksError):
         c.update(0, kivi_kv(1, 14, 5), kivi_kv(1, 14, 6))
     assert torch.equal(c.res_k, res) and c.stored_lengths(0).tolist() == [[3, 3]]
+
+
+def test_append_stores_what_update_stores_without_gathering():
+    """append() is update() minus the dense gather: the same pages, lengths and attention,
+    and it returns nothing; a bad step leaves the cache unchanged."""
+    a = KVCache(L, H, D, block_size=BS, policy=get("streaming", 5), capacity=40)
+    b = KVCache(L, H, D, block_size=BS, policy=get("streaming", 5), capacity=40)
+    for t, n in enumerate((9, 1, 1)):
+        for layer in range(L):
+            k, v, q = kv(2, n, 10 * t + layer), kv(2, n, 10 * t + 5 + layer), kv(2, n, 7 + t)
+            assert a.append(layer, k, v) is None
+            b.update(layer, k, v)
+            q = q.repeat_interleave(2, 1)  # 4 query heads over 2 kv heads
+            assert torch.equal(a.attend(layer, q), b.attend(layer, q))
+    assert np.array_equal(a.stored_lengths(), b.stored_lengths())
+    assert torch.equal(a.k_pool, b.k_pool) and torch.equal(a.v_pool, b.v_pool)
+    with pytest.raises(ValueError, match="must have the same shape"):
+        a.append(0, kv(2, 1), kv(2, 2))
+    assert np.array_equal(a.stored_lengths(), b.stored_lengths())

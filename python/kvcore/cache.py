@@ -1157,6 +1157,19 @@ class KVCache:
             device; a batch size other than the first update's. kvcore.OutOfBlocksError: the
             step does not fit in the capacity. The cache is unchanged after any of them.
         """
+        self.append(layer_idx, key_states, value_states, valid)
+        return self._gather_dense(layer_idx)
+
+    def append(
+        self,
+        layer_idx: int,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> None:
+        """:meth:`update` without gathering the dense K/V: for loops that read the pages
+        with :meth:`attend` (the paged attention), which saves a copy of every stored token
+        per step. Same arguments, errors and guarantees as :meth:`update`."""
         self._check_layer(layer_idx)
         self._check_kv("key_states", key_states)
         self._check_kv("value_states", value_states)
@@ -1257,7 +1270,6 @@ class KVCache:
         }
         self._next_queries[layer_idx] = None
         self._pending.add(layer_idx)
-        return self._gather_dense(layer_idx)
 
     def _seen_padding(self, layer_idx: int) -> bool:
         """Whether padding tokens are still stored in the layer."""

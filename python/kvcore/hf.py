@@ -131,9 +131,10 @@ class KVCoreCache(Cache):
         valid = self._valid
         if valid is not None and valid.shape[1] != key_states.shape[2]:
             valid = None
-        keys, values = self.kv.update(layer_idx, key_states, value_states, valid=valid)
-        if self._attn_impl == ATTN_NAME:
+        if self._attn_impl == ATTN_NAME:  # kvcore's attention reads the pages itself
+            self.kv.append(layer_idx, key_states, value_states, valid=valid)
             return key_states, value_states
+        keys, values = self.kv.update(layer_idx, key_states, value_states, valid=valid)
         if self.kv.logcount_bias and self.kv.num_compressions > 0:
             raise ValueError(
                 "merged slots carry a log(count) logit bias that "
