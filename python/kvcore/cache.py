@@ -156,7 +156,7 @@ class KVCache:
             ``max(budget, first step) + slack`` with ``slack = max(schedule headroom, 256)``
             tokens per stream; a step that does not fit grows them (to the longest stream +
             the step + slack) instead of raising; and once every layer has run its
-            compressions, pools more than a third larger than ``max(longest stream, budget) +
+            compressions, pools at least a third larger than ``max(longest stream, budget) +
             step + slack`` are shrunk to that (:meth:`shrink`). Either way pools are
             reallocated, so block ids exported earlier (:meth:`page_table`) go stale: a
             serving stack that keeps them should give a fixed ``capacity``.
@@ -1552,7 +1552,7 @@ class KVCache:
 
     def _auto_shrink(self, q: int) -> None:
         """On-demand pools, at the start of a step of ``q`` tokens with every layer's
-        compressions done: give back what is more than a third above the contents."""
+        compressions done: shrink pools at least a third larger than the contents need."""
         if self.allocator is None or len(set(self._seen)) != 1:
             return
         need = int(self.lengths.max())
