@@ -230,7 +230,12 @@ def _causal(
     if q_len == t:
         out = sdpa(qx, keys, values, is_causal=True, scale=scale, enable_gqa=True)
     elif q_len == 1:
-        out = sdpa(qx, keys, values, scale=scale, enable_gqa=True)
+        # a decode step: every query sees every key, so a kv head's group of query heads
+        # (consecutive, as transformers' repeat_kv) becomes that head's query rows: one
+        # SDPA call per kv head, with no repeated K/V (bench/results/quality_speed.json).
+        group = hq // h
+        out = sdpa(qx.reshape(b_sz, h, group, d), keys, values, scale=scale)
+        out = out.reshape(b_sz, hq, 1, d)
     else:
         group = hq // h
         out = sdpa(
