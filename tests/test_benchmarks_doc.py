@@ -16,6 +16,7 @@ SECTIONS = {
     "## Quality on the embedded model": "quality.json",
     "## Quality at 2k and 4k tokens": "quality_long.json",
     "## Quality at 1k: every policy with every storage variant": "quality_grid.json",
+    "## Storage variants at 2k and 4k tokens": "quality_long_variants.json",
 }
 
 
