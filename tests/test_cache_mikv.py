@@ -233,17 +233,19 @@ def test_generation_through_compressed_cache():
     mask[1, :3] = 0
     ids[1, :3] = 0
 
-    def run(**kw):
-        cache = kh.compressed_cache(model, "snapkv", 8, window=4, **kw)
-        out = model.generate(
+    def generate(m, cache, n):
+        return m.generate(
             input_ids=ids,
             attention_mask=mask,
-            max_new_tokens=4,
+            max_new_tokens=n,
             do_sample=False,
             past_key_values=cache,
             pad_token_id=0,
         )
-        return out, cache
+
+    def run(**kw):
+        cache = kh.compressed_cache(model, "snapkv", 8, window=4, **kw)
+        return generate(model, cache, 4), cache
 
     out, cache = run(evicted_format="int4")
     assert out.shape == (2, 28)
@@ -256,14 +258,7 @@ def test_generation_through_compressed_cache():
     sd = tiny("sdpa")  # the same seeded weights
     cache = kh.compressed_cache(sd, "snapkv", 8, window=4, evicted_format="int4")
     with pytest.raises(ValueError, match="kvcore"):
-        sd.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=2,
-            do_sample=False,
-            past_key_values=cache,
-            pad_token_id=0,
-        )
+        generate(sd, cache, 2)
 
 
 def test_key_balancer_uses_the_observed_queries_and_flattens_outlier_channels():

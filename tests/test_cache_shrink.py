@@ -31,13 +31,13 @@ def make(schedule: Schedule | None = None, policy: str = "snapkv", **kw) -> KVCa
     )
 
 
-def prefill(c: KVCache) -> None:
-    valid = torch.ones(2, 40, dtype=torch.bool)
-    valid[1, :5] = False  # a left-padded second sequence
+def prefill(c: KVCache, n: int = 40, padded: bool = True) -> None:
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, :5] = not padded  # a left-padded second sequence
     for layer in range(L):
         c.observe(layer, rnd(2, 2, 50 + layer))
-        c.update(layer, rnd(2, 40, layer), rnd(2, 40, 10 + layer), valid=valid)
-        c.attend(layer, rnd(2, 40, 20 + layer))
+        c.update(layer, rnd(2, n, layer), rnd(2, n, 10 + layer), valid=valid)
+        c.attend(layer, rnd(2, n, 20 + layer))
 
 
 def step(c: KVCache, seed: int) -> list[torch.Tensor]:
@@ -165,17 +165,10 @@ def test_hf_cache_shrink_keeps_generation():
 # ---------------------------------------------------------------- pools sized on demand
 
 
-def long_prefill(c: KVCache, n: int, seed: int = 0) -> None:
-    for layer in range(L):
-        c.observe(layer, rnd(2, 2, seed + 50 + layer))
-        c.update(layer, rnd(2, n, seed + layer), rnd(2, n, seed + 10 + layer))
-        c.attend(layer, rnd(2, n, seed + 20 + layer))
-
-
 def test_on_demand_pools_shrink_once_the_prefill_is_compressed():
     auto, fixed = make(), make(capacity=1000)  # snapkv, budget 6
-    long_prefill(auto, 700)
-    long_prefill(fixed, 700)
+    prefill(auto, 700, padded=False)
+    prefill(fixed, 700, padded=False)
     prefill_pools = auto.memory_bytes()
     assert auto.capacity == 700 + 256  # first step + slack, whole blocks
     outs = [step(auto, 7000), step(fixed, 7000)]  # layer 0's update shrinks first

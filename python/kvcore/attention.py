@@ -217,6 +217,7 @@ def _causal(
     if t < q_len or t > width * bs or not bool((lengths == t).all()):
         return None
     h = n_streams // b_sz
+    group = hq // h
     if slot_valid is not None:
         p = torch.arange(t, device=block_table.device)
         slots = block_table[:, p // bs] * bs + p % bs
@@ -233,11 +234,9 @@ def _causal(
         # a decode step: every query sees every key, so a kv head's group of query heads
         # (consecutive, as transformers' repeat_kv) becomes that head's query rows: one
         # SDPA call per kv head, with no repeated K/V (bench/results/quality_speed.json).
-        group = hq // h
         out = sdpa(qx.reshape(b_sz, h, group, d), keys, values, scale=scale)
         out = out.reshape(b_sz, hq, 1, d)
     else:
-        group = hq // h
         out = sdpa(
             qx,
             keys.repeat_interleave(group, dim=1),

@@ -533,7 +533,7 @@ class KVCache:
         streams = batch * self.num_layers * self.num_kv_heads
         cap = self._lo_capacity_req
         if cap is None:
-            cap = first_len + max(self.schedule.headroom(), 256)
+            cap = first_len + self._slack()
         blocks_per_stream = -(-cap // self.block_size)
         self.lo_capacity = blocks_per_stream * self.block_size
         num_blocks = streams * blocks_per_stream + 1
@@ -627,27 +627,58 @@ class KVCache:
 
         return kernels.quantize(x.reshape(-1, 1, self.head_dim).contiguous(), self.token_layout)
 
-    def _put(self, pool: torch.Tensor, slots: torch.Tensor, enc: torch.Tensor) -> None:
-        """Stores :meth:`_encode`'s ``(N, ...)`` rows at ``slots``."""
+    def _put(
+        self,
+        pool: torch.Tensor,
+        slots: torch.Tensor,
+        enc: torch.Tensor,
+        page: QuantLayout | None = None,
+        tok: QuantLayout | None = None,
+    ) -> None:
+        """Stores :meth:`_encode`'s ``(N, ...)`` rows at ``slots`` (``page`` / ``tok``: as
+        :meth:`_slot_views`)."""
         bs = self.block_size
         b, o = slots // bs, slots % bs
-        for view, to, w in self._slot_views(pool):
+        for view, to, w in self._slot_views(pool, page, tok):
             view[b, o] = enc[:, to : to + w]
 
-    def _get(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def _get(
+        self,
+        pool: torch.Tensor,
+        slots: torch.Tensor,
+        page: QuantLayout | None = None,
+        tok: QuantLayout | None = None,
+    ) -> torch.Tensor:
         """What ``slots`` store, as :meth:`_encode` wrote it (one-token blocks when quantized;
-        the padding between codes and scales is zero, as the encoder writes it)."""
-        if self.layout is None:
-            return pool.view(-1, pool.shape[-1])[slots]
-        assert self.token_layout is not None
+        the padding between codes and scales is zero, as the encoder writes it). ``page`` /
+        ``tok``: as :meth:`_slot_views`."""
+        if page is None:
+            if self.layout is None:
+                return pool.view(-1, pool.shape[-1])[slots]
+            tok = self.token_layout
+        assert tok is not None
         bs = self.block_size
         b, o = slots // bs, slots % bs
-        out = torch.zeros(
-            len(slots), self.token_layout.nbytes, dtype=torch.uint8, device=pool.device
-        )
-        for view, to, w in self._slot_views(pool):
+        out = torch.zeros(len(slots), tok.nbytes, dtype=torch.uint8, device=pool.device)
+        for view, to, w in self._slot_views(pool, page, tok):
             out[:, to : to + w] = view[b, o]
         return out
+
+    def _move_pieces(
+        self,
+        pools: Sequence[torch.Tensor],
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        page: QuantLayout | None = None,
+        tok: QuantLayout | None = None,
+    ) -> None:
+        """A compaction plan over quantized pages: each token moves as its three pieces
+        (codes, scales, zeros), never as a raw row of its page."""
+        bs = self.block_size
+        sb, so, db, do = src // bs, src % bs, dst // bs, dst % bs
+        for pool in pools:
+            for view, _, _ in self._slot_views(pool, page, tok):
+                view[db, do] = view[sb, so]
 
     def _read(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` vectors in ``dtype`` of the given slots (dequantized when quantized)."""
@@ -679,36 +710,27 @@ class KVCache:
         enc = kernels.quantize(
             x.float().reshape(-1, 1, self.head_dim).contiguous(), self.lo_token_layout
         )
-        bs = self.block_size
-        b, o = slots // bs, slots % bs
-        for view, to, w in self._slot_views(pool, self.lo_layout, self.lo_token_layout):
-            view[b, o] = enc[:, to : to + w]
+        self._put(pool, slots, enc, self.lo_layout, self.lo_token_layout)
 
     def _lo_read(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` float32 dequantized vectors of low-tier ``slots``."""
         from kvcore import kernels
 
         assert self.lo_layout is not None and self.lo_token_layout is not None
-        bs = self.block_size
-        b, o = slots // bs, slots % bs
-        raw = torch.zeros(
-            len(slots), self.lo_token_layout.nbytes, dtype=torch.uint8, device=pool.device
-        )
-        for view, to, w in self._slot_views(pool, self.lo_layout, self.lo_token_layout):
-            raw[:, to : to + w] = view[b, o]
+        raw = self._get(pool, slots, self.lo_layout, self.lo_token_layout)
         out = kernels.dequantize(raw.contiguous(), self.lo_token_layout, torch.float32)
         return out.reshape(-1, self.head_dim)
 
     def _lo_move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """A low-tier compaction plan: each token's three pieces and its state move."""
+        from kvcore import kernels
+
         assert self.lo_layout is not None
-        bs = self.block_size
-        sb, so, db, do = src // bs, src % bs, dst // bs, dst % bs
-        for pool in (self.lo_k_pool, self.lo_v_pool):
-            for view, _, _ in self._slot_views(pool, self.lo_layout, self.lo_token_layout):
-                view[db, do] = view[sb, so]
-        for t in (self.lo_slot_pos, self.lo_slot_valid):
-            t[dst] = t[src]
+        pools = (self.lo_k_pool, self.lo_v_pool)
+        self._move_pieces(pools, src, dst, self.lo_layout, self.lo_token_layout)
+        state = [self.lo_slot_pos, self.lo_slot_valid]
+        indptr = torch.tensor([0, len(src)], dtype=torch.int64, device=src.device)
+        kernels.compact_pools(state, [0, 0], src, dst, indptr, int(self.lo_slot_pos.numel()))
 
     def _demote(
         self, layer: int, inp: ScoreInputs, keep: torch.Tensor, slots: torch.Tensor
@@ -1526,15 +1548,13 @@ class KVCache:
         self.flush()
         if self.allocator is None:
             return 0
-        lens = self.lengths.reshape(-1).astype(np.int64)
-        longest = int(lens.max()) if lens.size else 0
-        need = max(longest, self.policy.max_budget() if self.policy is not None else 0)
+        need = self._need()
         if capacity is None:
             capacity = need + self._slack()
         elif not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < need:
             raise ValueError(
                 f"capacity must be an int >= {need} tokens per stream (the longest stream "
-                f"holds {longest}, the policy's budget is "
+                f"holds {int(self.lengths.max())}, the policy's budget is "
                 f"{self.policy.max_budget() if self.policy is not None else 0}), got {capacity!r}"
             )
         else:
@@ -1546,6 +1566,11 @@ class KVCache:
         self._resize(per_stream)
         return before - self.memory_bytes()
 
+    def _need(self) -> int:
+        """Tokens per stream the pools must keep: the longest stream, at least the budget."""
+        budget = self.policy.max_budget() if self.policy is not None else 0
+        return max(int(self.lengths.max()), budget)
+
     def _slack(self) -> int:
         """Tokens per stream an on-demand pool keeps free beyond its contents."""
         return max(self.schedule.headroom(), 256)
@@ -1555,10 +1580,7 @@ class KVCache:
         compressions done: shrink pools at least a third larger than the contents need."""
         if self.allocator is None or len(set(self._seen)) != 1:
             return
-        need = int(self.lengths.max())
-        if self.policy is not None:
-            need = max(need, self.policy.max_budget())
-        per_stream = -(-(need + q + self._slack()) // self.block_size)
+        per_stream = -(-(self._need() + q + self._slack()) // self.block_size)
         if 4 * per_stream * self.block_size <= 3 * self.capacity:
             self._resize(per_stream)
 
@@ -1821,11 +1843,7 @@ class KVCache:
             self._write(self.k_pool, dst, k_src)
             self._write(self.v_pool, dst, v_src)
         elif self.layout is not None:
-            bs = self.block_size
-            sb, so, db, do = src // bs, src % bs, dst // bs, dst % bs
-            for pool in (self.k_pool, self.v_pool):
-                for view, _, _ in self._slot_views(pool):
-                    view[db, do] = view[sb, so]
+            self._move_pieces((self.k_pool, self.v_pool), src, dst)
         else:
             tensors = [self.k_pool, self.v_pool, *tensors]
         indptr = torch.tensor([0, len(src)], dtype=torch.int64, device=src.device)
