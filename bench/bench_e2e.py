@@ -120,14 +120,14 @@ def run_cell(
             ids = prompt[:, s : s + chunk]
             pos = torch.arange(s, s + ids.shape[1], device=prompt.device).expand(b, -1)
             logits = model(
-                input_ids=ids, past_key_values=cache, position_ids=pos, logits_to_keep=1
+                input_ids=ids, **kh.cache_kwargs(model, cache), position_ids=pos, logits_to_keep=1
             ).logits
         assert logits is not None
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         # One warm-up decode step (first-use compilation, allocator growth), not timed.
         logits = model(
             input_ids=nxt,
-            past_key_values=cache,
+            **kh.cache_kwargs(model, cache),
             position_ids=torch.full((b, 1), n, device=prompt.device),
         ).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)
@@ -136,7 +136,7 @@ def run_cell(
         for i in range(new_tokens):
             logits = model(
                 input_ids=nxt,
-                past_key_values=cache,
+                **kh.cache_kwargs(model, cache),
                 position_ids=torch.full((b, 1), n + 1 + i, device=prompt.device),
             ).logits
             nxt = logits[:, -1].argmax(-1, keepdim=True)

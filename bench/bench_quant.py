@@ -95,7 +95,8 @@ def real_model_errors(num_tokens: int = 1024) -> dict[str, object]:
     ids = tok(text, return_tensors="pt").input_ids[:, :num_tokens]
     with torch.no_grad():
         out = model(ids, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    # transformers >= 5.24 names the output field ``cache``; earlier releases ``past_key_values``
+    cache = getattr(out, "cache", None) or out.past_key_values
     ks = [layer.keys[0].float().numpy() for layer in cache.layers]  # (kv_heads, n, d)
     vs = [layer.values[0].float().numpy() for layer in cache.layers]
     k_all = np.stack(ks)  # (layers, heads, n, d)

@@ -84,7 +84,7 @@ def kvcore_prefill(spec: dict[str, Any], keep: float) -> qc.Prefill:
             **spec,
         )
         with torch.inference_mode():
-            model(input_ids=ctx, past_key_values=cache, logits_to_keep=1)
+            model(input_ids=ctx, **kh.cache_kwargs(model, cache), logits_to_keep=1)
         cache.snapshot()  # runs the prefill compression now, so prefill_s includes it
         return cache
 
@@ -111,7 +111,7 @@ def full_prefill(model: Any, ctx: torch.Tensor) -> Any:
 
     cache = DynamicCache()
     with torch.inference_mode():
-        model(input_ids=ctx, past_key_values=cache, logits_to_keep=1)
+        model(input_ids=ctx, **kh.cache_kwargs(model, cache), logits_to_keep=1)
     return cache
 
 

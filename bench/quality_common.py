@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import math
 import random
 import time
@@ -282,12 +283,19 @@ def dynamic_kv_bytes(cache: Any) -> int:
 
 
 @torch.inference_mode()
+def _cache_kw(model: Any, cache: Any) -> dict[str, Any]:
+    """The cache by the keyword this transformers release takes (``cache`` since 5.24; this
+    module runs in the kvpress venv too, so it does not import kvcore.hf)."""
+    takes = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in takes else "past_key_values": cache}
+
+
 def continuation_logprobs(model: Any, cache: Any, ids: list[int], start_pos: int) -> torch.Tensor:
     """Log-probabilities (fp32, ``(len(ids), vocab)``) after each token of ``ids`` run on
     ``cache`` at positions ``start_pos, start_pos + 1, ...``."""
     x = torch.tensor([ids], dtype=torch.long)
     pos = torch.arange(start_pos, start_pos + len(ids)).unsqueeze(0)
-    out = model(input_ids=x, past_key_values=cache, position_ids=pos)
+    out = model(input_ids=x, **_cache_kw(model, cache), position_ids=pos)
     return torch.log_softmax(out.logits[0].float(), dim=-1)
 
 
@@ -299,7 +307,7 @@ def greedy(
     steps that decoded one token."""
     x = torch.tensor([ids], dtype=torch.long)
     pos = torch.arange(start_pos, start_pos + len(ids)).unsqueeze(0)
-    out = model(input_ids=x, past_key_values=cache, position_ids=pos, logits_to_keep=1)
+    out = model(input_ids=x, **_cache_kw(model, cache), position_ids=pos, logits_to_keep=1)
     nxt = int(out.logits[0, -1].argmax())
     gen = [nxt]
     p = start_pos + len(ids)
@@ -307,7 +315,7 @@ def greedy(
     while len(gen) < max_new_tokens and nxt not in eos:
         out = model(
             input_ids=torch.tensor([[nxt]]),
-            past_key_values=cache,
+            **_cache_kw(model, cache),
             position_ids=torch.tensor([[p]]),
         )
         nxt = int(out.logits[0, -1].argmax())

@@ -53,7 +53,7 @@ def step(model: Any, cache: Any, ids: list[int], pos: int) -> int:
     """Feeds ``ids`` at positions ``pos, pos + 1, ...``; returns the greedy next token."""
     out = model(
         input_ids=torch.tensor([ids]),
-        past_key_values=cache,
+        **kh.cache_kwargs(model, cache),
         position_ids=torch.arange(pos, pos + len(ids)).unsqueeze(0),
         logits_to_keep=1,
     )

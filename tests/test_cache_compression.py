@@ -393,7 +393,7 @@ def test_merging_cache_generates_through_hf(method):
         attention_mask=torch.ones_like(ids),
         max_new_tokens=3,
         do_sample=False,
-        past_key_values=cache,
+        **kh.cache_kwargs(model, cache),
         pad_token_id=0,
     )
     assert out.shape == (2, 27)

@@ -239,7 +239,7 @@ def test_generation_through_compressed_cache():
             attention_mask=mask,
             max_new_tokens=n,
             do_sample=False,
-            past_key_values=cache,
+            **kh.cache_kwargs(m, cache),
             pad_token_id=0,
         )
 

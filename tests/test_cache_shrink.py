@@ -147,12 +147,12 @@ def test_hf_cache_shrink_keeps_generation():
     def run(shrink: bool) -> tuple[torch.Tensor, int]:
         cache = kh.compressed_cache(model, "snapkv", 8, window=4)
         with torch.inference_mode():
-            out = model(input_ids=ids, past_key_values=cache)
+            out = model(input_ids=ids, **kh.cache_kwargs(model, cache))
             nxt = out.logits[:, -1:].argmax(-1)
             freed = cache.shrink() if shrink else 0
             toks = [nxt]
             for _ in range(5):
-                out = model(input_ids=toks[-1], past_key_values=cache)
+                out = model(input_ids=toks[-1], **kh.cache_kwargs(model, cache))
                 toks.append(out.logits[:, -1:].argmax(-1))
         return torch.cat(toks, 1), freed
 
@@ -231,7 +231,11 @@ def test_hf_generation_with_on_demand_pools_equals_a_fixed_capacity():
         cache = kh.compressed_cache(model, "snapkv", 16, window=4, **kw)
         with torch.inference_mode():
             out = model.generate(
-                ids, past_key_values=cache, max_new_tokens=6, do_sample=False, min_new_tokens=6
+                ids,
+                **kh.cache_kwargs(model, cache),
+                max_new_tokens=6,
+                do_sample=False,
+                min_new_tokens=6,
             )
         return out, cache.kv
 

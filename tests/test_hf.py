@@ -32,7 +32,7 @@ def generate(model, cache, ids, mask, n=8):
         attention_mask=mask,
         max_new_tokens=n,
         do_sample=False,
-        past_key_values=cache,
+        **kh.cache_kwargs(model, cache),
         pad_token_id=0,
     )
 
@@ -57,7 +57,7 @@ def test_manual_loop_with_chunked_prefill_equals_dynamic_cache():
     last = kh.prefill(model, ids, cache, chunk=6)
     torch.testing.assert_close(last, full, atol=1e-5, rtol=1e-5)
     nxt = last.argmax(-1, keepdim=True)
-    step = model(input_ids=nxt, past_key_values=cache).logits[:, -1]
+    step = model(input_ids=nxt, **kh.cache_kwargs(model, cache)).logits[:, -1]
     ref = model(input_ids=torch.cat([ids, nxt], 1)).logits[:, -1]
     torch.testing.assert_close(step, ref, atol=1e-5, rtol=1e-5)
 
@@ -152,6 +152,129 @@ def test_snapkv_without_hooks_fails_clearly():
         generate(model, kh.KVCoreCache(kv), ids, mask, n=2)
 
 
+def _cache_keywords(model) -> list[str]:
+    """The keywords this transformers release's forward takes a cache by."""
+    return ["past_key_values", "cache"] if kh.cache_kwarg(model) == "cache" else ["past_key_values"]
+
+
+def test_cache_kwarg_names_what_the_forward_takes():
+    import inspect
+
+    model = tiny("sdpa")
+    params = inspect.signature(model.forward).parameters
+    assert kh.cache_kwarg(model) in params
+    assert kh.cache_kwarg(model) == ("cache" if "cache" in params else "past_key_values")
+    out = model(input_ids=batch()[0], **kh.cache_kwargs(model, DynamicCache(config=model.config)))
+    assert isinstance(kh.cache_of(out), DynamicCache)
+    assert kh.cache_of(object()) is None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hooks_see_the_cache_under_every_keyword(impl):
+    """SnapKV needs the observation window the attention hooks record: under each keyword the
+    forward accepts, the prefill compresses to the budget, and the outputs agree."""
+    model = tiny(impl)
+    ids, _ = batch(n=24)
+    outs = []
+    for key in _cache_keywords(model):
+        cache = kh.compressed_cache(model, "snapkv", 8, window=4)
+        logits = model(input_ids=ids, **{key: cache}).logits[:, -1]
+        nxt = logits.argmax(-1, keepdim=True)
+        step = model(input_ids=nxt, **{key: cache}).logits[:, -1]
+        assert int(cache.kv.stored_lengths().max()) <= 8 + 1
+        outs.append(step)
+    for other in outs[1:]:
+        torch.testing.assert_close(other, outs[0], atol=0, rtol=0)
+
+
+def test_generate_with_the_cache_keyword_compresses():
+    model = tiny("kvcore")
+    ids, mask = batch(n=24, pad=3)
+    done = []
+    for key in _cache_keywords(model):
+        cache = kh.compressed_cache(model, "snapkv", 8, window=4)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+            **{key: cache},
+        )
+        assert cache.kv.num_compressions >= 1
+        assert int(cache.kv.stored_lengths().max()) <= 8 + 4
+        done.append(out)
+    for other in done[1:]:
+        assert torch.equal(other, done[0])
+
+
+def _pre_hooks(model) -> int:
+    mods = [model.model] + [m for m in model.modules() if hasattr(m, "q_proj")]
+    return sum(len(m._forward_pre_hooks) for m in mods)
+
+
+def test_install_twice_hooks_once_and_handles_remove_them():
+    model = tiny("sdpa")
+    assert _pre_hooks(model) == 0
+    first = kh.install(model)
+    second = kh.install(model)
+    per_set = 1 + model.config.num_hidden_layers  # the model's pre-hook and one per attention
+    assert _pre_hooks(model) == per_set
+    first.remove()
+    first.remove()  # removing a handle twice does nothing
+    assert not first.active and second.active
+    assert _pre_hooks(model) == per_set  # another handle still holds them
+    second.remove()
+    assert _pre_hooks(model) == 0
+    # without hooks, SnapKV cannot see its window: the clear error, not a silent zero score
+    kv_model = kh.compressed_cache(model, "snapkv", 8, window=4)
+    kh.uninstall(model)
+    ids, _ = batch()
+    with pytest.raises(ValueError, match="snapkv needs the observed queries"):
+        model(input_ids=ids, **kh.cache_kwargs(model, kv_model))
+    assert kh.uninstall(model) is False
+
+
+def test_install_as_a_context_manager():
+    model = tiny("sdpa")
+    ids, _ = batch()
+    with kh.install(model) as hooks:
+        assert hooks.active and _pre_hooks(model) == 1 + model.config.num_hidden_layers
+        cache = kh.KVCoreCache(
+            kh.compressed_cache(model, "snapkv", 8, window=4).kv  # same hooks, one more handle
+        )
+        model(input_ids=ids, **kh.cache_kwargs(model, cache))
+        assert int(cache.kv.stored_lengths().max()) <= 8
+    # compressed_cache's own handle keeps the hooks after the block
+    assert _pre_hooks(model) == 1 + model.config.num_hidden_layers
+    kh.uninstall(model)
+    assert _pre_hooks(model) == 0
+    with kh.install(model):
+        pass
+    assert _pre_hooks(model) == 0
+
+
+def test_install_refuses_a_model_without_attention_and_hooks_nothing():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="no attention module"):
+        kh.install(net)
+    assert len(net._forward_pre_hooks) == 0 and not hasattr(net, "_kvcore_hooks")
+
+
+def test_crop_is_refused_clearly():
+    model = tiny("sdpa")
+    cache = kh.compressed_cache(model, None, 0)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(-1)
+
+
+def test_release_parsing_and_the_floor():
+    assert kh._release("5.24.0") == (5, 24, 0)
+    assert kh._release("5.14.0.dev0") == (5, 14, 0)
+    assert kh._release("5.15.0rc1") == (5, 15, 0)
+    assert kh._release(transformers.__version__) >= kh.MIN_TRANSFORMERS
+
+
 def test_snapshot_restore_answers_two_questions_on_one_compressed_context():
     """One compressed context, two questions: each answer equals the one obtained by
     compressing the context afresh for that question alone."""
@@ -164,13 +287,13 @@ def test_snapshot_restore_answers_two_questions_on_one_compressed_context():
             model, "snapkv", 12, window=4, schedule=Schedule.prefill(multi_turn="once")
         )
         with torch.no_grad():
-            model(input_ids=ctx, past_key_values=cache)
+            model(input_ids=ctx, **kh.cache_kwargs(model, cache))
         return cache
 
     def ask(cache, q):
         pos = torch.arange(30, 30 + q.shape[1]).unsqueeze(0)
         with torch.no_grad():
-            return model(input_ids=q, past_key_values=cache, position_ids=pos).logits
+            return model(input_ids=q, **kh.cache_kwargs(model, cache), position_ids=pos).logits
 
     shared = fresh()
     snap = shared.snapshot()
@@ -307,16 +430,22 @@ def test_quantized_cache_generates_on_the_tiny_model(fmt):
     ref = kh.compressed_cache(model, None, 0)
     cache = kh.compressed_cache(model, None, 0, kv_format=fmt, quant_group=8)
     with torch.no_grad():
-        full = model(input_ids=ids, attention_mask=mask, past_key_values=ref).logits[:, -1]
-        q = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
+        full = model(input_ids=ids, attention_mask=mask, **kh.cache_kwargs(model, ref)).logits[
+            :, -1
+        ]
+        q = model(input_ids=ids, attention_mask=mask, **kh.cache_kwargs(model, cache)).logits[:, -1]
     # the prompt attends its own tokens in full precision: quantization changes only what
     # later steps read, so the prompt's logits are the full-precision cache's exactly
     assert torch.equal(q, full)
     nxt = full.argmax(-1, keepdim=True)
     mask2 = torch.cat([mask, torch.ones_like(nxt)], dim=1)
     with torch.no_grad():
-        full2 = model(input_ids=nxt, attention_mask=mask2, past_key_values=ref).logits[:, -1]
-        q2 = model(input_ids=nxt, attention_mask=mask2, past_key_values=cache).logits[:, -1]
+        full2 = model(input_ids=nxt, attention_mask=mask2, **kh.cache_kwargs(model, ref)).logits[
+            :, -1
+        ]
+        q2 = model(input_ids=nxt, attention_mask=mask2, **kh.cache_kwargs(model, cache)).logits[
+            :, -1
+        ]
     # the decode step reads the prompt's quantized pages: its logits move by the quantization
     # error only (bounds ~5x the error measured before, on logits of magnitude ~0.3)
     err = (q2 - full2).abs().max().item()
@@ -359,14 +488,20 @@ def test_kivi_cache_generates_on_the_tiny_model(fmt):
     ref = kh.compressed_cache(model, None, 0, block_size=8)
     cache = kh.compressed_cache(model, None, 0, kv_format=fmt, quant_group=8, block_size=8)
     with torch.no_grad():
-        full = model(input_ids=ids, attention_mask=mask, past_key_values=ref).logits[:, -1]
-        q = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
+        full = model(input_ids=ids, attention_mask=mask, **kh.cache_kwargs(model, ref)).logits[
+            :, -1
+        ]
+        q = model(input_ids=ids, attention_mask=mask, **kh.cache_kwargs(model, cache)).logits[:, -1]
     assert torch.equal(q, full)  # the prompt attends itself in full precision
     nxt = full.argmax(-1, keepdim=True)
     mask2 = torch.cat([mask, torch.ones_like(nxt)], dim=1)
     with torch.no_grad():
-        full2 = model(input_ids=nxt, attention_mask=mask2, past_key_values=ref).logits[:, -1]
-        q2 = model(input_ids=nxt, attention_mask=mask2, past_key_values=cache).logits[:, -1]
+        full2 = model(input_ids=nxt, attention_mask=mask2, **kh.cache_kwargs(model, ref)).logits[
+            :, -1
+        ]
+        q2 = model(input_ids=nxt, attention_mask=mask2, **kh.cache_kwargs(model, cache)).logits[
+            :, -1
+        ]
     err = (q2 - full2).abs().max().item()  # the decode step reads the sealed pages
     assert 0 < err <= 0.1, err
     assert cache.memory_bytes() < ref.memory_bytes()

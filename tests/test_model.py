@@ -27,7 +27,9 @@ def prompt(tok, n_words: int = 120):
 
 
 def greedy(model, ids, cache, n=6):
-    return model.generate(input_ids=ids, max_new_tokens=n, do_sample=False, past_key_values=cache)
+    return model.generate(
+        input_ids=ids, max_new_tokens=n, do_sample=False, **kh.cache_kwargs(model, cache)
+    )
 
 
 def test_full_budget_equals_dynamic_cache_on_the_real_model(smollm2):
@@ -113,9 +115,9 @@ def test_the_demo_takes_a_registry_policy_and_a_page_format(smollm2, capsys):
 
 def _first_decode_logprobs(model, ids, cache):
     with torch.inference_mode():
-        out = model(input_ids=ids, past_key_values=cache)
+        out = model(input_ids=ids, **kh.cache_kwargs(model, cache))
         nxt = out.logits[:, -1:].argmax(-1)
-        step = model(input_ids=nxt, past_key_values=cache)
+        step = model(input_ids=nxt, **kh.cache_kwargs(model, cache))
     return step.logits[0, -1].float().log_softmax(-1)
 
 

@@ -53,7 +53,7 @@ def run(
 ) -> dict[str, Any]:
     import torch
 
-    from kvcore.hf import prefill
+    from kvcore.hf import cache_kwargs, prefill
 
     # One forward over the whole prompt (compression happens once, after it); the bar
     # advances per decoder layer.
@@ -93,7 +93,9 @@ def run(
                 bar(max_new, max_new)
                 break
             out.append(int(nxt))
-            logits = model(input_ids=nxt, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+            logits = model(input_ids=nxt, **cache_kwargs(model, cache), logits_to_keep=1).logits[
+                :, -1
+            ]
             bar(i + 1, max_new)
     t_decode = time.perf_counter() - t1
     return {

@@ -1299,6 +1299,12 @@ class KVCache:
         slots = self._slots(self.tables[:, layer_idx].reshape(-1), lens)[0]
         return bool((~self.slot_valid[slots] & (slots >= 0)).any()) if slots.numel() else False
 
+    def has_pending_step(self, layer_idx: int) -> bool:
+        """Whether :meth:`attend` can read layer ``layer_idx`` now: an :meth:`update` or
+        :meth:`append` of the layer recorded a step that :meth:`attend` has not consumed."""
+        self._check_layer(layer_idx)
+        return self._step[layer_idx] is not None
+
     def attend(
         self, layer_idx: int, query: torch.Tensor, slot_bias: torch.Tensor | None = None
     ) -> torch.Tensor:

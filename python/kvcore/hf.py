@@ -8,6 +8,13 @@
 * :func:`install` adds forward hooks, without changing model code: a pre-hook on the model
   records which new tokens are padding (from ``attention_mask``); a pre-hook on each attention
   module recomputes the rotated queries of the observation window for query-aware policies.
+  It returns a :class:`Hooks` handle (also a context manager) that takes them off again.
+* transformers renamed the forward keyword ``past_key_values`` to ``cache`` in 5.24. The hooks
+  read the cache from either keyword; :func:`cache_kwarg` names the one a model's forward
+  takes, and :func:`cache_of` reads the cache back from an output of either version.
+  Supported: transformers >= 5.14 (the first release whose masks ask the cache for
+  ``get_query_offset``, which kvcore answers with the stored length); an older one raises at
+  import.
 * ``attn_implementation="kvcore"`` (registered with ``AttentionInterface``) runs
   :func:`kvcore.kernels.decode_attention` over the pages: ragged per-head budgets and padded
   batches after eviction need it; ``"sdpa"`` and ``"eager"`` work while every stream of a layer
@@ -17,13 +24,19 @@ One line::
 
     cache = kvcore.hf.compressed_cache(model, policy="snapkv", budget=1024)
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+
+(``past_key_values=`` is accepted by every supported release; 5.24 and later also take
+``cache=``.)
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -33,15 +46,41 @@ from kvcore.cache import CacheSnapshot, KVCache, Schedule
 from kvcore.scoring import TorchPolicy, get
 
 __all__ = [
+    "MIN_TRANSFORMERS",
+    "CACHE_KWARGS",
+    "Hooks",
     "KVCoreCache",
     "KVCoreLayer",
+    "cache_kwarg",
+    "cache_kwargs",
+    "cache_of",
     "compressed_cache",
     "install",
     "kvcore_attention",
     "prefill",
+    "uninstall",
 ]
 
 ATTN_NAME = "kvcore"
+#: The lowest transformers release kvcore.hf supports (``get_query_offset`` appeared in 5.14).
+MIN_TRANSFORMERS = (5, 14)
+#: The forward keywords that carry the cache: ``cache`` since transformers 5.24, and the older
+#: ``past_key_values`` (still accepted, deprecated, until 5.40).
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The release numbers of a version string (``"5.15.0rc1"`` -> ``(5, 15, 0)``)."""
+    return tuple(Version(version).release)
+
+
+if _release(transformers.__version__) < MIN_TRANSFORMERS:
+    raise ImportError(
+        f"kvcore.hf needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))}, found "
+        f"{transformers.__version__}: older releases build attention masks from the cache's "
+        "logical length, which is wrong once tokens are evicted. Upgrade transformers "
+        "(docs/cache.md lists the tested versions)."
+    )
 
 
 def kvcore_attention(
@@ -61,7 +100,7 @@ def kvcore_attention(
     """
     cache = getattr(module, "_kvcore_cache", None)
     layer_idx = int(getattr(module, "layer_idx", 0))
-    if isinstance(cache, KVCoreCache) and cache.kv._step[layer_idx] is not None:
+    if isinstance(cache, KVCoreCache) and cache.kv.has_pending_step(layer_idx):
         return cache.kv.attend(layer_idx, query), None
     out, _ = sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -111,6 +150,12 @@ class KVCoreLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("KVCoreCache does not support beam search")
 
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "KVCoreCache cannot be cropped (assisted decoding rolls tokens back; an evicted "
+            "cache cannot); use another Cache for speculative decoding"
+        )
+
 
 class KVCoreCache(Cache):
     """A transformers ``Cache`` whose K/V live in kvcore's paged, fixed-budget pools.
@@ -128,6 +173,9 @@ class KVCoreCache(Cache):
     def _update(
         self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Inference only: the pools hold K/V without autograd history, so a forward outside
+        # torch.no_grad() neither builds a graph through the pools nor breaks the scoring.
+        key_states, value_states = key_states.detach(), value_states.detach()
         valid = self._valid
         if valid is not None and valid.shape[1] != key_states.shape[2]:
             valid = None
@@ -179,6 +227,45 @@ class KVCoreCache(Cache):
         """See :meth:`KVCache.restore`."""
         self.kv.restore(snap)
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Not supported: tokens evicted or merged cannot be rolled back (assisted decoding
+        crops its rejected draft tokens). Raises ``NotImplementedError``."""
+        self.layers[0].crop(tokens_to_remove)
+
+
+def cache_kwarg(model: Any) -> str:
+    """The keyword ``model``'s forward takes its cache by: ``"cache"`` (transformers >= 5.24)
+    or ``"past_key_values"`` (earlier releases)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``{cache_kwarg(model): cache}``: pass a cache to ``model(...)`` or
+    ``model.generate(...)`` by the keyword this transformers release expects."""
+    return {cache_kwarg(model): cache}
+
+
+def cache_of(output: Any) -> Any:
+    """The cache a model output carries: its ``cache`` field (transformers >= 5.24) or its
+    ``past_key_values`` field (earlier releases); None when it carries neither."""
+    for name in CACHE_KWARGS:
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _cache_from(kwargs: dict[str, Any]) -> Any:
+    for name in CACHE_KWARGS:
+        value = kwargs.get(name)
+        if value is not None:
+            return value
+    return None
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -194,14 +281,85 @@ def _attn_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return mods
 
 
-def install(model: Any) -> None:
-    """Add kvcore's forward hooks to ``model`` (idempotent). They only act when the call's
-    ``past_key_values`` is a :class:`KVCoreCache`."""
-    if getattr(model, "_kvcore_hooks", False):
-        return
+def _observe(
+    mod: Any, cache: KVCoreCache, policy: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Recompute the rotated queries of the observation window and hand them to the cache."""
+    hidden: torch.Tensor = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    cos, sin = kwargs["position_embeddings"]
+    w = hidden.shape[1] if policy.observe_window is None else policy.observe_window
+    w = min(w, hidden.shape[1])
+    h = hidden[:, -w:]
+    q = mod.q_proj(h).view(h.shape[0], w, -1, mod.head_dim).transpose(1, 2)
+    if hasattr(mod, "q_norm"):
+        q = mod.q_norm(q)
+    c, s = cos[:, -w:].unsqueeze(1), sin[:, -w:].unsqueeze(1)
+    q = q * c + _rotate_half(q) * s
+    cache.kv.observe(int(mod.layer_idx), q.to(cache.kv.dtype))
+
+
+class _Registration:
+    """The hooks on one model, shared by every :class:`Hooks` handle that installed them."""
+
+    def __init__(self, model: Any, handles: list[Any]) -> None:
+        self.model = model
+        self.handles = handles
+        self.users = 0
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        if getattr(self.model, "_kvcore_hooks", None) is self:
+            del self.model._kvcore_hooks
+
+
+class Hooks:
+    """A handle on the hooks :func:`install` added to a model.
+
+    ``remove()`` (or leaving a ``with`` block) releases this handle; the hooks come off when
+    every handle on the model has been released, or at once with :func:`uninstall`. Removing
+    twice does nothing.
+    """
+
+    def __init__(self, registration: _Registration) -> None:
+        self._reg: _Registration | None = registration
+        registration.users += 1
+
+    @property
+    def active(self) -> bool:
+        """Whether this handle still holds the hooks."""
+        return self._reg is not None and bool(self._reg.handles)
+
+    def remove(self) -> None:
+        reg, self._reg = self._reg, None
+        if reg is None:
+            return
+        reg.users -= 1
+        if reg.users <= 0:
+            reg.remove()
+
+    def __enter__(self) -> Hooks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def install(model: Any) -> Hooks:
+    """Add kvcore's forward hooks to ``model`` and return a :class:`Hooks` handle.
+
+    The hooks only act when the call's cache (``cache=`` or ``past_key_values=``) is a
+    :class:`KVCoreCache`. Installing again adds no second set of hooks; it returns another
+    handle on the same ones. ``with kvcore.hf.install(model): ...`` removes them at the end.
+    """
+    reg = getattr(model, "_kvcore_hooks", None)
+    if isinstance(reg, _Registration) and reg.handles:
+        return Hooks(reg)
+    attn_mods = _attn_modules(model)  # raises before anything is hooked
 
     def model_pre_hook(mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = _cache_from(kwargs)
         if not isinstance(cache, KVCoreCache):
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -215,7 +373,7 @@ def install(model: Any) -> None:
                 cache._valid = valid
 
     def attn_pre_hook(mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = _cache_from(kwargs)
         if not isinstance(cache, KVCoreCache):
             mod._kvcore_cache = None
             return
@@ -224,23 +382,25 @@ def install(model: Any) -> None:
         policy = cache.kv.policy
         if policy is None or not policy.needs_queries:
             return
-        hidden: torch.Tensor = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cos, sin = kwargs["position_embeddings"]
-        w = hidden.shape[1] if policy.observe_window is None else policy.observe_window
-        w = min(w, hidden.shape[1])
-        h = hidden[:, -w:]
-        q = mod.q_proj(h).view(h.shape[0], w, -1, mod.head_dim).transpose(1, 2)
-        if hasattr(mod, "q_norm"):
-            q = mod.q_norm(q)
-        c, s = cos[:, -w:].unsqueeze(1), sin[:, -w:].unsqueeze(1)
-        q = q * c + _rotate_half(q) * s
-        cache.kv.observe(int(mod.layer_idx), q.to(cache.kv.dtype))
+        with torch.no_grad():  # the window's queries only feed the scores
+            _observe(mod, cache, policy, args, kwargs)
 
     inner = getattr(model, "model", model)
-    inner.register_forward_pre_hook(model_pre_hook, with_kwargs=True)
-    for m in _attn_modules(model):
-        m.register_forward_pre_hook(attn_pre_hook, with_kwargs=True)
-    model._kvcore_hooks = True
+    handles = [inner.register_forward_pre_hook(model_pre_hook, with_kwargs=True)]
+    handles += [m.register_forward_pre_hook(attn_pre_hook, with_kwargs=True) for m in attn_mods]
+    reg = _Registration(model, handles)
+    model._kvcore_hooks = reg
+    return Hooks(reg)
+
+
+def uninstall(model: Any) -> bool:
+    """Remove kvcore's hooks from ``model`` whatever handles are still held. Returns whether
+    there were hooks to remove."""
+    reg = getattr(model, "_kvcore_hooks", None)
+    if not isinstance(reg, _Registration):
+        return False
+    reg.remove()
+    return True
 
 
 def _rope(model: torch.nn.Module) -> torch.Tensor | None:
@@ -339,10 +499,11 @@ def prefill(
     ``(B, vocab)``. ``progress(done, total)`` is called after each chunk."""
     chunk = chunk or cache.kv.schedule.chunk or input_ids.shape[1]
     total = input_ids.shape[1]
+    key = cache_kwarg(model)
     logits = None
     for start in range(0, total, chunk):
         part = input_ids[:, start : start + chunk]
-        out = model(input_ids=part, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=part, use_cache=True, logits_to_keep=1, **{key: cache})
         logits = out.logits[:, -1]
         if progress is not None:
             progress(min(start + chunk, total), total)
