@@ -113,6 +113,12 @@ AttentionInterface.register(ATTN_NAME, kvcore_attention)
 AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
+_NO_CROP = (
+    "KVCoreCache cannot be cropped (assisted decoding rolls tokens back; an evicted cache "
+    "cannot); use another Cache for speculative decoding"
+)
+
+
 class KVCoreLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
     """One decoder layer's view of the shared :class:`KVCache`."""
 
@@ -151,10 +157,7 @@ class KVCoreLayer(CacheLayerMixin):  # type: ignore[no-untyped-call]
         raise NotImplementedError("KVCoreCache does not support beam search")
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
-            "KVCoreCache cannot be cropped (assisted decoding rolls tokens back; an evicted "
-            "cache cannot); use another Cache for speculative decoding"
-        )
+        raise NotImplementedError(_NO_CROP)
 
 
 class KVCoreCache(Cache):
@@ -230,7 +233,7 @@ class KVCoreCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         """Not supported: tokens evicted or merged cannot be rolled back (assisted decoding
         crops its rejected draft tokens). Raises ``NotImplementedError``."""
-        self.layers[0].crop(tokens_to_remove)
+        raise NotImplementedError(_NO_CROP)
 
 
 def cache_kwarg(model: Any) -> str:
