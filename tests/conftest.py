@@ -7,6 +7,9 @@
   also runs the tests marked ``@pytest.mark.slow``, which are skipped otherwise.
 
 ``--hypothesis-profile NAME`` still wins over both, for one-off runs.
+
+``--qwen`` runs the tests marked ``@pytest.mark.qwen`` (the Qwen2.5-Coder-0.5B model, assembled
+by ``make model-qwen``; large and slow on 2 cores, so out of the default suite).
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="run the tests marked slow and the long hypothesis profile",
     )
+    parser.addoption(
+        "--qwen",
+        action="store_true",
+        default=False,
+        help="run the tests marked qwen (needs `make model-qwen`)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -37,12 +46,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--slow"):
-        return
-    skip = pytest.mark.skip(reason="needs --slow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+    for option, marker in (("--slow", "slow"), ("--qwen", "qwen")):
+        if config.getoption(option):
+            continue
+        skip = pytest.mark.skip(reason=f"needs {option}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
