@@ -31,20 +31,24 @@ for attempt in 1 2 3; do
   echo "pip install failed (attempt $attempt of 3), retrying"; sleep 15
 done
 echo "== overlay $dir: installed over the locked set"
-"$dir/bin/python" - "$site" <<'PY'
+status=0
+"$dir/bin/python" - "$site" <<'PY' || status=$?
 import sys
 from importlib.metadata import distributions
 
 site = sys.argv[1]
-own = sorted(
-    f"{d.metadata['Name']}=={d.version}"
-    for d in distributions(path=[site])
-)
-print("  " + ("\n  ".join(own) if own else "(nothing: the locked versions already satisfy it)"))
+own = sorted(f"{d.metadata['Name']}=={d.version}" for d in distributions(path=[site]))
+print("  " + ("\n  ".join(own) if own else "(nothing)"))
 import kvcore, numpy, torch, transformers  # noqa: E401
 
 print(f"  python {sys.version.split()[0]}, torch {torch.__version__}, numpy {numpy.__version__}")
 print(f"  transformers {transformers.__version__} from {transformers.__file__}")
 print(f"  kvcore {kvcore.__version__} from {kvcore.__file__}")
+sys.exit(0 if own else 3)
 PY
+if [ "$status" = 3 ]; then
+  echo "== overlay $dir: the locked versions already are these; the locked run tested them"
+  exit 0
+fi
+test "$status" = 0
 "$dir/bin/python" -m pytest -q -p no:cacheprovider "$@"
