@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="kvcore.hf needs torch")
@@ -346,15 +347,84 @@ def test_the_registry_cases_cover_every_policy():
     assert sorted(REG_CASES) == sorted(policies.names())
 
 
+def kept_positions(kv) -> list[list[list[int]]]:
+    """Stored positions per layer and stream (row ``b * H + h``), read through the public
+    page table."""
+    out = []
+    for layer in range(kv.num_layers):
+        _, slots, lens = kv.page_table(layer, "vllm")
+        pos = kv.slot_pos[torch.from_numpy(slots.astype("int64"))].tolist()
+        ends = torch.tensor(lens).cumsum(0).tolist()
+        out.append([pos[e - n : e] for e, n in zip(ends, lens.tolist(), strict=True)])
+    return out
+
+
+def static_expected(kv, n: int) -> list[list[list[int]]]:
+    """What a static pattern keeps of an n-token prompt (every sequence alike), from the
+    registry's selection; a row that drops tokens folds them into its first dropped slot
+    (Razor's compensation token)."""
+    pol, L, H = kv.policy, kv.num_layers, kv.num_kv_heads
+    sel = pol.select(np.zeros((L, H, n), np.float32), REG_BUDGET, **select_inputs(pol))
+    out = []
+    for layer in range(L):
+        rows = []
+        for h in range(H):
+            r = layer * H + h
+            keep = sel.positions[sel.indptr[r] : sel.indptr[r + 1]].tolist()
+            if sel.num_dropped is not None and sel.num_dropped[r] > 0:
+                keep = sorted([*keep, min(set(range(n)) - set(keep))])
+            rows.append(keep)
+        out.append(rows * 2)  # two sequences
+    return out
+
+
+def select_inputs(pol) -> dict:
+    retrieval = pol.config.get("retrieval")
+    return {} if retrieval is None else {"retrieval": retrieval.reshape(-1).numpy()}
+
+
 @pytest.mark.parametrize("name", sorted(REG_CASES))
-def test_every_registry_policy_through_the_cache(name):
+def test_every_registry_policy_through_the_cache(name, monkeypatch):
     params, chunk = REG_CASES[name]
     model = tiny("kvcore")
     ids, mask = batch()
     schedule = Schedule.chunked(chunk) if chunk else Schedule.prefill()
     cache = kh.compressed_cache(model, name, REG_BUDGET, schedule=schedule, **params)
-    kh.prefill(model, ids, cache)
     kv = cache.kv
+    pol = kv.policy
+    seen: dict[int, np.ndarray] = {}  # layer -> the scores of its last compression
+    scores_from = type(pol).scores_from
+
+    def spy(self, stats):
+        out = scores_from(self, stats)
+        seen[stats.inputs.layer_idx] = out.copy()
+        return out
+
+    monkeypatch.setattr(type(pol), "scores_from", spy)
+    kh.prefill(model, ids, cache)
+    kv.flush()  # the last layer's compression runs at the next step otherwise
+    monkeypatch.undo()
+    kept = kept_positions(kv)
+    n, L, H = ids.shape[1], kv.num_layers, kv.num_kv_heads
+    assert sorted(seen) == list(range(L))
+    if not pol.needs:  # a static pattern: exactly the registry's positions
+        assert kept == static_expected(kv, n)
+    else:
+        # The statistics reach the scores (a zero-scored policy has no spread and fails),
+        # and what the cache keeps is the registry's selection on those scores.
+        for layer, s in seen.items():
+            assert s.shape[:2] == (2, H) and (np.ptp(s, axis=-1) > 0).all(), (layer, s)
+        if chunk is None:
+            for layer, s in seen.items():
+                for b in range(2):
+                    rows = np.zeros((L, H, n), np.float32)
+                    rows[layer] = s[b]
+                    sel = pol.select(rows, REG_BUDGET)
+                    want = [
+                        sel.positions[sel.indptr[r] : sel.indptr[r + 1]].tolist()
+                        for r in range(layer * H, layer * H + H)
+                    ]
+                    assert kept[layer][b * H : b * H + H] == want, (layer, b)
     lengths = torch.from_numpy(kv.stored_lengths())  # (B, L, H)
     want = expected_lengths(name, ids.shape[1])
     if name == "adakv":

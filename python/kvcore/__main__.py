@@ -112,6 +112,7 @@ def run(
 def demo(args: argparse.Namespace) -> int:
     import torch
 
+    from kvcore import policies
     from kvcore.cache import Schedule
     from kvcore.hf import compressed_cache
     from kvcore.models import load_smollm2
@@ -138,7 +139,8 @@ def demo(args: argparse.Namespace) -> int:
     else:
         schedule, capacity = Schedule.prefill(), n + args.max_new_tokens
     params: dict[str, Any] = {}
-    if args.policy in ("snapkv", "pyramidkv", "adakv"):
+    cls = policies.REGISTRY.get(args.policy)
+    if cls is not None and "window" in cls.params:  # the observation window (SnapKV family)
         params["window"] = args.window
     try:
         comp = compressed_cache(

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from kvcore._kvcore import BlockAllocator, MergePlan, OutOfBlocksError, QuantLayout
-from kvcore.scoring import RegistryPolicy, ScoreInputs, TorchPolicy
+from kvcore.scoring import ScoreInputs, TorchPolicy
 
 __all__ = ["KVCache", "Schedule", "rotate_keys"]
 
@@ -1791,16 +1791,10 @@ class KVCache:
         inp, slots, tables = self._score_inputs(layer, obs)
         n_valid = inp.valid.sum(-1).cpu()
         no_padding = bool((torch.from_numpy(lens) == n_valid).all())
-        if isinstance(policy, RegistryPolicy):
-            # The registry decides (per-layer and per-head budgets, static patterns).
-            keep, comp = policy.keep(inp, budgets[None, :].expand(b, h))
-            if no_padding and bool((keep == inp.valid).all()):
-                return  # everything stays: nothing to evict
-        else:
-            if bool((n_valid <= budgets[None, :]).all()) and no_padding:
-                return  # under budget and no padding to drop: nothing to evict
-            # The selection: Rust select_topk when the extension has it (issue 3), else torch.
-            keep, comp = policy.keep(inp, budgets[None, :].expand(b, h))
+        # The policy decides: the statistics it declares, then its (Rust) selection.
+        keep, comp = policy.keep(inp, budgets[None, :].expand(b, h))
+        if no_padding and bool((keep == inp.valid).all()):
+            return  # everything stays: nothing to evict
         if comp is not None:
             keep = self._fold_dropped(keep, comp.to(keep.device), inp.valid, slots)
         if self.merge is not None:
