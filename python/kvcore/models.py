@@ -96,7 +96,7 @@ def _load_bf16(gguf_dir: str, gguf_file: str, cache: Path, attn_implementation: 
         tok.save_pretrained(tmp)
         # Into the cache (beside the GGUF file, when it holds one); the weights last, as they
         # mark a complete copy.
-        for item in sorted(tmp.iterdir(), key=lambda p: p.name == "model.safetensors"):
+        for item in sorted(tmp.iterdir(), key=lambda p: p.suffix == ".safetensors"):
             item.replace(cache / item.name)
         tmp.rmdir()
     model: Any = AutoModelForCausalLM.from_pretrained(
