@@ -406,7 +406,6 @@ def dynamic_prefill(model: Any, ctx: torch.Tensor, press: Any = None) -> tuple[A
     return cache, probe.peak
 
 
-@torch.inference_mode()
 def _cache_kw(model: Any, cache: Any) -> dict[str, Any]:
     """The cache by the keyword this transformers release takes (``cache`` since 5.24; this
     module runs in the kvpress venv too, so it does not import kvcore.hf)."""
@@ -414,6 +413,7 @@ def _cache_kw(model: Any, cache: Any) -> dict[str, Any]:
     return {"cache" if "cache" in takes else "past_key_values": cache}
 
 
+@torch.inference_mode()
 def continuation_logprobs(model: Any, cache: Any, ids: list[int], start_pos: int) -> torch.Tensor:
     """Log-probabilities (fp32, ``(len(ids), vocab)``) after each token of ``ids`` run on
     ``cache`` at positions ``start_pos, start_pos + 1, ...``."""
@@ -447,6 +447,18 @@ def greedy(
         p += 1
         steps += 1
     return gen, steps
+
+
+def layer_prompt_bytes(model: Any, n_tokens: int) -> int:
+    """Bytes of one layer's K and V for ``n_tokens`` tokens in the model's dtype: what a cache
+    that compresses each layer as soon as its prefill is stored may hold on top of its budget."""
+    cfg = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    elt = torch.empty(0, dtype=model.dtype).element_size()
+    return 2 * n_tokens * kv_heads * head_dim * elt
 
 
 def evaluate(
@@ -534,6 +546,7 @@ def evaluate(
         "context_tokens": n_ctx,
         "kv_bytes": held,
         "kv_prefill_peak_bytes": prefill_peak,
+        "layer_prompt_bytes": layer_prompt_bytes(model, n_ctx),
         "kv_peak_bytes": reserved_bytes(cache) if reserved_bytes is not None else peak,
         "prefill_s": round(prefill_s, 4),
         "decode_tokens_per_s": round(decode_steps / decode_s, 2) if decode_s > 0 else None,
@@ -576,6 +589,12 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["questions"] = len(qa)
     if any("kv_prefill_peak_bytes" in r for r in rows):
         out["kv_prefill_peak_bytes"] = max(r.get("kv_prefill_peak_bytes", 0) for r in rows)
+    if all("layer_prompt_bytes" in r for r in rows):
+        # issue 18's bound on the prefill peak: what the cache holds plus one layer's prompt,
+        # per task; the largest ratio over the tasks (at most 1: the bound holds)
+        out["prefill_peak_over_bound"] = max(
+            r["kv_prefill_peak_bytes"] / (r["kv_bytes"] + r["layer_prompt_bytes"]) for r in rows
+        )
     return out
 
 

@@ -89,21 +89,23 @@ def equal_memory(rows: list[dict[str, Any]]) -> str:
     accurate method within that many bytes (``rows``: :func:`with_fractions`)."""
     lines = [
         "| protocol | bytes held <= | side | best method | keep | accuracy | full cache's "
-        "answers kept | bytes held | peak prefill |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "answers kept | bytes held | peak prefill | peak / (held + 1 layer) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for protocol in sorted({r.get("protocol") for r in rows if r.get("protocol")}):
         for frac in TARGETS:
             for who in ("kvcore", "kvpress"):
                 b = best_at(rows, who, protocol, frac)
                 if b is None:
-                    lines.append(f"| {protocol} | {frac:.1%} | {who} | - | | | | | |")
+                    lines.append(f"| {protocol} | {frac:.1%} | {who} | - | | | | | | |")
                     continue
                 kept = "-" if b.get("retained") is None else f"{b['retained']:.0%}"
                 peak = "-" if b.get("peak_frac") is None else f"{b['peak_frac']:.1%}"
+                bound = b.get("prefill_peak_over_bound")
+                bound_s = "-" if bound is None else f"{bound:.2f}"
                 lines.append(
                     f"| {protocol} | {frac:.1%} | {who} | {b['method']} | {b['keep']} | "
-                    f"{b['accuracy']:.2f} | {kept} | {b['bytes_frac']:.1%} | {peak} |"
+                    f"{b['accuracy']:.2f} | {kept} | {b['bytes_frac']:.1%} | {peak} | {bound_s} |"
                 )
     return "\n".join(lines)
 

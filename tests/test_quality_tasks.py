@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
 import quality_common as qc  # noqa: E402
 import quality_report as qr  # noqa: E402
 import quality_tasks as qt  # noqa: E402
@@ -240,6 +241,7 @@ def test_fractions_pareto_and_best_within_bytes() -> None:
     table = qr.equal_memory(judged)
     assert "| agnostic | 25.0% | kvcore | kvcore:tova+int4 | 0.5 | 0.50 | 33% | 15.0% |" in table
     assert "| agnostic | 12.5% | kvpress | - |" in table
+    assert table.count("\n") == 1 + 3 * 2 * 2  # header, rule, 3 fractions x 2 sides x 2 protocols
 
 
 def test_summaries_split_by_protocol() -> None:
@@ -252,6 +254,7 @@ def test_summaries_split_by_protocol() -> None:
             "protocol": protocol,
             "kv_bytes": 10,
             "kv_prefill_peak_bytes": 12,
+            "layer_prompt_bytes": 4,
             "prefill_s": 1.0,
             "questions": [q],
         }
@@ -267,6 +270,14 @@ def test_summaries_split_by_protocol() -> None:
     assert [(r["protocol"], r["accuracy"]) for r in out] == [("agnostic", 1.0), ("aware", 0.0)]
     assert out[0]["answered"] == ["kv-4k#0"] and out[1]["answered"] == []
     assert out[0]["kv_prefill_peak_bytes"] == 12
+    assert out[0]["prefill_peak_over_bound"] == pytest.approx(12 / (10 + 4))
+
+
+def test_layer_prompt_bytes_of_a_gqa_model() -> None:
+    from tiny_llama import tiny
+
+    model = tiny("sdpa")  # 2 kv heads, head_dim 32 / 4 = 8, fp32
+    assert qc.layer_prompt_bytes(model, 100) == 2 * 100 * 2 * 8 * 4
 
 
 def test_the_issue18_grid_names_real_methods() -> None:
@@ -288,3 +299,45 @@ def test_the_issue18_grid_names_real_methods() -> None:
     assert any(s.get("merge") for s in specs.values())
     light = [m for m, ks in grid.items() if "+int4" in m or "+kivi2" in m]
     assert all(k >= 0.5 for m in light for k in grid[m])
+
+
+def test_prefill_peak_sees_each_layer_before_a_press_compresses_it() -> None:
+    """``dynamic_prefill`` under a kvpress-like press (a forward hook on every attention module
+    that keeps the last quarter of that layer's tokens): the cache ends at a quarter of the full
+    one, and the peak is the compressed layers before the last plus the last one whole."""
+    import contextlib
+
+    import torch
+    from tiny_llama import tiny
+
+    model = tiny("sdpa", num_hidden_layers=4)
+    n = 64
+    ctx = torch.arange(1, n + 1).unsqueeze(0) % 60 + 1
+
+    @contextlib.contextmanager
+    def quarter(m: Any) -> Any:
+        def hook(module: Any, args: Any, kwargs: Any, out: Any) -> None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # by transformers release
+            layer = cache.layers[module.layer_idx]
+            layer.keys = layer.keys[:, :, -n // 4 :].clone()
+            layer.values = layer.values[:, :, -n // 4 :].clone()
+
+        hs = [
+            mod.register_forward_hook(hook, with_kwargs=True)
+            for name, mod in m.named_modules()
+            if name.endswith("self_attn")
+        ]
+        try:
+            yield
+        finally:
+            for h in hs:
+                h.remove()
+
+    full, full_peak = qc.dynamic_prefill(model, ctx)
+    per_layer = qc.dynamic_kv_bytes(full) // 4
+    assert full_peak == qc.dynamic_kv_bytes(full) == 4 * per_layer
+    cache, peak = qc.dynamic_prefill(model, ctx, quarter)
+    assert qc.dynamic_kv_bytes(cache) == per_layer  # 4 layers at a quarter each
+    assert peak == 3 * per_layer // 4 + per_layer
+    with pytest.raises(ValueError, match="no '\\*.self_attn' modules"):
+        qc.PrefillPeak(torch.nn.Linear(2, 2), full).__enter__()
