@@ -315,9 +315,18 @@ if __name__ == "__main__":
         help="instead: KL (KV MiB) of these policies (comma list) x storage variants, "
         "over every given JSON",
     )
+    ap.add_argument(
+        "--equal-memory",
+        action="store_true",
+        help="instead: the long suite's equal-memory table (best per side within 50/25/12.5 %% "
+        "of the full cache's bytes) and the table of every cell",
+    )
     args = ap.parse_args()
     summary = [r for p in args.json for r in json.loads(p.read_text())["summary"]]
-    if args.kl_pivot:
+    if args.equal_memory:
+        judged = with_fractions(summary)
+        print(equal_memory(judged) + "\n\n" + long_table(judged))
+    elif args.kl_pivot:
         print(kl_pivot(summary, args.kl_pivot.split(",")))
     else:
         print(markdown(summary))

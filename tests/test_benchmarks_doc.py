@@ -99,3 +99,22 @@ def test_storage_variant_pivot_matches_the_jsons() -> None:
     pivot = quality_report.kl_pivot(rows, m.group(1).split(","))
     assert pivot in section
     assert pivot.count("\n") == 2 + 3 * len(m.group(1).split(",")) - 1
+
+
+def test_qwen_4k_equal_memory_table_matches_the_json() -> None:
+    """Once the 4k grid on Qwen is committed, its section quotes the equal-memory table that
+    quality_report prints from the JSON, verbatim."""
+    path = ROOT / "bench" / "results" / "quality_qwen4k.json"
+    if not path.exists():
+        pytest.skip("bench/results/quality_qwen4k.json is not committed yet (the grid has not run)")
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import quality_report
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    section = doc[doc.index("## Quality at 4k on Qwen2.5-Coder-0.5B") :]
+    nxt = section.find("\n## ", 1)
+    section = section if nxt < 0 else section[:nxt]
+    summary = json.loads(path.read_text())["summary"]
+    assert quality_report.equal_memory(quality_report.with_fractions(summary)) in section
