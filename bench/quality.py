@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/quality.py --quick   # 1k tasks only (about half an hour on 2 cores)
     .venv/bin/python bench/quality.py           # 1k/2k/4k passkey, facts, multi-turn, ppl
-    .venv/bin/python bench/quality.py --suite long --grid issue18   # the 4k grid on Qwen (hours)
+    .venv/bin/python bench/quality.py --suite long --grid issue18   # 4k, Qwen: a day on 2 cores
 
 Suites: ``legacy`` (the default: passkeys, facts, multi-turn and perplexity of
 ``quality_common.build_tasks``, on SmolLM2-135M-Instruct by default) and ``long`` (needles,
