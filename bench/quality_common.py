@@ -27,6 +27,7 @@ import dataclasses
 import importlib.util
 import inspect
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -51,17 +52,41 @@ def gguf_dir() -> str:
     return str(spec.submodule_search_locations[0])
 
 
-def load_model(cache_dir: Path, attn: str = "sdpa") -> tuple[Any, Any]:
-    """The embedded SmolLM2-135M-Instruct in bf16, and its tokenizer.
+def model_dir(name: str) -> Path:
+    """Where the bf16 copy of a benchmark model lives: ``smollm2`` (made by :func:`load_model`
+    from the embedded GGUF file) or ``qwen`` (Qwen2.5-Coder-0.5B-Instruct, made by
+    ``make model-qwen``; ``$KVCORE_QWEN_CACHE`` overrides, as in ``kvcore.models``)."""
+    root = Path.home() / ".cache" / "kvcore"
+    dirs = {
+        "smollm2": root / "quality-smollm2-bf16",
+        "qwen": Path(
+            os.environ.get("KVCORE_QWEN_CACHE", str(root / "qwen2.5-coder-0.5b-instruct"))
+        ),
+    }
+    if name not in dirs:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(dirs)}")
+    return dirs[name]
 
-    The first call de-quantizes the GGUF file (slow) and saves a bf16 safetensors copy under
-    ``cache_dir``; later calls, from either environment, load that copy.
+
+MODEL_TITLES = {"smollm2": "SmolLM2-135M-Instruct", "qwen": "Qwen2.5-Coder-0.5B-Instruct"}
+
+
+def load_model(cache_dir: Path, attn: str = "sdpa") -> tuple[Any, Any]:
+    """A benchmark model in bf16 from its copy in ``cache_dir`` (see :func:`model_dir`), and
+    its tokenizer.
+
+    Without a copy, SmolLM2's GGUF file is de-quantized (slow) and saved there; Qwen's copy is
+    made by ``make model-qwen`` (``kvcore.models.load_qwen``), which this module cannot call:
+    it also runs in kvpress's environment, without kvcore.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache_dir = Path(cache_dir)
-    marker = cache_dir / "config.json"
-    if not marker.exists():
+    if not (cache_dir / "model.safetensors").exists():
+        if cache_dir != model_dir("smollm2"):
+            raise FileNotFoundError(
+                f"no bf16 model under {cache_dir}: for Qwen run `make model-qwen` first"
+            )
         src = gguf_dir()
         model = AutoModelForCausalLM.from_pretrained(
             src, gguf_file=GGUF_FILE, dtype=torch.float32, attn_implementation=attn
@@ -100,14 +125,31 @@ class Question:
     question_ids: list[int]  # the question, the end of the user turn and the answer's lead-in
     answer_ids: list[int]  # the reference answer, teacher-forced
     answer_text: str  # what greedy decoding must produce (substring match)
+    # every string a correct answer contains (RULER's string_match_all); empty: [answer_text]
+    answers: list[str] = dataclasses.field(default_factory=list)
+    max_new_tokens: int | None = None  # greedy decoding length; None: evaluate()'s default
+
+    def required(self) -> list[str]:
+        return self.answers or ([self.answer_text] if self.answer_text else [])
+
+
+def score(generated: str, required: list[str]) -> float:
+    """RULER's ``string_match_all``: the share of ``required`` strings that ``generated``
+    contains, case-insensitive."""
+    text = generated.lower()
+    return sum(r.lower() in text for r in required) / len(required)
 
 
 @dataclasses.dataclass
 class Task:
     name: str  # e.g. "passkey-2k-d50"
-    kind: str  # passkey | fact | multiturn | ppl
+    kind: str  # passkey | fact | multiturn | ppl | needle | kv | ruler_* (quality_tasks.py)
     context_ids: list[int]
     questions: list[Question]
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # how it was generated
+    # "agnostic": the context is compressed before the question arrives (the headline);
+    # "aware": the question ends the context, inside the observation window
+    protocol: str = "agnostic"
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,7 +161,34 @@ class Task:
             kind=d["kind"],
             context_ids=list(d["context_ids"]),
             questions=[Question(**q) for q in d["questions"]],
+            meta=d.get("meta", {}),
+            protocol=d.get("protocol", "agnostic"),
         )
+
+
+def query_aware(task: Task) -> list[Task]:
+    """The query-aware variant of ``task``: one task per question, whose context is the
+    original context followed by that question (all but its last token, which starts the
+    answer), so that a policy's observation window sees the question. kvpress's pipeline does
+    the same with ``query_aware: true``."""
+    if task.protocol != "agnostic":
+        raise ValueError(f"{task.name} is already {task.protocol!r}")
+    out = []
+    for i, q in enumerate(task.questions):
+        if len(q.question_ids) < 2:
+            raise ValueError(f"{task.name}: question {i} has no question tokens to move")
+        last = dataclasses.replace(q, question_ids=q.question_ids[-1:])
+        out.append(
+            Task(
+                f"{task.name}:aware{i}",
+                task.kind,
+                task.context_ids + q.question_ids[:-1],
+                [last],
+                meta=task.meta,
+                protocol="aware",
+            )
+        )
+    return out
 
 
 def real_text() -> str:
@@ -146,9 +215,11 @@ def _fit(tok: Any, head: str, body_units: list[str], tail: str, n_tokens: int) -
     return body_units[:lo]
 
 
-def _question(tok: Any, question: str, lead: str, answer: str) -> Question:
+def _question(
+    tok: Any, question: str, lead: str, answer: str, answers: list[str] | None = None
+) -> Question:
     q = f"\n\n{question}<|im_end|>\n<|im_start|>assistant\n{lead}"
-    return Question(_ids(tok, q), _ids(tok, " " + answer), answer)
+    return Question(_ids(tok, q), _ids(tok, " " + answer), answer, list(answers or []))
 
 
 def passkey_task(tok: Any, n_tokens: int, depth: float, rng: random.Random) -> Task:
@@ -239,8 +310,9 @@ def build_tasks(
 # Evaluation
 # ------------------------------------------------------------------------------------------
 
-# prefill(model, context_ids) -> cache object; applies the method's compression.
-Prefill = Callable[[Any, torch.Tensor], Any]
+# prefill(model, context_ids) -> (cache, peak): applies the method's compression; ``peak`` is
+# the most K/V bytes the cache held at any point of the prefill (its compression included).
+Prefill = Callable[[Any, torch.Tensor], tuple[Any, int]]
 # snapshot(cache) -> state; restore(cache, state) puts the cache back after a question.
 Snapshot = Callable[[Any], Any]
 Restore = Callable[[Any, Any], None]
@@ -275,14 +347,65 @@ def dynamic_restore(cache: Any, lengths: list[int]) -> None:
 
 
 def dynamic_kv_bytes(cache: Any) -> int:
+    """Bytes of the K/V tensors a transformers ``DynamicCache`` holds (layers not filled yet
+    count zero)."""
     total = 0
     for layer in cache.layers:
-        for t in (layer.keys, layer.values):
-            total += t.numel() * t.element_size()
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
     return total
 
 
-@torch.inference_mode()
+class PrefillPeak:
+    """The most K/V bytes a ``DynamicCache`` holds while a prefill runs, seen after each
+    attention module stores its layer and *before* any compression hook registered later on
+    the same module runs (kvpress compresses a layer in such a hook, so the peak includes one
+    uncompressed layer on top of the compressed ones before it)::
+
+        with PrefillPeak(model, cache) as probe:   # enter before the press
+            with press(model):
+                model.model(input_ids=ctx, past_key_values=cache)
+        probe.peak
+    """
+
+    def __init__(self, model: Any, cache: Any) -> None:
+        self.model, self.cache, self.peak = model, cache, 0
+        self._handles: list[Any] = []
+
+    def _hook(self, *_: Any) -> None:
+        self.peak = max(self.peak, dynamic_kv_bytes(self.cache))
+
+    def __enter__(self) -> PrefillPeak:
+        for name, module in self.model.named_modules():
+            if name.endswith("self_attn"):
+                self._handles.append(module.register_forward_hook(self._hook))
+        if not self._handles:
+            raise ValueError("PrefillPeak: the model has no '*.self_attn' modules to watch")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._hook()  # and what is left after the last hook ran
+
+
+def dynamic_prefill(model: Any, ctx: torch.Tensor, press: Any = None) -> tuple[Any, int]:
+    """A ``DynamicCache`` prefilled with ``ctx`` through the decoder (``model.model``, the
+    entry point kvpress's pipeline uses), under kvpress's ``press`` when one is given; and the
+    peak K/V bytes of that prefill (:class:`PrefillPeak`)."""
+    import contextlib
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.inference_mode(), PrefillPeak(model, cache) as probe:
+        with press(model) if press is not None else contextlib.nullcontext():
+            model.model(input_ids=ctx, **_cache_kw(model.model, cache))
+    return cache, probe.peak
+
+
 def _cache_kw(model: Any, cache: Any) -> dict[str, Any]:
     """The cache by the keyword this transformers release takes (``cache`` since 5.24; this
     module runs in the kvpress venv too, so it does not import kvcore.hf)."""
@@ -290,6 +413,7 @@ def _cache_kw(model: Any, cache: Any) -> dict[str, Any]:
     return {"cache" if "cache" in takes else "past_key_values": cache}
 
 
+@torch.inference_mode()
 def continuation_logprobs(model: Any, cache: Any, ids: list[int], start_pos: int) -> torch.Tensor:
     """Log-probabilities (fp32, ``(len(ids), vocab)``) after each token of ``ids`` run on
     ``cache`` at positions ``start_pos, start_pos + 1, ...``."""
@@ -325,29 +449,23 @@ def greedy(
     return gen, steps
 
 
-def reference_logprobs(
-    model: Any, task: Task, prefill: Prefill, snapshot: Snapshot, restore: Restore
-) -> list[torch.Tensor]:
-    """Full-cache log-probabilities over every question + answer, the KL reference."""
-    ctx = torch.tensor([task.context_ids], dtype=torch.long)
-    cache = prefill(model, ctx)
-    state = snapshot(cache)
-    out = []
-    for q in task.questions:
-        out.append(
-            continuation_logprobs(
-                model, cache, q.question_ids + q.answer_ids, len(task.context_ids)
-            )
-        )
-        restore(cache, state)
-    return out
+def layer_prompt_bytes(model: Any, n_tokens: int) -> int:
+    """Bytes of one layer's K and V for ``n_tokens`` tokens in the model's dtype: what a cache
+    that compresses each layer as soon as its prefill is stored may hold on top of its budget."""
+    cfg = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    elt = torch.empty(0, dtype=model.dtype).element_size()
+    return 2 * n_tokens * kv_heads * head_dim * elt
 
 
 def evaluate(
     model: Any,
     tok: Any,
     task: Task,
-    reference: list[torch.Tensor],
+    reference: list[torch.Tensor] | None,
     prefill: Prefill,
     snapshot: Snapshot,
     restore: Restore,
@@ -357,16 +475,25 @@ def evaluate(
 ) -> dict[str, Any]:
     """Runs one method on one task; returns the metrics of every question.
 
-    ``kv_bytes`` is what the cache holds after the prefill (and its compression);
-    ``kv_peak_bytes`` is the most K/V storage the cache had while the questions ran: the
-    pool tensors for a cache that reserves its storage up front (``reserved_bytes``),
-    else the largest ``kv_bytes`` seen after a question's tokens were appended."""
+    ``kv_bytes`` is what the cache holds after the prefill (and its compression), every byte
+    of its K/V storage (quantization scales, zero points and full-precision residual pages
+    included); ``kv_prefill_peak_bytes`` the most it held during the prefill (``prefill``'s
+    second result); ``kv_peak_bytes`` the most K/V storage the cache had over the whole task:
+    the pool tensors for a cache that reserves its storage up front (``reserved_bytes``),
+    else the largest ``kv_bytes`` seen after a question's tokens were appended.
+
+    A question is ``correct`` when the greedy answer contains every required string;
+    ``score`` is the share it contains (RULER's ``string_match_all``).
+
+    ``reference=None`` runs the full-cache reference itself: the KL is then 0 and the row
+    carries the log-probabilities under ``"_reference"`` (pop them before saving), which saves
+    a second prefill of the context."""
     ctx = torch.tensor([task.context_ids], dtype=torch.long)
     t0 = time.perf_counter()
-    cache = prefill(model, ctx)
+    cache, prefill_peak = prefill(model, ctx)
     prefill_s = time.perf_counter() - t0
     held = kv_bytes(cache)
-    peak = held
+    peak = max(held, prefill_peak)
     state = snapshot(cache)
     eos = model.generation_config.eos_token_id
     eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
@@ -374,8 +501,12 @@ def evaluate(
     per_q = []
     decode_s = 0.0
     decode_steps = 0
-    for q, ref in zip(task.questions, reference, strict=True):
+    own: list[torch.Tensor] = []
+    for i, q in enumerate(task.questions):
         lp = continuation_logprobs(model, cache, q.question_ids + q.answer_ids, n_ctx)
+        if reference is None:
+            own.append(lp)
+        ref = lp if reference is None else reference[i]
         peak = max(peak, kv_bytes(cache))
         restore(cache, state)
         # KL(full || compressed) and top-1 agreement at every position.
@@ -396,26 +527,34 @@ def evaluate(
             "answer_nll": nll,
             "answer_nll_full": float(-ref[rows, ans].mean()),
         }
-        if q.answer_text:
+        if q.required():
             t1 = time.perf_counter()
-            gen, steps = greedy(model, cache, q.question_ids, n_ctx, max_new_tokens, eos)
+            n_new = q.max_new_tokens or max_new_tokens
+            gen, steps = greedy(model, cache, q.question_ids, n_ctx, n_new, eos)
             decode_s += time.perf_counter() - t1
             decode_steps += steps
             restore(cache, state)
             text = tok.decode(gen, skip_special_tokens=True)
             entry["generated"] = text
-            entry["correct"] = q.answer_text in text
+            entry["score"] = score(text, q.required())
+            entry["correct"] = entry["score"] == 1.0
         per_q.append(entry)
-    return {
+    row = {
         "task": task.name,
         "kind": task.kind,
+        "protocol": task.protocol,
         "context_tokens": n_ctx,
         "kv_bytes": held,
+        "kv_prefill_peak_bytes": prefill_peak,
+        "layer_prompt_bytes": layer_prompt_bytes(model, n_ctx),
         "kv_peak_bytes": reserved_bytes(cache) if reserved_bytes is not None else peak,
         "prefill_s": round(prefill_s, 4),
         "decode_tokens_per_s": round(decode_steps / decode_s, 2) if decode_s > 0 else None,
         "questions": per_q,
     }
+    if reference is None:
+        row["_reference"] = own
+    return row
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -436,9 +575,46 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if ppl:
         out["ppl"] = math.exp(sum(q["answer_nll"] for q in ppl) / len(ppl))
         out["ppl_full"] = math.exp(sum(q["answer_nll_full"] for q in ppl) / len(ppl))
+    scored = [q for q in qa if "score" in q]
+    if scored:  # the long suite (quality_tasks.py): partial credit, per kind, which questions
+        out["score"] = sum(q["score"] for q in scored) / len(scored)
+        kinds = sorted({r["kind"] for r in rows})
+        out["by_kind"] = {k: _acc([r for r in rows if r["kind"] == k]) for k in kinds}
+        out["answered"] = [
+            f"{r['task']}#{i}"
+            for r in rows
+            for i, q in enumerate(r["questions"])
+            if q.get("correct")
+        ]
+        out["questions"] = len(qa)
+    if any("kv_prefill_peak_bytes" in r for r in rows):
+        out["kv_prefill_peak_bytes"] = max(r.get("kv_prefill_peak_bytes", 0) for r in rows)
+    if all("layer_prompt_bytes" in r for r in rows):
+        # issue 18's bound on the prefill peak: what the cache holds plus one layer's prompt,
+        # per task; the largest ratio over the tasks (at most 1: the bound holds)
+        out["prefill_peak_over_bound"] = max(
+            r["kv_prefill_peak_bytes"] / (r["kv_bytes"] + r["layer_prompt_bytes"]) for r in rows
+        )
     return out
 
 
 def _acc(rows: list[dict[str, Any]]) -> float | None:
     qs = [q for r in rows for q in r["questions"] if "correct" in q]
     return sum(q["correct"] for q in qs) / len(qs) if qs else None
+
+
+def full_reference(
+    model: Any,
+    tok: Any,
+    tasks: list[Task],
+    prefill: Prefill,
+    ops: tuple[Snapshot, Restore, KvBytes],
+) -> tuple[list[dict[str, Any]], dict[str, list[torch.Tensor]]]:
+    """The full cache's rows on ``tasks`` and its log-probabilities, the KL reference of every
+    other method (one prefill per task)."""
+    rows, refs = [], {}
+    for t in tasks:
+        row = evaluate(model, tok, t, None, prefill, *ops)
+        refs[t.name] = row.pop("_reference")
+        rows.append(row)
+    return rows, refs

@@ -1,6 +1,7 @@
 """Two measurements the quality grid does not make, on the same model and tasks.
 
     .venv/bin/python bench/quality_extra.py multiturn   # re-score each turn vs compress once
+    .venv/bin/python bench/quality_extra.py multiturn --model qwen --length 4096
     .venv/bin/python bench/quality_extra.py speed       # 4k context: decode speed on the CPU
 
 ``multiturn``: a real conversation over one cached document (the 4-fact task of
@@ -10,6 +11,8 @@ together; each later turn appends the previous answer and the next question. Wit
 queries in the observation window (SCBench's "compress once" setting); with ``"rescore"`` every
 turn's prefill compresses the cache back to the budget with that turn's question in the
 window. Both keep the same budget; the full cache (HF ``DynamicCache``) is the reference.
+``--length N`` uses the long suite's multi-turn task at N tokens instead (four facts spread
+over real text, ``quality_tasks.multiturn_task``); ``--model qwen`` runs Qwen2.5-Coder-0.5B.
 Writes ``bench/results/quality_multiturn.json``.
 
 ``speed``: the 4k passkey context. Prefill (with its compression) and then 64 greedy decode
@@ -25,6 +28,7 @@ import argparse
 import datetime
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import quality_common as qc
+import quality_tasks as qt
 import torch
 
 import kvcore
@@ -39,7 +44,6 @@ import kvcore.hf as kh
 from kvcore.cache import Schedule
 
 HERE = Path(__file__).resolve().parent
-MODEL_CACHE = Path.home() / ".cache" / "kvcore" / "quality-smollm2-bf16"
 
 
 def kv_bytes(cache: Any) -> int:
@@ -84,7 +88,7 @@ def conversation(
             {
                 "question": tok.decode(q.question_ids, skip_special_tokens=True).strip(),
                 "generated": text,
-                "correct": q.answer_text in text,
+                "correct": qc.score(text, q.required()) == 1.0,
                 "kv_bytes": kv_bytes(cache),
             }
         )
@@ -98,7 +102,10 @@ def conversation(
 def run_multiturn(args: argparse.Namespace, model: Any, tok: Any) -> dict[str, Any]:
     from transformers import DynamicCache
 
-    task = next(t for t in qc.build_tasks(tok, quick=True) if t.kind == "multiturn")
+    if args.length:
+        task = qt.multiturn_task(tok, args.length, 4, random.Random(args.seed))
+    else:
+        task = next(t for t in qc.build_tasks(tok, quick=True) if t.kind == "multiturn")
     n = len(task.context_ids)
     print(f"{task.name}: {n} context tokens, {len(task.questions)} questions", flush=True)
     cells = []
@@ -129,7 +136,8 @@ def run_multiturn(args: argparse.Namespace, model: Any, tok: Any) -> dict[str, A
                 )
     model.set_attn_implementation("sdpa")
     return {
-        "benchmark": "multi-turn: re-score every turn vs compress once (SmolLM2-135M)",
+        "benchmark": "multi-turn: re-score every turn vs compress once "
+        f"({qc.MODEL_TITLES[args.model]})",
         "task": {"name": task.name, "context_tokens": n, "questions": len(task.questions)},
         "cells": cells,
     }
@@ -200,7 +208,7 @@ def run_speed(args: argparse.Namespace, model: Any, tok: Any) -> dict[str, Any]:
             }
         )
     return {
-        "benchmark": "decode speed at 4k context on the CPU (SmolLM2-135M)",
+        "benchmark": f"decode speed at 4k context on the CPU ({qc.MODEL_TITLES[args.model]})",
         "task": {"name": task.name, "context_tokens": n, "decode_steps": args.new_tokens},
         "rounds": args.rounds,
         "cells": cells,
@@ -210,6 +218,15 @@ def run_speed(args: argparse.Namespace, model: Any, tok: Any) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("what", choices=["multiturn", "speed"])
+    ap.add_argument("--model", choices=["smollm2", "qwen"], default="smollm2")
+    ap.add_argument(
+        "--length",
+        type=int,
+        default=0,
+        help="multiturn: the long suite's task at this many "
+        "tokens (0: the 1k task of the legacy suite)",
+    )
+    ap.add_argument("--seed", type=int, default=0, help="multiturn --length: task seed")
     ap.add_argument("--policies", default=None, help="multiturn: names; speed: name@keep,...")
     ap.add_argument("--keep", default="0.25,0.125", help="multiturn: kept fractions")
     ap.add_argument("--rounds", type=int, default=3, help="speed: alternating rounds")
@@ -224,7 +241,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
-    model, tok = qc.load_model(MODEL_CACHE)
+    model, tok = qc.load_model(qc.model_dir(args.model))
     if args.what == "multiturn":
         args.policies = args.policies or "snapkv,tova"
         result = run_multiturn(args, model, tok)

@@ -6,6 +6,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,17 +79,28 @@ def test_speed_table_matches_the_json() -> None:
         ], c["method"]
 
 
-def test_storage_variant_pivot_matches_the_jsons() -> None:
-    """The KL (MiB) pivot of the storage-variant section is what quality_report prints from the
-    two committed 1k JSONs."""
+def _quality_report() -> Any:
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import quality_report
     finally:
         sys.path.remove(str(ROOT / "bench"))
+    return quality_report
+
+
+def _section(heading: str) -> str:
+    """The section of docs/benchmarks.md under ``heading``, up to the next one."""
     doc = (ROOT / "docs" / "benchmarks.md").read_text()
-    section = doc[doc.index("## Quality at 1k: every policy with every storage variant") :]
-    section = section[: section.find("\n## ", 1)]
+    section = doc[doc.index(heading) :]
+    nxt = section.find("\n## ", 1)
+    return section if nxt < 0 else section[:nxt]
+
+
+def test_storage_variant_pivot_matches_the_jsons() -> None:
+    """The KL (MiB) pivot of the storage-variant section is what quality_report prints from the
+    two committed 1k JSONs."""
+    quality_report = _quality_report()
+    section = _section("## Quality at 1k: every policy with every storage variant")
     m = re.search(r"--kl-pivot ([a-z0-9,]+)`", section)
     assert m, "the section names the policies of its pivot"
     rows = [
@@ -99,3 +111,15 @@ def test_storage_variant_pivot_matches_the_jsons() -> None:
     pivot = quality_report.kl_pivot(rows, m.group(1).split(","))
     assert pivot in section
     assert pivot.count("\n") == 2 + 3 * len(m.group(1).split(",")) - 1
+
+
+def test_qwen_4k_equal_memory_table_matches_the_json() -> None:
+    """Once the 4k grid on Qwen is committed, its section quotes the equal-memory table that
+    quality_report prints from the JSON, verbatim."""
+    path = ROOT / "bench" / "results" / "quality_qwen4k.json"
+    if not path.exists():
+        pytest.skip("bench/results/quality_qwen4k.json is not committed yet (the grid has not run)")
+    quality_report = _quality_report()
+    section = _section("## Quality at 4k on Qwen2.5-Coder-0.5B")
+    summary = json.loads(path.read_text())["summary"]
+    assert quality_report.equal_memory(quality_report.with_fractions(summary)) in section
