@@ -99,3 +99,20 @@ def test_storage_variant_pivot_matches_the_jsons() -> None:
     pivot = quality_report.kl_pivot(rows, m.group(1).split(","))
     assert pivot in section
     assert pivot.count("\n") == 2 + 3 * len(m.group(1).split(",")) - 1
+
+
+def test_gpu_section_is_generated_from_the_gpu_checks() -> None:
+    """The GPU section is exactly what bench/gpu_report.py renders from the committed
+    gpu_check_*.json / kernels_*.json / e2e_*.json (tools/gpu_check.py collect)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_report
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    start, end = gpu_report.section(doc)
+    assert doc[start:end] == gpu_report.render(ROOT / "bench" / "results"), (
+        "regenerate it: python bench/gpu_report.py"
+    )
+    measured = sorted((ROOT / "bench" / "results").glob("gpu_check_*.json"))
+    assert ("Not measured yet" in doc[start:end]) == (not measured)
