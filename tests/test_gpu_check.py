@@ -78,12 +78,15 @@ def test_a_failing_or_slow_step_is_recorded_and_the_next_one_runs(tmp_path: Path
     slow = r.step("slow", [py, "-c", "import time; time.sleep(30)"], limit=1)
     bad = r.step("bad", [py, "-c", "print('boom'); raise SystemExit(3)"], limit=30)
     good = r.step("good", [py, "-c", "print('kernel smoke: fine')"], 30, r"^kernel smoke.*$")
+    chatty = r.step("chatty", [py, "-c", "print('x' * 10**6, 'THE END')"], limit=30)
     assert (slow["status"], slow["rc"]) == ("timeout", None) and slow["seconds"] < 10
     assert (bad["status"], bad["rc"]) == ("failed", 3)
     assert good["status"] == "ok" and good["summary"] == "kernel smoke: fine"
     r.log.close()
     log = (tmp_path / "gpu_check.log").read_text()
     assert "boom" in log and "----- slow: timeout" in log
+    # a step's output is cut to its head and tail: the files that come back stay small
+    assert chatty["status"] == "ok" and "THE END" in log and len(log) < gpu_check.LOG_CHARS + 10**4
     r2 = gpu_check.Runner(tmp_path, budget=0, env=dict(os.environ))
     late = r2.step("late", [py, "-c", "pass"], limit=30)
     assert late["status"] == "skipped" and "budget" in late["reason"]

@@ -68,6 +68,7 @@ DRY_OUTPUTS = ("summary.json", "gpu_check.log", "smoke.json", "kernels.json", "e
 # The dry run's end-to-end methods: one evicting cache and one with int4 pages, at 8x.
 DRY_E2E = "kvcore:streaming@0.125,kvcore:snapkv@0.125+int4"
 PYTEST_SUMMARY = r"^=*\s*\d+ (?:passed|failed|skipped|errors?|deselected).*$"
+LOG_CHARS = 400_000  # per step in gpu_check.log: its head and its tail
 # Step time limits in seconds on the GPU machine (all of them also inside --budget).
 LIMITS = {
     "install": 60,
@@ -207,6 +208,12 @@ class Runner:
         self._done({"step": name, "status": "skipped", "reason": reason, "seconds": 0}, "")
 
     def _done(self, rec: dict[str, Any], text: str) -> dict[str, Any]:
+        if len(text) > LOG_CHARS:  # the device tool brings back files of at most 16 MiB
+            cut = len(text) - LOG_CHARS
+            text = (
+                f"{text[: LOG_CHARS // 5]}\n[... {cut} characters left out ...]\n"
+                + text[-(LOG_CHARS - LOG_CHARS // 5) :]
+            )
         self.log.write(text)
         self.log.write(f"----- {rec['step']}: {rec['status']} ({rec['seconds']} s)\n")
         self.log.flush()
