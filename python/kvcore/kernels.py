@@ -277,6 +277,8 @@ def compact_pools(
     """
     if len(tensors) != len(plan_of):
         raise ValueError(f"{len(tensors)} tensors but {len(plan_of)} plan_of entries")
+    if num_slots <= 0:
+        raise ValueError(f"num_slots must be positive, got {num_slots}")
     if not tensors:
         return
     for name, a in (("src", src), ("dst", dst), ("indptr", indptr)):
