@@ -87,9 +87,12 @@ def test_a_failing_or_slow_step_is_recorded_and_the_next_one_runs(tmp_path: Path
     assert "boom" in log and "----- slow: timeout" in log
     # a step's output is cut to its head and tail: the files that come back stay small
     assert chatty["status"] == "ok" and "THE END" in log and len(log) < gpu_check.LOG_CHARS + 10**4
-    r2 = gpu_check.Runner(tmp_path, budget=0, env=dict(os.environ))
+    r2 = gpu_check.Runner(tmp_path, budget=0, env=dict(os.environ), meta={"mode": "gpu"})
     late = r2.step("late", [py, "-c", "pass"], limit=30)
     assert late["status"] == "skipped" and "budget" in late["reason"]
+    # with meta, summary.json is rewritten after every step (a run stopped early keeps it)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["mode"] == "gpu" and summary["steps"] == [late] and not summary["ok"]
 
 
 def test_collect_names_files_by_the_gpu_and_refuses_dry_runs_in_bench_results(

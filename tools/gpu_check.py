@@ -154,11 +154,21 @@ def prepare(rebuild: bool = False) -> Path:
 class Runner:
     """Runs steps under time limits inside one budget, logging everything to ``out``."""
 
-    def __init__(self, out: Path, budget: float, env: dict[str, str]) -> None:
-        self.out, self.env = out, env
+    def __init__(
+        self, out: Path, budget: float, env: dict[str, str], meta: dict[str, Any] | None = None
+    ) -> None:
+        self.out, self.env, self.meta = out, env, meta
         self.deadline = time.monotonic() + budget
         self.steps: list[dict[str, Any]] = []
         self.log = (out / "gpu_check.log").open("a")
+
+    def summary(self, dry: bool = False) -> dict[str, Any]:
+        """``meta`` with the steps so far; written to summary.json after every step, so a run
+        stopped from outside still says how far it got."""
+        ok = all(s["status"] == "ok" or (dry and s["status"] == "skipped") for s in self.steps)
+        out = {**(self.meta or {}), "steps": self.steps, "ok": ok}
+        (self.out / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
+        return out
 
     def step(
         self,
@@ -219,6 +229,8 @@ class Runner:
         self.log.flush()
         print(f"[gpu_check] {rec['step']}: {rec['status']} ({rec['seconds']} s)", flush=True)
         self.steps.append(rec)
+        if self.meta is not None:
+            self.summary(self.meta.get("mode") == "dry-run")
         return rec
 
 
@@ -243,7 +255,16 @@ def run(out: Path, budget: float, dry: bool, wheel: Path | None = None) -> int:
     py = sys.executable
     env = {**os.environ, "PYTHONPATH": str(site), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     env.setdefault("KVCORE_EMU_CACHE", str(Path(tempfile.gettempdir()) / "kvcore_emu_cache"))
-    r = Runner(out, budget, env)
+    build_file = WHEEL_DIR / "build.json"
+    meta: dict[str, Any] = {
+        "device": "cpu (dry run)" if dry else "unknown",
+        "mode": "dry-run" if dry else "gpu",
+        "started_utc": started,
+        "build": json.loads(build_file.read_text()) if build_file.exists() else None,
+        "wheel": wheel.name,
+        "budget_s": budget,
+    }
+    r = Runner(out, budget, env, meta)
     pip = [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
     inst = r.step("install", [*pip, "--target", str(site), str(wheel)], LIMITS["install"])
     probe = (
@@ -256,15 +277,17 @@ def run(out: Path, budget: float, dry: bool, wheel: Path | None = None) -> int:
         inst = r.step("import", [py, "-c", probe], 60)
     emulate = ["--emulate"] if dry else []
     smoke = [py, "tools/kernel_smoke.py"]
-    device = "cpu (dry run)"
     if inst["status"] != "ok":
         for name in ("smoke", "bench_kernels", "memcheck", "racecheck", "bench_e2e", "tests_gpu"):
             r.skip(name, "the wheel did not install or import")
     else:
         if not dry:
             name_cmd = [py, "-c", "import torch; print(torch.cuda.get_device_name())"]
-            got = subprocess.run(name_cmd, env=env, capture_output=True, text=True, timeout=120)
-            device = got.stdout.strip() or f"unknown ({got.stderr.strip()[-200:]})"
+            try:
+                got = subprocess.run(name_cmd, env=env, capture_output=True, text=True, timeout=120)
+                meta["device"] = got.stdout.strip() or f"unknown ({got.stderr.strip()[-200:]})"
+            except subprocess.TimeoutExpired:
+                meta["device"] = "unknown (torch.cuda.get_device_name() did not answer)"
         r.step(
             "smoke",
             [*smoke, *emulate, "--out", str(out / "smoke.json")],
@@ -307,18 +330,7 @@ def run(out: Path, budget: float, dry: bool, wheel: Path | None = None) -> int:
         # pytest's 5: no test ran, as on the CPU where tests/gpu skip; on a GPU that is a failure
         no_gpu = (5, "dry run: tests/gpu skip without a GPU") if dry else None
         r.step("tests_gpu", pytest, LIMITS["tests_gpu"], PYTEST_SUMMARY, skip_rc=no_gpu)
-    build_file = WHEEL_DIR / "build.json"
-    summary = {
-        "device": device,
-        "mode": "dry-run" if dry else "gpu",
-        "started_utc": started,
-        "build": json.loads(build_file.read_text()) if build_file.exists() else None,
-        "wheel": wheel.name,
-        "budget_s": budget,
-        "steps": r.steps,
-        "ok": all(s["status"] == "ok" or (dry and s["status"] == "skipped") for s in r.steps),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    summary = r.summary(dry)
     r.log.close()
     shutil.rmtree(site, ignore_errors=True)
     print(f"[gpu_check] {'all steps passed' if summary['ok'] else 'SOME STEPS FAILED'}; files:")
