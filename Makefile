@@ -99,14 +99,14 @@ test-lowest: setup ## The tests against the lowest supported transformers, in an
 lint: setup ## cargo fmt --check, clippy -D warnings, ruff
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
-	$(VENV)/bin/ruff check python tests bench
-	$(VENV)/bin/ruff format --check python tests bench
+	$(VENV)/bin/ruff check python tests bench tools
+	$(VENV)/bin/ruff format --check python tests bench tools
 
 .PHONY: fmt
 fmt: setup ## Format Rust and Python sources
 	cargo fmt --all
-	$(VENV)/bin/ruff format python tests bench
-	$(VENV)/bin/ruff check --fix python tests bench
+	$(VENV)/bin/ruff format python tests bench tools
+	$(VENV)/bin/ruff check --fix python tests bench tools
 
 .PHONY: demo
 demo: dev ## Set up, build, and run the demo: a long document, full vs compressed cache
@@ -150,6 +150,15 @@ bench-e2e: dev ## Decode throughput, Llama-3.1-8B shape, 8k/32k (needs a GPU); w
 test-gpu: dev ## The GPU kernel tests (tests/gpu; they skip without a CUDA device and CuPy)
 	$(PY) -m pytest -q tests/gpu
 
+.PHONY: gpu-check
+gpu-check: setup ## Wheel into .gpu-check/ for the GPU machine (docs/kernels.md); DRY_RUN=1: the whole check here on the CPU
+	$(PY) tools/gpu_check.py $(if $(DRY_RUN),--dry-run,prepare)
+
+.PHONY: gpu-check-collect
+gpu-check-collect: setup ## A GPU check's files (FROM=<files_at>) into bench/results/, docs/benchmarks.md regenerated
+	test -n "$(FROM)" || { echo "usage: make gpu-check-collect FROM=<folder of the run's files>"; exit 2; }
+	$(PY) tools/gpu_check.py collect $(FROM)
+
 .PHONY: clean
 clean: ## Remove build outputs
-	rm -rf target dist python/kvcore/_kvcore*.so .venv-newest .venv-lowest
+	rm -rf target dist .gpu-check python/kvcore/_kvcore*.so .venv-newest .venv-lowest

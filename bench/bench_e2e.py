@@ -16,8 +16,14 @@ the decode speed-up over ``full`` at the same context. Writes ``bench/results/e2
 the device name.
 
     python bench/bench_e2e.py                 # needs a CUDA device (an H100 or H200)
+    python bench/bench_e2e.py --quick         # 32k only, 8x compression, 32 decode steps
     python bench/bench_e2e.py --smoke         # tiny config on the CPU: checks the code path,
                                               # writes nothing unless --out is given
+
+``--quick`` is the size tools/gpu_check.py runs (a few minutes on an H200): the 32k context,
+the full cache against three kvcore caches at 8x compression (StreamingLLM, SnapKV, SnapKV
+with int4 pages), 32 decode steps. The JSON is rewritten after every cell, so a run stopped
+by a time limit keeps the cells it finished.
 """
 
 from __future__ import annotations
@@ -56,6 +62,10 @@ TINY = {
     "rope_theta": 10000.0,
     "max_position_embeddings": 4096,
 }
+
+
+# --quick: 8x compression (keep 1/8), the issue 17 target's setting
+QUICK_METHODS = "kvcore:streaming@0.125,kvcore:snapkv@0.125,kvcore:snapkv@0.125+int4"
 
 
 def _refuse(msg: str) -> None:
@@ -161,6 +171,7 @@ def run_cell(
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny config on the CPU")
+    ap.add_argument("--quick", action="store_true", help="32k, 8x compression, 32 steps")
     ap.add_argument("--contexts", default=None, help="prompt lengths (default 8192,32768)")
     ap.add_argument("--batches", default="1", help="batch sizes, e.g. 1,4")
     ap.add_argument(
@@ -172,6 +183,11 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default 2048)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.quick:
+        args.contexts = args.contexts or "32768"
+        args.new_tokens = args.new_tokens or 32
+        if args.methods == ap.get_default("methods"):
+            args.methods = QUICK_METHODS
     try:
         import torch
     except ImportError:
@@ -220,6 +236,19 @@ def main() -> int:
     model = build_model(shape, device, dtype)
     methods = ["full", *filter(None, args.methods.split(","))]
     cells: list[dict[str, Any]] = []
+    result = {
+        "benchmark": "end-to-end decode throughput, kvcore compressed cache vs full HF cache",
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)",
+        "model_shape": shape,
+        "dtype": str(dtype),
+        "new_tokens": new_tokens,
+        "prefill_chunk": chunk,
+        "machine": {"platform": platform.platform(), "torch": torch.__version__},
+        "cells": cells,
+    }
+    out = args.out if args.smoke else (args.out or RESULTS)
     gen = torch.Generator().manual_seed(0)
     for n in contexts:
         for b in [int(x) for x in args.batches.split(",")]:
@@ -237,22 +266,10 @@ def main() -> int:
                     cell["decode_speedup_vs_full"] = round(cell["decode_tokens_per_s"] / base, 3)
                 cells.append(cell)
                 print(json.dumps(cell), flush=True)
-    result = {
-        "benchmark": "end-to-end decode throughput, kvcore compressed cache vs full HF cache",
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(sys.argv),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)",
-        "model_shape": shape,
-        "dtype": str(dtype),
-        "new_tokens": new_tokens,
-        "prefill_chunk": chunk,
-        "machine": {"platform": platform.platform(), "torch": torch.__version__},
-        "cells": cells,
-    }
-    out = args.out if args.smoke else (args.out or RESULTS)
+                if out is not None:  # after every cell: a run stopped early keeps what it has
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps(result, indent=1))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
         print(f"saved {out}")
     return 0
 

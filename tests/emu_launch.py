@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import subprocess
 import tempfile
 from collections.abc import Mapping
@@ -20,7 +21,9 @@ from kvcore import kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "cuda" / "emu"
-_OUT = Path(tempfile.mkdtemp(prefix="kvcore_emu_"))
+# KVCORE_EMU_CACHE: a folder that keeps the built libraries across processes (the dry run of
+# tools/gpu_check.py runs several); a library is named by the hash of its source and flags.
+_OUT = Path(os.environ.get("KVCORE_EMU_CACHE") or tempfile.mkdtemp(prefix="kvcore_emu_"))
 _LIBS: dict[str, ctypes.CDLL] = {}
 
 # Every argument travels as one 8-byte slot; kv_arg<P> turns it into the kernel's parameter type.
@@ -51,18 +54,20 @@ extern "C" void emu(unsigned gx, unsigned gy, unsigned gz, unsigned bx,
 def compile_emu(src: str) -> ctypes.CDLL:
     """Builds C++ source that includes a cuda/emu header into a shared library (once per
     source text). -ffp-contract=off: no fused multiply-add, as __fmul_rn/__fadd_rn on the GPU."""
-    key = hashlib.sha256(src.encode()).hexdigest()[:16]
+    cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-ffp-contract=off"]
+    cmd += ["-fno-fast-math", f"-I{EMU}"]
+    headers = "".join(h.read_text() for h in sorted(EMU.glob("*.h")))
+    key = hashlib.sha256((src + " ".join(cmd) + headers).encode()).hexdigest()[:16]
     if key not in _LIBS:
-        cpp, so = _OUT / f"{key}.cpp", _OUT / f"{key}.so"
-        cpp.write_text(src)
-        cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-ffp-contract=off"]
-        res = subprocess.run(
-            [*cmd, "-fno-fast-math", f"-I{EMU}", str(cpp), "-o", str(so)],
-            capture_output=True,
-            text=True,
-        )
-        if res.returncode:
-            raise RuntimeError(res.stderr)
+        so = _OUT / f"{key}.so"
+        if not so.exists():
+            _OUT.mkdir(parents=True, exist_ok=True)
+            cpp, tmp = _OUT / f"{key}.{os.getpid()}.cpp", _OUT / f"{key}.{os.getpid()}.tmp.so"
+            cpp.write_text(src)
+            res = subprocess.run([*cmd, str(cpp), "-o", str(tmp)], capture_output=True, text=True)
+            if res.returncode:
+                raise RuntimeError(res.stderr)
+            tmp.replace(so)  # atomic: a concurrent process sees the whole library or none
         _LIBS[key] = ctypes.CDLL(str(so))
     return _LIBS[key]
 

@@ -123,3 +123,20 @@ def test_qwen_4k_equal_memory_table_matches_the_json() -> None:
     section = _section("## Quality at 4k on Qwen2.5-Coder-0.5B")
     summary = json.loads(path.read_text())["summary"]
     assert quality_report.equal_memory(quality_report.with_fractions(summary)) in section
+
+
+def test_gpu_section_is_generated_from_the_gpu_checks() -> None:
+    """The GPU section is exactly what bench/gpu_report.py renders from the committed
+    gpu_check_*.json / kernels_*.json / e2e_*.json (tools/gpu_check.py collect)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_report
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    start, end = gpu_report.section(doc)
+    assert doc[start:end] == gpu_report.render(ROOT / "bench" / "results"), (
+        "regenerate it: python bench/gpu_report.py"
+    )
+    measured = sorted((ROOT / "bench" / "results").glob("gpu_check_*.json"))
+    assert ("Not measured yet" in doc[start:end]) == (not measured)

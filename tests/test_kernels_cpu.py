@@ -28,9 +28,9 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ f
 # C wrappers: launch a kernel over a grid with the emulation's serial loops.
 WRAPPERS = {
     ("compact", "kv_compact"): """
-extern "C" void emu(unsigned gx, unsigned gy, const kv_u64* p, const kv_i64* ru, const int* u,
+extern "C" void emu(unsigned gx, unsigned gy, const kv_u64* p, const kv_i64* geom, const int* u,
                     const int* g, const kv_i64* s, const kv_i64* d, const kv_i64* ip, int n) {
-    KV_EMU_LAUNCH(kv_compact, gx, gy, 1, 32, 1, 1, p, ru, u, g, s, d, ip, n);
+    KV_EMU_LAUNCH(kv_compact, gx, gy, 1, 32, 1, 1, p, geom, u, g, s, d, ip, n);
 }""",
     ("quant", "kv_quantize"): """
 extern "C" void emu(unsigned gx, const void* x, unsigned char* out, int* err, kv_i64 nb) {
@@ -86,23 +86,17 @@ def grid(n: int) -> ctypes.c_uint:
 
 
 def emu_compact(build, tensors, plan_of, src, dst, indptr, num_slots) -> None:  # type: ignore[no-untyped-def]
-    row_bytes = [t.numel() * t.element_size() // num_slots for t in tensors]
-    units = []
-    for t, rb in zip(tensors, row_bytes, strict=True):
-        u = 16
-        while rb % u or t.data_ptr() % u:
-            u //= 2
-        units.append(u)
-    ptrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
-    ru = torch.tensor([rb // u for rb, u in zip(row_bytes, units, strict=True)], dtype=torch.int64)
-    un = torch.tensor(units, dtype=torch.int32)
-    grp = torch.tensor(plan_of, dtype=torch.int32)
+    ptrs, geom, units = kernels.compact_geometry(tensors, num_slots)
     fn = build("compact", "kv_compact", {})
+    # held in locals: the launch reads them through raw pointers
+    g = torch.tensor(geom, dtype=torch.int64)
+    pt = torch.tensor(ptrs, dtype=torch.int64)
+    un, grp = torch.tensor(units, dtype=torch.int32), torch.tensor(plan_of, dtype=torch.int32)
     fn(
-        grid(int(ru.max())),
+        grid(int(g[:, 0].max())),
         ctypes.c_uint(len(tensors)),
-        p(ptrs),
-        p(ru),
+        p(pt),
+        p(g),
         p(un),
         p(grp),
         p(src),
@@ -164,6 +158,89 @@ def test_compaction_runs_moves_in_order_when_ranges_overlap(emu_build) -> None: 
     emu_compact(emu_build, [x], [0], src, dst, ip, 10)
     assert torch.equal(x[:9], torch.arange(4, 40, dtype=torch.float32).reshape(9, 4))
     assert torch.equal(x[9], torch.arange(36, 40, dtype=torch.float32))
+
+
+def page_pieces(pool: torch.Tensor, page: kvcore.QuantLayout, tok: kvcore.QuantLayout):  # type: ignore[no-untyped-def]
+    """The three strided ``(num_blocks, block_size, width)`` views of a pool of quantized pages
+    (docs/layouts.md, axis "channel"): codes, scales and zero points of each token, each
+    ``offset * width`` into its region of the page. Returned with each piece's offset in the
+    token's own one-token block."""
+    bs, nb = page.num_tokens, pool.shape[0]
+    cb, sb = tok.codes_bytes, tok.zeros_offset - tok.scales_offset
+    regions = [(0, 0, cb), (page.scales_offset, tok.scales_offset, sb)]
+    regions.append((page.zeros_offset, tok.zeros_offset, sb))
+    return [(pool[:, po : po + bs * w].view(nb, bs, w), to, w) for po, to, w in regions]
+
+
+@pytest.mark.parametrize(
+    "bits,group,head_dim,meta",
+    [
+        (4, 32, 64, "float16"),
+        (2, 32, 64, "float16"),
+        (8, 16, 128, "float32"),
+        (2, 8, 24, "float16"),
+    ],
+)
+def test_compaction_moves_the_pieces_of_quantized_pages(
+    emu_build, bits, group, head_dim, meta
+) -> None:  # type: ignore[no-untyped-def]
+    """Quantized pages move as each token's three pieces (strided views), in the same launch as
+    dense per-slot state: equal to the torch reference, and each kept token's one-token block
+    afterwards is the block it had before (the independent oracle)."""
+    bs, num_blocks, heads = 8, 40, 3
+    num_slots = bs * num_blocks
+    page = kvcore.QuantLayout(bits, group, bs, head_dim, "channel", meta)
+    tok = kvcore.QuantLayout(bits, group, 1, head_dim, "channel", meta)
+    g = torch.Generator().manual_seed(bits * head_dim)
+    k_pool = quant.quantize(torch.randn(num_blocks, bs, head_dim, generator=g) * 3, page)
+    v_pool = quant.quantize(torch.randn(num_blocks, bs, head_dim, generator=g), page)
+    pos = torch.randint(0, 10**6, (num_slots,), generator=g)
+    alloc = kvcore.BlockAllocator(num_blocks, bs)
+    tables = alloc.create_tables(heads)
+    lens = [29, 17, 40]
+    before = []
+    for t, n in zip(tables, lens, strict=True):
+        before.append(torch.from_numpy(alloc.append(int(t), n)[0]))
+    ind, kept = [0], []
+    for n in lens:
+        kept.append(torch.sort(torch.randperm(n, generator=g)[: n // 3]).values)
+        ind.append(ind[-1] + len(kept[-1]))
+    src, dst, _ = alloc.compact_batch(
+        tables, np.array(ind), torch.cat(kept).numpy().astype(np.int64)
+    )
+    src, dst = torch.from_numpy(src), torch.from_numpy(dst)
+    assert len(src) > 0
+    ip = torch.tensor([0, len(src)], dtype=torch.int64)
+
+    def pieces(pools: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [v for pl in pools for v, _, _ in page_pieces(pl, page, tok)]
+
+    def token_blocks(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(slots), tok.nbytes, dtype=torch.uint8)
+        for view, to, w in page_pieces(pool, page, tok):
+            out[:, to : to + w] = view[slots // bs, slots % bs]
+        return out
+
+    old = [
+        token_blocks(pl, torch.cat([b[k] for b, k in zip(before, kept, strict=True)]))
+        for pl in (k_pool, v_pool)
+    ]
+    ref = [k_pool.clone(), v_pool.clone(), pos.clone()]
+    kernels.compact_pools([*pieces(ref[:2]), ref[2]], [0] * 7, src, dst, ip, num_slots)
+    got = [k_pool.clone(), v_pool.clone(), pos.clone()]
+    views = pieces(got[:2])
+    assert not any(v.is_contiguous() for v in views)
+    emu_compact(emu_build, [*views, got[2]], [0] * 7, src, dst, ip, num_slots)
+    for r, o in zip(ref, got, strict=True):
+        assert torch.equal(o, r)
+    after = torch.cat([torch.from_numpy(alloc.slot_mapping(int(t))) for t in tables])
+    for pl, want in zip(got[:2], old, strict=True):
+        assert torch.equal(token_blocks(pl, after), want)
+        back = quant.dequantize(token_blocks(pl, after).reshape(-1, tok.nbytes), tok)
+        assert torch.equal(back, quant.dequantize(want, tok))
+    # the dense state moved in the same launch
+    src_pos = torch.cat([b[k] for b, k in zip(before, kept, strict=True)])
+    assert torch.equal(got[2][after], pos[src_pos])
 
 
 # -------------------------------------------------------------------------------- quantization

@@ -144,3 +144,59 @@ def test_decode_attention_kernel_path(emulated: None, quantized: bool) -> None:
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
     plain = kernels.decode_attention(query, k, v, table, lengths, num_splits=2, **kw)  # type: ignore[arg-type]
     assert torch.equal(plain, got)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(kv_format="int4"), dict(kv_format="int8", evicted_format="int2")],
+    ids=["int4-pages", "int8-pages-mikv2-tier"],
+)
+def test_quantized_cache_compaction_kernel_path(
+    monkeypatch: pytest.MonkeyPatch, kw: dict[str, str]
+) -> None:
+    """A cache of quantized pages (and a MiKV low tier) compacts through the kv_compact launch:
+    its pieces travel as strided views, and the pools end byte-equal to the torch path's."""
+    from emu_launch import emulated_launch
+
+    from kvcore.cache import KVCache, Schedule
+    from kvcore.scoring import get
+
+    def run() -> KVCache:
+        c = KVCache(
+            2,
+            2,
+            32,
+            block_size=8,
+            policy=get("streaming", 16, sinks=4),
+            schedule=Schedule.decode(4),
+            **kw,  # type: ignore[arg-type]
+        )
+        g = torch.Generator().manual_seed(7)
+        for layer in range(2):
+            c.update(layer, torch.randn(2, 2, 40, 32, generator=g), torch.randn(2, 2, 40, 32))
+        for _ in range(6):
+            for layer in range(2):
+                c.update(layer, torch.randn(2, 2, 1, 32, generator=g), torch.randn(2, 2, 1, 32))
+        c.flush()
+        return c
+
+    torch.manual_seed(0)
+    ref = run()
+    strided: list[int] = []
+
+    def launch(device, name, defines, kernel, grid, block, args):  # type: ignore[no-untyped-def]
+        if name == "compact":
+            strided.append(grid[1])
+        return emulated_launch(device, name, defines, kernel, grid, block, args)
+
+    monkeypatch.setattr(kernels, "_launch", launch)
+    monkeypatch.setattr(kernels, "uses_kernel", lambda *t: True)
+    torch.manual_seed(0)
+    got = run()
+    assert 6 in strided, "K and V pages, three pieces each, in one launch"
+    assert got.num_compressions == ref.num_compressions > 0
+    pools = ["k_pool", "v_pool", "slot_pos", "slot_valid"]
+    if "evicted_format" in kw:
+        pools += ["lo_k_pool", "lo_v_pool", "lo_slot_pos", "lo_slot_valid"]
+    for name in pools:
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name

@@ -208,3 +208,35 @@ def test_sdpa_path_equals_the_explicit_softmax(lens: list[int], q_len: int, bias
     out = paged_attention(query, k, v, table, lengths, slot_valid=valid, **kw)
     assert torch.equal(out[0, :, group : 2 * group], torch.zeros(q_len, group, d))
     assert out[0, :, :group].abs().sum() > 0
+
+
+def test_compact_pools_refuses_bad_arguments_before_moving_anything() -> None:
+    pool = torch.arange(4 * 8 * 6, dtype=torch.uint8).reshape(4, 8 * 6)
+    rows = torch.arange(32.0)
+    before = (pool.clone(), rows.clone())
+    src, dst = torch.tensor([5, 9]), torch.tensor([1, 2])
+    ip = torch.tensor([0, 2])
+    pieces = pool[:, 8:32].view(4, 8, 3)  # the strided form: (num_blocks, block_size, width)
+    bad = [
+        ([rows, pool[:, 8:32:2]], ValueError, r"tensors\[1\] must be contiguous or a "),
+        ([rows, pieces.transpose(1, 2)], ValueError, r"contiguous last dimension over 32"),
+        ([rows, torch.arange(33.0)], ValueError, r"tensors\[1\] has 33 elements"),
+    ]
+    for tensors, err, msg in bad:
+        with pytest.raises(err, match=msg):
+            kernels.compact_pools(tensors, [0, 0], src, dst, ip, 32)
+    with pytest.raises(ValueError, match="plan_of entry 1 is not a plan of indptr"):
+        kernels.compact_pools([rows, pieces], [0, 1], src, dst, ip, 32)
+    with pytest.raises(ValueError, match="num_slots must be positive"):
+        kernels.compact_pools([rows], [0], src, dst, ip, 0)
+    with pytest.raises(TypeError, match="src must be a 1-d int64 tensor"):
+        kernels.compact_pools([rows], [0], src.int(), dst, ip, 32)
+    assert torch.equal(pool, before[0]) and torch.equal(rows, before[1])  # nothing moved
+    kernels.compact_pools([rows, pieces], [0, 0], src, dst, ip, 32)
+    assert rows[1] == 5 and rows[2] == 9
+    # slot 1 <- slot 5 (block 0, offset 5); slot 2 <- slot 9 (block 1, offset 1); 3-byte pieces
+    assert torch.equal(pieces[0, 1], before[0][0, 8 + 15 : 8 + 18])
+    assert torch.equal(pieces[0, 2], before[0][1, 8 + 3 : 8 + 6])
+    assert torch.equal(pool[:, :8], before[0][:, :8]) and torch.equal(
+        pool[:, 32:], before[0][:, 32:]
+    )

@@ -673,12 +673,14 @@ class KVCache:
         tok: QuantLayout | None = None,
     ) -> None:
         """A compaction plan over quantized pages: each token moves as its three pieces
-        (codes, scales, zeros), never as a raw row of its page."""
-        bs = self.block_size
-        sb, so, db, do = src // bs, src % bs, dst // bs, dst % bs
-        for pool in pools:
-            for view, _, _ in self._slot_views(pool, page, tok):
-                view[db, do] = view[sb, so]
+        (codes, scales, zeros), never as a raw row of its page, in one
+        :func:`kvcore.kernels.compact_pools` call over the pieces' strided views."""
+        from kvcore import kernels
+
+        views = [v for pool in pools for v, _, _ in self._slot_views(pool, page, tok)]
+        indptr = torch.tensor([0, len(src)], dtype=torch.int64, device=src.device)
+        num_slots = views[0].shape[0] * views[0].shape[1]
+        kernels.compact_pools(views, [0] * len(views), src, dst, indptr, num_slots)
 
     def _read(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` vectors in ``dtype`` of the given slots (dequantized when quantized)."""
