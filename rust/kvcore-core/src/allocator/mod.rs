@@ -85,6 +85,17 @@ impl Default for Table {
 }
 
 impl Table {
+    /// Empties the table, keeping its buffers' capacity.
+    fn reset(&mut self) {
+        self.blocks.clear();
+        self.hashes.clear();
+        self.tail.clear();
+        self.num_tokens = 0;
+        self.tracked = true;
+        self.salt = None;
+        self.partial_hashed = false;
+    }
+
     pub(crate) fn untrack(&mut self) {
         self.tracked = false;
         self.tail.clear();
@@ -127,6 +138,9 @@ struct TableSlot {
     table: Option<Table>,
     /// Last batch call that touched this slot; rejects a table listed twice in one batch.
     stamp: u64,
+    /// The emptied buffers of the slot's last freed table: a table created in this slot
+    /// reuses them, so the per-table vectors are not grown from nothing again and again.
+    spare: Table,
 }
 
 /// What `append` did besides handing out slots.
@@ -312,19 +326,21 @@ impl BlockAllocator {
         self.free_slots.len() + (MAX_TABLE_SLOTS - self.slots.len())
     }
 
-    fn insert_table(&mut self, table: Table) -> TableId {
+    /// Inserts `table`, or an empty table (reusing a freed slot's buffers) for `None`.
+    fn insert_table(&mut self, table: Option<Table>) -> TableId {
         self.num_tables += 1;
         if let Some(idx) = self.free_slots.pop() {
             let slot = &mut self.slots[idx as usize];
-            slot.table = Some(table);
+            slot.table = Some(table.unwrap_or_else(|| std::mem::take(&mut slot.spare)));
             ((slot.generation as i64) << 32) | idx as i64
         } else {
             let idx = self.slots.len();
             debug_assert!(idx < MAX_TABLE_SLOTS, "checked by the caller");
             self.slots.push(TableSlot {
                 generation: 0,
-                table: Some(table),
+                table: Some(table.unwrap_or_default()),
                 stamp: 0,
+                spare: Table::default(),
             });
             idx as i64
         }
@@ -335,7 +351,7 @@ impl BlockAllocator {
     /// Errors: `InvalidArgument` when 2^32 - 1 tables are live at once.
     pub fn create_table(&mut self) -> Result<TableId> {
         self.room_for_one_table()?;
-        Ok(self.insert_table(Table::default()))
+        Ok(self.insert_table(None))
     }
 
     fn room_for_one_table(&mut self) -> Result<()> {
@@ -365,7 +381,7 @@ impl BlockAllocator {
         let fresh = n.saturating_sub(self.free_slots.len());
         try_reserve(&mut self.slots, fresh, "n")?;
         for _ in 0..n {
-            out.push(self.insert_table(Table::default()));
+            out.push(self.insert_table(None));
         }
         Ok(())
     }
@@ -605,17 +621,19 @@ impl BlockAllocator {
         for &b in &child.blocks {
             self.pool.incref(b);
         }
-        Ok(self.insert_table(child))
+        Ok(self.insert_table(Some(child)))
     }
 
     fn free_at(&mut self, idx: usize) {
-        let table = self.slots[idx].table.take().expect("live slot");
+        let mut table = self.slots[idx].table.take().expect("live slot");
         // Tail first: a cached tail block then sits ahead of its prefix in the LRU order and
         // is evicted before it, as the prefix is the part most likely to be hit again.
         for &b in table.blocks.iter().rev() {
             self.pool.decref(b);
         }
+        table.reset();
         let slot = &mut self.slots[idx];
+        slot.spare = table;
         slot.generation += 1;
         if slot.generation < MAX_GENERATION {
             self.free_slots.push(idx as u32);
