@@ -3,12 +3,15 @@
 The trace is what a continuous-batching serving engine asks of its KV block allocator while
 it serves ``num_requests`` requests arriving over time:
 
-* admission (FIFO, at most ``max_batch`` running tables, and only if the prompt fits above a
-  watermark): ``create_table``, ``adopt_prefix`` of the prompt minus its last token (many
-  prompts start with one of a few system prompts, so prefix hits happen), ``append`` of the
-  rest of the prompt (prefill), ``register_prefix`` of the prompt;
+* admission, one wave per engine step (FIFO, at most ``max_batch`` running tables, and only
+  while the wave's prompts fit above a watermark): ``create_tables`` for the wave,
+  ``adopt_prefix_batch`` of the prompts minus their last token (many prompts start with one
+  of a few system prompts, so prefix hits happen), one ``append_batch`` of the missed prompt
+  tokens with their ids (prefill), which registers every full prompt block;
 * parallel sampling: some requests ``fork`` their table into 2 or 4 samples after prefill;
-* one decode step per engine step: ``append_batch`` of 1 token to every running table;
+* one decode step per engine step: ``append_batch`` of 1 token to every running table with
+  the sampled token ids, which registers every block that fills (as vLLM caches full blocks
+  as they fill); sampled ids come from a fixed pseudo-random stream;
 * KV compression: some requests keep their tables under a token budget by ``compact``-ing
   them to half the budget (attention sinks + a recent window + a random subset of the rest);
 * ``free`` when a sample finishes;
@@ -38,32 +41,33 @@ from typing import Any
 
 import numpy as np
 
-# Event kinds. `a` and `b` are the two integer arguments of an event.
-DECODE = 0  # append_batch(running tables, 1)
+# Event kinds. `a` and `b` are the two integer arguments of an event. A wave is the `b`
+# handles a, a + 1, ..., a + b - 1 admitted together; handle_req names their requests.
+DECODE = 0  # append_batch(running tables, 1, token_ids=the next sampled ids)
 FREE = 1  # free(table of handle a)
-CREATE = 2  # handle a = create_table()
-ADOPT = 3  # adopt_prefix(table a, prompt of request b without its last token)
-APPEND = 4  # append(table a, b)   (prefill of the prompt minus the hit)
-REGISTER = 5  # register_prefix(table a, prompt of request b)
+CREATE = 2  # handles a .. a+b-1 = create_tables(b)
+ADOPT = 3  # adopt_prefix_batch(the wave's tables, their prompts without the last token)
+APPEND = 4  # append_batch(the wave's tables, missed prompt tokens, token_ids=those tokens)
 FORK = 6  # handle b = fork(table a)
 COMPACT = 7  # compact(table a, keep positions number b)
 DECODE_OOB = 8  # like DECODE, recorded as raising OutOfBlocks
 COMPACT_OOB = 9  # like COMPACT, recorded as raising OutOfBlocks
 
 KIND_NAMES = {
-    DECODE: "decode_step(append_batch)",
+    DECODE: "decode_step(append_batch+register)",
     FREE: "free",
-    CREATE: "create_table",
-    ADOPT: "adopt_prefix",
-    APPEND: "append(prefill)",
-    REGISTER: "register_prefix",
+    CREATE: "create_tables(wave)",
+    ADOPT: "adopt_prefix_batch(wave)",
+    APPEND: "prefill(append_batch+register, wave)",
     FORK: "fork",
     COMPACT: "compact",
     DECODE_OOB: "decode_step(OutOfBlocks)",
     COMPACT_OOB: "compact(OutOfBlocks)",
 }
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Length of the stream of sampled token ids that decode steps read, wrapping around.
+DECODE_POOL = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +112,8 @@ class Content:
 
     system: list[np.ndarray]
     user_pool: np.ndarray
+    # Sampled token ids: decode step after step reads the next len(batch) of them.
+    decode_pool: np.ndarray
 
     def prompt(self, sys_id: int, user_off: int, user_len: int) -> np.ndarray:
         user = self.user_pool[user_off : user_off + user_len]
@@ -127,7 +133,22 @@ def make_content(p: TraceParams) -> Content:
     ).astype(np.int64)
     system = [rng.integers(0, p.vocab, int(n), dtype=np.int64) for n in lens]
     pool = rng.integers(0, p.vocab, p.user_pool_size, dtype=np.int64)
-    return Content(system, pool)
+    decode = np.random.default_rng([p.seed, 4]).integers(0, p.vocab, DECODE_POOL, dtype=np.int64)
+    return Content(system, pool, decode)
+
+
+def next_decode_offset(off: int, n: int, max_batch: int) -> int:
+    """Where the decode step after one of ``n`` tables at ``off`` reads its sampled ids."""
+    off += n
+    return 0 if off + max_batch > DECODE_POOL else off
+
+
+def csr(parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, values) of a list of 1-D int64 arrays."""
+    indptr = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in parts], out=indptr[1:])
+    values = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return indptr, values
 
 
 def keep_positions(rng: np.random.Generator, ntok: int, p: TraceParams) -> np.ndarray:
@@ -154,6 +175,8 @@ class Trace:
     req_user_off: np.ndarray  # int32
     req_user_len: np.ndarray  # int32
     compact_ntok: np.ndarray  # int32: table length at each compaction, in event order
+    handle_req: np.ndarray  # int32: the request of each handle a wave created (-1: a fork)
+    handle_hit: np.ndarray  # int32: prompt tokens each wave handle hit in the prefix cache
     num_handles: int
     stats: dict[str, Any]
 
@@ -168,7 +191,10 @@ class Trace:
             self.req_user_off,
             self.req_user_len,
             self.compact_ntok,
+            self.handle_req,
+            self.handle_hit,
             content.user_pool,
+            content.decode_pool,
             *content.system,
         ):
             h.update(np.ascontiguousarray(arr).tobytes())
@@ -222,6 +248,10 @@ def generate(p: TraceParams, progress: Callable[[str], None] | None = None) -> T
     ev_a: list[int] = []
     ev_b: list[int] = []
     compact_ntok: list[int] = []
+    handle_req: list[int] = []
+    handle_hit: list[int] = []
+    dec_off = 0
+    waves = 0
 
     # Engine state, kept exactly as the replay keeps it: the running batch is an array with
     # append on create/fork and swap-remove on free.
@@ -256,6 +286,8 @@ def generate(p: TraceParams, progress: Callable[[str], None] | None = None) -> T
         nonlocal nrun
         h = len(tid)
         tid.append(t)
+        handle_req.append(-1)
+        handle_hit.append(0)
         h_req.append(r)
         h_ntok.append(ntok)
         h_left.append(left)
@@ -309,43 +341,67 @@ def generate(p: TraceParams, progress: Callable[[str], None] | None = None) -> T
             h_ntok[h] = p.keep
             return
 
-    def admit(r: int) -> None:
-        nonlocal hit_tokens, prompt_tokens
-        toks = content.prompt(int(req_sys[r]), int(user_off[r]), int(user_len[r]))
-        plen = len(toks)
-        t = alloc.create_table()
-        h = new_handle(t, r, 0, int(out_len[r, 0]))
-        emit(CREATE, h)
-        hit = alloc.adopt_prefix(t, toks[:-1])
-        emit(ADOPT, h, r)
-        alloc.append(t, plen - hit)
-        emit(APPEND, h, plen - hit)
-        alloc.register_prefix(t, toks)
-        emit(REGISTER, h, r)
-        h_ntok[h] = plen
-        hit_tokens += hit
-        prompt_tokens += plen
-        live_reqs[r] = [h]
-        if compress[r] and plen > p.budget:
-            compact(h)
-        for s in range(1, int(n_samples[r])):
-            child = new_handle(alloc.fork(t), r, h_ntok[h], int(out_len[r, s]))
-            emit(FORK, h, child)
-            live_reqs[r].append(child)
+    def admit(wave: list[int]) -> None:
+        """One admission wave: create, adopt and prefill (registering) in one call each,
+        then per request the compaction of a long prompt and the forks of its samples."""
+        nonlocal hit_tokens, prompt_tokens, waves
+        waves += 1
+        k = len(wave)
+        ts = alloc.create_tables(k)
+        first = len(tid)
+        for t, r in zip(ts.tolist(), wave, strict=True):
+            h = new_handle(t, r, 0, int(out_len[r, 0]))
+            handle_req[h] = r
+            live_reqs[r] = [h]
+        emit(CREATE, first, k)
+        prompts = [
+            content.prompt(int(req_sys[r]), int(user_off[r]), int(user_len[r])) for r in wave
+        ]
+        hits = alloc.adopt_prefix_batch(ts, *csr([x[:-1] for x in prompts]))
+        emit(ADOPT, first, k)
+        counts, rest = csr([x[hit:] for x, hit in zip(prompts, hits.tolist(), strict=True)])
+        try:
+            alloc.append_batch(ts, np.diff(counts), token_ids=rest)
+        except oob:
+            raise RuntimeError("admission let in a wave that does not fit") from None
+        emit(APPEND, first, k)
+        for i, (x, hit) in enumerate(zip(prompts, hits.tolist(), strict=True)):
+            h = first + i
+            handle_hit[h] = hit
+            h_ntok[h] = len(x)
+            hit_tokens += hit
+            prompt_tokens += len(x)
+        for i, r in enumerate(wave):
+            h = first + i
+            if r not in live_reqs:
+                continue  # preempted by the compaction of an earlier request of the wave
+            if compress[r] and h_ntok[h] > p.budget:
+                compact(h)
+            for s in range(1, int(n_samples[r])):
+                child = new_handle(alloc.fork(tid[h]), r, h_ntok[h], int(out_len[r, s]))
+                emit(FORK, h, child)
+                live_reqs[r].append(child)
 
     while done < n_req:
         while next_arrival < n_req and arrival[next_arrival] <= step:
             waiting.append(next_arrival)
             next_arrival += 1
+        wave: list[int] = []
+        avail = alloc.num_available_blocks
+        seats = p.max_batch - nrun
         while waiting:
             r = waiting[0]
-            if nrun + int(n_samples[r]) > p.max_batch:
+            if int(n_samples[r]) > seats:
                 break
             need = -(-int(prompt_len[r]) // bs)
-            if alloc.num_available_blocks - need < p.watermark:
+            if avail - need < p.watermark:
                 break
             waiting.popleft()
-            admit(r)
+            wave.append(r)
+            avail -= need
+            seats -= int(n_samples[r])
+        if wave:
+            admit(wave)
         if nrun == 0:
             if waiting:
                 raise RuntimeError("a request cannot be admitted into an empty pool")
@@ -354,13 +410,16 @@ def generate(p: TraceParams, progress: Callable[[str], None] | None = None) -> T
 
         while True:
             try:
-                alloc.append_batch(run_tid[:nrun], 1)
+                alloc.append_batch(
+                    run_tid[:nrun], 1, token_ids=content.decode_pool[dec_off : dec_off + nrun]
+                )
             except oob:
                 emit(DECODE_OOB)
                 if not preempt_one(-1):
                     raise RuntimeError("one decode step does not fit an empty pool") from None
                 continue
             emit(DECODE)
+            dec_off = next_decode_offset(dec_off, nrun, p.max_batch)
             break
         decode_steps += 1
         running_sum += nrun
@@ -403,6 +462,8 @@ def generate(p: TraceParams, progress: Callable[[str], None] | None = None) -> T
         "decode_tokens": int(running_sum),
         "preemptions": preemptions,
         "num_tables": len(tid),
+        "admission_waves": waves,
+        "mean_wave_size": sum(r >= 0 for r in handle_req) / max(waves, 1),
     }
     return Trace(
         params=p,
@@ -413,6 +474,8 @@ def generate(p: TraceParams, progress: Callable[[str], None] | None = None) -> T
         req_user_off=user_off,
         req_user_len=user_len,
         compact_ntok=np.array(compact_ntok, dtype=np.int32),
+        handle_req=np.array(handle_req, dtype=np.int32),
+        handle_hit=np.array(handle_hit, dtype=np.int32),
         num_handles=len(tid),
         stats=stats,
     )
@@ -437,6 +500,8 @@ def save(trace: Trace, path: Path, digest: str) -> None:
         req_user_off=trace.req_user_off,
         req_user_len=trace.req_user_len,
         compact_ntok=trace.compact_ntok,
+        handle_req=trace.handle_req,
+        handle_hit=trace.handle_hit,
     )
 
 
@@ -457,6 +522,8 @@ def load(path: Path, p: TraceParams) -> tuple[Trace, Content] | None:
             req_user_off=z["req_user_off"],
             req_user_len=z["req_user_len"],
             compact_ntok=z["compact_ntok"],
+            handle_req=z["handle_req"],
+            handle_hit=z["handle_hit"],
             num_handles=int(meta["num_handles"]),
             stats=meta["stats"],
         )
@@ -488,13 +555,16 @@ def load_or_generate(
 
 @dataclasses.dataclass
 class ReplayInputs:
-    """Everything a replay needs, prepared outside the timed region."""
+    """Everything a replay needs besides the per-wave token arrays (see ``Replayer``)."""
 
     kinds: list[int]
     a: list[int]
     b: list[int]
     keeps: list[np.ndarray]
     prompt: Callable[[int], np.ndarray]
+    handle_req: list[int]
+    handle_hit: list[int]
+    decode_pool: np.ndarray
     num_handles: int
     max_batch: int
 
@@ -517,93 +587,188 @@ def prepare(trace: Trace, content: Content) -> ReplayInputs:
         b=trace.b.tolist(),
         keeps=keeps,
         prompt=prompt,
+        handle_req=trace.handle_req.tolist(),
+        handle_hit=trace.handle_hit.tolist(),
+        decode_pool=content.decode_pool,
         num_handles=trace.num_handles,
         max_batch=p.max_batch,
     )
+
+
+def wave_arrays(
+    inp: ReplayInputs, first: int, k: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """What an engine holds for an admission wave before it calls the allocator: the CSR of
+    the prompts without their last token (for the prefix lookup), and the prefill's counts
+    and input ids (the prompt tokens the recorded hits leave to compute)."""
+    prompts = [inp.prompt(inp.handle_req[h]) for h in range(first, first + k)]
+    adopt = csr([x[:-1] for x in prompts])
+    hits = inp.handle_hit[first : first + k]
+    ip, rest = csr([x[hit:] for x, hit in zip(prompts, hits, strict=True)])
+    return adopt, (np.diff(ip), rest)
+
+
+class Replayer:
+    """Replays a trace on one allocator, a chunk of events at a time.
+
+    The token arrays an engine already holds when it calls the allocator (a wave's prompt
+    CSR and prefill input ids, the sampled ids of a decode step) are built per chunk outside
+    the timed region, in the side's natural container: numpy arrays for kvcore, lists for the
+    pure-Python allocator. The engine's own bookkeeping (handle -> table id, the running
+    batch) is the same code for both sides and is timed.
+    """
+
+    CHUNK = 4096
+
+    def __init__(self, alloc: Any, inp: ReplayInputs, oob: type[BaseException], numpy_side: bool):
+        self.alloc = alloc
+        self.inp = inp
+        self.oob = oob
+        self.numpy_side = numpy_side
+        self.tid = [0] * inp.num_handles
+        self.pos = [0] * inp.num_handles
+        self.run: Any = (
+            np.zeros(inp.max_batch, dtype=np.int64) if numpy_side else [0] * inp.max_batch
+        )
+        self.run_handle = [0] * inp.max_batch
+        self.n = 0
+        self.dec_off = 0
+        self.decode_pool: Any = inp.decode_pool if numpy_side else inp.decode_pool.tolist()
+        self.waves: Any = []
+        self.prefill: Any = None
+        self.hits: list[Any] = []
+
+    def _side(self, x: np.ndarray) -> Any:
+        return x if self.numpy_side else x.tolist()
+
+    def chunk_inputs(self, start: int, stop: int) -> list[Any]:
+        """Per-event arguments of events ``start..stop`` (None where an event needs none)."""
+        inp = self.inp
+        args: list[Any] = [None] * (stop - start)
+        for i in range(start, stop):
+            if inp.kinds[i] == ADOPT:
+                (ip, toks), (counts, rest) = wave_arrays(inp, inp.a[i], inp.b[i])
+                side = self._side
+                args[i - start] = (side(ip), side(toks), side(counts), side(rest))
+        return args
+
+    def run_chunk(
+        self, start: int, stop: int, args: list[Any], kind_ns: list[int] | None = None
+    ) -> None:
+        inp = self.inp
+        alloc = self.alloc
+        oob = self.oob
+        tid = self.tid
+        pos = self.pos
+        run = self.run
+        run_handle = self.run_handle
+        n = self.n
+        dec_off = self.dec_off
+        pool = self.decode_pool
+        max_batch = inp.max_batch
+        numpy_side = self.numpy_side
+        keeps = inp.keeps
+        hits_out = self.hits
+        wave: Any = self.waves
+        prefill: Any = self.prefill
+        append_batch = alloc.append_batch
+        free = alloc.free
+        # Per-kind breakdown: CPU time of this thread, like the whole-trace figure.
+        clock = time.thread_time_ns
+        t0 = 0
+        for i in range(start, stop):
+            k = inp.kinds[i]
+            a = inp.a[i]
+            b = inp.b[i]
+            if kind_ns is not None:
+                t0 = clock()
+            if k == DECODE:
+                append_batch(run[:n], 1, token_ids=pool[dec_off : dec_off + n])
+                dec_off += n
+                if dec_off + max_batch > DECODE_POOL:
+                    dec_off = 0
+            elif k == FREE:
+                free(tid[a])
+                j = pos[a]
+                n -= 1
+                last = run_handle[n]
+                run[j] = run[n]
+                run_handle[j] = last
+                pos[last] = j
+            elif k == CREATE:
+                wave = alloc.create_tables(b)
+                for h, t in enumerate(wave.tolist() if numpy_side else wave, a):
+                    tid[h] = t
+                    run[n] = t
+                    run_handle[n] = h
+                    pos[h] = n
+                    n += 1
+            elif k == ADOPT:
+                ip, toks, counts, rest = args[i - start]
+                hits_out.append(alloc.adopt_prefix_batch(wave, ip, toks))
+                prefill = (counts, rest)
+            elif k == APPEND:
+                append_batch(wave, prefill[0], token_ids=prefill[1])
+            elif k == FORK:
+                t = alloc.fork(tid[a])
+                tid[b] = t
+                run[n] = t
+                run_handle[n] = b
+                pos[b] = n
+                n += 1
+            elif k == COMPACT:
+                alloc.compact(tid[a], keeps[b])
+            elif k == DECODE_OOB:
+                try:
+                    append_batch(run[:n], 1, token_ids=pool[dec_off : dec_off + n])
+                except oob:
+                    pass
+                else:
+                    raise RuntimeError("replay diverged: a recorded OutOfBlocks did not happen")
+            elif k == COMPACT_OOB:
+                try:
+                    alloc.compact(tid[a], keeps[b])
+                except oob:
+                    pass
+                else:
+                    raise RuntimeError("replay diverged: a recorded OutOfBlocks did not happen")
+            else:
+                raise ValueError(f"unknown event kind {k}")
+            if kind_ns is not None:
+                kind_ns[k] += clock() - t0
+        self.n = n
+        self.dec_off = dec_off
+        self.waves = wave
+        self.prefill = prefill
+
+    def check_hits(self) -> None:
+        """Every wave hit what the recorded trace says (checked after the timed replay)."""
+        got = [int(x) for h in self.hits for x in h]
+        want = [x for x, r in zip(self.inp.handle_hit, self.inp.handle_req, strict=True) if r >= 0]
+        if got != want[: len(got)]:
+            raise RuntimeError("replay diverged: prefix hits differ from the recorded ones")
 
 
 def replay(
     alloc: Any,
     inp: ReplayInputs,
     oob: type[BaseException],
-    numpy_batch: bool,
+    numpy_side: bool,
     kind_ns: list[int] | None = None,
-) -> int:
-    """Runs every event on ``alloc``; returns the number of events.
-
-    The engine-side bookkeeping (handle -> table id, the running batch) is the same for both
-    allocators; only the container of the running batch differs: a numpy int64 array for
-    kvcore, a list for the pure-Python allocator (each side gets its natural input).
-    """
-    tid = [0] * inp.num_handles
-    pos = [0] * inp.num_handles
-    run: Any = np.zeros(inp.max_batch, dtype=np.int64) if numpy_batch else [0] * inp.max_batch
-    run_handle = [0] * inp.max_batch
-    n = 0
-    keeps = inp.keeps
-    prompt = inp.prompt
-    tokens = prompt(0)
-    tokens_req = -1
-    append_batch = alloc.append_batch
-    free = alloc.free
-    clock = time.perf_counter_ns
-    t0 = 0
-    for k, a, b in zip(inp.kinds, inp.a, inp.b, strict=True):
-        if kind_ns is not None:
-            t0 = clock()
-        if k == DECODE:
-            append_batch(run[:n], 1)
-        elif k == FREE:
-            free(tid[a])
-            i = pos[a]
-            n -= 1
-            last = run_handle[n]
-            run[i] = run[n]
-            run_handle[i] = last
-            pos[last] = i
-        elif k == CREATE:
-            t = alloc.create_table()
-            tid[a] = t
-            run[n] = t
-            run_handle[n] = a
-            pos[a] = n
-            n += 1
-        elif k == ADOPT:
-            tokens = prompt(b)
-            tokens_req = b
-            alloc.adopt_prefix(tid[a], tokens[:-1])
-        elif k == APPEND:
-            alloc.append(tid[a], b)
-        elif k == REGISTER:
-            if b != tokens_req:
-                tokens = prompt(b)
-                tokens_req = b
-            alloc.register_prefix(tid[a], tokens)
-        elif k == FORK:
-            t = alloc.fork(tid[a])
-            tid[b] = t
-            run[n] = t
-            run_handle[n] = b
-            pos[b] = n
-            n += 1
-        elif k == COMPACT:
-            alloc.compact(tid[a], keeps[b])
-        elif k == DECODE_OOB:
-            try:
-                append_batch(run[:n], 1)
-            except oob:
-                pass
-            else:
-                raise RuntimeError("replay diverged: a recorded OutOfBlocks did not happen")
-        elif k == COMPACT_OOB:
-            try:
-                alloc.compact(tid[a], keeps[b])
-            except oob:
-                pass
-            else:
-                raise RuntimeError("replay diverged: a recorded OutOfBlocks did not happen")
-        else:
-            raise ValueError(f"unknown event kind {k}")
-        if kind_ns is not None:
-            kind_ns[k] += clock() - t0
-    return len(inp.kinds)
+) -> tuple[float, float]:
+    """Runs every event on ``alloc``; returns the (wall, CPU) seconds spent in the timed
+    chunks: the allocator calls and the engine bookkeeping, not the input preparation. CPU
+    time (``time.process_time``) leaves out the time the process waited for a core, which
+    dominates wall time on a shared, overloaded machine."""
+    r = Replayer(alloc, inp, oob, numpy_side)
+    wall = cpu = 0.0
+    num = len(inp.kinds)
+    for start in range(0, num, Replayer.CHUNK):
+        stop = min(num, start + Replayer.CHUNK)
+        args = r.chunk_inputs(start, stop)
+        t0, c0 = time.perf_counter(), time.process_time()
+        r.run_chunk(start, stop, args, kind_ns)
+        cpu += time.process_time() - c0
+        wall += time.perf_counter() - t0
+    r.check_hits()
+    return wall, cpu

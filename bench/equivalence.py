@@ -77,19 +77,23 @@ def check_trace(trace: tr.Trace, content: tr.Content, state_every: int = 500) ->
     run: list[int] = [0] * inp.max_batch
     run_handle = [0] * inp.max_batch
     n = 0
-    tokens = inp.prompt(0)
+    dec_off = 0
+    wave: list[int] = []
+    prefill: Any = None
     for i, (k, a, b) in enumerate(zip(inp.kinds, inp.a, inp.b, strict=True)):
         what = f"event {i} ({tr.KIND_NAMES[k]})"
         if k in (tr.DECODE, tr.DECODE_OOB):
             batch = run[:n]
+            toks = inp.decode_pool[dec_off : dec_off + n]
             r_kv, r_py = _both(
                 what,
-                lambda: kv.append_batch(np.array(batch, dtype=np.int64), 1),  # noqa: B023
-                lambda: py.append_batch(batch, 1),  # noqa: B023
+                lambda: kv.append_batch(np.array(batch, dtype=np.int64), 1, token_ids=toks),  # noqa: B023
+                lambda: py.append_batch(batch, 1, token_ids=toks.tolist()),  # noqa: B023
             )
             if (r_kv is None) != (k == tr.DECODE_OOB):
                 raise Mismatch(f"{what}: the recorded outcome did not happen")
             if r_kv is not None:
+                dec_off = tr.next_decode_offset(dec_off, n, p.max_batch)
                 for name, x, y in zip(
                     ("slots", "indptr", "cow_src", "cow_dst"), r_kv, r_py, strict=True
                 ):
@@ -103,34 +107,37 @@ def check_trace(trace: tr.Trace, content: tr.Content, state_every: int = 500) ->
             run[j] = run[n]
             run_handle[j] = last
             pos[last] = j
-        elif k in (tr.CREATE, tr.FORK):
-            if k == tr.CREATE:
-                h, t_kv, t_py = a, kv.create_table(), py.create_table()
-            else:
-                h, t_kv, t_py = b, kv.fork(tid[a]), py.fork(tid[a])
+        elif k == tr.CREATE:
+            t_kv, t_py = kv.create_tables(b), py.create_tables(b)
+            _same(f"{what} table ids", t_kv, t_py)
+            wave = t_kv.tolist()
+            for h, t in enumerate(wave, a):
+                tid[h] = t
+                run[n] = t
+                run_handle[n] = h
+                pos[h] = n
+                n += 1
+        elif k == tr.FORK:
+            t_kv, t_py = kv.fork(tid[a]), py.fork(tid[a])
             _same(f"{what} table id", t_kv, t_py)
-            tid[h] = t_kv
+            tid[b] = t_kv
             run[n] = t_kv
-            run_handle[n] = h
-            pos[h] = n
+            run_handle[n] = b
+            pos[b] = n
             n += 1
         elif k == tr.ADOPT:
-            tokens = inp.prompt(b)
-            _same(
-                f"{what} hit",
-                kv.adopt_prefix(tid[a], tokens[:-1]),
-                py.adopt_prefix(tid[a], tokens[:-1]),
-            )
+            (ip, toks), prefill = tr.wave_arrays(inp, a, b)
+            h_kv = kv.adopt_prefix_batch(np.array(wave), ip, toks)
+            _same(f"{what} hits", h_kv, py.adopt_prefix_batch(wave, ip, toks))
+            _same(f"{what} recorded hits", h_kv, inp.handle_hit[a : a + b])
         elif k == tr.APPEND:
-            (s_kv, c_kv), (s_py, c_py) = kv.append(tid[a], b), py.append(tid[a], b)
-            _same(f"{what} slots", s_kv, s_py)
-            _same(f"{what} cow", c_kv, c_py)
-        elif k == tr.REGISTER:
-            _same(
-                f"{what} registered",
-                kv.register_prefix(tid[a], tokens),
-                py.register_prefix(tid[a], tokens),
-            )
+            counts, rest = prefill
+            r_kv = kv.append_batch(np.array(wave), counts, token_ids=rest)
+            r_py = py.append_batch(wave, counts, token_ids=rest)
+            for name, x, y in zip(
+                ("slots", "indptr", "cow_src", "cow_dst"), r_kv, r_py, strict=True
+            ):
+                _same(f"{what} {name}", x, y)
         elif k in (tr.COMPACT, tr.COMPACT_OOB):
             keep = inp.keeps[b]
             r_kv, r_py = _both(
@@ -178,10 +185,15 @@ def check_fuzz(seed: int, num_ops: int) -> int:
                 src = rnd.choice(list(toks.values()))
                 cut = src[: rnd.randint(0, len(src))]
                 arr = np.array(cut, dtype=np.int64)
-                h_kv, h_py = (
-                    kv.adopt_prefix(t_kv, arr, salt[t_kv]),
-                    py.adopt_prefix(t_py, arr, salt[t_kv]),
-                )
+                if rnd.random() < 0.5:
+                    h_kv, h_py = (
+                        kv.adopt_prefix(t_kv, arr, salt[t_kv]),
+                        py.adopt_prefix(t_py, arr, salt[t_kv]),
+                    )
+                else:
+                    ip = np.array([0, len(cut)])
+                    h_kv = int(kv.adopt_prefix_batch(np.array([t_kv]), ip, arr, salt[t_kv])[0])
+                    h_py = py.adopt_prefix_batch([t_py], ip, arr, salt[t_kv])[0]
                 _same(f"{what} adopt", h_kv, h_py)
                 toks[t_kv] = cut[:h_kv]
         elif op < 0.35:
@@ -195,16 +207,24 @@ def check_fuzz(seed: int, num_ops: int) -> int:
         elif op < 0.45:
             batch = rnd.sample(live, rnd.randint(1, len(live)))
             counts = [rnd.randint(0, bs + 1) for _ in batch]
+            new = [[rnd.randint(0, 1) for _ in range(c)] for c in counts]
+            # With the ids, blocks that fill are registered (decode-time registration).
+            ids = np.array([x for part in new for x in part], dtype=np.int64)
+            with_ids = rnd.random() < 0.6
             r_kv, r_py = _both(
                 f"{what} append_batch",
-                lambda: kv.append_batch(np.array(batch), np.array(counts)),  # noqa: B023
-                lambda: py.append_batch(batch, counts),  # noqa: B023
+                lambda: kv.append_batch(  # noqa: B023
+                    np.array(batch),  # noqa: B023
+                    np.array(counts),  # noqa: B023
+                    token_ids=ids if with_ids else None,  # noqa: B023
+                ),
+                lambda: py.append_batch(batch, counts, ids if with_ids else None),  # noqa: B023
             )
             if r_kv is not None:
                 for x, y in zip(r_kv, r_py, strict=True):
                     _same(f"{what} append_batch", x, y)
-                for t, c in zip(batch, counts, strict=True):
-                    toks[t] += [rnd.randint(0, 1) for _ in range(c)]
+                for t, part in zip(batch, new, strict=True):
+                    toks[t] += part
         elif op < 0.55:
             t = pick()
             c_kv, c_py = kv.fork(t), py.fork(t)
@@ -222,11 +242,22 @@ def check_fuzz(seed: int, num_ops: int) -> int:
         elif op < 0.77:
             t = pick()
             arr = np.array(toks[t], dtype=np.int64)
-            _same(
-                f"{what} register",
-                kv.register_prefix(t, arr, salt[t]),
-                py.register_prefix(t, arr, salt[t]),
-            )
+            if rnd.random() < 0.5:
+                _same(
+                    f"{what} register",
+                    kv.register_prefix(t, arr, salt[t]),
+                    py.register_prefix(t, arr, salt[t]),
+                )
+            else:
+                group = [u for u in live if salt[u] == salt[t]]
+                group = rnd.sample(group, rnd.randint(1, len(group)))
+                ip = np.cumsum([0] + [len(toks[u]) for u in group])
+                flat = np.array([x for u in group for x in toks[u]], dtype=np.int64)
+                _same(
+                    f"{what} register_prefix_batch",
+                    kv.register_prefix_batch(np.array(group), ip, flat, salt[t]),
+                    py.register_prefix_batch(group, ip, flat, salt[t]),
+                )
         elif op < 0.92:
             t = pick()
             ntok = len(toks[t])

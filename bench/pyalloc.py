@@ -15,7 +15,10 @@ asserts identical slots, copy-on-write pairs, plans, hits and table ids):
 * tables free their blocks tail first; ids are ``(generation << 32) | slot``;
 * copy-on-write when appending to a shared partial last block;
 * chained prefix hashes with register / adopt (Python's tuple hash instead of XXH3-128; only
-  hit/miss behaviour matters, not the hash values);
+  hit/miss behaviour matters, not the hash values), single and batched over CSR token arrays;
+* decode-time registration: ``append_batch(..., token_ids=...)`` hashes and registers every
+  block that fills, from the table's known chain (its hashes plus the ids of its partial last
+  block), the way vLLM v1 hashes a request's blocks as its tokens arrive;
 * compaction plans with the rules of ``compact.rs``.
 
 Results are plain Python lists, the natural output of a Python allocator.
@@ -69,10 +72,13 @@ class PyBlockAllocator:
         self.num_shared = 0
         self._index: dict[int, int] = {}
         # Per table slot: blocks, token count, chain hashes, generation. A freed slot has
-        # blocks None.
+        # blocks None. The chain is "tracked" when the hashes cover every full block and
+        # _t_tail holds the ids of the partial last block; _t_salt is the chain's salt.
         self._t_blocks: list[list[int] | None] = []
         self._t_ntok: list[int] = []
         self._t_hashes: list[list[int]] = []
+        self._t_tail: list[list[int] | None] = []
+        self._t_salt: list[object] = []
         self._t_gen: list[int] = []
         self._free_slots: list[int] = []
         self.num_tables = 0
@@ -161,23 +167,32 @@ class PyBlockAllocator:
                 raise TableFreed(tid)
         raise UnknownTable(tid)
 
-    def _insert(self, blocks: list[int], ntok: int, hashes: list[int]) -> int:
+    def _insert(
+        self, blocks: list[int], ntok: int, hashes: list[int], tail: list[int] | None, salt: object
+    ) -> int:
         self.num_tables += 1
         if self._free_slots:
             idx = self._free_slots.pop()
             self._t_blocks[idx] = blocks
             self._t_ntok[idx] = ntok
             self._t_hashes[idx] = hashes
+            self._t_tail[idx] = tail
+            self._t_salt[idx] = salt
             return (self._t_gen[idx] << 32) | idx
         idx = len(self._t_gen)
         self._t_blocks.append(blocks)
         self._t_ntok.append(ntok)
         self._t_hashes.append(hashes)
+        self._t_tail.append(tail)
+        self._t_salt.append(salt)
         self._t_gen.append(0)
         return idx
 
     def create_table(self) -> int:
-        return self._insert([], 0, [])
+        return self._insert([], 0, [], [], None)
+
+    def create_tables(self, n: int) -> list[int]:
+        return [self._insert([], 0, [], [], None) for _ in range(n)]
 
     def num_tokens(self, tid: int) -> int:
         return self._t_ntok[self._slot(tid)]
@@ -254,19 +269,29 @@ class PyBlockAllocator:
             raise OutOfBlocks(need)
         out: list[int] = []
         cow = self._append_at(idx, n, out)
+        if n:
+            self._t_tail[idx] = None
         return out, cow
 
     def append_batch(
-        self, tables: Sequence[int], num_tokens: int | Sequence[int]
+        self,
+        tables: Sequence[int],
+        num_tokens: int | Sequence[int],
+        token_ids: Any = None,
     ) -> tuple[list[int], list[int], list[int], list[int]]:
-        """All or nothing; returns (slots, indptr, cow_src, cow_dst) like kvcore."""
+        """All or nothing; returns (slots, indptr, cow_src, cow_dst) like kvcore. With
+        ``token_ids`` (the id of every appended token, table after table) every block that
+        fills in a tracked table is hashed and registered."""
         slot = self._slot
-        idxs = [slot(t) for t in tables]
+        idxs = [slot(t) for t in _as_list(tables)]
         if len(set(idxs)) != len(idxs):
             raise ValueError("a table appears more than once in the batch")
-        counts = [num_tokens] * len(idxs) if isinstance(num_tokens, int) else list(num_tokens)
+        counts = [num_tokens] * len(idxs) if isinstance(num_tokens, int) else _as_list(num_tokens)
         if len(counts) != len(idxs):
             raise ValueError("tables and num_tokens must have the same length")
+        toks = None if token_ids is None else _as_list(token_ids)
+        if toks is not None and len(toks) != sum(counts):
+            raise ValueError("token_ids must hold one id per appended token")
         t_blocks = self._t_blocks
         t_ntok = self._t_ntok
         need_of = self._need
@@ -282,13 +307,56 @@ class PyBlockAllocator:
         cow_src: list[int] = []
         cow_dst: list[int] = []
         append_at = self._append_at
+        t_tail = self._t_tail
+        t_hashes = self._t_hashes
+        register = self._register_block
+        bs = self.block_size
+        at = 0
         for idx, n in zip(idxs, counts, strict=True):
             cow = append_at(idx, n, slots)
             if cow is not None:
                 cow_src.append(cow[0])
                 cow_dst.append(cow[1])
             indptr.append(len(slots))
+            if toks is None:
+                if n:
+                    t_tail[idx] = None
+                continue
+            tail = t_tail[idx]
+            if tail is not None:
+                # The decode step's common case, one token, without slicing.
+                if n == 1:
+                    tail.append(toks[at])
+                    if len(tail) == bs:
+                        register(idx, tail, t_hashes[idx])
+                        t_tail[idx] = []
+                else:
+                    self._extend_chain(idx, toks[at : at + n])
+            at += n
         return slots, indptr, cow_src, cow_dst
+
+    def _register_block(self, idx: int, block_tokens: list[int], hashes: list[int]) -> bool:
+        """Hashes the table's next full block under its chain and registers it."""
+        h = hash((hashes[-1] if hashes else _ROOT_HASH, self._t_salt[idx], tuple(block_tokens)))
+        b = self._t_blocks[idx][len(hashes)]  # type: ignore[index]
+        hashes.append(h)
+        # Never de-duplicate (as register_prefix).
+        if self._hash[b] is None and h not in self._index:
+            self._index[h] = b
+            self._hash[b] = h
+            return True
+        return False
+
+    def _extend_chain(self, idx: int, toks: list[int]) -> None:
+        tail: list[int] = self._t_tail[idx]  # type: ignore[assignment]
+        hashes = self._t_hashes[idx]
+        bs = self.block_size
+        for tok in toks:
+            tail.append(tok)
+            if len(tail) == bs:
+                self._register_block(idx, tail, hashes)
+                tail = []
+        self._t_tail[idx] = tail
 
     def fork(self, tid: int) -> int:
         idx = self._slot(tid)
@@ -296,7 +364,14 @@ class PyBlockAllocator:
         incref = self._incref
         for b in blocks:
             incref(b)
-        return self._insert(blocks, self._t_ntok[idx], list(self._t_hashes[idx]))
+        tail = self._t_tail[idx]
+        return self._insert(
+            blocks,
+            self._t_ntok[idx],
+            list(self._t_hashes[idx]),
+            None if tail is None else list(tail),
+            self._t_salt[idx],
+        )
 
     def _free_at(self, idx: int) -> None:
         blocks: list[int] = self._t_blocks[idx]  # type: ignore[assignment]
@@ -306,6 +381,7 @@ class PyBlockAllocator:
             decref(b)
         self._t_blocks[idx] = None
         self._t_hashes[idx] = []
+        self._t_tail[idx] = None
         gen = self._t_gen[idx] + 1
         self._t_gen[idx] = gen
         if gen < _MAX_GENERATION:
@@ -348,6 +424,8 @@ class PyBlockAllocator:
                 registered += 1
             hashes.append(h)
             parent = h
+        self._t_tail[idx] = toks[ntok // bs * bs :]
+        self._t_salt[idx] = salt
         return registered
 
     def adopt_prefix(self, tid: int, token_ids: Any, salt: object = None) -> int:
@@ -372,7 +450,40 @@ class PyBlockAllocator:
             parent = h
         hit = len(blocks) * bs
         self._t_ntok[idx] = hit
+        self._t_tail[idx] = []
+        self._t_salt[idx] = salt
         return hit
+
+    def _batch(self, tables: Any, indptr: Any, token_ids: Any) -> list[tuple[int, list[int]]]:
+        ids = _as_list(tables)
+        ip = _as_list(indptr)
+        toks = _as_list(token_ids)
+        if len(ip) != len(ids) + 1 or ip[0] != 0 or ip[-1] != len(toks):
+            raise ValueError("indptr must have len(tables) + 1 offsets from 0 to len(token_ids)")
+        if any(ip[i + 1] < ip[i] for i in range(len(ids))):
+            raise ValueError("indptr must be non-decreasing")
+        idxs = [self._slot(t) for t in ids]
+        if len(set(idxs)) != len(idxs):
+            raise ValueError("a table appears more than once in the batch")
+        return [(t, toks[ip[i] : ip[i + 1]]) for i, t in enumerate(ids)]
+
+    def adopt_prefix_batch(
+        self, tables: Any, indptr: Any, token_ids: Any, salt: object = None
+    ) -> list[int]:
+        """Adopts for every (empty) table of the batch, all or nothing."""
+        parts = self._batch(tables, indptr, token_ids)
+        if any(self._t_ntok[self._slot(t)] for t, _ in parts):
+            raise ValueError("adopt_prefix needs an empty table")
+        return [self.adopt_prefix(t, toks, salt) for t, toks in parts]
+
+    def register_prefix_batch(
+        self, tables: Any, indptr: Any, token_ids: Any, salt: object = None
+    ) -> list[int]:
+        """Registers every table of the batch, all or nothing."""
+        parts = self._batch(tables, indptr, token_ids)
+        if any(self._t_ntok[self._slot(t)] != len(toks) for t, toks in parts):
+            raise ValueError("token_ids must hold one id per token of the table")
+        return [self.register_prefix(t, toks, salt) for t, toks in parts]
 
     def reset_prefix_cache(self) -> int:
         nxt = self._next
@@ -459,6 +570,8 @@ class PyBlockAllocator:
             if ref[b] == 1:
                 self._unregister(b)
         del self._t_hashes[idx][hash_valid:]
+        if m != ntok:
+            self._t_tail[idx] = None
         for i in range(len(old) - 1, min(write_start, new_nb) - 1, -1):
             if i >= new_nb or blocks[i] != old[i]:
                 self._decref(old[i])

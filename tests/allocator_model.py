@@ -11,9 +11,11 @@ list keeps:
   first; they are only reclaimed once the front runs dry.
 
 A prefix hash is represented by the nested tuple ``(parent hash, salt key, block tokens)``
-instead of a 128-bit digest. Nesting the parent makes a hash name the whole prefix and the
-salt, exactly like the Rust chain; only equality of hashes is observable, so the two agree
-(up to digest collisions, which the Rust side rules out by using 128 bits).
+instead of a 128-bit digest (``(parent hash, salt key, ("key", bytes))`` for a block named by
+an engine's own hash, so it never equals a block of token ids). Nesting the parent makes a hash
+name the whole prefix and the salt, exactly like the Rust chain; only equality of hashes is
+observable, so the two agree (up to digest collisions, which the Rust side rules out by using
+128 bits).
 """
 
 from __future__ import annotations
@@ -88,6 +90,15 @@ class Table:
     #: Chain hashes of the leading full blocks whose contents are known (registered or
     #: adopted), whether or not the block itself ended up registered under them.
     hashes: list[Hash] = field(default_factory=list)
+    #: The ids of the tokens past the hashed blocks while the chain covers every token
+    #: (appends with token ids then register the blocks they fill); None once it does not.
+    tail: list[int] | None = field(default_factory=list)
+    #: The salt of the last adopt or register call: decode-time registration uses it.
+    salt: SaltKey = None
+
+
+#: What names a table's blocks: token ids, or one engine key (bytes) per block.
+Keys = Sequence[int] | list[bytes]
 
 
 class AllocatorModel:
@@ -265,6 +276,19 @@ class AllocatorModel:
     def blocks_needed(self, tid: int, n: int) -> int:
         return self._append_need(self.table(tid), n)
 
+    def _extend_chain(self, t: Table, toks: Sequence[int]) -> None:
+        """Feeds appended token ids into a tracked chain, registering every filled block."""
+        assert t.tail is not None
+        bs = self.block_size
+        for tok in toks:
+            t.tail.append(tok)
+            if len(t.tail) == bs:
+                parent = t.hashes[-1] if t.hashes else ROOT_HASH
+                h: Hash = (parent, t.salt, tuple(t.tail))
+                self._register(t.blocks[len(t.hashes)], h)
+                t.hashes.append(h)
+                t.tail = []
+
     def _append_at(self, t: Table, n: int) -> tuple[list[int], tuple[int, int] | None]:
         bs = self.block_size
         cow = None
@@ -290,16 +314,21 @@ class AllocatorModel:
         needed = self._append_need(t, n)
         if needed > self.num_available_blocks:
             raise self._out_of_blocks(needed)
-        return self._append_at(t, n)
+        out = self._append_at(t, n)
+        if n:
+            t.tail = None  # the new tokens' ids are unknown
+        return out
 
     def append_batch(
-        self, ids: Sequence[int], counts: Sequence[int]
+        self, ids: Sequence[int], counts: Sequence[int], token_ids: Sequence[int] | None = None
     ) -> tuple[list[int], list[int], list[int], list[int]]:
         """Returns ``(slots, indptr, cow_src, cow_dst)``."""
         if len(ids) != len(counts):
             raise InvalidArgument("tables and counts must have the same length")
         idxs = self._batch_slots(ids)
         tables = [self._table_at(i) for i in idxs]
+        if token_ids is not None and len(token_ids) != sum(counts):
+            raise InvalidArgument("token_ids must hold one id per appended token")
         # All or nothing: the whole batch's needs are summed before anything changes.
         needed = sum(self._append_need(t, n) for t, n in zip(tables, counts, strict=True))
         if needed > self.num_available_blocks:
@@ -308,6 +337,7 @@ class AllocatorModel:
         indptr = [0]
         cow_src: list[int] = []
         cow_dst: list[int] = []
+        at = 0
         for t, n in zip(tables, counts, strict=True):
             s, cow = self._append_at(t, n)
             slots += s
@@ -315,11 +345,23 @@ class AllocatorModel:
             if cow is not None:
                 cow_src.append(cow[0])
                 cow_dst.append(cow[1])
+            if token_ids is None:
+                if n:
+                    t.tail = None
+            elif t.tail is not None:
+                self._extend_chain(t, token_ids[at : at + n])
+            at += n
         return slots, indptr, cow_src, cow_dst
 
     def fork(self, tid: int) -> int:
         parent = self.table(tid)
-        child = Table(list(parent.blocks), parent.num_tokens, list(parent.hashes))
+        child = Table(
+            list(parent.blocks),
+            parent.num_tokens,
+            list(parent.hashes),
+            None if parent.tail is None else list(parent.tail),
+            parent.salt,
+        )
         for b in child.blocks:
             self._incref(b)
         return self._insert(child)
@@ -345,34 +387,56 @@ class AllocatorModel:
     # Prefix caching
     # ------------------------------------------------------------------------------------
 
-    def register_prefix(
-        self, tid: int, tokens: Sequence[int], salt: int | str | bytes | None = None
+    def _block_hash(self, keys: Keys, i: int, parent: Hash, key: SaltKey) -> Hash:
+        bs = self.block_size
+        if keys and isinstance(keys[0], bytes):
+            return (parent, key, ("key", keys[i]))
+        return (parent, key, tuple(keys[i * bs : (i + 1) * bs]))
+
+    def _check_register(self, t: Table, keys: Keys, hashes: bool) -> None:
+        want = t.num_tokens // self.block_size if hashes else t.num_tokens
+        if len(keys) != want:
+            raise InvalidArgument("token_ids (block_hashes) must cover the table")
+
+    def _register_at(
+        self, t: Table, keys: Keys, salt: int | str | bytes | None, hashes: bool
     ) -> int:
-        t = self.table(tid)
-        if len(tokens) != t.num_tokens:
-            raise InvalidArgument("token_ids must hold one id per token")
         bs = self.block_size
         key = salt_key(salt)
         registered = 0
-        for i in range(len(t.hashes), t.num_tokens // bs):
+        num_full = t.num_tokens // bs
+        for i in range(len(t.hashes), num_full):
             parent = t.hashes[-1] if t.hashes else ROOT_HASH
-            h: Hash = (parent, key, tuple(tokens[i * bs : (i + 1) * bs]))
+            h = self._block_hash(keys, i, parent, key)
             registered += int(self._register(t.blocks[i], h))
             # The chain goes on through a block that was not registered.
             t.hashes.append(h)
+        t.salt = key
+        if hashes:
+            t.tail = [] if t.num_tokens % bs == 0 else None
+        else:
+            t.tail = [int(x) for x in keys[num_full * bs :]]  # type: ignore[arg-type]
         return registered
 
-    def adopt_prefix(
-        self, tid: int, tokens: Sequence[int], salt: int | str | bytes | None = None
+    def register_prefix(
+        self,
+        tid: int,
+        tokens: Keys,
+        salt: int | str | bytes | None = None,
+        *,
+        hashes: bool = False,
     ) -> int:
+        """``hashes``: ``tokens`` is a list of engine keys, one per full block."""
         t = self.table(tid)
-        if t.num_tokens != 0:
-            raise InvalidArgument("adopt_prefix needs an empty table")
+        self._check_register(t, tokens, hashes)
+        return self._register_at(t, tokens, salt, hashes)
+
+    def _adopt_at(self, t: Table, keys: Keys, salt: int | str | bytes | None, hashes: bool) -> int:
         bs = self.block_size
         key = salt_key(salt)
         parent = ROOT_HASH
-        for i in range(len(tokens) // bs):
-            h: Hash = (parent, key, tuple(tokens[i * bs : (i + 1) * bs]))
+        for i in range(len(keys) if hashes else len(keys) // bs):
+            h = self._block_hash(keys, i, parent, key)
             if h not in self.index:
                 break  # a chain hash names its whole prefix: nothing later can hit
             b = self.index[h]
@@ -381,7 +445,67 @@ class AllocatorModel:
             t.hashes.append(h)
             parent = h
         t.num_tokens = len(t.blocks) * bs
+        t.tail = []
+        t.salt = key
         return t.num_tokens
+
+    def adopt_prefix(
+        self,
+        tid: int,
+        tokens: Keys,
+        salt: int | str | bytes | None = None,
+        *,
+        hashes: bool = False,
+    ) -> int:
+        t = self.table(tid)
+        if t.num_tokens != 0:
+            raise InvalidArgument("adopt_prefix needs an empty table")
+        return self._adopt_at(t, tokens, salt, hashes)
+
+    @staticmethod
+    def _check_indptr(n: int, indptr: Sequence[int], total: int) -> None:
+        if len(indptr) != n + 1:
+            raise InvalidArgument("indptr must have len(tables) + 1 entries")
+        if indptr[0] != 0 or indptr[-1] != total:
+            raise InvalidArgument("indptr must start at 0 and end at the number of keys")
+        if any(indptr[i + 1] < indptr[i] for i in range(n)):
+            raise InvalidArgument("indptr must be non-decreasing")
+
+    def _batch_parts(
+        self, ids: Sequence[int], indptr: Sequence[int], keys: Keys
+    ) -> list[tuple[Table, Keys]]:
+        """Each table of a batched prefix call with its part of the CSR keys."""
+        self._check_indptr(len(ids), indptr, len(keys))
+        tables = [self._table_at(i) for i in self._batch_slots(ids)]
+        return [(t, keys[indptr[i] : indptr[i + 1]]) for i, t in enumerate(tables)]
+
+    def register_prefix_batch(
+        self,
+        ids: Sequence[int],
+        indptr: Sequence[int],
+        keys: Keys,
+        salt: int | str | bytes | None = None,
+        *,
+        hashes: bool = False,
+    ) -> list[int]:
+        parts = self._batch_parts(ids, indptr, keys)
+        for t, part in parts:
+            self._check_register(t, part, hashes)
+        return [self._register_at(t, k, salt, hashes) for t, k in parts]
+
+    def adopt_prefix_batch(
+        self,
+        ids: Sequence[int],
+        indptr: Sequence[int],
+        keys: Keys,
+        salt: int | str | bytes | None = None,
+        *,
+        hashes: bool = False,
+    ) -> list[int]:
+        parts = self._batch_parts(ids, indptr, keys)
+        if any(t.num_tokens for t, _ in parts):
+            raise InvalidArgument("adopt_prefix needs an empty table")
+        return [self._adopt_at(t, k, salt, hashes) for t, k in parts]
 
     def reset_prefix_cache(self) -> int:
         dropped = 0
@@ -454,6 +578,8 @@ class AllocatorModel:
             if i >= new_num_blocks or new[i] != old[i]:
                 self._decref(old[i])
         t.blocks = new
+        if len(keep) != t.num_tokens:
+            t.tail = None  # the kept ids no longer name the K/V one to one
         t.num_tokens = len(keep)
         return src, dst
 

@@ -446,6 +446,179 @@ class AllocatorMachine(RuleBasedStateMachine):
             event("reset_prefix_cache dropped blocks")
 
     # ------------------------------------------------------------------------------------
+    # The engine's calls: decode-time registration, batched admission, engine block hashes
+    # ------------------------------------------------------------------------------------
+
+    def chain_salt(self, tid: int) -> Salt:
+        """The salt of the table's chain (its last adopt or register), from the model."""
+        key = self.model.table(tid).salt
+        return None if key is None else key[1]  # type: ignore[return-value]
+
+    def remember_chain(self, tid: int) -> None:
+        """A tracked table's tokens are registered as they fill: adoptions may hit them."""
+        if self.model.table(tid).tail is not None and len(self.tokens[tid]) >= self.bs:
+            entry = (tuple(self.tokens[tid]), self.chain_salt(tid))
+            if entry not in self.histories:
+                self.histories.append(entry)
+                del self.histories[:-MAX_HISTORIES]
+
+    def check_append_result(
+        self, want: Any, got: Any, tids: list[int], parts: list[list[int]]
+    ) -> None:
+        (w_slots, w_indptr, w_src, w_dst), (slots, indptr, src, dst) = want, got
+        assert slots.tolist() == w_slots
+        assert indptr.tolist() == w_indptr
+        assert (src.tolist(), dst.tolist()) == (w_src, w_dst)
+        for s, d in zip(src.tolist(), dst.tolist(), strict=True):
+            self.copy_block(s, d)
+        for i, tid in enumerate(tids):
+            self.write(tid, slots[indptr[i] : indptr[i + 1]], parts[i])
+            self.remember_chain(tid)
+
+    @rule(data=st.data())
+    def decode_step(self, data: st.DataObject) -> None:
+        """The engine's step: one ``append_batch`` with the new tokens' ids, which registers
+        every block they fill in tables whose chain is known."""
+        tids = self.pick_tables(data)
+        one = often(data, "one token each")
+        counts = [1 if one else data.draw(st.integers(0, 2 * self.bs), label="n") for _ in tids]
+        parts = [self.new_tokens(data, t, c) for t, c in zip(tids, counts, strict=True)]
+        flat = [x for part in parts for x in part]
+        arg: int | np.ndarray = 1 if one else i64(counts)
+        ids = np.asarray(flat, dtype=data.draw(ID_DTYPES, label="dtype"))
+        cached = self.model.num_cached_blocks + len(self.model.index)
+        res = both(
+            lambda: self.model.append_batch(tids, counts, flat),
+            lambda: self.alloc.append_batch(i64(tids), arg, token_ids=ids),
+        )
+        if res is None:
+            return
+        self.check_append_result(*res, tids, parts)
+        if self.model.num_cached_blocks + len(self.model.index) > cached:
+            event("decode_step: registered a filled block")
+
+    @rule(data=st.data())
+    def admit_wave(self, data: st.DataObject) -> None:
+        """Batched admission: ``create_tables``, ``adopt_prefix_batch`` of the prompts less
+        their last token, one ``append_batch`` of the missed tokens with their ids."""
+        k = data.draw(st.integers(1, 3), label="wave size")
+        prompts = [self.prompt(data)[0] for _ in range(k)]
+        salt = data.draw(SALTS, label="salt") if not self.histories else self.prompt(data)[1]
+        tids = self.alloc.create_tables(k).tolist()
+        assert tids == [self.model.create_table() for _ in range(k)]
+        for tid in tids:
+            self.live.append(tid)
+            self.tokens[tid], self.uids[tid], self.salts[tid] = [], [], salt
+        look = [p[:-1] for p in prompts]
+        indptr = np.cumsum([0] + [len(x) for x in look])
+        flat = [x for part in look for x in part]
+        res = both(
+            lambda: self.model.adopt_prefix_batch(tids, indptr.tolist(), flat, salt),
+            lambda: self.alloc.adopt_prefix_batch(i64(tids), indptr, i64(flat), salt),
+        )
+        assert res is not None
+        want, hits = res
+        assert hits.dtype == np.int64 and hits.tolist() == want
+        if any(want):
+            event("admit_wave: hit")
+        for tid, p, hit in zip(tids, prompts, want, strict=True):
+            self.tokens[tid] = p[:hit]
+            self.uids[tid] = self.mem[self.model.slot_mapping(tid), 1].tolist()
+        parts = [p[hit:] for p, hit in zip(prompts, want, strict=True)]
+        counts = [len(x) for x in parts]
+        rest = [x for part in parts for x in part]
+        res = both(
+            lambda: self.model.append_batch(tids, counts, rest),
+            lambda: self.alloc.append_batch(i64(tids), i64(counts), token_ids=i64(rest)),
+        )
+        if res is not None:
+            self.check_append_result(*res, tids, parts)
+
+    @rule(data=st.data())
+    def register_prefix_batch(self, data: st.DataObject) -> None:
+        tids = self.pick_tables(data)
+        salt = data.draw(SALTS, label="salt")
+        indptr = np.cumsum([0] + [len(self.tokens[t]) for t in tids])
+        flat = [x for t in tids for x in self.tokens[t]]
+        dtype = data.draw(ID_DTYPES, label="dtype")
+        res = both(
+            lambda: self.model.register_prefix_batch(tids, indptr.tolist(), flat, salt),
+            lambda: self.alloc.register_prefix_batch(
+                i64(tids), indptr.astype(dtype), np.asarray(flat, dtype=dtype), salt
+            ),
+        )
+        assert res is not None
+        want, got = res
+        assert got.dtype == np.int64 and got.tolist() == want
+        for tid in tids:
+            self.remember_chain(tid)
+
+    @rule(data=st.data())
+    def block_hashes(self, data: st.DataObject) -> None:
+        """Blocks named by the engine's own keys (here: the bytes of their token ids) register
+        and adopt like token ids, in every accepted form, and never alias token-id blocks."""
+        tid = self.pick_table(data)
+        bs, toks, salt = self.bs, self.tokens[tid], self.salts[tid]
+        nfull = len(toks) // bs
+        rows = [
+            np.asarray(toks[i * bs : (i + 1) * bs], dtype="<i8").tobytes() for i in range(nfull)
+        ]
+        form = data.draw(st.sampled_from(["list", "int64", "uint64", "uint8"]), label="form")
+        flat = np.asarray(toks[: nfull * bs], dtype="<i8")
+
+        def arg(rows_: list[bytes], n: int) -> Any:
+            if form == "list":
+                return rows_[:n]
+            if form == "uint8":
+                return np.frombuffer(b"".join(rows_), dtype=np.uint8).reshape(nfull, 8 * bs)[:n]
+            return flat.view(form).reshape(nfull, bs)[:n]
+
+        got = self.alloc.register_prefix(tid, salt=salt, block_hashes=arg(rows, nfull))
+        assert got == self.model.register_prefix(tid, rows, salt, hashes=True)
+        new = self.new_table(salt)
+        cut = data.draw(st.integers(0, nfull), label="cut")
+        hit = self.alloc.adopt_prefix(new, None, salt, block_hashes=arg(rows, cut))
+        assert hit == self.model.adopt_prefix(new, rows[:cut], salt, hashes=True)
+        if hit:
+            event("block_hashes: hit")
+        self.tokens[new] = toks[:hit]
+        self.uids[new] = self.mem[self.model.slot_mapping(new), 1].tolist()
+
+    def bad_engine_arguments(self, data: st.DataObject) -> None:
+        tid = self.pick_table(data)
+        n = len(self.tokens[tid])
+        a, m = self.alloc, self.model
+        calls: Calls = {
+            "append_batch with one token id too many": (
+                lambda: m.append_batch([tid], [1], [0, 0]),
+                lambda: a.append_batch(i64([tid]), 1, token_ids=i64([0, 0])),
+            ),
+            "register_prefix_batch with a short indptr": (
+                lambda: m.register_prefix_batch([tid], [0], []),
+                lambda: a.register_prefix_batch(i64([tid]), i64([0]), i64([])),
+            ),
+            "register_prefix_batch with one token too many": (
+                lambda: m.register_prefix_batch([tid], [0, n + 1], [0] * (n + 1)),
+                lambda: a.register_prefix_batch(i64([tid]), i64([0, n + 1]), i64([0] * (n + 1))),
+            ),
+        }
+        if n > 0:
+            fresh = self.new_table(None)
+            calls["adopt_prefix_batch with a table holding tokens"] = (
+                lambda: m.adopt_prefix_batch([fresh, tid], [0, 0, 0], []),
+                lambda: a.adopt_prefix_batch(i64([fresh, tid]), i64([0, 0, 0]), i64([])),
+            )
+        name = data.draw(st.sampled_from(sorted(calls)), label="case")
+        assert both(*calls[name]) is None, name
+        # Keys: exactly one of token_ids and block_hashes, rows of one width.
+        with pytest.raises(TypeError, match="exactly one of token_ids and block_hashes"):
+            a.register_prefix(tid, i64([0] * n), block_hashes=[b"x"])
+        with pytest.raises(TypeError, match="exactly one of token_ids and block_hashes"):
+            a.adopt_prefix(tid)
+        with pytest.raises(ValueError, match="equally long"):
+            a.register_prefix(tid, block_hashes=[b"ab", b"c"])
+
+    # ------------------------------------------------------------------------------------
     # Misuse: every call must raise the documented error and change nothing
     # ------------------------------------------------------------------------------------
 
@@ -577,6 +750,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     def misuse(self, data: st.DataObject) -> None:
         # One rule for every kind of misuse, so they do not crowd out the real work.
         kinds = [self.unknown_id, self.duplicate_in_batch, self.bad_keep, self.bad_arguments]
+        kinds.append(self.bad_engine_arguments)
         if self.freed:
             kinds.append(self.use_after_free)
         data.draw(st.sampled_from(kinds), label="misuse")(data)
@@ -683,7 +857,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         # A block registered under a hash holds the tokens that hash names, referenced or not:
         # nothing ever writes into a block while it is in the prefix cache.
         for b, h in enumerate(m.block_hash):
-            if h is not None:
+            if h is not None and h[2][0] != "key":  # blocks named by engine keys: no ids
                 assert self.mem[b * bs : (b + 1) * bs, 0].tolist() == list(h[2]), f"block {b}"
 
 

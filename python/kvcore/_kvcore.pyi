@@ -20,6 +20,8 @@ build_profile: Final[str]
 
 _Salt: TypeAlias = int | str | bytes
 _IdArray: TypeAlias = NDArray[np.int64] | NDArray[np.int32]
+# An engine's own block hashes: rows of bytes, one row per full block.
+_BlockHashes: TypeAlias = list[bytes] | NDArray[np.uint8] | NDArray[np.uint64] | NDArray[np.int64]
 _F32: TypeAlias = NDArray[np.float32]
 _Weights: TypeAlias = NDArray[np.float64] | NDArray[np.float32]
 _Csr: TypeAlias = tuple[NDArray[np.int64], NDArray[np.int64]]
@@ -186,14 +188,26 @@ class BlockAllocator:
             ValueError: ``num_tokens`` is negative.
         """
     def append_batch(
-        self, tables: _IdArray, num_tokens: _IdArray | int
+        self,
+        tables: _IdArray,
+        num_tokens: _IdArray | int,
+        token_ids: _IdArray | None = None,
     ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int32], NDArray[np.int32]]:
         """Appends ``num_tokens[i]`` slots to ``tables[i]`` for every ``i``, all or nothing,
         with the GIL released. ``num_tokens`` may be one int for every table (a decode step).
 
+        With ``token_ids`` this is the engine's whole step in one call: every block that the
+        appended tokens fill is hashed (chained under the table's salt, as
+        ``register_prefix`` would) and registered in the prefix cache. A table's chain is
+        known from creation, ``adopt_prefix`` or ``register_prefix`` on; an append without
+        ids or a compaction that changes the table stops it until the next
+        ``register_prefix``, and such tables take their slots but register nothing.
+
         Args:
             tables: ``(n,)`` int64 table ids, each at most once.
             num_tokens: ``(n,)`` int64 counts, or an int.
+            token_ids: ``(sum(num_tokens),)`` int64 or int32, the ids of the appended tokens
+                table after table (for a decode step: the sampled ids, one per table).
 
         Returns:
             ``(slots, indptr, cow_src, cow_dst)``: ``slots`` int64, table ``i``'s slots being
@@ -203,7 +217,8 @@ class BlockAllocator:
         Raises:
             OutOfBlocksError: the batch does not fit (nothing changed).
             UnknownTableError, TableFreedError: a bad id (nothing changed).
-            ValueError: lengths differ, a table is listed twice, or a count is negative.
+            ValueError: lengths differ (``token_ids`` included), a table is listed twice, or a
+                count is negative.
         """
     def fork(self, table: int) -> int:
         """Creates a table that shares every block of ``table`` (ref counts go up; no block is
@@ -225,38 +240,93 @@ class BlockAllocator:
     def register_prefix(
         self,
         table: int,
-        token_ids: NDArray[np.int64] | NDArray[np.int32],
+        token_ids: NDArray[np.int64] | NDArray[np.int32] | None = None,
         salt: _Salt | None = None,
+        *,
+        block_hashes: _BlockHashes | None = None,
     ) -> int:
         """Registers the full blocks of ``table`` that are not registered yet under the chained
         hash of (parent hash, the block's token ids, salt), so later tables can adopt them.
+        Afterwards the table's chain is known: ``append_batch(..., token_ids=...)`` registers
+        the blocks it fills.
 
         Args:
             table: the table.
             token_ids: ``(num_tokens(table),)`` int64 or int32: the token id of every position.
             salt: separates equal token ids with different K/V, e.g. a LoRA adapter id or the
                 compression policy that produced the blocks. Use one salt per table.
+            block_hashes: instead of ``token_ids``, the engine's own hash of each full block
+                (``num_tokens(table) // block_size`` rows: a list of equally long ``bytes``,
+                or a 2-D uint8 / uint64 / int64 array, e.g. ``(n, 2)`` uint64 for 128 bits).
+                Chained and salted the same way; never equal to a token-id block.
 
         Returns:
             Blocks newly registered. A block whose hash already names another block is not
             registered again (no de-duplication), but the chain continues through it.
+
+        Raises:
+            TypeError: neither or both of ``token_ids`` and ``block_hashes``.
+            ValueError: the wrong number of ids or rows.
+        """
+    def register_prefix_batch(
+        self,
+        tables: _IdArray,
+        indptr: _IdArray,
+        token_ids: NDArray[np.int64] | NDArray[np.int32] | None = None,
+        salt: _Salt | None = None,
+        *,
+        block_hashes: _BlockHashes | None = None,
+    ) -> NDArray[np.int64]:
+        """``register_prefix`` for many tables in one call, all or nothing, GIL released:
+        table ``tables[i]`` gets ``token_ids[indptr[i]:indptr[i+1]]`` (or those rows of
+        ``block_hashes``), under one ``salt``.
+
+        Returns:
+            ``(n,)`` int64: blocks newly registered per table.
+
+        Raises:
+            ValueError: ``indptr`` is not ``n + 1`` non-decreasing offsets from 0 to the number
+                of ids (rows), a table is listed twice, or a table's part has the wrong length.
         """
     def adopt_prefix(
         self,
         table: int,
-        token_ids: NDArray[np.int64] | NDArray[np.int32],
+        token_ids: NDArray[np.int64] | NDArray[np.int32] | None = None,
         salt: _Salt | None = None,
+        *,
+        block_hashes: _BlockHashes | None = None,
     ) -> int:
-        """Makes an empty ``table`` adopt the longest cached prefix of ``token_ids``: leading
-        full blocks whose chained hash is registered join the table, ref counts up. Takes no
-        block from the pool. Pass ``token_ids[:-1]`` to keep the last token uncached, as vLLM
-        does to get its logits.
+        """Makes an empty ``table`` adopt the longest cached prefix of ``token_ids`` (or of
+        ``block_hashes``, one row per block): leading full blocks whose chained hash is
+        registered join the table, ref counts up. Takes no block from the pool. Pass
+        ``token_ids[:-1]`` to keep the last token uncached, as vLLM does to get its logits.
+        Hit or miss, the table's chain is then known under ``salt``.
 
         Returns:
             Tokens hit, a multiple of ``block_size``.
 
         Raises:
             ValueError: ``table`` is not empty.
+            TypeError: neither or both of ``token_ids`` and ``block_hashes``.
+        """
+    def adopt_prefix_batch(
+        self,
+        tables: _IdArray,
+        indptr: _IdArray,
+        token_ids: NDArray[np.int64] | NDArray[np.int32] | None = None,
+        salt: _Salt | None = None,
+        *,
+        block_hashes: _BlockHashes | None = None,
+    ) -> NDArray[np.int64]:
+        """``adopt_prefix`` for a wave of empty tables in one call, all or nothing, GIL
+        released: table ``tables[i]`` looks up ``token_ids[indptr[i]:indptr[i+1]]`` (or those
+        rows of ``block_hashes``). Nothing is registered, so no table of the wave hits another.
+
+        Returns:
+            ``(n,)`` int64: tokens hit per table.
+
+        Raises:
+            ValueError: bad ``indptr``, a table listed twice, or a table that is not empty.
         """
     def reset_prefix_cache(self) -> int:
         """Forgets every cached prefix held by unreferenced blocks; returns how many."""

@@ -6,7 +6,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
-use kvcore_core::{BlockAllocator, CompactionPlan, Keep, TableId};
+use kvcore_core::{BatchAppend, BlockAllocator, BlockKeys, CompactionPlan, Keep, TableId};
 
 const BLOCK_SIZE: usize = 16;
 
@@ -66,6 +66,35 @@ fn append(c: &mut Criterion) {
             },
         );
     }
+    // The engine's decode step: the same, passing the sampled ids, so every block that fills
+    // is hashed and registered (one in 16 rows per step here).
+    g.bench_function(BenchmarkId::new("decode_step_with_ids", 256), |b| {
+        let batch = 256usize;
+        let counts = vec![1usize; batch];
+        let ids: Vec<i64> = (0..batch as i64).map(|i| i * 7 + 3).collect();
+        let mut out = BatchAppend::default();
+        b.iter_batched_ref(
+            || {
+                let (mut a, t) = with_tables(batch * 64 + 1, batch, 0);
+                // Prompts of 100 distinct tokens, registered as they are appended.
+                let prompt: Vec<i64> = (0..100 * batch as i64).collect();
+                let mut prefill = BatchAppend::default();
+                a.append_batch_with(&t, &vec![100; batch], Some(&prompt), &mut prefill)
+                    .unwrap();
+                (a, t)
+            },
+            |(a, t)| {
+                for step in 0..32i64 {
+                    out.clear();
+                    let sampled: Vec<i64> = ids.iter().map(|x| x + step).collect();
+                    a.append_batch_with(t, &counts, Some(&sampled), &mut out)
+                        .unwrap();
+                }
+                black_box(out.num_registered);
+            },
+            BatchSize::LargeInput,
+        );
+    });
     g.finish();
 }
 
@@ -119,5 +148,52 @@ fn prefix(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, append, fork_free, compact, prefix);
+/// Admission of a wave of 4 requests of 512 tokens sharing a 256-token system prompt: one
+/// `adopt_prefix_batch` (16 cached blocks hit per request) then one `append_batch_with` of the
+/// missed tokens, which registers their full blocks.
+fn admission(c: &mut Criterion) {
+    let system: Vec<i64> = (0..256).collect();
+    let prompts: Vec<Vec<i64>> = (0..4i64)
+        .map(|r| {
+            system
+                .iter()
+                .copied()
+                .chain((0..256).map(|i| 1_000 * (r + 1) + i))
+                .collect()
+        })
+        .collect();
+    let flat: Vec<i64> = prompts.concat();
+    let indptr: Vec<i64> = (0..=4).map(|i| i * 512).collect();
+    let mut hits = Vec::new();
+    let mut out = BatchAppend::default();
+    c.bench_function("admission_wave_4x512", |b| {
+        b.iter_batched_ref(
+            || {
+                let (mut a, ids) = with_tables(1024, 1, system.len());
+                a.register_prefix(ids[0], &system, None).unwrap();
+                let mut wave = Vec::new();
+                a.create_tables(4, &mut wave).unwrap();
+                (a, wave)
+            },
+            |(a, wave)| {
+                hits.clear();
+                out.clear();
+                a.adopt_prefix_batch(wave, &indptr, BlockKeys::Tokens(&flat), None, &mut hits)
+                    .unwrap();
+                let counts: Vec<usize> = hits.iter().map(|&h| 512 - h as usize).collect();
+                let rest: Vec<i64> = prompts
+                    .iter()
+                    .zip(&hits)
+                    .flat_map(|(p, &h)| p[h as usize..].iter().copied())
+                    .collect();
+                a.append_batch_with(wave, &counts, Some(&rest), &mut out)
+                    .unwrap();
+                black_box(out.num_registered)
+            },
+            BatchSize::LargeInput,
+        );
+    });
+}
+
+criterion_group!(benches, append, fork_free, compact, prefix, admission);
 criterion_main!(benches);

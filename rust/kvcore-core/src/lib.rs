@@ -17,7 +17,7 @@ pub mod quant;
 pub mod select;
 
 pub use allocator::{
-    AllocatorStats, AppendOutcome, BlockAllocator, BlockId, CompactionPlan, FlashInferLayout, Keep,
-    TableId, VllmLayout, NULL_BLOCK,
+    AllocatorStats, AppendOutcome, BatchAppend, BlockAllocator, BlockId, BlockKeys, CompactionPlan,
+    FlashInferLayout, Keep, TableId, VllmLayout, NULL_BLOCK,
 };
 pub use error::{KvError, Result};

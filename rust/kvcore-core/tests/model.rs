@@ -31,7 +31,8 @@
 use std::collections::{HashMap, HashSet};
 
 use kvcore_core::{
-    AllocatorStats, BlockAllocator, BlockId, CompactionPlan, Keep, KvError, TableId, NULL_BLOCK,
+    AllocatorStats, BatchAppend, BlockAllocator, BlockId, BlockKeys, CompactionPlan, Keep, KvError,
+    TableId, NULL_BLOCK,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -231,6 +232,30 @@ enum Op {
         id: BadId,
         call: IdCall,
     },
+    /// The engine's step: `append_batch_with` passing the appended values as token ids, so
+    /// tracked tables register every block they fill.
+    AppendBatchIds {
+        items: Vec<(usize, Count)>,
+        pattern: bool,
+    },
+    /// `register_prefix_batch` of distinct live tables under one salt.
+    RegisterBatch {
+        ts: Vec<usize>,
+        salt: u8,
+    },
+    /// `adopt_prefix_batch` into new tables of token sequences seen before; `bad` adds a
+    /// table that is not empty, which must fail and change nothing.
+    AdoptBatch {
+        sources: Vec<usize>,
+        salt: u8,
+        bad: Option<usize>,
+    },
+    /// A fresh table of `n` new tokens registered by engine keys (one row per block), then
+    /// adopted by keys (all hit) and by its token ids (no hit: the two never alias).
+    Keys {
+        n: usize,
+        salt: u8,
+    },
 }
 
 fn count_strategy() -> impl Strategy<Value = Count> {
@@ -341,6 +366,12 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             }),
         1 => Just(Op::ResetPrefixCache),
         2 => (bad_id_strategy(), id_call_strategy()).prop_map(|(id, call)| Op::BadId { id, call }),
+        6 => (vec((t(), count_strategy()), 0..4), any::<bool>())
+            .prop_map(|(items, pattern)| Op::AppendBatchIds { items, pattern }),
+        2 => (vec(t(), 0..4), 0u8..3).prop_map(|(ts, salt)| Op::RegisterBatch { ts, salt }),
+        2 => (vec(0usize..64, 0..4), 0u8..3, proptest::option::weighted(0.2, t()))
+            .prop_map(|(sources, salt, bad)| Op::AdoptBatch { sources, salt, bad }),
+        1 => (0usize..20, 0u8..3).prop_map(|(n, salt)| Op::Keys { n, salt }),
     ]
 }
 
@@ -441,6 +472,10 @@ struct MTable {
     /// Leading full blocks whose chain hashes the allocator knows (registered or adopted);
     /// `register_prefix` can newly register at most the full blocks past these.
     hashed: usize,
+    /// The chain covers every token, so appends with token ids register filled blocks.
+    tracked: bool,
+    /// The salt of the table's last adopt or register (fresh tables: 0, no salt).
+    chain_salt: u8,
 }
 
 struct Model {
@@ -705,6 +740,8 @@ impl Run {
             tokens,
             salt,
             hashed,
+            tracked: true,
+            chain_salt: 0,
         });
         Ok(())
     }
@@ -748,6 +785,12 @@ impl Run {
             } => self.op_adopt(*target, *source, *cut, *extra, *mutate, *salt, *prefill),
             Op::ResetPrefixCache => self.op_reset(),
             Op::BadId { id, call } => self.op_bad_id(*id, *call),
+            Op::AppendBatchIds { items, pattern } => {
+                self.op_append_batch_with(items, *pattern, true)
+            }
+            Op::RegisterBatch { ts, salt } => self.op_register_batch(ts, *salt),
+            Op::AdoptBatch { sources, salt, bad } => self.op_adopt_batch(sources, *salt, *bad),
+            Op::Keys { n, salt } => self.op_keys(*n, *salt),
         }
     }
 
@@ -800,6 +843,9 @@ impl Run {
             self.copy_block(s, d);
         }
         self.write_appended(ti, old_len, &out[1..], values, pattern)?;
+        if n > 0 {
+            self.m.tables[ti].tracked = false;
+        }
         let used = self.a.stats().num_used_blocks;
         ensure_eq!(
             used,
@@ -911,6 +957,17 @@ impl Run {
     }
 
     fn op_append_batch(&mut self, items: &[(usize, Count)], pattern: bool) -> Res {
+        self.op_append_batch_with(items, pattern, false)
+    }
+
+    /// `append_batch`, or with `with_ids` the engine's step (`append_batch_with` given the
+    /// appended values as token ids), checked against the model.
+    fn op_append_batch_with(
+        &mut self,
+        items: &[(usize, Count)],
+        pattern: bool,
+        with_ids: bool,
+    ) -> Res {
         let mut picked = Vec::new();
         let mut seen = HashSet::new();
         for &(t, c) in items {
@@ -942,9 +999,40 @@ impl Run {
             vec![NULL_BLOCK],
             vec![NULL_BLOCK],
         );
-        let r = self
-            .a
-            .append_batch(&ids, &counts, &mut slots, &mut indptr, &mut cs, &mut cd);
+        // Token ids for the engine's step: only built when they fit in memory.
+        let total = counts.iter().try_fold(0usize, |a, &c| a.checked_add(c));
+        let values: Option<Vec<Vec<i64>>> = match total {
+            Some(t) if with_ids && t <= 1 << 16 => Some(
+                picked
+                    .iter()
+                    .zip(&old)
+                    .map(|(&(_, n), (_, len))| self.m.values(*len, n, pattern))
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let mut num_registered = 0;
+        let r = match &values {
+            Some(v) => {
+                let flat: Vec<i64> = v.concat();
+                let mut out = BatchAppend {
+                    slots,
+                    indptr,
+                    cow_src: cs,
+                    cow_dst: cd,
+                    num_registered: 0,
+                };
+                let r = self
+                    .a
+                    .append_batch_with(&ids, &counts, Some(&flat), &mut out);
+                (slots, indptr, cs, cd) = (out.slots, out.indptr, out.cow_src, out.cow_dst);
+                num_registered = out.num_registered;
+                r
+            }
+            None => self
+                .a
+                .append_batch(&ids, &counts, &mut slots, &mut indptr, &mut cs, &mut cd),
+        };
         if need > before.available {
             ensure!(
                 slots == [SENTINEL] && indptr.is_empty() && cs == [0] && cd == [0],
@@ -994,12 +1082,35 @@ impl Run {
         for (s, d) in copies {
             self.copy_block(s, d);
         }
+        let bs = self.m.bs;
+        let mut can_register = 0;
         for (k, &(ti, n)) in picked.iter().enumerate() {
             let (lo, hi) = (indptr[k] as usize, indptr[k + 1] as usize);
             ensure_eq!(hi - lo, n, "append_batch slot count of table {k}");
             let seg = slots[lo..hi].to_vec();
-            self.write_appended(ti, old[k].1, &seg, None, pattern)?;
+            let vals = values.as_ref().map(|v| &v[k][..]);
+            self.write_appended(ti, old[k].1, &seg, vals, pattern)?;
+            let t = &mut self.m.tables[ti];
+            if vals.is_none() {
+                if n > 0 {
+                    t.tracked = false;
+                }
+            } else if t.tracked {
+                // Every block the ids complete is registered (or chained through).
+                let full = t.tokens.len() / bs;
+                can_register += full - t.hashed;
+                for j in t.hashed + 1..=full {
+                    self.m
+                        .registered
+                        .insert((t.chain_salt, t.tokens[..j * bs].to_vec()));
+                }
+                t.hashed = full;
+            }
         }
+        ensure!(
+            num_registered <= can_register,
+            "append_batch_with registered {num_registered} blocks, at most {can_register} filled"
+        );
         let used = self.a.stats().num_used_blocks;
         ensure!(
             used >= before.stats.num_used_blocks && used <= before.stats.num_used_blocks + need,
@@ -1043,6 +1154,8 @@ impl Run {
         let before = self.snapshot();
         let child = self.a.fork(parent.id).map_err(err_str("fork"))?;
         self.add_table(child, parent.tokens, parent.salt, parent.hashed)?;
+        let c = self.m.tables.last_mut().unwrap();
+        (c.tracked, c.chain_salt) = (parent.tracked, parent.chain_salt);
         ensure_eq!(
             self.blocks(child)?,
             self.blocks(parent.id)?,
@@ -1152,6 +1265,9 @@ impl Run {
         let bs = self.m.bs;
         let (_, _, hash_valid) = geometry(keep, bs);
         let t = &mut self.m.tables[ti];
+        if keep.len() != t.tokens.len() {
+            t.tracked = false;
+        }
         t.tokens = keep.iter().map(|&p| t.tokens[p as usize]).collect();
         t.hashed = t.hashed.min(hash_valid);
     }
@@ -1373,6 +1489,7 @@ impl Run {
             tokens,
             salt,
             hashed,
+            ..
         } = self.m.tables[ti].clone();
         let bs = self.m.bs;
         let num_full = tokens.len() / bs;
@@ -1388,6 +1505,7 @@ impl Run {
         );
         self.unchanged(&before, "register_prefix (must not move blocks)")?;
         self.m.tables[ti].hashed = num_full;
+        (self.m.tables[ti].tracked, self.m.tables[ti].chain_salt) = (true, salt);
         for k in 1..=num_full {
             self.m.registered.insert((salt, tokens[..k * bs].to_vec()));
         }
@@ -1412,6 +1530,7 @@ impl Run {
             let p = &mut self.m.tables[pi];
             p.tokens = tokens[..hit].to_vec();
             p.hashed = num_full;
+            (p.tracked, p.chain_salt) = (true, salt);
         }
         Ok(())
     }
@@ -1512,9 +1631,234 @@ impl Run {
         t.tokens = tokens[..hit].to_vec();
         t.salt = salt;
         t.hashed = hit / bs;
+        (t.tracked, t.chain_salt) = (true, salt);
         if prefill {
             self.append_checked(ti, tokens.len() - hit, Some(&tokens[hit..]), false)?;
         }
+        Ok(())
+    }
+
+    fn op_register_batch(&mut self, ts: &[usize], salt: u8) -> Res {
+        let tis = self.pick_distinct(ts.iter().copied());
+        let ids: Vec<TableId> = tis.iter().map(|&ti| self.m.tables[ti].id).collect();
+        let mut indptr = vec![0i64];
+        let mut flat = Vec::new();
+        for &ti in &tis {
+            flat.extend_from_slice(&self.m.tables[ti].tokens);
+            indptr.push(flat.len() as i64);
+        }
+        let before = self.snapshot();
+        // A part one id short must fail for the whole batch and change nothing.
+        if let Some(&last) = tis.last() {
+            if !self.m.tables[last].tokens.is_empty() {
+                let mut short = indptr.clone();
+                *short.last_mut().unwrap() -= 1;
+                let mut out = Vec::new();
+                let r = self.a.register_prefix_batch(
+                    &ids,
+                    &short,
+                    BlockKeys::Tokens(&flat[..flat.len() - 1]),
+                    salt_bytes(salt),
+                    &mut out,
+                );
+                ensure!(
+                    out.is_empty(),
+                    "a failed register_prefix_batch wrote counts"
+                );
+                self.expect_err(&before, "register_prefix_batch, a part too short", r, |e| {
+                    matches!(e, KvError::InvalidArgument(_))
+                })?;
+            }
+        }
+        let mut out = vec![-1];
+        self.a
+            .register_prefix_batch(
+                &ids,
+                &indptr,
+                BlockKeys::Tokens(&flat),
+                salt_bytes(salt),
+                &mut out,
+            )
+            .map_err(err_str("register_prefix_batch"))?;
+        ensure_eq!(out.len(), ids.len() + 1, "register_prefix_batch counts");
+        self.unchanged(&before, "register_prefix_batch (must not move blocks)")?;
+        let bs = self.m.bs;
+        for (k, &ti) in tis.iter().enumerate() {
+            let t = &mut self.m.tables[ti];
+            let full = t.tokens.len() / bs;
+            ensure!(
+                (0..=(full - t.hashed) as i64).contains(&out[k + 1]),
+                "register_prefix_batch registered {} of {} new blocks",
+                out[k + 1],
+                full - t.hashed
+            );
+            for j in t.hashed + 1..=full {
+                self.m
+                    .registered
+                    .insert((salt, t.tokens[..j * bs].to_vec()));
+            }
+            (t.hashed, t.tracked, t.chain_salt) = (full, true, salt);
+        }
+        Ok(())
+    }
+
+    fn op_adopt_batch(&mut self, sources: &[usize], salt: u8, bad: Option<usize>) -> Res {
+        let mut candidates: Vec<Vec<i64>> = self.m.history.iter().map(|(_, t)| t.clone()).collect();
+        candidates.extend(self.m.tables.iter().map(|t| t.tokens.clone()));
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let parts: Vec<Vec<i64>> = sources
+            .iter()
+            .map(|&s| candidates[s % candidates.len()].clone())
+            .collect();
+        let tis: Vec<usize> = (0..parts.len())
+            .map(|_| self.create(salt))
+            .collect::<Res<_>>()?;
+        let ids: Vec<TableId> = tis.iter().map(|&ti| self.m.tables[ti].id).collect();
+        let mut indptr = vec![0i64];
+        let mut flat = Vec::new();
+        for p in &parts {
+            flat.extend_from_slice(p);
+            indptr.push(flat.len() as i64);
+        }
+        let bs = self.m.bs;
+        if let Some(b) = bad.and_then(|b| self.pick(b)) {
+            if !self.m.tables[b].tokens.is_empty() {
+                let before = self.snapshot();
+                let mut bad_ids = ids.clone();
+                bad_ids.push(self.m.tables[b].id);
+                let mut bad_ptr = indptr.clone();
+                bad_ptr.push(flat.len() as i64);
+                let mut out = Vec::new();
+                let r = self.a.adopt_prefix_batch(
+                    &bad_ids,
+                    &bad_ptr,
+                    BlockKeys::Tokens(&flat),
+                    salt_bytes(salt),
+                    &mut out,
+                );
+                ensure!(out.is_empty(), "a failed adopt_prefix_batch wrote hits");
+                self.expect_err(
+                    &before,
+                    "adopt_prefix_batch into a non-empty table",
+                    r,
+                    |e| matches!(e, KvError::InvalidArgument(_)),
+                )?;
+            }
+        }
+        let before = self.snapshot();
+        let mut hits = Vec::new();
+        self.a
+            .adopt_prefix_batch(
+                &ids,
+                &indptr,
+                BlockKeys::Tokens(&flat),
+                salt_bytes(salt),
+                &mut hits,
+            )
+            .map_err(err_str("adopt_prefix_batch"))?;
+        ensure_eq!(hits.len(), ids.len(), "adopt_prefix_batch hits");
+        let mut revived: HashSet<BlockId> = HashSet::new();
+        for (k, &ti) in tis.iter().enumerate() {
+            let hit = hits[k] as usize;
+            ensure!(
+                hit % bs == 0 && hit <= parts[k].len(),
+                "adopt_prefix_batch hit {hit}"
+            );
+            for j in 1..=hit / bs {
+                ensure!(
+                    self.m
+                        .registered
+                        .contains(&(salt, parts[k][..j * bs].to_vec())),
+                    "adopt_prefix_batch hit {:?} with salt {salt}, never registered",
+                    &parts[k][..j * bs]
+                );
+            }
+            let blocks = self.blocks(ids[k])?;
+            ensure_eq!(blocks.len(), hit / bs, "adopted block count");
+            revived.extend(
+                blocks
+                    .iter()
+                    .filter(|&&b| before.ref_counts[b as usize] == 0),
+            );
+            let t = &mut self.m.tables[ti];
+            t.tokens = parts[k][..hit].to_vec();
+            (t.hashed, t.tracked, t.chain_salt) = (hit / bs, true, salt);
+        }
+        ensure_eq!(
+            self.a.stats().num_used_blocks,
+            before.stats.num_used_blocks + revived.len(),
+            "used blocks after adopting {} cached blocks",
+            revived.len()
+        );
+        Ok(())
+    }
+
+    fn op_keys(&mut self, n: usize, salt: u8) -> Res {
+        let bs = self.m.bs;
+        let need = n.div_ceil(bs);
+        if need > self.a.num_available_blocks() {
+            return Ok(());
+        }
+        let ti = self.create(salt)?;
+        self.append_checked(ti, n, None, false)?;
+        let t = self.m.tables[ti].clone();
+        let full = n / bs;
+        // One key per full block: its values' bytes (distinct values, distinct keys).
+        let key_of =
+            |vals: &[i64]| -> Vec<u8> { vals.iter().flat_map(|v| v.to_le_bytes()).collect() };
+        let rows: Vec<u8> = t.tokens[..full * bs].chunks(bs).flat_map(key_of).collect();
+        let keys = BlockKeys::Hashes {
+            bytes: &rows,
+            width: 8 * bs,
+        };
+        let before = self.snapshot();
+        let bad = self.a.register_prefix_keys(
+            t.id,
+            BlockKeys::Hashes {
+                bytes: &rows,
+                width: 0,
+            },
+            None,
+        );
+        self.expect_err(&before, "block hashes of width 0", bad, |e| {
+            matches!(e, KvError::InvalidArgument(_))
+        })?;
+        let r = self
+            .a
+            .register_prefix_keys(t.id, keys, salt_bytes(salt))
+            .map_err(err_str("register_prefix_keys"))?;
+        ensure_eq!(
+            r,
+            full,
+            "fresh values: every block newly registered by its key"
+        );
+        let m = &mut self.m.tables[ti];
+        (m.hashed, m.tracked, m.chain_salt) = (full, n % bs == 0, salt);
+        let probe = self.create(salt)?;
+        let pid = self.m.tables[probe].id;
+        let by_ids = self
+            .a
+            .adopt_prefix(pid, &t.tokens, salt_bytes(salt))
+            .map_err(err_str("adopt_prefix by ids"))?;
+        ensure_eq!(by_ids, 0, "token ids hit blocks registered by engine keys");
+        self.op_free(&[probe], false)?;
+        let probe = self.create(salt)?;
+        let pid = self.m.tables[probe].id;
+        let hit = self
+            .a
+            .adopt_prefix_keys(pid, keys, salt_bytes(salt))
+            .map_err(err_str("adopt_prefix_keys"))?;
+        ensure_eq!(hit, full * bs, "adopting by the registered keys");
+        ensure_eq!(
+            self.blocks(pid)?,
+            self.blocks(t.id)?[..full],
+            "adopted blocks"
+        );
+        let p = &mut self.m.tables[probe];
+        p.tokens = t.tokens[..hit].to_vec();
+        (p.hashed, p.tracked, p.chain_salt) = (full, true, salt);
         Ok(())
     }
 

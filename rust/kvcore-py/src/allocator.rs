@@ -7,10 +7,11 @@
 
 use std::sync::Mutex;
 
-use kvcore_core::{BlockAllocator, CompactionPlan, Keep};
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods};
+use kvcore_core::{BatchAppend, BlockAllocator, BlockKeys, CompactionPlan, Keep};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::convert::{self, KeepArg};
 use crate::errors;
@@ -51,10 +52,174 @@ impl PyBlockAllocator {
     fn stat<T>(&self, py: Python<'_>, f: impl FnOnce(&BlockAllocator) -> T) -> PyResult<T> {
         self.with(py, |a| Ok(f(a)))
     }
+
+    /// The shared body of `register_prefix` and `adopt_prefix`.
+    fn prefix_one(
+        &self,
+        py: Python<'_>,
+        table: &Bound<'_, PyAny>,
+        token_ids: Option<&Bound<'_, PyAny>>,
+        salt: Option<&Bound<'_, PyAny>>,
+        block_hashes: Option<&Bound<'_, PyAny>>,
+        call: PrefixOneFn,
+    ) -> PyResult<usize> {
+        let t = convert::table_id(table)?;
+        let keys = KeysArg::extract(token_ids, block_hashes)?;
+        let salt = convert::salt(salt)?;
+        keys.with(|k| self.detached(py, |a| call(a, t, k, salt.as_deref())))
+    }
+
+    /// The shared body of `register_prefix_batch` and `adopt_prefix_batch`: both take CSR
+    /// keys per table and return one int64 per table.
+    #[allow(clippy::too_many_arguments)]
+    fn prefix_batch<'py>(
+        &self,
+        py: Python<'py>,
+        tables: &Bound<'py, PyAny>,
+        indptr: &Bound<'py, PyAny>,
+        token_ids: Option<&Bound<'py, PyAny>>,
+        salt: Option<&Bound<'py, PyAny>>,
+        block_hashes: Option<&Bound<'py, PyAny>>,
+        call: PrefixBatchFn,
+    ) -> PyResult<I64Array<'py>> {
+        let ids = convert::i64_array(tables, "tables")?;
+        let ids = ids.as_cow();
+        let indptr = convert::i64_array(indptr, "indptr")?;
+        let indptr = indptr.as_cow();
+        let keys = KeysArg::extract(token_ids, block_hashes)?;
+        let salt = convert::salt(salt)?;
+        let out = keys.with(|k| {
+            self.detached(py, |a| {
+                let mut out = Vec::new();
+                call(a, &ids, &indptr, k, salt.as_deref(), &mut out).map(|_| out)
+            })
+        })?;
+        Ok(out.into_pyarray(py))
+    }
 }
+
+type PrefixOneFn =
+    fn(&mut BlockAllocator, i64, BlockKeys<'_>, Option<&[u8]>) -> kvcore_core::Result<usize>;
+
+type PrefixBatchFn = fn(
+    &mut BlockAllocator,
+    &[i64],
+    &[i64],
+    BlockKeys<'_>,
+    Option<&[u8]>,
+    &mut Vec<i64>,
+) -> kvcore_core::Result<()>;
 
 fn to_i32(v: &[u32]) -> Vec<i32> {
     v.iter().map(|&x| x as i32).collect()
+}
+
+/// What names a table's blocks in a prefix call, extracted before the lock: token ids, or
+/// the engine's own block hashes as rows of bytes.
+enum KeysArg<'py> {
+    Tokens(convert::Arr1<'py, i64>),
+    Hashes { bytes: Vec<u8>, width: usize },
+}
+
+impl KeysArg<'_> {
+    fn extract<'py>(
+        token_ids: Option<&Bound<'py, PyAny>>,
+        block_hashes: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<KeysArg<'py>> {
+        fn given<'a, 'py>(o: Option<&'a Bound<'py, PyAny>>) -> Option<&'a Bound<'py, PyAny>> {
+            o.filter(|o| !o.is_none())
+        }
+        match (given(token_ids), given(block_hashes)) {
+            (Some(t), None) => Ok(KeysArg::Tokens(convert::i64_array(t, "token_ids")?)),
+            (None, Some(h)) => {
+                let (bytes, width) = hash_rows(h)?;
+                Ok(KeysArg::Hashes { bytes, width })
+            }
+            _ => Err(PyTypeError::new_err(
+                "pass exactly one of token_ids and block_hashes",
+            )),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(BlockKeys<'_>) -> T) -> T {
+        match self {
+            KeysArg::Tokens(t) => f(BlockKeys::Tokens(&t.as_cow())),
+            KeysArg::Hashes { bytes, width } => f(BlockKeys::Hashes {
+                bytes,
+                width: *width,
+            }),
+        }
+    }
+}
+
+/// Engine block hashes as (rows of bytes, row width): a list of equally long `bytes`, or a
+/// 2-D numpy array of uint8, uint64 or int64 whose rows are the keys (e.g. `(n, 2)` uint64
+/// for 128-bit hashes, `(n, 32)` uint8 for SHA-256 digests).
+fn hash_rows(obj: &Bound<'_, PyAny>) -> PyResult<(Vec<u8>, usize)> {
+    const EXPECTED: &str = "block_hashes must be a list of equally long bytes or a 2-D numpy array of uint8, uint64 or int64";
+    if let Ok(list) = obj.cast::<PyList>() {
+        let mut bytes = Vec::new();
+        let mut width = None;
+        for (i, item) in list.iter().enumerate() {
+            let b = item.cast::<PyBytes>().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "{EXPECTED}, got a list holding {}",
+                    item.get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default()
+                ))
+            })?;
+            let b = b.as_bytes();
+            if *width.get_or_insert(b.len()) != b.len() || b.is_empty() {
+                return Err(PyValueError::new_err(format!(
+                    "block_hashes must be non-empty and equally long, but block_hashes[{i}] has {} bytes",
+                    b.len()
+                )));
+            }
+            bytes.extend_from_slice(b);
+        }
+        return Ok((bytes, width.unwrap_or(1)));
+    }
+    let arr = obj
+        .cast::<numpy::PyUntypedArray>()
+        .map_err(|_| PyTypeError::new_err(EXPECTED))?;
+    if arr.ndim() != 2 || arr.shape()[1] == 0 {
+        return Err(PyValueError::new_err(format!(
+            "{EXPECTED}, got an array with shape {:?}",
+            arr.shape()
+        )));
+    }
+    fn rows<T: numpy::Element + Copy, const N: usize>(
+        a: &Bound<'_, numpy::PyArray2<T>>,
+        le: impl Fn(T) -> [u8; N],
+    ) -> PyResult<(Vec<u8>, usize)> {
+        let ro = a.try_readonly().map_err(|e| {
+            PyValueError::new_err(format!(
+                "block_hashes cannot be read: it is borrowed mutably ({e})"
+            ))
+        })?;
+        let view = ro.as_array();
+        let width = view.ncols() * N;
+        let mut bytes = Vec::with_capacity(view.len() * N);
+        for row in view.rows() {
+            for &x in row {
+                bytes.extend_from_slice(&le(x));
+            }
+        }
+        Ok((bytes, width))
+    }
+    if let Ok(a) = arr.cast::<numpy::PyArray2<u8>>() {
+        return rows(a, |x| [x]);
+    }
+    if let Ok(a) = arr.cast::<numpy::PyArray2<u64>>() {
+        return rows(a, u64::to_le_bytes);
+    }
+    if let Ok(a) = arr.cast::<numpy::PyArray2<i64>>() {
+        return rows(a, i64::to_le_bytes);
+    }
+    let got = arr.dtype().str().map(|s| s.to_string()).unwrap_or_default();
+    Err(PyTypeError::new_err(format!("{EXPECTED}, got dtype {got}")))
 }
 
 #[pymethods]
@@ -221,15 +386,20 @@ impl PyBlockAllocator {
         Ok((slots.into_pyarray(py), outcome.cow))
     }
 
+    #[pyo3(signature = (tables, num_tokens, token_ids = None))]
     fn append_batch<'py>(
         &self,
         py: Python<'py>,
         tables: &Bound<'py, PyAny>,
         num_tokens: &Bound<'py, PyAny>,
+        token_ids: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<(I64Array<'py>, I64Array<'py>, I32Array<'py>, I32Array<'py>)> {
         let ids = convert::i64_array(tables, "tables")?;
         let ids = ids.as_cow();
-        let counts: Vec<usize> = if convert::is_scalar_int(num_tokens) {
+        // An exact int (the decode step's 1) skips the array probe of `is_scalar_int`.
+        let scalar = num_tokens.is_exact_instance_of::<pyo3::types::PyInt>()
+            || convert::is_scalar_int(num_tokens);
+        let counts: Vec<usize> = if scalar {
             vec![convert::count(num_tokens, "num_tokens")?; ids.len()]
         } else {
             let c = convert::i64_array(num_tokens, "num_tokens")?;
@@ -242,16 +412,21 @@ impl PyBlockAllocator {
             }
             c.iter().map(|&x| x as usize).collect()
         };
-        let (slots, indptr, src, dst) = self.detached(py, |a| {
-            let (mut s, mut ip, mut cs, mut cd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            a.append_batch(&ids, &counts, &mut s, &mut ip, &mut cs, &mut cd)
-                .map(|_| (s, ip, to_i32(&cs), to_i32(&cd)))
+        let tokens = match token_ids {
+            Some(t) if !t.is_none() => Some(convert::i64_array(t, "token_ids")?),
+            _ => None,
+        };
+        let tokens = tokens.as_ref().map(|t| t.as_cow());
+        let out = self.detached(py, |a| {
+            let mut out = BatchAppend::default();
+            a.append_batch_with(&ids, &counts, tokens.as_deref(), &mut out)
+                .map(|_| out)
         })?;
         Ok((
-            slots.into_pyarray(py),
-            indptr.into_pyarray(py),
-            src.into_pyarray(py),
-            dst.into_pyarray(py),
+            out.slots.into_pyarray(py),
+            out.indptr.into_pyarray(py),
+            to_i32(&out.cow_src).into_pyarray(py),
+            to_i32(&out.cow_dst).into_pyarray(py),
         ))
     }
 
@@ -271,34 +446,72 @@ impl PyBlockAllocator {
         self.detached(py, |a| a.free_batch(&ids))
     }
 
-    #[pyo3(signature = (table, token_ids, salt = None))]
+    #[pyo3(signature = (table, token_ids = None, salt = None, *, block_hashes = None))]
     fn register_prefix(
         &self,
         py: Python<'_>,
         table: &Bound<'_, PyAny>,
-        token_ids: &Bound<'_, PyAny>,
+        token_ids: Option<&Bound<'_, PyAny>>,
         salt: Option<&Bound<'_, PyAny>>,
+        block_hashes: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
-        let t = convert::table_id(table)?;
-        let tokens = convert::i64_array(token_ids, "token_ids")?;
-        let tokens = tokens.as_cow();
-        let salt = convert::salt(salt)?;
-        self.detached(py, |a| a.register_prefix(t, &tokens, salt.as_deref()))
+        let call = BlockAllocator::register_prefix_keys;
+        self.prefix_one(py, table, token_ids, salt, block_hashes, call)
     }
 
-    #[pyo3(signature = (table, token_ids, salt = None))]
+    #[pyo3(signature = (table, token_ids = None, salt = None, *, block_hashes = None))]
     fn adopt_prefix(
         &self,
         py: Python<'_>,
         table: &Bound<'_, PyAny>,
-        token_ids: &Bound<'_, PyAny>,
+        token_ids: Option<&Bound<'_, PyAny>>,
         salt: Option<&Bound<'_, PyAny>>,
+        block_hashes: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
-        let t = convert::table_id(table)?;
-        let tokens = convert::i64_array(token_ids, "token_ids")?;
-        let tokens = tokens.as_cow();
-        let salt = convert::salt(salt)?;
-        self.detached(py, |a| a.adopt_prefix(t, &tokens, salt.as_deref()))
+        let call = BlockAllocator::adopt_prefix_keys;
+        self.prefix_one(py, table, token_ids, salt, block_hashes, call)
+    }
+
+    #[pyo3(signature = (tables, indptr, token_ids = None, salt = None, *, block_hashes = None))]
+    fn register_prefix_batch<'py>(
+        &self,
+        py: Python<'py>,
+        tables: &Bound<'py, PyAny>,
+        indptr: &Bound<'py, PyAny>,
+        token_ids: Option<&Bound<'py, PyAny>>,
+        salt: Option<&Bound<'py, PyAny>>,
+        block_hashes: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<I64Array<'py>> {
+        self.prefix_batch(
+            py,
+            tables,
+            indptr,
+            token_ids,
+            salt,
+            block_hashes,
+            BlockAllocator::register_prefix_batch,
+        )
+    }
+
+    #[pyo3(signature = (tables, indptr, token_ids = None, salt = None, *, block_hashes = None))]
+    fn adopt_prefix_batch<'py>(
+        &self,
+        py: Python<'py>,
+        tables: &Bound<'py, PyAny>,
+        indptr: &Bound<'py, PyAny>,
+        token_ids: Option<&Bound<'py, PyAny>>,
+        salt: Option<&Bound<'py, PyAny>>,
+        block_hashes: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<I64Array<'py>> {
+        self.prefix_batch(
+            py,
+            tables,
+            indptr,
+            token_ids,
+            salt,
+            block_hashes,
+            BlockAllocator::adopt_prefix_batch,
+        )
     }
 
     fn reset_prefix_cache(&self, py: Python<'_>) -> PyResult<usize> {

@@ -26,7 +26,7 @@
 //! * Moves are minimal for these rules: a kept token already at its destination does not
 //!   move, except in a replaced shared block, where every kept token must move.
 
-use super::{BlockAllocator, BlockId, Table, TableId};
+use super::{check_indptr, BlockAllocator, BlockId, Table, TableId};
 use crate::error::{KvError, Result};
 
 /// The positions to keep, for [`BlockAllocator::compact`].
@@ -166,7 +166,13 @@ impl BlockAllocator {
                 self.pool.decref(old[b]);
             }
         }
+        // A compaction that changes the table leaves token ids that no longer name its K/V
+        // one to one: decode-time registration stops until `register_prefix` says otherwise.
+        if g.num_kept != table.num_tokens {
+            table.untrack();
+        }
         table.num_tokens = g.num_kept;
+        table.partial_hashed = g.num_kept % bs != 0;
         self.slots[idx].table = Some(table);
     }
 
@@ -243,29 +249,13 @@ impl BlockAllocator {
         plan: &mut CompactionPlan,
         plan_indptr: &mut Vec<i64>,
     ) -> Result<()> {
-        if indptr.len() != ids.len() + 1 {
-            return Err(KvError::InvalidArgument(format!(
-                "keep_indptr must have len(tables) + 1 = {} entries, got {}",
-                ids.len() + 1,
-                indptr.len()
-            )));
-        }
-        if indptr[0] != 0 || indptr[ids.len()] as u64 != positions.len() as u64 {
-            return Err(KvError::InvalidArgument(format!(
-                "keep_indptr must start at 0 and end at len(keep_positions) = {}, got {} and {}",
-                positions.len(),
-                indptr[0],
-                indptr[ids.len()]
-            )));
-        }
-        if let Some(i) = indptr.windows(2).position(|w| w[1] < w[0]) {
-            return Err(KvError::InvalidArgument(format!(
-                "keep_indptr must be non-decreasing, but keep_indptr[{}] = {} < keep_indptr[{i}] = {}",
-                i + 1,
-                indptr[i + 1],
-                indptr[i]
-            )));
-        }
+        check_indptr(
+            indptr,
+            ids.len(),
+            positions.len(),
+            "keep_indptr",
+            "keep_positions",
+        )?;
         let mut idxs = Vec::new();
         self.batch_indices(ids, &mut idxs)?;
         let mut needed = 0usize;

@@ -10,7 +10,8 @@ impl BlockAllocator {
     /// * each block's ref count equals the number of live tables that list it;
     /// * no table lists a block twice or lists the null block;
     /// * each table holds exactly `ceil(num_tokens / block_size)` blocks and at most
-    ///   `num_tokens / block_size` chain hashes;
+    ///   `num_tokens / block_size` chain hashes, exactly that many (plus the ids of the
+    ///   partial block) when it tracks its chain for decode-time registration;
     /// * the hash index and the per-block hashes agree, and a hashed block is full in each
     ///   table that lists it (or is the partial last block a compaction left).
     pub fn check_invariants(&self) -> Result<()> {
@@ -40,6 +41,16 @@ impl BlockAllocator {
                     t.num_tokens / bs
                 ));
             }
+            if t.tracked
+                && (t.hashes.len() != t.num_tokens / bs || t.tail.len() != t.num_tokens % bs)
+            {
+                return fail(format!(
+                    "table slot {idx} tracks its chain with {} hashes and {} tail ids for {} tokens",
+                    t.hashes.len(),
+                    t.tail.len(),
+                    t.num_tokens
+                ));
+            }
             for (i, &b) in t.blocks.iter().enumerate() {
                 let bi = b as usize;
                 if b == 0 || bi >= n {
@@ -54,7 +65,10 @@ impl BlockAllocator {
                 // last block left by compacting a shared block; append unregisters that
                 // block before writing into it.
                 let full = (i + 1) * bs <= t.num_tokens;
-                if self.pool.hash[bi].is_some() && !full && i + 1 != t.blocks.len() {
+                if self.pool.hash[bi].is_some()
+                    && !full
+                    && (i + 1 != t.blocks.len() || !t.partial_hashed)
+                {
                     return fail(format!("hashed block {b} is not full in table slot {idx}"));
                 }
             }

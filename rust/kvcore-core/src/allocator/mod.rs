@@ -30,6 +30,7 @@ use pool::{BlockHash, BlockPool};
 
 pub use compact::{CompactionPlan, Keep};
 pub use export::{FlashInferLayout, VllmLayout};
+pub use prefix::BlockKeys;
 
 /// A physical block id; `0` is the null block.
 pub type BlockId = u32;
@@ -46,13 +47,89 @@ const MAX_GENERATION: u32 = i32::MAX as u32;
 /// Table ids keep the slot index in their low 32 bits.
 const MAX_TABLE_SLOTS: usize = u32::MAX as usize;
 
-#[derive(Clone, Default, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Table {
     pub(crate) blocks: Vec<BlockId>,
     pub(crate) num_tokens: usize,
     /// Chain hashes of the leading full blocks whose contents are known (registered or
     /// adopted); `hashes.len() <= num_tokens / block_size`.
     pub(crate) hashes: Vec<BlockHash>,
+    /// When `tracked`: the token ids of the positions past the hashed blocks, so the block
+    /// they fill can be hashed and registered the moment its last token is appended.
+    pub(crate) tail: Vec<i64>,
+    /// The chain covers every token: `hashes.len() == num_tokens / block_size` and `tail`
+    /// holds the remaining `num_tokens % block_size` ids. An append without token ids, or a
+    /// compaction that changes the table, loses this until the next `register_prefix`.
+    pub(crate) tracked: bool,
+    /// Salt of the table's chain: the one its last adopt or register call used.
+    pub(crate) salt: Option<Box<[u8]>>,
+    /// The partial last block may still carry a hash: only a compaction leaves one (a shared
+    /// full block it shortened keeps its hash for the other owners). Lets an append into a
+    /// partial block skip the pool's hash state in every other case.
+    pub(crate) partial_hashed: bool,
+}
+
+impl Default for Table {
+    /// An empty table: its (empty) chain is known, so appends with token ids register.
+    fn default() -> Self {
+        Table {
+            blocks: Vec::new(),
+            num_tokens: 0,
+            hashes: Vec::new(),
+            tail: Vec::new(),
+            tracked: true,
+            salt: None,
+            partial_hashed: false,
+        }
+    }
+}
+
+impl Table {
+    /// Empties the table, keeping its buffers' capacity.
+    fn reset(&mut self) {
+        self.blocks.clear();
+        self.hashes.clear();
+        self.tail.clear();
+        self.num_tokens = 0;
+        self.tracked = true;
+        self.salt = None;
+        self.partial_hashed = false;
+    }
+
+    pub(crate) fn untrack(&mut self) {
+        self.tracked = false;
+        self.tail.clear();
+    }
+
+    fn set_salt(&mut self, salt: Option<&[u8]>) {
+        if self.salt.as_deref() != salt {
+            self.salt = salt.map(Box::from);
+        }
+    }
+}
+
+/// Output buffers of [`BlockAllocator::append_batch_with`]; reusable, calls append to them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchAppend {
+    /// Slot ids, table after table.
+    pub slots: Vec<i64>,
+    /// `len(ids) + 1` offsets into `slots` per call.
+    pub indptr: Vec<i64>,
+    /// Copy-on-write pairs: copy block `cow_src[i]` into `cow_dst[i]` before writing slots.
+    pub cow_src: Vec<BlockId>,
+    pub cow_dst: Vec<BlockId>,
+    /// Blocks the call newly registered in the prefix cache (filled with known token ids).
+    pub num_registered: usize,
+}
+
+impl BatchAppend {
+    pub fn clear(&mut self) {
+        self.slots.clear();
+        self.indptr.clear();
+        self.cow_src.clear();
+        self.cow_dst.clear();
+        self.num_registered = 0;
+    }
 }
 
 #[derive(Clone)]
@@ -61,6 +138,9 @@ struct TableSlot {
     table: Option<Table>,
     /// Last batch call that touched this slot; rejects a table listed twice in one batch.
     stamp: u64,
+    /// The emptied buffers of the slot's last freed table: a table created in this slot
+    /// reuses them, so the per-table vectors are not grown from nothing again and again.
+    spare: Table,
 }
 
 /// What `append` did besides handing out slots.
@@ -246,19 +326,21 @@ impl BlockAllocator {
         self.free_slots.len() + (MAX_TABLE_SLOTS - self.slots.len())
     }
 
-    fn insert_table(&mut self, table: Table) -> TableId {
+    /// Inserts `table`, or an empty table (reusing a freed slot's buffers) for `None`.
+    fn insert_table(&mut self, table: Option<Table>) -> TableId {
         self.num_tables += 1;
         if let Some(idx) = self.free_slots.pop() {
             let slot = &mut self.slots[idx as usize];
-            slot.table = Some(table);
+            slot.table = Some(table.unwrap_or_else(|| std::mem::take(&mut slot.spare)));
             ((slot.generation as i64) << 32) | idx as i64
         } else {
             let idx = self.slots.len();
             debug_assert!(idx < MAX_TABLE_SLOTS, "checked by the caller");
             self.slots.push(TableSlot {
                 generation: 0,
-                table: Some(table),
+                table: Some(table.unwrap_or_default()),
                 stamp: 0,
+                spare: Table::default(),
             });
             idx as i64
         }
@@ -269,7 +351,7 @@ impl BlockAllocator {
     /// Errors: `InvalidArgument` when 2^32 - 1 tables are live at once.
     pub fn create_table(&mut self) -> Result<TableId> {
         self.room_for_one_table()?;
-        Ok(self.insert_table(Table::default()))
+        Ok(self.insert_table(None))
     }
 
     fn room_for_one_table(&mut self) -> Result<()> {
@@ -299,7 +381,7 @@ impl BlockAllocator {
         let fresh = n.saturating_sub(self.free_slots.len());
         try_reserve(&mut self.slots, fresh, "n")?;
         for _ in 0..n {
-            out.push(self.insert_table(Table::default()));
+            out.push(self.insert_table(None));
         }
         Ok(())
     }
@@ -369,8 +451,16 @@ impl BlockAllocator {
         }
     }
 
-    /// Applies an append whose capacity was already checked.
-    fn append_at(&mut self, idx: usize, n: usize, out: &mut Vec<i64>) -> AppendOutcome {
+    /// Applies an append whose capacity was already checked. With `tokens` (one id per new
+    /// token) a tracked table extends its chain and registers every block the append fills;
+    /// without, the table's chain stops being known. Returns the blocks newly registered.
+    fn append_at(
+        &mut self,
+        idx: usize,
+        n: usize,
+        tokens: Option<&[i64]>,
+        out: &mut Vec<i64>,
+    ) -> (AppendOutcome, usize) {
         let bs = self.block_size;
         // Disjoint field borrows: the table stays in place while the pool hands out blocks.
         let table = self.slots[idx].table.as_mut().expect("live slot");
@@ -384,12 +474,15 @@ impl BlockAllocator {
                 pool.decref(last);
                 table.blocks[last_i] = fresh;
                 cow = Some((last, fresh));
-            } else {
+            } else if table.partial_hashed {
                 // A partial block can still carry a hash when compaction shortened a shared
                 // full block and its other owners have since let go: its contents are about
                 // to change, so it leaves the prefix cache.
                 pool.unregister(last);
             }
+        }
+        if n > 0 {
+            table.partial_hashed = false;
         }
         let start = table.num_tokens;
         let end = start + n;
@@ -398,7 +491,17 @@ impl BlockAllocator {
         }
         table.num_tokens = end;
         push_slots(bs, table, start, end, out);
-        AppendOutcome { cow }
+        let registered = match tokens {
+            Some(t) if table.tracked => extend_chain(bs, table, pool, t),
+            Some(_) => 0,
+            None => {
+                if n > 0 {
+                    table.untrack();
+                }
+                0
+            }
+        };
+        (AppendOutcome { cow }, registered)
     }
 
     /// Appends `n` token slots to a table and pushes their slot ids to `out`.
@@ -413,7 +516,7 @@ impl BlockAllocator {
         if needed > self.pool.num_available() {
             return Err(self.out_of_blocks(needed));
         }
-        Ok(self.append_at(idx, n, out))
+        Ok(self.append_at(idx, n, None, out).0)
     }
 
     /// Appends `counts[i]` slots to `ids[i]` for every i, all or nothing.
@@ -432,6 +535,37 @@ impl BlockAllocator {
         cow_src: &mut Vec<BlockId>,
         cow_dst: &mut Vec<BlockId>,
     ) -> Result<()> {
+        let mut out = BatchAppend {
+            slots: std::mem::take(slots),
+            indptr: std::mem::take(indptr),
+            cow_src: std::mem::take(cow_src),
+            cow_dst: std::mem::take(cow_dst),
+            num_registered: 0,
+        };
+        let r = self.append_batch_with(ids, counts, None, &mut out);
+        *slots = out.slots;
+        *indptr = out.indptr;
+        *cow_src = out.cow_src;
+        *cow_dst = out.cow_dst;
+        r
+    }
+
+    /// The engine's decode (or prefill) step: appends `counts[i]` slots to `ids[i]` for
+    /// every i, all or nothing, and with `tokens` (the id of every appended token, table
+    /// after table: `sum(counts)` of them) registers every block that fills in the prefix
+    /// cache, continuing each table's hash chain under its salt. Tables whose chain is not
+    /// known (after an append without token ids or a compaction, until `register_prefix`)
+    /// take their slots but register nothing.
+    ///
+    /// Errors: as [`append_batch`](Self::append_batch), plus a `tokens` length that is not
+    /// `sum(counts)`; nothing changes on any error.
+    pub fn append_batch_with(
+        &mut self,
+        ids: &[TableId],
+        counts: &[usize],
+        tokens: Option<&[i64]>,
+        out: &mut BatchAppend,
+    ) -> Result<()> {
         if ids.len() != counts.len() {
             return Err(KvError::InvalidArgument(format!(
                 "tables and counts must have the same length, got {} and {}",
@@ -441,6 +575,16 @@ impl BlockAllocator {
         }
         let mut idxs = Vec::new();
         self.batch_indices(ids, &mut idxs)?;
+        if let Some(t) = tokens {
+            let total = counts.iter().try_fold(0usize, |acc, &c| acc.checked_add(c));
+            if total != Some(t.len()) {
+                return Err(KvError::InvalidArgument(format!(
+                    "token_ids must hold one id per appended token ({}), got {}",
+                    total.map_or_else(|| "more than 2**64".to_string(), |n| n.to_string()),
+                    t.len()
+                )));
+            }
+        }
         let mut needed = 0usize;
         for (&idx, &n) in idxs.iter().zip(counts) {
             needed = self
@@ -451,14 +595,19 @@ impl BlockAllocator {
         if needed > self.pool.num_available() {
             return Err(self.out_of_blocks(needed));
         }
-        indptr.reserve(ids.len() + 1);
-        indptr.push(slots.len() as i64);
+        out.indptr.reserve(ids.len() + 1);
+        out.indptr.push(out.slots.len() as i64);
+        let mut at = 0usize;
         for (&idx, &n) in idxs.iter().zip(counts) {
-            if let Some((s, d)) = self.append_at(idx, n, slots).cow {
-                cow_src.push(s);
-                cow_dst.push(d);
+            let toks = tokens.map(|t| &t[at..at + n]);
+            at += n;
+            let (outcome, registered) = self.append_at(idx, n, toks, &mut out.slots);
+            if let Some((s, d)) = outcome.cow {
+                out.cow_src.push(s);
+                out.cow_dst.push(d);
             }
-            indptr.push(slots.len() as i64);
+            out.num_registered += registered;
+            out.indptr.push(out.slots.len() as i64);
         }
         Ok(())
     }
@@ -472,17 +621,19 @@ impl BlockAllocator {
         for &b in &child.blocks {
             self.pool.incref(b);
         }
-        Ok(self.insert_table(child))
+        Ok(self.insert_table(Some(child)))
     }
 
     fn free_at(&mut self, idx: usize) {
-        let table = self.slots[idx].table.take().expect("live slot");
+        let mut table = self.slots[idx].table.take().expect("live slot");
         // Tail first: a cached tail block then sits ahead of its prefix in the LRU order and
         // is evicted before it, as the prefix is the part most likely to be hit again.
         for &b in table.blocks.iter().rev() {
             self.pool.decref(b);
         }
+        table.reset();
         let slot = &mut self.slots[idx];
+        slot.spare = table;
         slot.generation += 1;
         if slot.generation < MAX_GENERATION {
             self.free_slots.push(idx as u32);
@@ -516,7 +667,8 @@ impl BlockAllocator {
     /// hashes, so later tables can adopt them. `tokens` holds the token id of every position
     /// of the table (`tokens.len() == num_tokens`). Returns how many blocks were newly
     /// registered; a block whose hash already names another block is not registered again
-    /// (no de-duplication, as in vLLM), but the chain goes on through it.
+    /// (no de-duplication, as in vLLM), but the chain goes on through it. Afterwards the
+    /// table's chain is known, so appends with token ids register the blocks they fill.
     ///
     /// Pass the same `salt` for the whole life of a table.
     pub fn register_prefix(
@@ -525,32 +677,129 @@ impl BlockAllocator {
         tokens: &[i64],
         salt: Option<&[u8]>,
     ) -> Result<usize> {
+        self.register_prefix_keys(id, BlockKeys::Tokens(tokens), salt)
+    }
+
+    /// [`register_prefix`](Self::register_prefix) with the blocks named by token ids or by
+    /// the engine's own block hashes (one per full block of the table).
+    pub fn register_prefix_keys(
+        &mut self,
+        id: TableId,
+        keys: BlockKeys<'_>,
+        salt: Option<&[u8]>,
+    ) -> Result<usize> {
+        check_keys(&keys)?;
         let idx = self.slot_index(id)?;
-        let bs = self.block_size;
-        let n = self.table_at(idx).num_tokens;
-        if tokens.len() != n {
-            return Err(KvError::InvalidArgument(format!(
-                "token_ids must hold one id per token of the table ({n}), got {}",
-                tokens.len()
-            )));
+        self.check_register_len(idx, &keys, None)?;
+        Ok(self.register_at(idx, keys, salt))
+    }
+
+    /// Registers many tables in one call, all or nothing: table `ids[i]` gets
+    /// `keys[indptr[i]..indptr[i+1]]` (positions, or rows of block hashes), with the
+    /// lengths `register_prefix` wants. Pushes the number of blocks newly registered per
+    /// table to `registered`.
+    pub fn register_prefix_batch(
+        &mut self,
+        ids: &[TableId],
+        indptr: &[i64],
+        keys: BlockKeys<'_>,
+        salt: Option<&[u8]>,
+        registered: &mut Vec<i64>,
+    ) -> Result<()> {
+        self.prefix_batch(
+            ids,
+            indptr,
+            keys,
+            registered,
+            |a, i, idx, part| a.check_register_len(idx, part, Some(i)),
+            |a, idx, part| a.register_at(idx, part, salt),
+        )
+    }
+
+    /// The shared body of the batched prefix calls: validates the CSR layout and the ids,
+    /// runs `check` on every table before `apply` changes anything (all or nothing), then
+    /// pushes what `apply` returns for each table to `out`.
+    fn prefix_batch<'k>(
+        &mut self,
+        ids: &[TableId],
+        indptr: &[i64],
+        keys: BlockKeys<'k>,
+        out: &mut Vec<i64>,
+        check: impl Fn(&Self, usize, usize, &BlockKeys<'k>) -> Result<()>,
+        mut apply: impl FnMut(&mut Self, usize, BlockKeys<'k>) -> usize,
+    ) -> Result<()> {
+        check_keys(&keys)?;
+        check_indptr(indptr, ids.len(), keys.len(), "indptr", keys.what())?;
+        let mut idxs = Vec::new();
+        self.batch_indices(ids, &mut idxs)?;
+        let part = |i: usize| keys.slice(indptr[i] as usize, indptr[i + 1] as usize);
+        for (i, &idx) in idxs.iter().enumerate() {
+            check(self, i, idx, &part(i))?;
         }
-        let mut table = self.slots[idx].table.take().expect("live slot");
+        out.reserve(ids.len());
+        for (i, &idx) in idxs.iter().enumerate() {
+            out.push(apply(self, idx, part(i)) as i64);
+        }
+        Ok(())
+    }
+
+    /// `batch`: the table's index in a batch call, for the message.
+    fn check_register_len(
+        &self,
+        idx: usize,
+        keys: &BlockKeys<'_>,
+        batch: Option<usize>,
+    ) -> Result<()> {
+        let n = self.table_at(idx).num_tokens;
+        let want = keys.units_for(n, self.block_size);
+        if keys.len() == want {
+            return Ok(());
+        }
+        let ctx = batch.map_or(String::new(), |i| format!(" (table {i} of the batch)"));
+        Err(KvError::InvalidArgument(match keys {
+            BlockKeys::Tokens(_) => format!(
+                "token_ids must hold one id per token of the table ({n}){ctx}, got {}",
+                keys.len()
+            ),
+            BlockKeys::Hashes { .. } => format!(
+                "block_hashes must hold one row per full block of the table ({want}){ctx}, got {}",
+                keys.len()
+            ),
+        }))
+    }
+
+    /// Registers the table's unregistered full blocks (lengths already checked) and records
+    /// what its chain now knows.
+    fn register_at(&mut self, idx: usize, keys: BlockKeys<'_>, salt: Option<&[u8]>) -> usize {
+        let bs = self.block_size;
+        let table = self.slots[idx].table.as_mut().expect("live slot");
         let num_full = table.num_tokens / bs;
         let mut registered = 0;
+        let mut parent = table.hashes.last().copied().unwrap_or(prefix::ROOT_HASH);
         for i in table.hashes.len()..num_full {
-            let parent = table.hashes.last().copied().unwrap_or(prefix::ROOT_HASH);
-            let h = prefix::hash_block(parent, &tokens[i * bs..(i + 1) * bs], salt);
+            let h = keys.hash(i, bs, parent, salt);
             registered += usize::from(self.pool.register(table.blocks[i], h));
             table.hashes.push(h);
+            parent = h;
         }
-        self.slots[idx].table = Some(table);
-        Ok(registered)
+        table.set_salt(salt);
+        table.tail.clear();
+        match keys {
+            BlockKeys::Tokens(t) => {
+                table.tail.extend_from_slice(&t[num_full * bs..]);
+                table.tracked = true;
+            }
+            // The engine's keys name full blocks only: the ids of a partial block are unknown.
+            BlockKeys::Hashes { .. } => table.tracked = table.num_tokens % bs == 0,
+        }
+        registered
     }
 
     /// Makes an empty table adopt the longest cached prefix of `tokens`: every leading full
     /// block whose chained hash is cached joins the table (ref count up; an unreferenced
     /// cached block leaves the free queue). Returns the number of tokens hit, a multiple of
-    /// `block_size`. Takes no block from the pool, so it never runs out.
+    /// `block_size`. Takes no block from the pool, so it never runs out. Afterwards the
+    /// table's chain (under `salt`) is known, hit or miss.
     ///
     /// A serving engine that needs logits for the last prompt token passes `tokens[..n-1]`,
     /// as vLLM caps its hits at `num_tokens - 1`.
@@ -562,18 +811,61 @@ impl BlockAllocator {
         tokens: &[i64],
         salt: Option<&[u8]>,
     ) -> Result<usize> {
+        self.adopt_prefix_keys(id, BlockKeys::Tokens(tokens), salt)
+    }
+
+    /// [`adopt_prefix`](Self::adopt_prefix) with the blocks named by token ids or by the
+    /// engine's own block hashes.
+    pub fn adopt_prefix_keys(
+        &mut self,
+        id: TableId,
+        keys: BlockKeys<'_>,
+        salt: Option<&[u8]>,
+    ) -> Result<usize> {
+        check_keys(&keys)?;
         let idx = self.slot_index(id)?;
-        if self.table_at(idx).num_tokens != 0 {
+        self.check_empty(id, idx)?;
+        Ok(self.adopt_at(idx, keys, salt))
+    }
+
+    /// Adopts for many empty tables in one call, all or nothing: table `ids[i]` looks up
+    /// `keys[indptr[i]..indptr[i+1]]`. Pushes the tokens hit per table to `hits`. Tables
+    /// are served in order, but none of them registers anything, so no table of the batch
+    /// hits another's blocks.
+    pub fn adopt_prefix_batch(
+        &mut self,
+        ids: &[TableId],
+        indptr: &[i64],
+        keys: BlockKeys<'_>,
+        salt: Option<&[u8]>,
+        hits: &mut Vec<i64>,
+    ) -> Result<()> {
+        self.prefix_batch(
+            ids,
+            indptr,
+            keys,
+            hits,
+            |a, i, idx, _| a.check_empty(ids[i], idx),
+            |a, idx, part| a.adopt_at(idx, part, salt),
+        )
+    }
+
+    fn check_empty(&self, id: TableId, idx: usize) -> Result<()> {
+        let n = self.table_at(idx).num_tokens;
+        if n != 0 {
             return Err(KvError::InvalidArgument(format!(
-                "adopt_prefix needs an empty table, table {id} holds {} tokens",
-                self.table_at(idx).num_tokens
+                "adopt_prefix needs an empty table, table {id} holds {n} tokens"
             )));
         }
+        Ok(())
+    }
+
+    fn adopt_at(&mut self, idx: usize, keys: BlockKeys<'_>, salt: Option<&[u8]>) -> usize {
         let bs = self.block_size;
-        let mut table = self.slots[idx].table.take().expect("live slot");
+        let table = self.slots[idx].table.as_mut().expect("live slot");
         let mut parent = prefix::ROOT_HASH;
-        for chunk in tokens.chunks_exact(bs) {
-            let h = prefix::hash_block(parent, chunk, salt);
+        for i in 0..keys.num_blocks(bs) {
+            let h = keys.hash(i, bs, parent, salt);
             let Some(b) = self.pool.lookup(h) else { break };
             self.pool.incref(b);
             table.blocks.push(b);
@@ -581,9 +873,10 @@ impl BlockAllocator {
             parent = h;
         }
         table.num_tokens = table.blocks.len() * bs;
-        let hit = table.num_tokens;
-        self.slots[idx].table = Some(table);
-        Ok(hit)
+        table.tail.clear();
+        table.tracked = true;
+        table.set_salt(salt);
+        table.num_tokens
     }
 
     /// Drops every cached prefix held by unreferenced blocks (they become plain free blocks).
@@ -595,6 +888,74 @@ impl BlockAllocator {
 
 #[cfg(test)]
 mod tests;
+
+/// Feeds the ids of tokens just appended to a tracked table into its chain: every block they
+/// complete is hashed under its parent and the table's salt, and registered. Returns how
+/// many blocks were newly registered (a hash that already names a block is not, as in
+/// `register_prefix`).
+fn extend_chain(bs: usize, table: &mut Table, pool: &mut BlockPool, mut tokens: &[i64]) -> usize {
+    let mut registered = 0;
+    while !tokens.is_empty() {
+        let take = (bs - table.tail.len()).min(tokens.len());
+        let (now, rest) = tokens.split_at(take);
+        tokens = rest;
+        let full: &[i64] = if table.tail.is_empty() && take == bs {
+            now
+        } else {
+            table.tail.extend_from_slice(now);
+            if table.tail.len() < bs {
+                break;
+            }
+            &table.tail
+        };
+        let parent = table.hashes.last().copied().unwrap_or(prefix::ROOT_HASH);
+        let h = prefix::hash_block(parent, full, table.salt.as_deref());
+        registered += usize::from(pool.register(table.blocks[table.hashes.len()], h));
+        table.hashes.push(h);
+        table.tail.clear();
+    }
+    registered
+}
+
+/// Rejects engine keys of width 0 (they would name every block alike).
+fn check_keys(keys: &BlockKeys<'_>) -> Result<()> {
+    match *keys {
+        BlockKeys::Hashes { bytes, width } if width == 0 || bytes.len() % width != 0 => {
+            Err(KvError::InvalidArgument(format!(
+                "block_hashes rows must be at least one byte wide and fill the buffer, got width {width} for {} bytes",
+                bytes.len()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks CSR offsets for `n` rows over `total` entries of `values`: `n + 1` offsets that
+/// start at 0, never decrease and end at `total`.
+fn check_indptr(indptr: &[i64], n: usize, total: usize, name: &str, values: &str) -> Result<()> {
+    if indptr.len() != n + 1 {
+        return Err(KvError::InvalidArgument(format!(
+            "{name} must have len(tables) + 1 = {} entries, got {}",
+            n + 1,
+            indptr.len()
+        )));
+    }
+    if indptr[0] != 0 || indptr[n] as u64 != total as u64 {
+        return Err(KvError::InvalidArgument(format!(
+            "{name} must start at 0 and end at len({values}) = {total}, got {} and {}",
+            indptr[0], indptr[n]
+        )));
+    }
+    if let Some(i) = indptr.windows(2).position(|w| w[1] < w[0]) {
+        return Err(KvError::InvalidArgument(format!(
+            "{name} must be non-decreasing, but {name}[{}] = {} < {name}[{i}] = {}",
+            i + 1,
+            indptr[i + 1],
+            indptr[i]
+        )));
+    }
+    Ok(())
+}
 
 /// Tokens in the table's last block, or 0 when that block is full or there is none.
 /// Uses `blocks.len() == ceil(num_tokens / block_size)` to avoid a division.

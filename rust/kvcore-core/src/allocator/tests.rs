@@ -433,3 +433,172 @@ fn reset_prefix_cache_frees_cached_blocks() {
     assert_eq!(a.stats().num_cached_blocks, 0);
     a.check_invariants().unwrap();
 }
+
+fn step(a: &mut BlockAllocator, ids: &[TableId], counts: &[usize], tokens: &[i64]) -> BatchAppend {
+    let mut out = BatchAppend::default();
+    a.append_batch_with(ids, counts, Some(tokens), &mut out)
+        .unwrap();
+    out
+}
+
+#[test]
+fn decode_step_registers_blocks_as_they_fill() {
+    let mut a = BlockAllocator::new(16, 4).unwrap();
+    let t = a.create_table().unwrap();
+    let prompt = [1i64, 2, 3, 4, 5, 6];
+    // Prefill with ids: the one full block is registered.
+    assert_eq!(step(&mut a, &[t], &[6], &prompt).num_registered, 1);
+    // Decode one token at a time: the second block registers when its 4th token arrives.
+    assert_eq!(step(&mut a, &[t], &[1], &[7]).num_registered, 0);
+    assert_eq!(step(&mut a, &[t], &[1], &[8]).num_registered, 1);
+    let all = [1i64, 2, 3, 4, 5, 6, 7, 8];
+    // Exactly what register_prefix of the same ids would have registered.
+    assert_eq!(a.register_prefix(t, &all, None).unwrap(), 0);
+    let u = a.create_table().unwrap();
+    assert_eq!(a.adopt_prefix(u, &all, None).unwrap(), 8);
+    assert_eq!(a.block_table(u).unwrap(), a.block_table(t).unwrap());
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn chain_stops_without_ids_and_after_compaction_until_register() {
+    let mut a = BlockAllocator::new(16, 2).unwrap();
+    let t = a.create_table().unwrap();
+    append(&mut a, t, 1); // id unknown: the chain is lost
+    assert_eq!(step(&mut a, &[t], &[3], &[5, 6, 7]).num_registered, 0);
+    a.register_prefix(t, &[4, 5, 6, 7], None).unwrap();
+    assert_eq!(step(&mut a, &[t], &[2], &[8, 9]).num_registered, 1);
+    let mut plan = CompactionPlan::default();
+    a.compact(t, Keep::Positions(&[0, 2, 3]), &mut plan)
+        .unwrap();
+    assert_eq!(step(&mut a, &[t], &[1], &[10]).num_registered, 0);
+    a.check_invariants().unwrap();
+    // A compaction that keeps everything changes nothing, so the chain goes on.
+    a.register_prefix(t, &[4, 6, 7, 10], None).unwrap();
+    a.compact(t, Keep::Positions(&[0, 1, 2, 3]), &mut plan)
+        .unwrap();
+    assert_eq!(step(&mut a, &[t], &[2], &[11, 12]).num_registered, 1);
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn decode_registration_uses_the_adopted_salt_and_forks_diverge() {
+    let mut a = BlockAllocator::new(32, 2).unwrap();
+    let salt = Some(&b"lora-1"[..]);
+    let t = a.create_table().unwrap();
+    assert_eq!(a.adopt_prefix(t, &[], salt).unwrap(), 0);
+    step(&mut a, &[t], &[3], &[1, 2, 3]);
+    let c = a.fork(t).unwrap();
+    // Parent and child finish the shared partial block with different ids.
+    let out = step(&mut a, &[t, c], &[1, 1], &[4, 9]);
+    assert_eq!((out.num_registered, out.cow_src.len()), (2, 1));
+    for (tail, blocks_of) in [([1i64, 2, 3, 4], t), ([1, 2, 3, 9], c)] {
+        let probe = a.create_table().unwrap();
+        assert_eq!(a.adopt_prefix(probe, &tail, None).unwrap(), 0, "unsalted");
+        let probe = a.create_table().unwrap();
+        assert_eq!(a.adopt_prefix(probe, &tail, salt).unwrap(), 4);
+        assert_eq!(
+            a.block_table(probe).unwrap(),
+            a.block_table(blocks_of).unwrap()
+        );
+    }
+    a.check_invariants().unwrap();
+}
+
+#[test]
+fn append_with_ids_checks_their_number_and_changes_nothing() {
+    let mut a = BlockAllocator::new(8, 2).unwrap();
+    let t = a.create_table().unwrap();
+    let mut out = BatchAppend::default();
+    let r = a.append_batch_with(&[t], &[2], Some(&[1]), &mut out);
+    assert!(
+        matches!(r, Err(KvError::InvalidArgument(m)) if m.contains("one id per appended token"))
+    );
+    assert_eq!((out, a.num_tokens(t).unwrap()), (BatchAppend::default(), 0));
+}
+
+#[test]
+fn batch_prefix_calls_match_one_by_one() {
+    let prompts: [&[i64]; 3] = [&[1, 2, 3, 4, 5], &[1, 2, 3, 4, 6, 7], &[9, 9]];
+    let flat: Vec<i64> = prompts.concat();
+    let indptr = [0i64, 5, 11, 13];
+    let mut one = BlockAllocator::new(32, 2).unwrap();
+    let mut many = BlockAllocator::new(32, 2).unwrap();
+    let mut ids = Vec::new();
+    many.create_tables(3, &mut ids).unwrap();
+    for (&id, p) in ids.iter().zip(prompts) {
+        let t = one.create_table().unwrap();
+        assert_eq!(t, id);
+        append(&mut one, t, p.len());
+        one.register_prefix(t, p, None).unwrap();
+        let mut v = Vec::new();
+        many.append(id, p.len(), &mut v).unwrap();
+    }
+    let mut reg = Vec::new();
+    many.register_prefix_batch(&ids, &indptr, BlockKeys::Tokens(&flat), None, &mut reg)
+        .unwrap();
+    assert_eq!(reg, [2, 1, 1]); // [1,2] is already registered for the second prompt
+    let mut fresh = Vec::new();
+    many.create_tables(3, &mut fresh).unwrap();
+    let mut hits = Vec::new();
+    many.adopt_prefix_batch(&fresh, &indptr, BlockKeys::Tokens(&flat), None, &mut hits)
+        .unwrap();
+    for (i, &t) in fresh.iter().enumerate() {
+        let u = one.create_table().unwrap();
+        assert_eq!(
+            one.adopt_prefix(u, prompts[i], None).unwrap() as i64,
+            hits[i]
+        );
+        assert_eq!(one.block_table(u).unwrap(), many.block_table(t).unwrap());
+    }
+    assert_eq!(one.free_queue(), many.free_queue());
+    // All or nothing: a non-empty table in the batch fails before anything is adopted.
+    let before = many.ref_counts().to_vec();
+    let mut more = Vec::new();
+    many.create_tables(1, &mut more).unwrap();
+    let bad = [more[0], fresh[0]];
+    let r = many.adopt_prefix_batch(
+        &bad,
+        &[0, 5, 10],
+        BlockKeys::Tokens(&flat[..10]),
+        None,
+        &mut hits,
+    );
+    assert!(matches!(r, Err(KvError::InvalidArgument(_))));
+    assert_eq!(
+        (many.ref_counts(), many.num_tokens(more[0]).unwrap()),
+        (&before[..], 0)
+    );
+    let r = many.register_prefix_batch(&ids, &[0, 5, 11], BlockKeys::Tokens(&flat), None, &mut reg);
+    assert!(matches!(r, Err(KvError::InvalidArgument(m)) if m.contains("indptr must have")));
+    many.check_invariants().unwrap();
+}
+
+#[test]
+fn engine_keys_register_and_adopt_like_token_ids() {
+    let mut a = BlockAllocator::new(16, 2).unwrap();
+    let t = a.create_table().unwrap();
+    append(&mut a, t, 5);
+    let rows: Vec<u8> = (0u8..32).collect(); // two 16-byte keys
+    let keys = BlockKeys::Hashes {
+        bytes: &rows,
+        width: 16,
+    };
+    let short = BlockKeys::Hashes {
+        bytes: &rows[..16],
+        width: 16,
+    };
+    assert!(matches!(
+        a.register_prefix_keys(t, short, None),
+        Err(KvError::InvalidArgument(m)) if m.contains("one row per full block of the table (2)")
+    ));
+    assert_eq!(a.register_prefix_keys(t, keys, Some(b"s")).unwrap(), 2);
+    let u = a.create_table().unwrap();
+    assert_eq!(a.adopt_prefix_keys(u, keys, Some(b"s")).unwrap(), 4);
+    let v = a.create_table().unwrap();
+    assert_eq!(a.adopt_prefix_keys(v, keys, None).unwrap(), 0);
+    // An adopted table's chain is known: token ids continue it.
+    let out = step(&mut a, &[u], &[2], &[7, 8]);
+    assert_eq!(out.num_registered, 1);
+    a.check_invariants().unwrap();
+}
