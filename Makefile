@@ -56,11 +56,12 @@ test-slow: PYTEST_ARGS += --slow
 test-slow: test ## The test suite with the long property-based runs
 
 .PHONY: lint
-lint: setup ## cargo fmt --check, clippy -D warnings, ruff
+lint: setup ## cargo fmt --check, clippy -D warnings, ruff, mypy --strict on python/kvcore
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests bench
 	$(VENV)/bin/ruff format --check python tests bench
+	$(VENV)/bin/mypy
 
 .PHONY: fmt
 fmt: setup ## Format Rust and Python sources
