@@ -96,11 +96,12 @@ test-lowest: setup ## The tests against the lowest supported transformers, in an
 	bash .ci/overlay.sh .venv-lowest "$(LOWEST_HF)" $(HF_TESTS)
 
 .PHONY: lint
-lint: setup ## cargo fmt --check, clippy -D warnings, ruff
+lint: setup ## cargo fmt --check, clippy -D warnings, ruff, mypy --strict on python/kvcore
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests bench tools
 	$(VENV)/bin/ruff format --check python tests bench tools
+	$(VENV)/bin/mypy
 
 .PHONY: fmt
 fmt: setup ## Format Rust and Python sources

@@ -583,3 +583,22 @@ def test_kivi_cache_generates_on_the_tiny_model(fmt):
         n=4,
     )
     assert out.shape == (2, 28)
+
+
+def test_compressed_cache_takes_a_cache_config_or_its_keywords():
+    from kvcore.cache import CacheConfig
+
+    model = tiny("kvcore")
+    ids, mask = batch(pad=3)
+    kw = {"schedule": Schedule.decode(3), "kv_format": "int8", "block_size": 8}
+    by_keywords = kh.compressed_cache(model, "snapkv", budget=8, window=4, **kw)
+    config = CacheConfig.from_keywords(**kw)
+    by_config = kh.compressed_cache(model, "snapkv", budget=8, window=4, config=config)
+    assert by_config.kv.config == by_keywords.kv.config == config
+    a = generate(model, by_keywords, ids, mask, n=6)
+    b = generate(model, by_config, ids, mask, n=6)
+    assert torch.equal(a, b) and by_config.kv.num_compressions > 0
+    with pytest.raises(ValueError, match=r"give config= or the keywords .* \(got kv_format\)"):
+        kh.compressed_cache(model, "snapkv", 8, config=config, kv_format="int4")
+    with pytest.raises(TypeError, match="schedule must be a kvcore.cache.Schedule"):
+        kh.compressed_cache(model, "snapkv", 8, schedule="x")

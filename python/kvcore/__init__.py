@@ -1,8 +1,8 @@
 """kvcore: keep the KV cache of LLM inference inside a fixed memory budget.
 
 The public API is re-exported here; the Rust core lives in :mod:`kvcore._kvcore`.
-The torch cache (``kvcore.KVCache``, ``kvcore.Schedule``) is imported on first use, so
-``import kvcore`` works without torch; ``kvcore.hf`` needs transformers.
+The torch cache (``kvcore.KVCache``, ``kvcore.Schedule``, ``kvcore.CacheConfig``) is imported
+on first use, so ``import kvcore`` works without torch; ``kvcore.hf`` needs transformers.
 """
 
 from typing import Any
@@ -69,7 +69,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("KVCache", "Schedule"):
+    if name in ("CacheConfig", "KVCache", "Schedule"):
         from kvcore import cache
 
         return getattr(cache, name)

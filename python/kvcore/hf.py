@@ -42,7 +42,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvcore.cache import CacheSnapshot, KVCache, Schedule
+from kvcore.cache import CacheConfig, CacheSnapshot, KVCache, Schedule
+from kvcore.cache.config import KEYWORDS as CACHE_KEYWORDS
 from kvcore.scoring import TorchPolicy, get
 
 __all__ = [
@@ -419,22 +420,8 @@ def compressed_cache(
     policy: str | TorchPolicy | None = "snapkv",
     budget: int | torch.Tensor = 1024,
     *,
-    schedule: Schedule | None = None,
-    positions: str = "original",
-    capacity: int | None = None,
-    capacity_bytes: int | None = None,
-    block_size: int = 16,
-    kv_format: str = "native",
-    quant_group: int | None = None,
-    merge: str | None = None,
-    merge_threshold: float = 0.5,
-    merge_sigma: float | None = None,
-    merge_window: int | None = None,
-    merge_seed: int | None = None,
-    merge_bias: bool | None = None,
-    evicted_format: str | None = None,
-    evicted_capacity: int | None = None,
-    **policy_params: Any,
+    config: CacheConfig | None = None,
+    **keywords: Any,
 ) -> KVCoreCache:
     """A ready :class:`KVCoreCache` for ``model`` (hooks installed).
 
@@ -444,14 +431,32 @@ def compressed_cache(
             :func:`kvcore.scoring.get`), a policy, or None (no eviction).
         budget: tokens per (layer, kv-head) kept after compression, or a
             ``(num_layers, num_kv_heads)`` int tensor.
-        schedule, positions, capacity, capacity_bytes, block_size, kv_format, quant_group,
-        merge, merge_threshold, merge_sigma, merge_window, merge_seed, merge_bias,
-        evicted_format, evicted_capacity: see :class:`KVCache` (``kv_format="int4"`` stores
-            quantized pages, ``merge="ems"``, ``"kvmerger"`` or ``"cam"`` merges evicted tokens
-            into kept ones, ``evicted_format="int2"`` keeps them in a 2-bit tier (MiKV; needs
-            ``attn_implementation="kvcore"``)).
-        **policy_params: passed to the policy (e.g. ``window=16``).
+        config: the cache's :class:`~kvcore.cache.CacheConfig` (schedule, capacity, page
+            format, merges, MiKV tier); None: built from ``keywords``.
+        **keywords: :class:`KVCache`'s keywords (``schedule``, ``positions``, ``capacity``,
+            ``capacity_bytes``, ``block_size``, ``kv_format``, ``quant_group``, ``merge``,
+            ``merge_threshold``, ``merge_sigma``, ``merge_window``, ``merge_seed``,
+            ``merge_bias``, ``evicted_format``, ``evicted_capacity``; ``kv_format="int4"``
+            stores quantized pages, ``merge="ems"``, ``"kvmerger"`` or ``"cam"`` merges
+            evicted tokens into kept ones, ``evicted_format="int2"`` keeps them in a 2-bit
+            tier (MiKV; needs ``attn_implementation="kvcore"``)) when ``config`` is None; the
+            others are passed to the policy (e.g. ``window=16``).
     """
+    cache_kw = {k: v for k, v in keywords.items() if k in CACHE_KEYWORDS}
+    policy_params = {k: v for k, v in keywords.items() if k not in CACHE_KEYWORDS}
+    if config is None:
+        if cache_kw.get("schedule") is not None and not isinstance(cache_kw["schedule"], Schedule):
+            raise TypeError(
+                "schedule must be a kvcore.cache.Schedule or None, got "
+                f"{type(cache_kw['schedule']).__name__}"
+            )
+        config = CacheConfig.from_keywords(**cache_kw)
+    elif not isinstance(config, CacheConfig):
+        raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
+    elif cache_kw:
+        raise ValueError(
+            f"give config= or the keywords it holds, not both (got {', '.join(sorted(cache_kw))})"
+        )
     cfg = model.config
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     num_layers = int(text_cfg.num_hidden_layers)
@@ -465,25 +470,11 @@ def compressed_cache(
         num_layers,
         heads,
         head_dim,
-        capacity=capacity,
-        capacity_bytes=capacity_bytes,
-        block_size=block_size,
         dtype=param.dtype,
         device=param.device,
         policy=pol,
-        schedule=schedule,
-        positions=positions,
-        rope=_rope(model) if positions == "compact" else None,
-        kv_format=kv_format,
-        quant_group=quant_group,
-        merge=merge,
-        merge_threshold=merge_threshold,
-        merge_sigma=merge_sigma,
-        merge_window=merge_window,
-        merge_seed=merge_seed,
-        merge_bias=merge_bias,
-        evicted_format=evicted_format,
-        evicted_capacity=evicted_capacity,
+        rope=_rope(model) if config.positions == "compact" else None,
+        config=config,
     )
     install(model)
     return KVCoreCache(kv)

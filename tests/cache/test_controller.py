@@ -1,6 +1,6 @@
 """KVCache compression internals: the kernel dispatch of compaction, re-rotation and merges,
 the merge methods (EMS, KVMerger, CaM) and per-head budgets for every registry policy
-(tiny random shapes; the rest of the cache is in tests/test_cache.py)."""
+(tiny random shapes; the rest of the cache is in tests/cache/test_kvcache.py)."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="kvcore.cache needs torch")
 
+import kvcore  # noqa: E402
 import kvcore.quant as kq  # noqa: E402
 from kvcore import QuantLayout  # noqa: E402
 from kvcore.cache import KVCache, Schedule  # noqa: E402
@@ -109,6 +110,10 @@ def test_tiers_lengths_bytes_and_round_trips():
         orig = x[:, :, 4:28].reshape(-1, 1, D)
         ref = kq.dequantize(kq.quantize(orig, tok), tok).reshape(2, H, -1, D)
         assert torch.equal(got, ref)
+        # Rust's MixedPrecisionStore is the oracle of a token demoted to the int2 tier
+        store = kvcore.MixedPrecisionStore(D, group_size=8)
+        store.append(orig.reshape(-1, D).numpy(), "int2")
+        assert torch.equal(got.reshape(-1, D), torch.from_numpy(store.read()))
     assert cache.is_ragged(0)
 
 

@@ -267,9 +267,9 @@ def test_budget_errors():
     with pytest.raises(ValueError, match="positions='compact' needs rope="):
         KVCache(L, H, D, positions="compact")
     c = KVCache(L, H, D, capacity=16, policy=get("snapkv", 4, window=2))
-    c.update(0, kv(1, 8), kv(1, 8))
     with pytest.raises(ValueError, match="snapkv needs the observed queries"):
-        c.flush()
+        c.update(0, kv(1, 8), kv(1, 8))  # refused before anything is stored
+    assert c.stored_lengths().shape == (0, L, H)
 
 
 def test_import_without_torch_is_lazy():

@@ -1,0 +1,339 @@
+"""Pools: sizing at the first update, byte accounting, lengths, page tables, shrinking and
+growing (every reallocation moves pages block by block with their per-slot state).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kvcore._kvcore import BlockAllocator
+from kvcore.cache.controller import Controller
+
+
+class Pools(Controller):
+    """Sizes, lengths and reallocation of the high tier's pools."""
+
+    @property
+    def initialized(self) -> bool:
+        return self.allocator is not None
+
+    def _init(self, batch: int, first_len: int) -> None:
+        streams = batch * self.num_layers * self.num_kv_heads
+        block_bytes = self.page_bytes
+        # KIVI: one full-precision residual page (K and V) per stream besides the pools
+        res_bytes = streams * self.residual_page_bytes
+        if self._capacity_bytes is not None:
+            blocks_per_stream = ((self._capacity_bytes - res_bytes) // block_bytes - 1) // streams
+            if blocks_per_stream < 1:
+                raise ValueError(
+                    f"capacity_bytes={self._capacity_bytes} holds less than one block "
+                    f"({block_bytes} bytes) per stream for {streams} streams"
+                )
+        else:
+            cap = self._capacity_req
+            if cap is None:
+                budget = self.policy.max_budget() if self.policy is not None else first_len
+                cap = max(budget, first_len) + self._slack()
+            blocks_per_stream = -(-cap // self.block_size)
+        self.capacity = blocks_per_stream * self.block_size
+        if self.policy is not None and self.policy.max_budget() > self.capacity:
+            raise ValueError(
+                f"budget ({self.policy.max_budget()}) is above the capacity ({self.capacity} "
+                "tokens per stream)"
+            )
+        num_blocks = streams * blocks_per_stream + 1
+        alloc = BlockAllocator(num_blocks=num_blocks, block_size=self.block_size)
+        n_slots = num_blocks * self.block_size
+        # Normal tensors even when the first update runs under torch.inference_mode():
+        # inference tensors could not be updated in place by a later call made outside it.
+        with torch.inference_mode(False):
+            if self.k_layout is not None and self.v_layout is not None:
+                # one quantized layout block (codes, float16 scales, zeros) per page
+                self.k_pool = torch.zeros(
+                    num_blocks,
+                    self.k_layout.nbytes,
+                    dtype=torch.uint8,
+                    device=self.device,
+                )
+                self.v_pool = torch.zeros(
+                    num_blocks,
+                    self.v_layout.nbytes,
+                    dtype=torch.uint8,
+                    device=self.device,
+                )
+            else:
+                shape = (num_blocks, self.block_size, self.head_dim)
+                self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if self.kivi:
+                # KIVI's residual window: each stream's open (not yet full) page, K and V in
+                # dtype, one row per stream (b, l, h); block_row[block] is the row holding an
+                # open page, -1 for a sealed (quantized) one.
+                res = (streams, self.block_size, self.head_dim)
+                self.res_k = torch.zeros(res, dtype=self.dtype, device=self.device)
+                self.res_v = torch.zeros(res, dtype=self.dtype, device=self.device)
+                self.block_row = torch.full(
+                    (num_blocks,), -1, dtype=torch.int64, device=self.device
+                )
+            self.slot_pos = torch.zeros(n_slots, dtype=torch.int64, device=self.device)
+            self.slot_valid = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
+            self.slot_score = torch.zeros(n_slots, dtype=torch.float32, device=self.device)
+            # Tokens each slot stands for (> 1 for a merged / compensation slot).
+            self.slot_count = torch.ones(n_slots, dtype=torch.float32, device=self.device)
+        self.tables = alloc.create_tables(streams).reshape(
+            batch, self.num_layers, self.num_kv_heads
+        )
+        if self.lo_layout is not None:
+            self._init_low_tier(batch, first_len)
+        self.lengths = np.zeros((batch, self.num_layers, self.num_kv_heads), dtype=np.int64)
+        self.batch_size = batch
+        self.allocator = alloc
+        self._peak_bytes = max(self._peak_bytes, self.memory_bytes())
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the K and V pool tensors (what the budget is measured against), and
+        for KIVI the full-precision residual pages."""
+        n = self.k_pool.nbytes + self.v_pool.nbytes
+        if self.kivi and self.allocator is not None:
+            n += self.res_k.nbytes + self.res_v.nbytes
+        if self.lo_allocator is not None and self.allocator is not None:
+            n += self.lo_k_pool.nbytes + self.lo_v_pool.nbytes
+        return int(n)
+
+    def peak_memory_bytes(self) -> int:
+        """The largest :meth:`memory_bytes` the cache has had: its pools are reallocated by
+        :meth:`shrink` and, when sized on demand, when a step does not fit."""
+        return max(self._peak_bytes, self.memory_bytes())
+
+    def used_bytes(self) -> int:
+        """Bytes of K and V in blocks that streams hold now."""
+        if self.allocator is None:
+            return 0
+        self.flush()
+        if self.kivi:
+            return self._kivi_used_bytes()
+        n = int(self.allocator.num_used_blocks) * self.page_bytes
+        if self.lo_allocator is not None:
+            n += int(self.lo_allocator.num_used_blocks) * self.lo_page_bytes
+        return n
+
+    def stored_lengths(self, layer_idx: int | None = None) -> np.ndarray:
+        """Stored tokens per stream: ``(B, L, H)`` or ``(B, H)`` for one layer (padding
+        tokens included until they are evicted)."""
+        if layer_idx is not None:
+            self._check_layer(layer_idx)
+        self.flush()
+        if self.allocator is None:
+            return np.zeros((0, self.num_layers, self.num_kv_heads), np.int64)
+        out: np.ndarray = (self.lengths if layer_idx is None else self.lengths[:, layer_idx]).copy()
+        return out
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The logical length: positions of the next token (all tokens seen with
+        ``positions="original"``, the stored length with ``"compact"``)."""
+        self._check_layer(layer_idx)
+        self.flush()
+        return self._next_pos[layer_idx]
+
+    def get_stored_length(self, layer_idx: int = 0) -> int:
+        """The longest stream of the layer, in stored tokens (the physical kv length)."""
+        self._check_layer(layer_idx)
+        self.flush()
+        if self.allocator is None:
+            return 0
+        return int(self.lengths[:, layer_idx].max())
+
+    def is_ragged(self, layer_idx: int) -> bool:
+        """Whether the layer's streams differ in length or hold padding tokens, so dense
+        attention over :meth:`update`'s output would be wrong (use :meth:`attend`)."""
+        if self.allocator is None:
+            return False
+        lens = self.lengths[:, layer_idx]
+        if self.lo_allocator is not None and bool(self.lo_lengths[:, layer_idx].any()):
+            return True  # the low tier is only read by attend
+        return bool(lens.min() != lens.max()) or self._seen_padding(layer_idx)
+
+    def _seen_padding(self, layer_idx: int) -> bool:
+        """Whether padding tokens are still stored in the layer."""
+        lens = self.lengths[:, layer_idx].reshape(-1)
+        slots = self._slots(self.tables[:, layer_idx].reshape(-1), lens)[0]
+        return bool((~self.slot_valid[slots] & (slots >= 0)).any()) if slots.numel() else False
+
+    def page_table(
+        self, layer_idx: int, layout: str = "flashinfer"
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The layer's page table for a serving kernel, one row per stream ``b * H + h``.
+
+        Args:
+            layout: ``"flashinfer"`` -> ``(indptr, indices, last_page_len)`` int32;
+                ``"vllm"`` -> ``(block_table, slot_mapping, seq_lens)`` (see
+                ``BlockAllocator.flashinfer_layout`` / ``vllm_layout``). Block ids index
+                ``k_pool`` / ``v_pool`` ``(num_blocks, block_size, head_dim)``.
+        """
+        self._check_layer(layer_idx)
+        if layout not in ("flashinfer", "vllm"):
+            raise ValueError(f"layout must be 'flashinfer' or 'vllm', got {layout!r}")
+        if self.allocator is None:
+            raise ValueError("the cache holds nothing yet: call update first")
+        self.flush()
+        assert self.allocator is not None
+        tables = np.ascontiguousarray(self.tables[:, layer_idx].reshape(-1))
+        if layout == "flashinfer":
+            return self.allocator.flashinfer_layout(tables)
+        return self.allocator.vllm_layout(tables)
+
+    def shrink(self, capacity: int | None = None) -> int:
+        """Reallocates the pools smaller once compression has emptied their blocks, and
+        returns the bytes given back.
+
+        The pools are sized at the first update, and a compression returns blocks to the
+        allocator, not memory to the device: with the default ``Schedule.prefill()`` they
+        still span the whole prompt after it. ``shrink`` copies every stream's pages, block by
+        block in table order, into pools of ``capacity`` tokens per stream (rounded up to
+        whole blocks) with their per-slot state; nothing is re-encoded and no token moves
+        within its page, so attention reads the same values. Pending compressions run first.
+        The MiKV low tier keeps its own pools.
+
+        Args:
+            capacity: tokens per stream after the call, which also fixes the capacity from
+                then on (a step past it raises ``OutOfBlocksError``, even when the pools were
+                sized on demand); None: the longest stream (at least the policy's budget) plus
+                ``max(schedule headroom, 256)`` for the coming steps, and pools sized on demand
+                stay so.
+
+        Returns:
+            ``memory_bytes()`` before minus after (0 when the pools are already that small, or
+            before the first update).
+
+        Raises:
+            ValueError: ``capacity`` below the longest stream or the policy's budget (the
+                cache is unchanged).
+        """
+        if capacity is not None:
+            # Checked before the pending compressions run, so a refused call changes nothing;
+            # only a capacity that the pending compressions could make room for waits for them.
+            floor = self._need_budget() if self._compression_pending() else self._need()
+            if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < floor:
+                self._refuse_capacity(capacity, floor)
+        self.flush()
+        if self.allocator is None:
+            return 0
+        need = self._need()
+        if capacity is None:
+            capacity = need + self._slack()
+        elif capacity < need:
+            self._refuse_capacity(capacity, need)
+        else:
+            self._auto_size = False
+        per_stream = -(-capacity // self.block_size)
+        if per_stream * self.block_size >= self.capacity:
+            return 0
+        before = self.memory_bytes()
+        self._resize(per_stream)
+        return before - self.memory_bytes()
+
+    def _need_budget(self) -> int:
+        return self.policy.max_budget() if self.policy is not None else 0
+
+    def _need(self) -> int:
+        """Tokens per stream the pools must keep: the longest stream, at least the budget."""
+        longest = int(self.lengths.max()) if self.allocator is not None else 0
+        return max(longest, self._need_budget())
+
+    def _refuse_capacity(self, capacity: object, need: int) -> None:
+        longest = int(self.lengths.max()) if self.allocator is not None else 0
+        raise ValueError(
+            f"capacity must be an int >= {need} tokens per stream (the longest stream "
+            f"holds {longest}, the policy's budget is {self._need_budget()}), got {capacity!r}"
+        )
+
+    def _auto_shrink(self, q: int) -> None:
+        """On-demand pools, at the start of a step of ``q`` tokens with every layer's
+        compressions done: shrink pools at least a third larger than the contents need."""
+        if self.allocator is None or len(set(self._seen)) != 1:
+            return
+        per_stream = -(-(self._need() + q + self._slack()) // self.block_size)
+        if 4 * per_stream * self.block_size <= 3 * self.capacity:
+            self._resize(per_stream)
+
+    def _resize(self, per_stream: int) -> None:
+        """Moves every stream's pages, block by block in table order, into new pools of
+        ``per_stream`` blocks a stream, with their per-slot state (contents unchanged)."""
+        assert self.allocator is not None
+        bs = self.block_size
+        before = self.memory_bytes()
+        lens = self.lengths.reshape(-1).astype(np.int64)
+        old_tables = self.tables.reshape(-1)
+        streams = len(old_tables)
+        num_blocks = streams * per_stream + 1
+        alloc = BlockAllocator(num_blocks=num_blocks, block_size=bs)
+        tables = alloc.create_tables(streams)
+        alloc.append_batch(tables, lens)
+        # block k of stream s holds its tokens [k * bs, (k + 1) * bs) in both allocators
+        used = -(-lens // bs)
+        width = int(used.max()) if used.size else 0
+        old_bt = self.allocator.vllm_layout(old_tables)[0][:, :width]
+        new_bt = alloc.vllm_layout(tables)[0][:, :width]
+        mask = np.arange(width)[None, :] < used[:, None]
+        src = torch.from_numpy(old_bt[mask].astype(np.int64)).to(self.device)
+        dst = torch.from_numpy(new_bt[mask].astype(np.int64)).to(self.device)
+
+        def moved(t: torch.Tensor, per_block: int, fill: float = 0.0) -> torch.Tensor:
+            old = t.reshape(-1, per_block, *t.shape[1:]) if per_block > 1 else t
+            out = torch.full((num_blocks, *old.shape[1:]), fill, dtype=t.dtype, device=t.device)
+            out[dst] = old[src]
+            return out.reshape(-1, *t.shape[1:]) if per_block > 1 else out
+
+        with torch.inference_mode(False):
+            self.k_pool = moved(self.k_pool, 1)
+            self.v_pool = moved(self.v_pool, 1)
+            self.slot_pos = moved(self.slot_pos, bs)
+            self.slot_valid = moved(self.slot_valid, bs)
+            self.slot_score = moved(self.slot_score, bs)
+            self.slot_count = moved(self.slot_count, bs, 1.0)
+            if self.kivi:
+                self.block_row = moved(self.block_row, 1, -1)
+        self.allocator = alloc
+        self.tables = tables.reshape(self.batch_size, self.num_layers, self.num_kv_heads)
+        self.capacity = per_stream * bs
+        # both generations of pools exist while the pages are copied
+        self._peak_bytes = max(self._peak_bytes, before + self.memory_bytes())
+
+    def _kivi_used_bytes(self) -> int:
+        """Sealed pages at their layouts' bytes, open pages at their tokens' full-precision
+        bytes (``n // bs`` key and value pages plus ``n % bs`` tokens per stream, when each
+        stream's last page is open; KIVI's ``kivi_nbytes`` with ``R = G = block_size``, values
+        paged like the keys)."""
+        assert self.allocator is not None
+        bs = self.block_size
+        lens = self.lengths.reshape(-1)
+        tables = self.tables.reshape(-1)
+        bt = self.allocator.vllm_layout(tables)[0].astype(np.int64)
+        pages = -(-lens // bs)
+        row = self.block_row.cpu().numpy()
+        total = 0
+        tok = 2 * self.head_dim * self._elt()
+        for s_, n in enumerate(lens.tolist()):
+            if n == 0:
+                continue
+            last = int(bt[s_, pages[s_] - 1])
+            open_tail = row[last] >= 0
+            total += (pages[s_] - int(open_tail)) * self.page_bytes
+            if open_tail:
+                total += (n - (pages[s_] - 1) * bs) * tok
+        return int(total)
+
+    def evicted_lengths(self, layer_idx: int | None = None) -> np.ndarray:
+        """MiKV: tokens per stream in the low-precision tier, ``(B, L, H)`` or ``(B, H)``
+        (zeros without ``evicted_format``)."""
+        if layer_idx is not None:
+            self._check_layer(layer_idx)
+        self.flush()
+        if self.allocator is None:
+            return np.zeros((0, self.num_layers, self.num_kv_heads), np.int64)
+        if self.lo_allocator is None:
+            lens = np.zeros_like(self.lengths)
+        else:
+            lens = self.lo_lengths.copy()
+        return lens if layer_idx is None else lens[:, layer_idx].copy()

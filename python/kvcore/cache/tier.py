@@ -1,0 +1,191 @@
+"""MiKV's low-precision tier of evicted tokens (``evicted_format=``).
+
+Each stream gets a second table in a second ``BlockAllocator`` whose pools hold pages of
+``lo_layout`` (the per-page quantized layout of ``kv_format="int2"`` and friends); the tokens a
+policy evicts move there, re-encoded, with their positions, and are attended by
+:mod:`kvcore.cache.dispatch` together with the high tier.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kvcore._kvcore import BlockAllocator, QuantLayout
+from kvcore.cache.config import BITS, CacheConfig
+from kvcore.cache.pages import Pages
+from kvcore.scoring import ScoreInputs, TorchPolicy
+
+
+def low_tier_layouts(
+    config: CacheConfig, policy: TorchPolicy | None, head_dim: int
+) -> tuple[QuantLayout | None, QuantLayout | None]:
+    """``(lo_layout, lo_token_layout)``: the low tier's page layout and one token of it (None,
+    None without ``evicted_format``).
+
+    Raises:
+        ValueError: the tier needs a policy, and one without a compensation token.
+    """
+    fmt = config.tier.evicted_format
+    if fmt is None:
+        return None, None
+    why = None
+    if policy is None:
+        why = "a policy (it keeps the tokens a policy evicts)"
+    elif getattr(policy, "compensation", "none") != "none":
+        why = "a policy without a compensation token"
+    if why is not None:
+        raise ValueError(f"evicted_format={fmt!r} needs {why}")
+    g, bs = config.storage.group(head_dim), config.storage.block_size
+    token = QuantLayout(BITS[fmt], g, 1, head_dim, "channel", "float16")
+    return QuantLayout(BITS[fmt], g, bs, head_dim, "channel", "float16"), token
+
+
+class LowTier(Pages):
+    """The low tier: its pools, writes, reads, FIFO bound and key balancer."""
+
+    def _init_low_tier(self, batch: int, first_len: int) -> None:
+        """MiKV's low tier: one more allocator table per stream, in its own pool of pages of
+        ``lo_layout`` (the per-page quantized layout of ``kv_format="int2"`` and friends)."""
+        assert self.lo_layout is not None
+        streams = batch * self.num_layers * self.num_kv_heads
+        cap = self._lo_capacity_req
+        if cap is None:
+            cap = first_len + self._slack()
+        blocks_per_stream = -(-cap // self.block_size)
+        self.lo_capacity = blocks_per_stream * self.block_size
+        num_blocks = streams * blocks_per_stream + 1
+        lo = BlockAllocator(num_blocks=num_blocks, block_size=self.block_size)
+        n_slots = num_blocks * self.block_size
+        with torch.inference_mode(False):
+            nb = self.lo_layout.nbytes
+            self.lo_k_pool = torch.zeros(num_blocks, nb, dtype=torch.uint8, device=self.device)
+            self.lo_v_pool = torch.zeros(num_blocks, nb, dtype=torch.uint8, device=self.device)
+            self.lo_slot_pos = torch.zeros(n_slots, dtype=torch.int64, device=self.device)
+            self.lo_slot_valid = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
+            # MiKV's per-channel key balancer of each stream (keys stored as K / s)
+            self.lo_key_scale = torch.ones(
+                batch,
+                self.num_layers,
+                self.num_kv_heads,
+                self.head_dim,
+                device=self.device,
+            )
+        self.lo_tables = lo.create_tables(streams).reshape(
+            batch, self.num_layers, self.num_kv_heads
+        )
+        self.lo_lengths = np.zeros((batch, self.num_layers, self.num_kv_heads), dtype=np.int64)
+        self.lo_allocator = lo
+
+    @property
+    def lo_page_bytes(self) -> int:
+        """MiKV: bytes of one low-tier block, K plus V (``2 * lo_layout.nbytes``; 0 without
+        ``evicted_format``)."""
+        return 2 * int(self.lo_layout.nbytes) if self.lo_layout is not None else 0
+
+    def _lo_write(self, pool: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Encodes ``(N, D)`` vectors alone with ``lo_token_layout`` and scatters each one's
+        codes, scales and zeros into its page of the low tier."""
+        from kvcore import kernels
+
+        assert self.lo_layout is not None and self.lo_token_layout is not None
+        enc = kernels.quantize(
+            x.float().reshape(-1, 1, self.head_dim).contiguous(), self.lo_token_layout
+        )
+        self._put(pool, slots, enc, self.lo_layout, self.lo_token_layout)
+
+    def _lo_read(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` float32 dequantized vectors of low-tier ``slots``."""
+        from kvcore import kernels
+
+        assert self.lo_layout is not None and self.lo_token_layout is not None
+        raw = self._get(pool, slots, self.lo_layout, self.lo_token_layout)
+        out = kernels.dequantize(raw.contiguous(), self.lo_token_layout, torch.float32)
+        return out.reshape(-1, self.head_dim)
+
+    def _lo_move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """A low-tier compaction plan: each token's three pieces and its state move."""
+        from kvcore import kernels
+
+        assert self.lo_layout is not None
+        pools = (self.lo_k_pool, self.lo_v_pool)
+        self._move_pieces(pools, src, dst, self.lo_layout, self.lo_token_layout)
+        state = [self.lo_slot_pos, self.lo_slot_valid]
+        indptr = torch.tensor([0, len(src)], dtype=torch.int64, device=src.device)
+        kernels.compact_pools(state, [0, 0], src, dst, indptr, int(self.lo_slot_pos.numel()))
+
+    def _demote(
+        self, layer: int, inp: ScoreInputs, keep: torch.Tensor, slots: torch.Tensor
+    ) -> None:
+        """Moves the valid tokens the policy evicts from the high tier (``slots``, before the
+        compaction) to the end of their streams' low tier, re-encoded at ``evicted_format``
+        from their (dequantized) high-tier values. A low-tier stream past ``lo_capacity``
+        drops its earliest demoted tokens first (FIFO); padding is never demoted."""
+        assert self.lo_allocator is not None
+        b, h, t = keep.shape
+        ev = (inp.valid & ~keep.to(inp.valid.device)).reshape(b * h, t)
+        n_ev = ev.sum(-1)
+        if int(n_ev.sum()) == 0:
+            return
+        cap = self.lo_capacity
+        if bool((n_ev > cap).any()):  # more than fits at once: the latest ones
+            rank = ev.cumsum(-1)
+            ev &= rank > (n_ev - cap).clamp(min=0)[:, None]
+            n_ev = ev.sum(-1)
+        n_new = n_ev.cpu().numpy().astype(np.int64)
+        lo_tables = np.ascontiguousarray(self.lo_tables[:, layer].reshape(-1))
+        lo_lens = self.lo_lengths[:, layer].reshape(-1).copy()
+        over = np.maximum(lo_lens + n_new - cap, 0)
+        if over.any():
+            indptr = np.zeros(len(lo_tables) + 1, dtype=np.int64)
+            indptr[1:] = np.cumsum(lo_lens - over)
+            positions = np.concatenate(
+                [
+                    np.arange(o, n, dtype=np.int64)
+                    for o, n in zip(over.tolist(), lo_lens.tolist(), strict=True)
+                ]
+            )
+            src_np, dst_np, _ = self.lo_allocator.compact_batch(lo_tables, indptr, positions)
+            if len(src_np):
+                self._lo_move(
+                    torch.from_numpy(src_np).to(self.device),
+                    torch.from_numpy(dst_np).to(self.device),
+                )
+            lo_lens -= over
+            self.lo_lengths[:, layer] = lo_lens.reshape(b, h)
+        # Fits by construction (capacity per stream, blocks reserved per stream).
+        dst_np, _, _, _ = self.lo_allocator.append_batch(lo_tables, n_new)
+        dst = torch.from_numpy(dst_np).to(self.device)
+        src = slots.reshape(b * h, t)[ev]  # stream by stream, in stream order: as dst
+        # MiKV's key balancer, fixed per stream when its low tier starts (empty now).
+        fresh = torch.from_numpy(lo_lens == 0).to(self.device).reshape(b, h)
+        scale = self.lo_key_scale[:, layer]  # (B, H, D)
+        scale[fresh] = self._balance(inp)[fresh]
+        owner = torch.repeat_interleave(
+            torch.arange(b * h, device=self.device), n_ev.to(self.device)
+        )
+        keys = self._read(self.k_pool, src) / scale.reshape(b * h, -1)[owner]
+        self._lo_write(self.lo_k_pool, dst, keys)
+        self._lo_write(self.lo_v_pool, dst, self._read(self.v_pool, src))
+        self.lo_slot_pos[dst] = self.slot_pos[src]
+        self.lo_slot_valid[dst] = True
+        self.lo_lengths[:, layer] += n_new.reshape(b, h)
+
+    def _balance(self, inp: ScoreInputs) -> torch.Tensor:
+        """MiKV's per-channel key balancer ``(B, H, D)``: ``s_c = sqrt(max|K_c| / max|Q_c|)``
+        over the layer's valid stored keys and the observed queries of the head's GQA group;
+        the low tier stores ``K / s`` and attends with ``Q * s``, so ``q . k`` is unchanged
+        while the keys' outlier channels are flattened before their per-token quantization
+        (SmoothQuant's migration with alpha = 0.5). Without observed queries the keys'
+        channel maxima are balanced against their mean."""
+        b, h, _, d = inp.keys.shape
+        k = inp.keys.float().abs().masked_fill(~inp.valid[..., None], 0.0)
+        kmax = k.amax(2).clamp(min=1e-6)  # (B, H, D)
+        if inp.queries is not None:
+            q = inp.queries.float().abs()
+            if inp.query_valid is not None:
+                q = q.masked_fill(~inp.query_valid[:, None, :, None].to(q.device), 0.0)
+            qmax = q.reshape(b, h, -1, d).amax(2).clamp(min=1e-6)  # group heads x window
+        else:
+            qmax = kmax.mean(-1, keepdim=True).expand_as(kmax)
+        return (kmax / qmax).sqrt().to(self.device)
