@@ -13,7 +13,6 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::convert::{self, KeepArg};
-use crate::errors;
 use crate::guard::{self, Core};
 
 /// See `_kvcore.pyi` for the user-facing documentation of every method.
@@ -21,6 +20,9 @@ use crate::guard::{self, Core};
 pub struct PyBlockAllocator {
     inner: Mutex<BlockAllocator>,
 }
+
+/// Bytes of output per appended token (an int64 slot id).
+const SLOT_BYTES: usize = std::mem::size_of::<i64>();
 
 /// `append` releases the GIL from this many tokens on.
 const DETACH_MIN_TOKENS: usize = 1024;
@@ -64,7 +66,7 @@ impl PyBlockAllocator {
         let py = num_blocks.py();
         let nb = convert::count(num_blocks, "num_blocks")?;
         let bs = convert::count(block_size, "block_size")?;
-        let inner = BlockAllocator::new(nb, bs).map_err(|e| errors::to_py(py, e))?;
+        let inner = guard::held(py, "allocator core", || BlockAllocator::new(nb, bs))?;
         Ok(PyBlockAllocator {
             inner: Mutex::new(inner),
         })
@@ -207,7 +209,7 @@ impl PyBlockAllocator {
         num_tokens: &Bound<'py, PyAny>,
     ) -> PyResult<(I64Array<'py>, Option<(u32, u32)>)> {
         let t = convert::table_id(table)?;
-        let n = convert::count(num_tokens, "num_tokens")?;
+        let n = convert::size(num_tokens, "num_tokens", SLOT_BYTES)?;
         let run = |a: &mut BlockAllocator| {
             let mut out = Vec::new();
             a.append(t, n, &mut out).map(|o| (out, o))
@@ -230,7 +232,7 @@ impl PyBlockAllocator {
         let ids = convert::i64_array(tables, "tables")?;
         let ids = ids.as_cow();
         let counts: Vec<usize> = if convert::is_scalar_int(num_tokens) {
-            vec![convert::count(num_tokens, "num_tokens")?; ids.len()]
+            vec![convert::size(num_tokens, "num_tokens", SLOT_BYTES)?; ids.len()]
         } else {
             let c = convert::i64_array(num_tokens, "num_tokens")?;
             let c = c.as_cow();
@@ -242,6 +244,12 @@ impl PyBlockAllocator {
             }
             c.iter().map(|&x| x as usize).collect()
         };
+        // The output holds one slot id per token of the whole batch.
+        let total = counts
+            .iter()
+            .try_fold(0usize, |t, &c| t.checked_add(c))
+            .unwrap_or(usize::MAX);
+        convert::check_len("sum(num_tokens)", total, SLOT_BYTES)?;
         let (slots, indptr, src, dst) = self.detached(py, |a| {
             let (mut s, mut ip, mut cs, mut cd) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             a.append_batch(&ids, &counts, &mut s, &mut ip, &mut cs, &mut cd)
@@ -322,14 +330,8 @@ impl PyBlockAllocator {
                 })?
             }
             KeepArg::Mask(m) => {
-                let owned;
-                let mask: &[bool] = match m.as_slice() {
-                    Ok(s) => s,
-                    Err(_) => {
-                        owned = m.as_array().iter().copied().collect::<Vec<bool>>();
-                        &owned
-                    }
-                };
+                let mask = m.as_cow();
+                let mask: &[bool] = &mask;
                 self.detached(py, |a| {
                     let mut plan = CompactionPlan::default();
                     a.compact(t, Keep::Mask(mask), &mut plan).map(|_| plan)
