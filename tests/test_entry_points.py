@@ -8,9 +8,25 @@ with the call named, instead of killing the run. See docs/errors.md for the rule
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 
 import pytest
-from isolated import outcome
+from isolated import Outcome, outcome, outcomes
+
+_GROUPS: dict[str, dict[str, Outcome]] = {}
+
+
+def run(group: dict[str, Any], name: str, timeout: float = 30.0) -> Outcome:
+    """The outcome of case ``name`` of ``group``: every case of a group runs in one batch of
+    fresh interpreters (tests/isolated.py), the first time one of them is asked for."""
+    key = str(id(group))
+    if key not in _GROUPS:
+        names = sorted(group)
+        codes = [group[n] if isinstance(group[n], str) else group[n][0] for n in names]
+        _GROUPS[key] = dict(zip(names, outcomes(codes, timeout), strict=True))
+    return _GROUPS[key][name]
+
 
 # Sizes: "too large" is far beyond any machine (2**40 and more), so no case allocates much.
 HUGE = "np.broadcast_to(np.{dtype}(0), {shape})"
@@ -127,8 +143,8 @@ ABORTS = {
 
 @pytest.mark.parametrize("name", sorted(ABORTS))
 def test_too_large_is_a_value_error_naming_the_argument_and_the_limit(name: str) -> None:
-    code, arg = ABORTS[name]
-    got = outcome(code)
+    arg = ABORTS[name][1]
+    got = run(ABORTS, name)
     assert got.kind == "ValueError", f"{name}: {got}"
     assert re.match(arg + " " + TOO_LARGE, got.message), f"{name}: {got}"
 
@@ -142,7 +158,7 @@ HANGS = {
 
 @pytest.mark.parametrize("name", sorted(HANGS))
 def test_no_hang(name: str) -> None:
-    got = outcome(HANGS[name], timeout=20)
+    got = run(HANGS, name, timeout=20)
     assert got.kind in ("ok", "ValueError"), f"{name}: {got}"
 
 
@@ -158,7 +174,7 @@ PANICS = {
 
 @pytest.mark.parametrize("name", sorted(PANICS))
 def test_no_panic_reaches_python(name: str) -> None:
-    got = outcome(PANICS[name])
+    got = run(PANICS, name)
     assert got.kind == "ValueError", f"{name}: {got}"
     assert "panic" not in got.message
 
@@ -242,22 +258,144 @@ TYPES = {
 
 @pytest.mark.parametrize("name", sorted(TYPES))
 def test_type_rule(name: str) -> None:
-    code, exc, pattern = TYPES[name]
-    got = outcome(code)
+    _, exc, pattern = TYPES[name]
+    got = run(TYPES, name)
     assert got.kind == exc, f"{name}: {got}"
     assert re.search(pattern, got.message), f"{name}: {got}"
 
 
 ACCEPTED = {
     # The accepted forms of an id or count: Python int, numpy integer scalar, 0-d int array.
-    "python_int": "a.append(t, 2)",
-    "numpy_scalar": "a.append(np.int64(t), np.uint8(2))",
-    "zero_d_array": "a.append(np.array(t), np.array(2, dtype=np.int32))",
+    "python_int": "a = k.BlockAllocator(8, 4); t = a.create_table(); a.append(t, 2)",
+    "numpy_scalar": "a = k.BlockAllocator(8, 4); t = a.create_table()\n"
+    "a.append(np.int64(t), np.uint8(2))",
+    "zero_d_array": "a = k.BlockAllocator(8, 4); t = a.create_table()\n"
+    "a.append(np.array(t), np.array(2, dtype=np.int32))",
     "zero_d_broadcast_budget": "k.select_topk(np.zeros((2, 4), np.float32), np.array(1))",
 }
 
 
 @pytest.mark.parametrize("name", sorted(ACCEPTED))
 def test_accepted_integer_forms(name: str) -> None:
-    got = outcome("a = k.BlockAllocator(8, 4); t = a.create_table()\n" + ACCEPTED[name])
+    got = run(ACCEPTED, name)
     assert got.kind == "ok", f"{name}: {got}"
+
+
+TORCH = "import torch\n"
+PYTHON_SIDE = {
+    # (code, exception, message regex): the torch-side modules and the policy registry.
+    "longgen_kinds_hang": (
+        "from kvcore import policies\npolicies.get('longgen').kinds(2**63)",
+        "ValueError",
+        "num_layers " + TOO_LARGE,
+    ),
+    "longgen_kinds_float": (
+        "from kvcore import policies\npolicies.get('longgen').kinds(3.0)",
+        "TypeError",
+        "num_layers must be an int, got float",
+    ),
+    "select_misspelt_keyword": (
+        "from kvcore import policies\n"
+        "policies.get('snapkv').select(np.zeros((1, 1, 8), np.float32), budjet=3)",
+        "TypeError",
+        r"snapkv.select: unknown input\(s\) budjet; valid: scores, budget",
+    ),
+    "select_misspelt_keyword_streaming": (
+        "from kvcore import policies\n"
+        "policies.get('streaming').select(np.zeros((1, 1, 8), np.float32), 4, budjet=3)",
+        "TypeError",
+        "valid: scores, budget",
+    ),
+    "quant_numpy": (
+        TORCH + "from kvcore import quant\n"
+        "quant.quantize(np.zeros((4, 4), np.float32), k.QuantLayout(4, 4, 4, 4))",
+        "TypeError",
+        "quantize: x must be a torch.Tensor, got ndarray",
+    ),
+    "merge_numpy": (
+        TORCH + "from kvcore import merge\n"
+        "merge.minicache_merge(np.zeros((4, 4), np.float32), np.zeros((4, 4)))",
+        "TypeError",
+        "minicache_merge: a must be a torch.Tensor, got ndarray",
+    ),
+    "kernels_numpy": (
+        TORCH + "from kvcore import kernels\n"
+        "kernels.rotate_reference(np.zeros((4, 4)), np.zeros(4), np.zeros(2))",
+        "TypeError",
+        "rotate_reference: .* must be a torch.Tensor, got ndarray",
+    ),
+    "kernels_sequence": (
+        TORCH + "from kvcore import kernels\nz = torch.zeros(0, dtype=torch.int64)\n"
+        "kernels.compact_pools([np.zeros(4)], [0], z, z, z, 4)",
+        "TypeError",
+        "compact_pools: tensors must be a sequence of torch.Tensor",
+    ),
+    "compact_pools_zero_slots": (
+        TORCH + "from kvcore import kernels\nz = torch.zeros(0, dtype=torch.int64)\n"
+        "kernels.compact_pools([torch.zeros(4)], [0], z, z, torch.zeros(2, dtype=torch.int64), 0)",
+        "ValueError",
+        "num_slots must be positive, got 0",
+    ),
+    "compact_pools_float_slots": (
+        TORCH + "from kvcore import kernels\nz = torch.zeros(0, dtype=torch.int64)\n"
+        "kernels.compact_pools([torch.zeros(4)], [0], z, z, z, 4.0)",
+        "TypeError",
+        "num_slots must be an int, got float",
+    ),
+    "attention_head_dim": (
+        TORCH + "from kvcore.attention import paged_attention\n"
+        "paged_attention(torch.zeros(1, 2, 1, 8), torch.zeros(4, 4, 16), torch.zeros(4, 4, 16),"
+        " torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, dtype=torch.int64))",
+        "ValueError",
+        r"k_pool must be \(num_blocks, block_size, D=8\)",
+    ),
+    "attention_numpy_query": (
+        TORCH + "from kvcore.attention import paged_attention\n"
+        "paged_attention(np.zeros((1, 2, 1, 8)), torch.zeros(4, 4, 8), torch.zeros(4, 4, 8),"
+        " torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, dtype=torch.int64))",
+        "TypeError",
+        "paged_attention: query must be a torch.Tensor",
+    ),
+    "attention_int32_table": (
+        TORCH + "from kvcore.attention import paged_attention\n"
+        "paged_attention(torch.zeros(1, 2, 1, 8), torch.zeros(4, 4, 8), torch.zeros(4, 4, 8),"
+        " torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, dtype=torch.int64))",
+        "TypeError",
+        "block_table must be int64",
+    ),
+    "attention_unknown_keyword": (
+        TORCH + "from kvcore.attention import paged_attention\n"
+        "paged_attention(torch.zeros(1, 2, 1, 8), torch.zeros(4, 4, 8), torch.zeros(4, 4, 8),"
+        " torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, dtype=torch.int64), scale=1.0)",
+        "TypeError",
+        "unexpected keyword argument 'scale'",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PYTHON_SIDE))
+def test_python_side(name: str) -> None:
+    pytest.importorskip("torch", reason="the torch-side modules need torch")
+    _, exc, pattern = PYTHON_SIDE[name]
+    got = run(PYTHON_SIDE, name)
+    assert got.kind == exc, f"{name}: {got}"
+    assert re.search(pattern, got.message), f"{name}: {got}"
+
+
+def test_kvcorecache_needs_a_kvcache() -> None:
+    pytest.importorskip("transformers", reason="kvcore.hf needs transformers")
+    got = outcome("from kvcore.hf import KVCoreCache\nKVCoreCache('x')")
+    assert got.kind == "TypeError", str(got)
+    assert "KVCoreCache needs a kvcore.KVCache, got str" in got.message
+
+
+def test_python_and_rust_share_the_memory_limit() -> None:
+    from kvcore import _args, _kvcore
+
+    assert _args.MAX_ALLOC_BYTES == _kvcore.max_alloc_bytes > 0
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():  # Linux: the limit is the machine's physical memory
+        kib = next(
+            ln.split()[1] for ln in meminfo.read_text().splitlines() if ln.startswith("MemTotal:")
+        )
+        assert _kvcore.max_alloc_bytes == int(kib) * 1024

@@ -16,6 +16,10 @@ from numpy.typing import NDArray
 
 __version__: Final[str]
 build_profile: Final[str]
+#: The most bytes one buffer may take: the machine's physical memory (``MemTotal`` on Linux,
+#: else the address-space limit). Every size argument and every array copy is checked
+#: against it before anything is allocated (docs/errors.md, "Argument rules").
+max_alloc_bytes: Final[int]
 """``"release"`` or ``"debug"``: benchmarks refuse to run on a debug build."""
 
 _Salt: TypeAlias = int | str | bytes
@@ -71,6 +75,7 @@ __all__ = [
     "window_reduce",
     "__version__",
     "build_profile",
+    "max_alloc_bytes",
 ]
 
 class KVCoreError(Exception):

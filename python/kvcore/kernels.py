@@ -38,6 +38,7 @@ from typing import Any, Literal, Protocol, cast, overload
 import numpy as np
 import torch
 
+from kvcore import _args
 from kvcore.attention import paged_attention
 
 __all__ = [
@@ -218,10 +219,13 @@ def compact_pools(
         indptr: ``(num_plans + 1,)`` int64, plan ``p`` is moves ``indptr[p]:indptr[p+1]``.
         num_slots: slots per tensor.
     """
+    num_slots = _args.count(num_slots, "num_slots")
     if len(tensors) != len(plan_of):
         raise ValueError(f"{len(tensors)} tensors but {len(plan_of)} plan_of entries")
     if not tensors:
         return
+    if num_slots == 0:
+        raise ValueError("num_slots must be positive, got 0")
     for i, t in enumerate(tensors):
         if t.numel() % num_slots:
             raise ValueError(
@@ -799,3 +803,7 @@ def decode_attention(
     if lse is not None:
         return out, lse
     return out
+
+
+# Every public function checks its tensor arguments first (TypeError, not AttributeError).
+_args.check_module(globals(), __name__)

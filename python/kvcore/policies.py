@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
+from kvcore import _args
 from kvcore import _kvcore as _k
 
 __all__ = [
@@ -113,10 +114,13 @@ def _scores3(scores: Any) -> F32:
             "scores must be a numpy float32 array of shape (num_layers, num_heads, n), "
             f"got dtype {scores.dtype}"
         )
+    if isinstance(scores, np.ma.MaskedArray):
+        raise TypeError("scores must be a numpy float32 array, got a masked array")
     if scores.ndim != 3:
         raise ValueError(
             f"scores must have shape (num_layers, num_heads, n), got shape {scores.shape}"
         )
+    _args.size(scores.size, "scores", scores.itemsize)  # a broadcast view is copied below
     return scores
 
 
@@ -150,6 +154,8 @@ class Policy:
     phase: ClassVar[tuple[str, ...]]
     granularity: ClassVar[str]
     params: ClassVar[dict[str, Param]]
+    #: The extra keyword inputs ``select`` takes (anything else is a TypeError).
+    inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(self.params))
@@ -212,8 +218,17 @@ class Policy:
         Returns:
             A :class:`Selection` whose CSR feeds ``BlockAllocator.compact_batch``.
         """
+        self._check_inputs(inputs)
         s = _scores3(scores)
         return self._select(s, self._budget(budget), **inputs)
+
+    def _check_inputs(self, inputs: dict[str, Any]) -> None:
+        unknown = sorted(set(inputs) - set(self.inputs))
+        if unknown:
+            valid = ", ".join(("scores", "budget", *self.inputs))
+            raise TypeError(
+                f"{self.name}.select: unknown input(s) {', '.join(unknown)}; valid: {valid}"
+            )
 
     def _select(self, scores: F32, budget: int, **inputs: Any) -> Selection:
         raise NotImplementedError
@@ -474,6 +489,7 @@ class InfiniPotPolicy(Policy):
     are *unverified* (recalled, not checked against the paper)."""
 
     name = "infinipot"
+    inputs = ("nuc",)
     paper = "arXiv 2410.01518"
     phase = ("chunked_prefill",)
     granularity = "per head (novelty set shared)"
@@ -533,6 +549,7 @@ class RazorPolicy(Policy):
     ``select`` takes ``retrieval=`` (bool per row) and ignores the budget and scores."""
 
     name = "razor"
+    inputs = ("retrieval",)
     paper = "arXiv 2407.15891"
     phase = ("prefill", "decode")
     granularity = "per head (static head map)"
@@ -573,6 +590,7 @@ class RazorPolicy(Policy):
         )
 
     def select(self, scores: F32, budget: int | None = None, **inputs: Any) -> Selection:
+        self._check_inputs(inputs)
         s = _scores3(scores)
         return self._select(s, 0, **inputs)
 
@@ -601,6 +619,7 @@ class LocretPolicy(Policy):
     ``stabilizers`` forced, except in the final round (``select(..., final=True)``)."""
 
     name = "locret"
+    inputs = ("final",)
     paper = "arXiv 2410.01805"
     phase = ("chunked_prefill",)
     granularity = "per head"
@@ -683,6 +702,7 @@ class LongGenPolicy(Policy):
 
     def kinds(self, num_layers: int) -> list[str]:
         """The layer map for ``num_layers`` layers."""
+        num_layers = _args.size(num_layers, "num_layers", 8)  # one list entry a layer
         if self.layer_kinds is not None:
             if len(self.layer_kinds) != num_layers:
                 raise ValueError(

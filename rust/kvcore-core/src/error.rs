@@ -88,3 +88,51 @@ pub fn try_filled<T: Clone>(n: usize, value: T, what: &str) -> Result<Vec<T>> {
     v.resize(n, value);
     Ok(v)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merge::minicache::layer_pairs;
+    use crate::select::{budget, pattern, score::ScoreState};
+
+    fn too_large<T: std::fmt::Debug>(r: Result<T>, what: &str) {
+        match r {
+            Err(KvError::InvalidArgument(m)) => {
+                assert!(m.starts_with(&format!("{what} is too large")), "{m}")
+            }
+            other => panic!("{what}: expected a size error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sizes_beyond_memory_are_refused_before_allocating() {
+        let limit = max_alloc_bytes();
+        assert!(limit > 0);
+        assert!(check_alloc("n", limit, 1).is_ok());
+        too_large(check_alloc("n", limit + 1, 1), "n");
+        too_large(check_alloc("n", usize::MAX, 2), "n");
+        let mut v: Vec<u64> = Vec::new();
+        too_large(try_reserve(&mut v, usize::MAX / 4, "v"), "v");
+        too_large(ScoreState::try_new(1 << 62), "num_rows");
+        too_large(layer_pairs(1 << 62, None), "num_layers");
+        too_large(budget::uniform(10, 1 << 40, 5), "num_rows");
+        too_large(budget::pyramid(1 << 40, 100, 10, 2, 20), "num_layers");
+    }
+
+    #[test]
+    fn loops_sized_by_arguments_are_bounded() {
+        let p = pattern::LongGenParams {
+            sinks: 1,
+            window: 1,
+            block: 64,
+            stride: 4,
+            local_blocks: 1,
+        };
+        let kinds = [pattern::LayerKind::Full];
+        too_large(pattern::longgen(&kinds, 1 << 40, 10, &p), "num_heads");
+        too_large(pattern::longgen(&kinds, 1, 1 << 62, &p), "n");
+        // The pyramid's excess is taken in whole sweeps: many layers finish at once.
+        let b = budget::pyramid(1 << 16, 1 << 40, 1 << 30, 0, 3).unwrap();
+        assert_eq!(b.iter().sum::<usize>(), (1 << 16) * (1 << 30));
+    }
+}
