@@ -375,7 +375,7 @@ def select_topk(
         sinks: the first ``sinks`` tokens are kept (default 0).
         window: the newest ``window`` tokens are kept (default 0).
         protected: half-open ``(start, end)`` spans kept as well (clipped to ``n``).
-        num_threads: rows are split over this many threads (1: serial).
+        num_threads: rows are split over this many threads (1: serial; 0 raises ValueError).
 
     Returns:
         ``(indptr, positions)`` int64 CSR; row ``r`` keeps ``min(budgets[r], n)`` tokens.
