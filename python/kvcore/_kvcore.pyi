@@ -16,6 +16,10 @@ from numpy.typing import NDArray
 
 __version__: Final[str]
 build_profile: Final[str]
+#: The most bytes one buffer may take: the machine's physical memory (``MemTotal`` on Linux,
+#: else the address-space limit). Every size argument and every array copy is checked
+#: against it before anything is allocated (docs/errors.md, "Argument rules").
+max_alloc_bytes: Final[int]
 """``"release"`` or ``"debug"``: benchmarks refuse to run on a debug build."""
 
 _Salt: TypeAlias = int | str | bytes
@@ -73,6 +77,7 @@ __all__ = [
     "window_reduce",
     "__version__",
     "build_profile",
+    "max_alloc_bytes",
 ]
 
 class KVCoreError(Exception):
@@ -440,7 +445,7 @@ def select_topk(
         sinks: the first ``sinks`` tokens are kept (default 0).
         window: the newest ``window`` tokens are kept (default 0).
         protected: half-open ``(start, end)`` spans kept as well (clipped to ``n``).
-        num_threads: rows are split over this many threads (1: serial).
+        num_threads: rows are split over this many threads (1: serial; 0 raises ValueError).
 
     Returns:
         ``(indptr, positions)`` int64 CSR; row ``r`` keeps ``min(budgets[r], n)`` tokens.

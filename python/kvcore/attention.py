@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Literal, overload
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
+from kvcore import _args
+
 if TYPE_CHECKING:
     from kvcore._kvcore import QuantLayout
 
@@ -114,8 +116,12 @@ def paged_attention(
         keys (``out = sum_i exp(lse_i - lse) * out_i`` with ``lse = logaddexp(lse_i)``).
 
     Raises:
-        ValueError: block table rows and query heads that do not match the batch.
+        TypeError: a non-tensor argument, or a block table or lengths that are not int64.
+        ValueError: shapes that do not match: block table rows and query heads that do not
+            match the batch, a float pool whose head_dim differs from the query's, lengths
+            that are not one per stream.
     """
+    _check_shapes(query, k_pool, v_pool, block_table, lengths, k_layout, v_layout)
     b_sz, hq, q_len, d = query.shape
     n_streams, width = block_table.shape
     if n_streams % b_sz or hq % max(n_streams // b_sz, 1):
@@ -158,6 +164,44 @@ def paged_attention(
     out = (p @ values).to(query.dtype).transpose(1, 2).contiguous()
     lse = torch.logsumexp(logits, dim=-1).transpose(1, 2).contiguous()
     return out, lse
+
+
+def _check_shapes(
+    query: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    k_layout: QuantLayout | None,
+    v_layout: QuantLayout | None,
+) -> None:
+    """The shape rules of :func:`paged_attention`, checked before any torch op can fail."""
+    if query.dim() != 4:
+        raise ValueError(f"query must be (B, Hq, q, D), got shape {tuple(query.shape)}")
+    d = query.shape[-1]
+    for name, pool, layout in (("k_pool", k_pool, k_layout), ("v_pool", v_pool, v_layout)):
+        if layout is None and (pool.dim() != 3 or pool.shape[-1] != d):
+            raise ValueError(
+                f"{name} must be (num_blocks, block_size, D={d}) to match the query, "
+                f"got shape {tuple(pool.shape)}"
+            )
+        if layout is not None and (pool.dim() != 2 or layout.head_dim != d):
+            raise ValueError(
+                f"{name} must be (num_blocks, nbytes) pages of a layout with head_dim={d}, "
+                f"got shape {tuple(pool.shape)} and head_dim={layout.head_dim}"
+            )
+    for name, t, ndim in (("block_table", block_table, 2), ("lengths", lengths, 1)):
+        if t.dtype != torch.int64:
+            raise TypeError(f"{name} must be int64, got {t.dtype}")
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must have {ndim} dimension(s), got {tuple(t.shape)}")
+    if lengths.shape[0] != block_table.shape[0]:
+        raise ValueError(
+            f"lengths must have one entry per block table row ({block_table.shape[0]}), "
+            f"got {lengths.shape[0]}"
+        )
+    if query.shape[0] == 0:
+        raise ValueError("query must hold at least one sequence (B >= 1)")
 
 
 def _sdpa(
@@ -245,3 +289,7 @@ def _causal(
             scale=scale,
         )
     return out.to(query.dtype).transpose(1, 2).contiguous()
+
+
+# Every public function checks its tensor arguments first (TypeError, not AttributeError).
+_args.check_module(globals(), __name__)

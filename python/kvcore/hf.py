@@ -169,6 +169,8 @@ class KVCoreCache(Cache):
     """
 
     def __init__(self, kv: KVCache) -> None:
+        if not isinstance(kv, KVCache):
+            raise TypeError(f"KVCoreCache needs a kvcore.KVCache, got {type(kv).__name__}")
         self.kv = kv
         self._valid: torch.Tensor | None = None
         self._attn_impl = "sdpa"

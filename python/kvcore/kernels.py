@@ -38,6 +38,7 @@ from typing import Any, Literal, Protocol, cast, overload
 import numpy as np
 import torch
 
+from kvcore import _args
 from kvcore.attention import paged_attention
 
 __all__ = [
@@ -275,6 +276,7 @@ def compact_pools(
         TypeError: ``src``, ``dst`` or ``indptr`` is not a 1-d int64 tensor.
         ValueError: a tensor of another form, a plan index out of range, or a count mismatch.
     """
+    num_slots = _args.count(num_slots, "num_slots")
     if len(tensors) != len(plan_of):
         raise ValueError(f"{len(tensors)} tensors but {len(plan_of)} plan_of entries")
     if num_slots <= 0:
@@ -846,3 +848,7 @@ def decode_attention(
     if lse is not None:
         return out, lse
     return out
+
+
+# Every public function checks its tensor arguments first (TypeError, not AttributeError).
+_args.check_module(globals(), __name__)

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from kvcore import _args
 from kvcore._kvcore import MergePlan
 
 __all__ = [
@@ -128,3 +129,7 @@ def minicache_restore(pair: MiniCacheTorchPair, which: int) -> torch.Tensor:
     out = pair.direction * mag.unsqueeze(1)
     out[pair.retained] = kept.to(out.dtype)
     return out
+
+
+# Every public function checks its tensor arguments first (TypeError, not AttributeError).
+_args.check_module(globals(), __name__)

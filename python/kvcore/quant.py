@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from kvcore import _args
 from kvcore._kvcore import QuantLayout
 
 __all__ = ["dequantize", "quantize"]
@@ -139,3 +140,7 @@ def dequantize(blocks: torch.Tensor, layout: QuantLayout) -> torch.Tensor:
     y = q * scale.unsqueeze(-1)
     y = y + zero.unsqueeze(-1)
     return _ungroup(y, layout).reshape(*lead, layout.num_tokens, layout.head_dim)
+
+
+# Every public function checks its tensor arguments first (TypeError, not AttributeError).
+_args.check_module(globals(), __name__)

@@ -37,6 +37,7 @@ def layer_selection(
         return None  # everything stays: nothing to evict
     return keep, comp
 
+
 def fold_plan(
     keep: torch.Tensor, comp: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -126,6 +126,8 @@ class Policy:
     phase: ClassVar[tuple[str, ...]]
     granularity: ClassVar[str]
     params: ClassVar[dict[str, Param]]
+    #: The extra keyword inputs ``select`` takes (anything else is a TypeError).
+    extra_inputs: ClassVar[tuple[str, ...]] = ()
     #: The statistics :meth:`scores_from` reads (an instance may narrow it in ``_validate``).
     needs: frozenset[Need] = frozenset()
     #: The heads of a layer share one decision: their rows are selected together.
@@ -223,8 +225,18 @@ class Policy:
         Returns:
             A :class:`Selection` whose CSR feeds ``BlockAllocator.compact_batch``.
         """
+        self._check_inputs(inputs)
         s = scores3(scores)
         return self._select(s, self._budget(budget), **inputs)
+
+    def _check_inputs(self, inputs: dict[str, Any]) -> None:
+        """TypeError naming the valid inputs when ``select`` got a keyword it does not take."""
+        unknown = sorted(set(inputs) - set(self.extra_inputs))
+        if unknown:
+            valid = ", ".join(("scores", "budget", *self.extra_inputs))
+            raise TypeError(
+                f"{self.name}.select: unknown input(s) {', '.join(unknown)}; valid: {valid}"
+            )
 
     def _select(self, scores: F32, budget: int, **inputs: Any) -> Selection:
         raise NotImplementedError(f"{type(self).__name__} does not implement _select")

@@ -29,6 +29,7 @@ class InfiniPotPolicy(Policy):
     ``nuc_fn(inputs) -> (B, T)`` replaces it."""
 
     name = "infinipot"
+    extra_inputs = ("nuc",)
     paper = "arXiv 2410.01518"
     phase = ("chunked_prefill",)
     granularity = "per head (novelty set shared)"

@@ -23,6 +23,7 @@ class LocretPolicy(Policy):
     external scores), else the accumulated attention as a stand-in."""
 
     name = "locret"
+    extra_inputs = ("final",)
     paper = "arXiv 2410.01805"
     phase = ("chunked_prefill",)
     granularity = "per head"

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kvcore import _args
 from kvcore import _kvcore as _k
 from kvcore.policies.base import Policy, Selection, counts
 from kvcore.policies.params import BUDGET, F32, Param, nonneg_int, one_of, pos_int
@@ -67,6 +68,7 @@ class LongGenPolicy(Policy):
 
     def kinds(self, num_layers: int) -> list[str]:
         """The layer map for ``num_layers`` layers."""
+        num_layers = _args.size(num_layers, "num_layers", 8)  # one list entry a layer
         if self.layer_kinds is not None:
             if len(self.layer_kinds) != num_layers:
                 raise ValueError(

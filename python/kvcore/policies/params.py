@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 import numpy as np
 from numpy.typing import NDArray
 
+from kvcore import _args
+
 if TYPE_CHECKING:
     import torch
 
@@ -95,10 +97,13 @@ def scores3(scores: Any) -> F32:
             "scores must be a numpy float32 array of shape (num_layers, num_heads, n), "
             f"got dtype {scores.dtype}"
         )
+    if isinstance(scores, np.ma.MaskedArray):
+        raise TypeError("scores must be a numpy float32 array, got a masked array")
     if scores.ndim != 3:
         raise ValueError(
             f"scores must have shape (num_layers, num_heads, n), got shape {scores.shape}"
         )
+    _args.size(scores.size, "scores", scores.itemsize)  # a broadcast view is copied below
     return scores
 
 

@@ -45,6 +45,7 @@ class RazorPolicy(Policy):
     (default: no retrieval head)."""
 
     name = "razor"
+    extra_inputs = ("retrieval",)
     paper = "arXiv 2407.15891"
     phase = ("prefill", "decode")
     granularity = "per head (static head map)"
@@ -132,6 +133,7 @@ class RazorPolicy(Policy):
         return {"retrieval": head_map[:, group.heads].reshape(-1)}
 
     def select(self, scores: F32, budget: int | None = None, **inputs: Any) -> Selection:
+        self._check_inputs(inputs)
         s = scores3(scores)
         return self._select(s, 0, **inputs)
 

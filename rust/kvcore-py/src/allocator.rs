@@ -14,7 +14,6 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::convert::{self, KeepArg};
-use crate::errors;
 use crate::guard::{self, Core};
 
 /// See `_kvcore.pyi` for the user-facing documentation of every method.
@@ -22,6 +21,9 @@ use crate::guard::{self, Core};
 pub struct PyBlockAllocator {
     inner: Mutex<BlockAllocator>,
 }
+
+/// Bytes of output per appended token (an int64 slot id).
+const SLOT_BYTES: usize = std::mem::size_of::<i64>();
 
 /// `append` releases the GIL from this many tokens on.
 const DETACH_MIN_TOKENS: usize = 1024;
@@ -229,7 +231,7 @@ impl PyBlockAllocator {
         let py = num_blocks.py();
         let nb = convert::count(num_blocks, "num_blocks")?;
         let bs = convert::count(block_size, "block_size")?;
-        let inner = BlockAllocator::new(nb, bs).map_err(|e| errors::to_py(py, e))?;
+        let inner = guard::held(py, "allocator core", || BlockAllocator::new(nb, bs))?;
         Ok(PyBlockAllocator {
             inner: Mutex::new(inner),
         })
@@ -372,7 +374,7 @@ impl PyBlockAllocator {
         num_tokens: &Bound<'py, PyAny>,
     ) -> PyResult<(I64Array<'py>, Option<(u32, u32)>)> {
         let t = convert::table_id(table)?;
-        let n = convert::count(num_tokens, "num_tokens")?;
+        let n = convert::size(num_tokens, "num_tokens", SLOT_BYTES)?;
         let run = |a: &mut BlockAllocator| {
             let mut out = Vec::new();
             a.append(t, n, &mut out).map(|o| (out, o))
@@ -400,7 +402,7 @@ impl PyBlockAllocator {
         let scalar = num_tokens.is_exact_instance_of::<pyo3::types::PyInt>()
             || convert::is_scalar_int(num_tokens);
         let counts: Vec<usize> = if scalar {
-            vec![convert::count(num_tokens, "num_tokens")?; ids.len()]
+            vec![convert::size(num_tokens, "num_tokens", SLOT_BYTES)?; ids.len()]
         } else {
             let c = convert::i64_array(num_tokens, "num_tokens")?;
             let c = c.as_cow();
@@ -412,6 +414,12 @@ impl PyBlockAllocator {
             }
             c.iter().map(|&x| x as usize).collect()
         };
+        // The output holds one slot id per token of the whole batch.
+        let total = counts
+            .iter()
+            .try_fold(0usize, |t, &c| t.checked_add(c))
+            .unwrap_or(usize::MAX);
+        convert::check_len("sum(num_tokens)", total, SLOT_BYTES)?;
         let tokens = match token_ids {
             Some(t) if !t.is_none() => Some(convert::i64_array(t, "token_ids")?),
             _ => None,
@@ -535,14 +543,8 @@ impl PyBlockAllocator {
                 })?
             }
             KeepArg::Mask(m) => {
-                let owned;
-                let mask: &[bool] = match m.as_slice() {
-                    Ok(s) => s,
-                    Err(_) => {
-                        owned = m.as_array().iter().copied().collect::<Vec<bool>>();
-                        &owned
-                    }
-                };
+                let mask = m.as_cow();
+                let mask: &[bool] = &mask;
                 self.detached(py, |a| {
                     let mut plan = CompactionPlan::default();
                     a.compact(t, Keep::Mask(mask), &mut plan).map(|_| plan)

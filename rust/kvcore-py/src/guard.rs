@@ -1,4 +1,5 @@
-//! The one way bindings run core work: panics and poisoned locks become `KVCoreError`, core
+//! The one way bindings run core work (every call into `kvcore-core` goes through one of
+//! these, so no `PanicException` can reach Python): panics and poisoned locks become `KVCoreError`, core
 //! errors become their Python exceptions, and O(n) work can run with the GIL released.
 //!
 //! `core` names the part of kvcore in the panic message ("a bug in the {core} (panic)"),
@@ -47,6 +48,11 @@ fn call_locked<S, T>(m: &Mutex<S>, f: impl FnOnce(&mut S) -> Core<T>) -> Result<
         Ok(None) => Err(Failure::Poisoned),
         Err(_) => Err(Failure::Panic),
     }
+}
+
+/// Runs short core work (a constructor, a parse) holding the GIL.
+pub fn held<T>(py: Python<'_>, core: &str, f: impl FnOnce() -> Core<T>) -> PyResult<T> {
+    call(f).map_err(|e| to_py(py, e, "object", core))
 }
 
 /// Runs stateless core work with the GIL released.

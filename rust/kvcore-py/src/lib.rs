@@ -25,6 +25,8 @@ fn _kvcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
             "release"
         },
     )?;
+    // The most bytes one buffer may take (the machine's memory): sizes above it are refused.
+    m.add("max_alloc_bytes", kvcore_core::error::max_alloc_bytes())?;
     errors::register(m)?;
     m.add_class::<allocator::PyBlockAllocator>()?;
     select::register(m)?;

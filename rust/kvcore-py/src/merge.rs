@@ -5,14 +5,11 @@
 use std::sync::Mutex;
 
 use kvcore_core::merge::{minicache, plans, MergeBook, MergePlan};
-use numpy::{
-    PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods,
-};
+use numpy::{PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::convert;
-use crate::errors;
 
 use crate::guard::{self, Core};
 
@@ -27,9 +24,7 @@ fn f32_nd(
     ndim: usize,
     what: &str,
 ) -> PyResult<(Vec<f32>, Vec<usize>)> {
-    let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
-        PyTypeError::new_err(format!("{name} must be a numpy array of float32 {what}"))
-    })?;
+    let arr = convert::ndarray(obj, name, &format!("a numpy array of float32 {what}"))?;
     let shape = arr.shape().to_vec();
     let a = arr.cast::<PyArrayDyn<f32>>().map_err(|_| {
         let dt = arr.dtype().str().map(|s| s.to_string()).unwrap_or_default();
@@ -45,11 +40,7 @@ fn f32_nd(
     let ro = a
         .try_readonly()
         .map_err(|e| PyValueError::new_err(format!("{name} cannot be read ({e})")))?;
-    let v = match ro.as_slice() {
-        Ok(s) => s.to_vec(),
-        Err(_) => ro.as_array().iter().copied().collect(),
-    };
-    Ok((v, shape))
+    Ok((convert::copy_checked(&ro.as_array(), name)?, shape))
 }
 
 fn positions(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<usize>> {
@@ -87,7 +78,8 @@ impl PyMergePlan {
     ) -> PyResult<Self> {
         let (w, _) = f32_nd(weight, "weight", 1, "(num_entries,)")?;
         let inner = MergePlan {
-            num_slots: convert::count(num_slots, "num_slots")?,
+            // The plan's largest per-slot buffer: its kept positions (one usize a slot).
+            num_slots: convert::size(num_slots, "num_slots", std::mem::size_of::<usize>())?,
             src: positions(src, "src")?,
             dst: positions(dst, "dst")?,
             weight: w,
@@ -96,7 +88,7 @@ impl PyMergePlan {
                 _ => Vec::new(),
             },
         };
-        inner.validate().map_err(|e| errors::to_py(py, e))?;
+        guard::held(py, "merge core", || inner.validate())?;
         Ok(PyMergePlan { inner })
     }
     #[getter]
@@ -161,7 +153,7 @@ impl PyMergeBook {
     #[new]
     fn new(py: Python<'_>, num_slots: &Bound<'_, PyAny>) -> PyResult<Self> {
         let n = convert::count(num_slots, "num_slots")?;
-        let book = MergeBook::try_new(n).map_err(|e| errors::to_py(py, e))?;
+        let book = guard::held(py, "merge core", || MergeBook::try_new(n))?;
         Ok(PyMergeBook {
             inner: Mutex::new(book),
         })
@@ -268,7 +260,7 @@ pub fn razor_plan(
         Some(c) if !c.is_none() => convert::count(c, "local_capacity")?,
         _ => 256,
     };
-    let inner = plans::razor(n, s, c).map_err(|e| errors::to_py(py, e))?;
+    let inner = guard::held(py, "merge core", || plans::razor(n, s, c))?;
     Ok(PyMergePlan { inner })
 }
 
@@ -362,6 +354,7 @@ pub fn minicache_merge(
 #[pyfunction]
 #[pyo3(signature = (num_layers, start = None))]
 pub fn minicache_layer_pairs(
+    py: Python<'_>,
     num_layers: &Bound<'_, PyAny>,
     start: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Vec<(usize, usize)>> {
@@ -370,7 +363,7 @@ pub fn minicache_layer_pairs(
         Some(s) if !s.is_none() => Some(convert::count(s, "start")?),
         _ => None,
     };
-    Ok(minicache::layer_pairs(n, s))
+    guard::held(py, "merge core", || minicache::layer_pairs(n, s))
 }
 
 /// Registers the classes and functions in the module.

@@ -18,7 +18,6 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::convert;
-use crate::errors;
 
 use crate::guard::{self, Core};
 
@@ -27,15 +26,9 @@ fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> Core<T> + Send) -> PyRe
     guard::detached(py, "quantization core", f)
 }
 
-fn core<T>(py: Python<'_>, r: Core<T>) -> PyResult<T> {
-    r.map_err(|e| errors::to_py(py, e))
-}
-
-fn type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type()
-        .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "?".into())
+/// Runs short core work holding the GIL; a panic becomes a `KVCoreError`.
+fn core<T>(py: Python<'_>, f: impl FnOnce() -> Core<T>) -> PyResult<T> {
+    guard::held(py, "quantization core", f)
 }
 
 fn dtype_str(arr: &Bound<'_, PyUntypedArray>) -> String {
@@ -50,19 +43,18 @@ fn array<'py>(
     name: &str,
     expected: &str,
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
-    obj.cast::<PyUntypedArray>().cloned().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{name} must be a numpy array of {expected}, got {}",
-            type_name(obj)
-        ))
-    })
+    convert::ndarray(obj, name, &format!("a numpy array of {expected}"))
 }
 
-/// The elements of a numpy array in C order, borrowed when contiguous.
-fn elems<'a, T: numpy::Element + Copy>(ro: &'a numpy::PyReadonlyArrayDyn<'_, T>) -> Cow<'a, [T]> {
+/// The elements of a numpy array in C order, borrowed when C-contiguous, else copied after a
+/// size check.
+fn elems<'a, T: numpy::Element + Copy>(
+    ro: &'a numpy::PyReadonlyArrayDyn<'_, T>,
+    name: &str,
+) -> PyResult<Cow<'a, [T]>> {
     match ro.as_slice() {
-        Ok(s) => Cow::Borrowed(s),
-        Err(_) => Cow::Owned(ro.as_array().iter().copied().collect()),
+        Ok(s) if ro.is_c_contiguous() => Ok(Cow::Borrowed(s)),
+        _ => Ok(Cow::Owned(convert::copy_checked(&ro.as_array(), name)?)),
     }
 }
 
@@ -131,7 +123,7 @@ fn tokens(obj: &Bound<'_, PyAny>, name: &str, head_dim: usize) -> PyResult<Vec<f
             "{name} must have shape (num_tokens, head_dim={head_dim}), got {shape:?}"
         )));
     }
-    Ok(elems(&ro).into_owned())
+    Ok(elems(&ro, name)?.into_owned())
 }
 
 /// See `_kvcore.pyi`.
@@ -158,12 +150,11 @@ impl PyQuantLayout {
         let group_size = convert::count(group_size, "group_size")?;
         let num_tokens = convert::count(num_tokens, "num_tokens")?;
         let head_dim = convert::count(head_dim, "head_dim")?;
-        let axis = core(py, GroupAxis::parse(axis))?;
+        let axis = core(py, || GroupAxis::parse(axis))?;
         let meta = meta_arg(py, meta_dtype)?;
-        let inner = core(
-            py,
-            QuantLayout::new(bits, group_size, axis, meta, num_tokens, head_dim),
-        )?;
+        let inner = core(py, || {
+            QuantLayout::new(bits, group_size, axis, meta, num_tokens, head_dim)
+        })?;
         Ok(PyQuantLayout { inner })
     }
 
@@ -250,15 +241,15 @@ pub fn quantize<'py>(
     let mut out_shape = block_shape(&shape, &l, "x")?;
     let buf = match &arr {
         FloatArr::F32(ro) => {
-            let s = elems(ro);
+            let s = elems(ro, "x")?;
             detached(py, || quant::quantize(Input::F32(&s), &l))?
         }
         FloatArr::F16(ro) => {
-            let s = elems(ro);
+            let s = elems(ro, "x")?;
             detached(py, || quant::quantize(Input::F16(&s), &l))?
         }
         FloatArr::Bf16(ro) => {
-            let s = elems(ro);
+            let s = elems(ro, "x")?;
             detached(py, || quant::quantize(Input::Bf16(&s), &l))?
         }
     };
@@ -289,7 +280,11 @@ pub fn dequantize<'py>(
         )));
     }
     let ro = readonly(a, "blocks")?;
-    let s = elems(&ro);
+    // The output holds num_tokens * head_dim float32 values per block.
+    let per_block = l.num_tokens().saturating_mul(l.head_dim());
+    let num_blocks = shape[..shape.len() - 1].iter().product::<usize>();
+    convert::check_len("blocks", num_blocks.saturating_mul(per_block), 4)?;
+    let s = elems(&ro, "blocks")?;
     let out = detached(py, || quant::dequantize(&s, &l))?;
     let mut out_shape = shape[..shape.len() - 1].to_vec();
     out_shape.push(l.num_tokens());
@@ -298,7 +293,7 @@ pub fn dequantize<'py>(
 }
 
 fn meta_arg(py: Python<'_>, s: &str) -> PyResult<MetaDtype> {
-    core(py, MetaDtype::parse(s))
+    core(py, || MetaDtype::parse(s))
 }
 
 fn bits_arg(obj: Option<&Bound<'_, PyAny>>) -> PyResult<u32> {
@@ -325,17 +320,16 @@ pub fn kivi_nbytes(
     residual: Option<&Bound<'_, PyAny>>,
     meta_dtype: &str,
 ) -> PyResult<usize> {
-    core(
-        py,
-        quant::kivi_nbytes(
-            convert::count(num_tokens, "num_tokens")?,
-            convert::count(head_dim, "head_dim")?,
-            bits_arg(bits)?,
-            count_or(group_size, "group_size", 32)?,
-            count_or(residual, "residual", 32)?,
-            meta_arg(py, meta_dtype)?,
-        ),
-    )
+    let (n, d) = (
+        convert::count(num_tokens, "num_tokens")?,
+        convert::count(head_dim, "head_dim")?,
+    );
+    let (b, g) = (bits_arg(bits)?, count_or(group_size, "group_size", 32)?);
+    let (r, m) = (
+        count_or(residual, "residual", 32)?,
+        meta_arg(py, meta_dtype)?,
+    );
+    core(py, || quant::kivi_nbytes(n, d, b, g, r, m))
 }
 
 fn locked<T, R>(py: Python<'_>, m: &Mutex<T>, f: impl FnOnce(&mut T) -> Core<R>) -> PyResult<R> {
@@ -377,16 +371,12 @@ impl PyKiviCache {
         meta_dtype: &str,
     ) -> PyResult<Self> {
         let head_dim = convert::count(head_dim, "head_dim")?;
-        let c = core(
-            py,
-            KiviCache::new(
-                head_dim,
-                bits_arg(bits)?,
-                count_or(group_size, "group_size", 32)?,
-                count_or(residual, "residual", 32)?,
-                meta_arg(py, meta_dtype)?,
-            ),
-        )?;
+        let (b, g) = (bits_arg(bits)?, count_or(group_size, "group_size", 32)?);
+        let (r, m) = (
+            count_or(residual, "residual", 32)?,
+            meta_arg(py, meta_dtype)?,
+        );
+        let c = core(py, || KiviCache::new(head_dim, b, g, r, m))?;
         Ok(PyKiviCache {
             inner: Mutex::new(c),
             head_dim,
@@ -456,7 +446,7 @@ impl PyKiviCache {
 }
 
 fn tier_arg(py: Python<'_>, s: &str) -> PyResult<Tier> {
-    core(py, Tier::parse(s))
+    core(py, || Tier::parse(s))
 }
 
 /// See `_kvcore.pyi`.
@@ -478,14 +468,11 @@ impl PyMixedPrecisionStore {
         meta_dtype: &str,
     ) -> PyResult<Self> {
         let head_dim = convert::count(head_dim, "head_dim")?;
-        let s = core(
-            py,
-            MixedPrecisionStore::new(
-                head_dim,
-                count_or(group_size, "group_size", 32)?,
-                meta_arg(py, meta_dtype)?,
-            ),
-        )?;
+        let (g, m) = (
+            count_or(group_size, "group_size", 32)?,
+            meta_arg(py, meta_dtype)?,
+        );
+        let s = core(py, || MixedPrecisionStore::new(head_dim, g, m))?;
         Ok(PyMixedPrecisionStore {
             inner: Mutex::new(s),
             head_dim,

@@ -11,8 +11,7 @@ use std::sync::Mutex;
 use kvcore_core::select::{self, budget, pattern, score, Csr, ForceKeep, Reduce};
 use kvcore_core::KvError;
 use numpy::{
-    IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray,
-    PyUntypedArrayMethods,
+    IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -44,37 +43,30 @@ fn csr_out(py: Python<'_>, c: Csr) -> CsrOut<'_> {
     (c.indptr.into_pyarray(py), c.positions.into_pyarray(py))
 }
 
-/// A float32 array with `ndim` dimensions: borrowed when C-contiguous.
+/// A float32 array with `ndim` dimensions: borrowed when C-contiguous, else copied (after a
+/// size check) at extraction.
 struct F32Nd<'py> {
     arr: PyReadonlyArrayDyn<'py, f32>,
+    copy: Option<Vec<f32>>,
     shape: Vec<usize>,
 }
 
 impl F32Nd<'_> {
     fn data(&self) -> Cow<'_, [f32]> {
-        // `as_slice` also accepts Fortran order, whose memory order is not the logical one.
-        match self.arr.as_slice() {
-            Ok(s) if self.arr.is_c_contiguous() => Cow::Borrowed(s),
-            _ => Cow::Owned(self.arr.as_array().iter().copied().collect()),
+        match &self.copy {
+            Some(v) => Cow::Borrowed(v),
+            None => Cow::Borrowed(self.arr.as_slice().unwrap_or_default()),
         }
     }
 }
 
-fn type_name(obj: &Bound<'_, PyAny>) -> String {
-    obj.get_type()
-        .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "?".into())
-}
-
 fn f32_nd<'py>(obj: &Bound<'py, PyAny>, name: &str, dims: &str) -> PyResult<F32Nd<'py>> {
     let ndim = dims.split(',').count();
-    let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{name} must be a numpy float32 array of shape ({dims}), got {}",
-            type_name(obj)
-        ))
-    })?;
+    let arr = convert::ndarray(
+        obj,
+        name,
+        &format!("a numpy float32 array of shape ({dims})"),
+    )?;
     let a = arr.cast::<PyArrayDyn<f32>>().map_err(|_| {
         let got = arr
             .dtype()
@@ -96,20 +88,22 @@ fn f32_nd<'py>(obj: &Bound<'py, PyAny>, name: &str, dims: &str) -> PyResult<F32N
             "{name} cannot be read: it is borrowed mutably ({e})"
         ))
     })?;
+    // `as_slice` also accepts Fortran order, whose memory order is not the logical one.
+    let copy = if ro.is_c_contiguous() && ro.as_slice().is_ok() {
+        None
+    } else {
+        Some(convert::copy_checked(&ro.as_array(), name)?)
+    };
     Ok(F32Nd {
         shape: arr.shape().to_vec(),
         arr: ro,
+        copy,
     })
 }
 
 /// A float64 vector from a float32 or float64 1-D array.
 fn f64_vec(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<f64>> {
-    let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{name} must be a 1-D numpy float64 (or float32) array, got {}",
-            type_name(obj)
-        ))
-    })?;
+    let arr = convert::ndarray(obj, name, "a 1-D numpy float64 (or float32) array")?;
     if arr.ndim() != 1 {
         return Err(PyValueError::new_err(format!(
             "{name} must be a 1-D numpy float64 (or float32) array, got shape {:?}",
@@ -117,15 +111,12 @@ fn f64_vec(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<f64>> {
         )));
     }
     if let Ok(a) = arr.cast::<PyArray1<f64>>() {
-        return Ok(a.try_readonly()?.as_array().to_vec());
+        return convert::copy_checked(&a.try_readonly()?.as_array(), name);
     }
     if let Ok(a) = arr.cast::<PyArray1<f32>>() {
-        return Ok(a
-            .try_readonly()?
-            .as_array()
-            .iter()
-            .map(|&x| f64::from(x))
-            .collect());
+        let ro = a.try_readonly()?;
+        convert::check_len(name, ro.len(), std::mem::size_of::<f64>())?;
+        return Ok(ro.as_array().iter().map(|&x| f64::from(x)).collect());
     }
     Err(PyTypeError::new_err(format!(
         "{name} must be a 1-D numpy float64 (or float32) array, got dtype {}",
@@ -134,10 +125,11 @@ fn f64_vec(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<f64>> {
 }
 
 fn bool_vec(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<bool>> {
-    let arr = obj
+    let arr = convert::ndarray(obj, name, "a 1-D numpy bool array")?;
+    let arr = arr
         .cast::<PyArray1<bool>>()
         .map_err(|_| PyTypeError::new_err(format!("{name} must be a 1-D numpy bool array")))?;
-    Ok(arr.try_readonly()?.as_array().to_vec())
+    convert::copy_checked(&arr.try_readonly()?.as_array(), name)
 }
 
 /// Budgets: an int (the same for every row) or an int64/int32 array of `rows` entries.
@@ -172,8 +164,14 @@ fn force_keep(
         |v: Option<&Bound<'_, PyAny>>, name: &str| v.map_or(Ok(0), |v| convert::count(v, name));
     let mut f = ForceKeep::new(count(sinks, "sinks")?, count(window, "window")?);
     if let Some(p) = protected.filter(|p| !p.is_none()) {
-        let spans: Vec<(i64, i64)> = p.extract().map_err(|_| {
-            PyTypeError::new_err("protected must be a sequence of (start, end) int pairs")
+        const PAIRS: &str = "a sequence of (start, end) int pairs";
+        let spans = convert::sequence(p, "protected", PAIRS, 16, |x| {
+            x.extract::<(i64, i64)>().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "protected must be {PAIRS}, got an item of type {}",
+                    convert::type_name(x)
+                ))
+            })
         })?;
         for (s, e) in spans {
             if s < 0 || e < s {
@@ -210,7 +208,7 @@ fn f32_out<'py>(
 }
 
 #[pyfunction]
-#[pyo3(signature = (scores, budgets, *, sinks = None, window = None, protected = None, num_threads = Count(1)))]
+#[pyo3(signature = (scores, budgets, *, sinks = None, window = None, protected = None, num_threads = None))]
 #[pyo3(
     text_signature = "(scores, budgets, *, sinks=None, window=None, protected=None, num_threads=1)"
 )]
@@ -221,9 +219,12 @@ pub fn select_topk<'py>(
     sinks: Option<&Bound<'py, PyAny>>,
     window: Option<&Bound<'py, PyAny>>,
     protected: Option<&Bound<'py, PyAny>>,
-    num_threads: Count,
+    num_threads: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<CsrOut<'py>> {
-    let num_threads = num_threads.0;
+    let num_threads = match num_threads {
+        Some(t) => convert::positive(t, "num_threads")?,
+        None => 1,
+    };
     let s = f32_nd(scores, "scores", "num_rows, n")?;
     let (rows, n) = (s.shape[0], s.shape[1]);
     let b = self::budgets(budgets, rows)?;
@@ -266,13 +267,15 @@ fn usize_out(py: Python<'_>, v: Vec<usize>) -> I64Array<'_> {
 }
 
 #[pyfunction]
-pub fn budget_uniform(
-    py: Python<'_>,
+pub fn budget_uniform<'py>(
+    py: Python<'py>,
     total: Count,
-    num_rows: Count,
+    num_rows: &Bound<'py, PyAny>,
     n: Count,
-) -> PyResult<I64Array<'_>> {
-    let (total, num_rows, n) = (total.0, num_rows.0, n.0);
+) -> PyResult<I64Array<'py>> {
+    // Three int64 values a row: weight, cap and budget.
+    let num_rows = convert::size(num_rows, "num_rows", 24)?;
+    let (total, n) = (total.0, n.0);
     let v = run(py, || budget::uniform(total, num_rows, n))?;
     Ok(usize_out(py, v))
 }
@@ -294,15 +297,16 @@ pub fn budget_split<'py>(
 #[pyfunction]
 #[pyo3(signature = (num_layers, n, capacity, window, beta = Count(20)))]
 #[pyo3(text_signature = "(num_layers, n, capacity, window, beta=20)")]
-pub fn budget_pyramid(
-    py: Python<'_>,
-    num_layers: Count,
+pub fn budget_pyramid<'py>(
+    py: Python<'py>,
+    num_layers: &Bound<'py, PyAny>,
     n: Count,
     capacity: Count,
     window: Count,
     beta: Count,
-) -> PyResult<I64Array<'_>> {
-    let (num_layers, n, capacity, window, beta) = (num_layers.0, n.0, capacity.0, window.0, beta.0);
+) -> PyResult<I64Array<'py>> {
+    let num_layers = convert::size(num_layers, "num_layers", std::mem::size_of::<i64>())?;
+    let (n, capacity, window, beta) = (n.0, capacity.0, window.0, beta.0);
     let v = run(py, || {
         budget::pyramid(num_layers, n, capacity, window, beta)
     })?;
@@ -498,14 +502,15 @@ pub fn razor_retrieval_heads<'py>(
 }
 
 #[pyfunction]
-pub fn plan_streaming(
-    py: Python<'_>,
-    num_rows: Count,
+pub fn plan_streaming<'py>(
+    py: Python<'py>,
+    num_rows: &Bound<'py, PyAny>,
     n: Count,
     sinks: Count,
     window: Count,
-) -> PyResult<CsrOut<'_>> {
-    let (num_rows, n, sinks, window) = (num_rows.0, n.0, sinks.0, window.0);
+) -> PyResult<CsrOut<'py>> {
+    let num_rows = convert::size(num_rows, "num_rows", std::mem::size_of::<i64>())?;
+    let (n, sinks, window) = (n.0, sinks.0, window.0);
     let c = run(py, || pattern::streaming(num_rows, n, sinks, window))?;
     Ok(csr_out(py, c))
 }
@@ -518,7 +523,7 @@ pub fn plan_streaming(
 #[allow(clippy::too_many_arguments)]
 pub fn plan_longgen<'py>(
     py: Python<'py>,
-    layer_kinds: Vec<String>,
+    layer_kinds: &Bound<'py, PyAny>,
     num_heads: Count,
     n: Count,
     sinks: Count,
@@ -536,17 +541,23 @@ pub fn plan_longgen<'py>(
         stride.0,
         local_blocks.0,
     );
-    let kinds = layer_kinds
-        .iter()
-        .map(|k| match k.as_str() {
+    const KINDS: &str = "a sequence of 'full', 'sink' or 'block_sparse'";
+    let kinds = convert::sequence(layer_kinds, "layer_kinds", KINDS, 1, |k| {
+        let k = k.extract::<String>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "layer_kinds must be {KINDS}, got an item of type {}",
+                convert::type_name(k)
+            ))
+        })?;
+        match k.as_str() {
             "full" => Ok(pattern::LayerKind::Full),
             "sink" => Ok(pattern::LayerKind::Sink),
             "block_sparse" => Ok(pattern::LayerKind::BlockSparse),
             other => Err(PyValueError::new_err(format!(
                 "layer kinds must be 'full', 'sink' or 'block_sparse', got '{other}'"
             ))),
-        })
-        .collect::<PyResult<Vec<_>>>()?;
+        }
+    })?;
     let p = pattern::LongGenParams {
         sinks,
         window,
@@ -630,11 +641,12 @@ impl PyScoreState {
 #[pymethods]
 impl PyScoreState {
     #[new]
-    fn new(num_rows: &Bound<'_, PyAny>) -> PyResult<Self> {
+    fn new(py: Python<'_>, num_rows: &Bound<'_, PyAny>) -> PyResult<Self> {
+        // Each row is an empty vector (24 bytes) until scores arrive.
+        let n = convert::size(num_rows, "num_rows", std::mem::size_of::<Vec<f32>>())?;
+        let state = guard::held(py, "score state", || score::ScoreState::try_new(n))?;
         Ok(PyScoreState {
-            inner: Mutex::new(score::ScoreState::new(convert::count(
-                num_rows, "num_rows",
-            )?)),
+            inner: Mutex::new(state),
         })
     }
 

@@ -30,6 +30,7 @@ use pool::{BlockHash, BlockPool};
 
 pub use compact::{CompactionPlan, Keep};
 pub use export::{FlashInferLayout, VllmLayout};
+pub use pool::BYTES_PER_BLOCK;
 pub use prefix::BlockKeys;
 
 /// A physical block id; `0` is the null block.

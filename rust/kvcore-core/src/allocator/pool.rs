@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use super::BlockId;
-use crate::error::{try_reserve, Result};
+use crate::error::{check_alloc, try_reserve, Result};
 
 /// Marks "no neighbour" in the intrusive list.
 const NIL: u32 = u32::MAX;
@@ -43,6 +43,11 @@ impl Hasher for PassThroughHasher {
     }
 }
 
+/// Fixed bookkeeping bytes per block: a ref count, an optional hash and two free-list links.
+/// Blocks registered in the prefix cache also take an entry of the hash index (about 40 bytes).
+pub const BYTES_PER_BLOCK: usize =
+    3 * std::mem::size_of::<u32>() + std::mem::size_of::<Option<BlockHash>>();
+
 pub(crate) type HashIndex = HashMap<BlockHash, BlockId, BuildHasherDefault<PassThroughHasher>>;
 
 #[derive(Clone)]
@@ -66,11 +71,13 @@ pub(crate) struct BlockPool {
 impl BlockPool {
     /// A pool of `num_blocks` blocks; block 0 is the null block and never enters the queue.
     ///
-    /// Errors: `InvalidArgument` when the per-block metadata (about 48 bytes a block) cannot
-    /// be allocated, instead of the process abort an infallible allocation would give.
+    /// Errors: `InvalidArgument` when the per-block metadata ([`BYTES_PER_BLOCK`] a block)
+    /// exceeds the machine's memory or cannot be allocated, instead of the stall or process
+    /// abort an unchecked allocation would give.
     pub(crate) fn new(num_blocks: usize) -> Result<Self> {
         let n = num_blocks;
         let what = "num_blocks";
+        check_alloc(what, n, BYTES_PER_BLOCK)?;
         let mut ref_cnt = Vec::new();
         try_reserve(&mut ref_cnt, n, what)?;
         ref_cnt.resize(n, 0);

@@ -167,12 +167,15 @@ impl MiniCachePair {
 
 /// Adjacent layer pairs merged by MiniCache: `(l, l+1)` for `l = start, start+2, ...`, with
 /// `start = num_layers / 2` by default (the deeper half; **unverified**, recalled).
-pub fn layer_pairs(num_layers: usize, start: Option<usize>) -> Vec<(usize, usize)> {
+///
+/// Errors: `InvalidArgument` when the pairs cannot be allocated.
+pub fn layer_pairs(num_layers: usize, start: Option<usize>) -> Result<Vec<(usize, usize)>> {
     let s = start.unwrap_or(num_layers / 2);
-    (s..num_layers.saturating_sub(1))
-        .step_by(2)
-        .map(|l| (l, l + 1))
-        .collect()
+    let end = num_layers.saturating_sub(1);
+    let mut out = Vec::new();
+    crate::error::try_reserve(&mut out, end.saturating_sub(s).div_ceil(2), "num_layers")?;
+    out.extend((s..end).step_by(2).map(|l| (l, l + 1)));
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -186,8 +189,8 @@ mod tests {
         for (x, y) in a.iter().zip(p.restore(0).unwrap()) {
             assert!((x - y).abs() < 1e-5);
         }
-        assert_eq!(layer_pairs(32, None).first(), Some(&(16, 17)));
-        assert_eq!(layer_pairs(32, None).len(), 8);
+        assert_eq!(layer_pairs(32, None).unwrap().first(), Some(&(16, 17)));
+        assert_eq!(layer_pairs(32, None).unwrap().len(), 8);
     }
 
     #[test]

@@ -57,6 +57,16 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
+/// A threshold compared with `>=`: NaN would silently compare false everywhere.
+fn not_nan(v: f64, what: &str) -> Result<()> {
+    if v.is_nan() {
+        return Err(KvError::InvalidArgument(format!(
+            "{what} must be a number, got NaN"
+        )));
+    }
+    Ok(())
+}
+
 fn sq_dist(a: &[f32], b: &[f32]) -> f64 {
     a.iter()
         .zip(b)
@@ -84,6 +94,7 @@ pub fn kvmerger(
     let n = keys.len() / d.max(1);
     check_scores(attn, n, "attn")?;
     check_rows(keys, n, d, "keys")?;
+    not_nan(eps, "eps")?;
     if let Some(s) = sigma.filter(|s| !(s.is_finite() && *s > 0.0)) {
         return Err(KvError::InvalidArgument(format!(
             "sigma must be positive and finite, got {s}"
@@ -161,6 +172,7 @@ pub fn ems(
     let n = keys.len() / d.max(1);
     check_scores(attn, n, "attn")?;
     check_rows(keys, n, d, "keys")?;
+    not_nan(threshold, "threshold")?;
     sorted_unique(retained, n, "retained")?;
     let mut plan = MergePlan::empty(n);
     let mut is_ret = vec![false; n];

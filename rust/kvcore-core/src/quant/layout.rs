@@ -113,10 +113,6 @@ pub struct QuantLayout {
     nbytes: usize,
 }
 
-fn checked(v: Option<usize>, what: &str) -> Result<usize> {
-    v.ok_or_else(|| KvError::InvalidArgument(format!("{what} overflows the address space")))
-}
-
 impl QuantLayout {
     /// Validates and builds a layout.
     ///
@@ -160,6 +156,16 @@ impl QuantLayout {
                 8 / bits
             )));
         }
+        // A block's byte size must be representable (and below isize::MAX, the most one
+        // buffer can hold), or `nbytes` and every buffer sized by it would be garbage.
+        let checked = |v: Option<usize>, what: &str| {
+            v.filter(|&b| b <= isize::MAX as usize).ok_or_else(|| {
+                KvError::InvalidArgument(format!(
+                    "num_tokens={num_tokens} x head_dim={head_dim} at {bits} bits is too large: \
+                     {what} would exceed isize::MAX bytes"
+                ))
+            })
+        };
         let n = checked(num_tokens.checked_mul(head_dim), "num_tokens * head_dim")?;
         let codes_bytes = checked(n.checked_mul(bits as usize), "the code bytes")? / 8;
         let num_groups = n / group_size;

@@ -14,7 +14,7 @@
 //! So a uniform split of 10 over 4 rows is `[3, 3, 2, 2]`.
 
 use super::topk::{check_finite, Csr, ForceKeep, Scratch};
-use crate::error::{try_reserve, KvError, Result};
+use crate::error::{try_filled, try_reserve, KvError, Result};
 
 /// Splits `total` over rows in proportion to `weights`, each row capped at `caps[r]`, with
 /// the module's rounding rule. All-zero weights split uniformly.
@@ -104,7 +104,11 @@ pub fn split_exact(total: usize, weights: &[f64], caps: &[usize]) -> Result<Vec<
 
 /// `total` tokens over `num_rows` rows of `n` tokens, uniformly.
 pub fn uniform(total: usize, num_rows: usize, n: usize) -> Result<Vec<usize>> {
-    split_exact(total, &vec![1.0; num_rows], &vec![n; num_rows])
+    split_exact(
+        total,
+        &try_filled(num_rows, 1.0, "num_rows")?,
+        &try_filled(num_rows, n, "num_rows")?,
+    )
 }
 
 /// PyramidKV per-layer budgets, *including* the window, for a prompt of `n` tokens.
@@ -134,12 +138,22 @@ pub fn pyramid(
             "window ({window}) must not exceed the per-layer capacity ({capacity})"
         )));
     }
+    let fits = num_layers
+        .checked_mul(capacity)
+        .and_then(|t| t.checked_mul(2))
+        .and(num_layers.checked_mul(n));
+    if fits.is_none() {
+        return Err(KvError::InvalidArgument(format!(
+            "num_layers * capacity * 2 and num_layers * n must fit in 64 bits, got num_layers={num_layers}, \
+             capacity={capacity}, n={n}"
+        )));
+    }
     let c1 = capacity - window;
     if n < capacity {
-        return Ok(vec![n; num_layers]);
+        return try_filled(num_layers, n, "num_layers");
     }
     if n < 2 * c1 || num_layers <= 1 {
-        return Ok(vec![capacity; num_layers]);
+        return try_filled(num_layers, capacity, "num_layers");
     }
     let mut min_num = c1 / beta;
     let mut max_num = 2 * c1 - min_num;
@@ -148,10 +162,25 @@ pub fn pyramid(
         min_num = 2 * c1 - max_num;
     }
     let steps = (max_num - min_num) / (num_layers - 1);
-    let mut caps: Vec<usize> = (0..num_layers).map(|l| max_num - l * steps).collect();
+    let mut caps = try_filled(num_layers, 0, "num_layers")?;
+    for (l, c) in caps.iter_mut().enumerate() {
+        *c = max_num - l * steps;
+    }
     let target = num_layers * c1;
     let mut excess = caps.iter().sum::<usize>().saturating_sub(target);
     while excess > 0 {
+        // Whole sweeps at once (each takes one token from every non-empty layer), so the
+        // loop is bounded by the number of layers, not by the excess.
+        let positive = caps.iter().filter(|&&c| c > 0).count();
+        let smallest = caps.iter().copied().filter(|&c| c > 0).min().unwrap_or(0);
+        let sweeps = (excess / positive.max(1)).min(smallest);
+        if sweeps > 0 {
+            caps.iter_mut()
+                .filter(|c| **c > 0)
+                .for_each(|c| *c -= sweeps);
+            excess -= sweeps * positive;
+            continue;
+        }
         for c in caps.iter_mut() {
             if excess == 0 {
                 break;

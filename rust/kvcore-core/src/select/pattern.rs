@@ -59,27 +59,50 @@ pub fn longgen(kinds: &[LayerKind], num_heads: usize, n: usize, p: &LongGenParam
             "block and stride must be positive".into(),
         ));
     }
-    let mut out = Csr::new();
+    let kept = |i: usize| {
+        let b = i / p.block;
+        i < p.sinks || b % p.stride == 0 || b + p.local_blocks >= n.div_ceil(p.block)
+    };
+    // One row per kind (at most `n` positions each), then the exact output size, so that a
+    // huge `n` or `num_heads` is refused before the output is allocated or looped over.
+    let mut rows: [Option<Vec<i64>>; 3] = [None, None, None];
+    let mut total = 0usize;
     for &k in kinds {
-        let row: Vec<i64> = match k {
-            LayerKind::Full => (0..n as i64).collect(),
-            LayerKind::Sink => sink_window(n, p.sinks, p.window).collect(),
-            LayerKind::BlockSparse => {
-                let nb = n.div_ceil(p.block);
-                (0..n)
-                    .filter(|&i| {
-                        let b = i / p.block;
-                        i < p.sinks || b % p.stride == 0 || b + p.local_blocks >= nb
-                    })
-                    .map(|i| i as i64)
-                    .collect()
+        let row = &mut rows[k as usize];
+        if row.is_none() {
+            let mut r = Vec::new();
+            try_reserve(&mut r, n, "n")?;
+            match k {
+                LayerKind::Full => r.extend(0..n as i64),
+                LayerKind::Sink => r.extend(sink_window(n, p.sinks, p.window)),
+                LayerKind::BlockSparse => r.extend((0..n).filter(|&i| kept(i)).map(|i| i as i64)),
             }
-        };
+            *row = Some(r);
+        }
+        let len = row.as_ref().map_or(0, Vec::len);
+        total = len
+            .checked_mul(num_heads)
+            .and_then(|t| t.checked_add(total))
+            .ok_or_else(|| too_large("n * num_heads"))?;
+    }
+    let mut out = Csr::new();
+    try_reserve(
+        &mut out.indptr,
+        kinds.len().saturating_mul(num_heads),
+        "num_heads",
+    )?;
+    try_reserve(&mut out.positions, total, "n * num_heads")?;
+    for &k in kinds {
+        let row = rows[k as usize].as_deref().unwrap_or_default();
         for _ in 0..num_heads {
             push_row(&mut out, row.iter().copied());
         }
     }
     Ok(out)
+}
+
+fn too_large(what: &str) -> KvError {
+    KvError::InvalidArgument(format!("{what} is too large: it overflows 64 bits"))
 }
 
 /// RazorAttention plan: retrieval rows keep everything; the others keep `sinks` and the
@@ -104,14 +127,26 @@ pub fn razor(
             sinks + slot
         )));
     }
+    let window = local_capacity - sinks - slot;
+    let row_len = |full: bool| {
+        if full || n <= local_capacity {
+            n
+        } else {
+            n.min(sinks + window)
+        }
+    };
+    let total = retrieval
+        .iter()
+        .try_fold(0usize, |t, &full| t.checked_add(row_len(full)))
+        .ok_or_else(|| too_large("n * len(retrieval)"))?;
     let mut out = Csr::new();
+    try_reserve(&mut out.positions, total, "n * len(retrieval)")?;
     let mut dropped = Vec::with_capacity(retrieval.len());
     for &full in retrieval {
         if full || n <= local_capacity {
             push_row(&mut out, 0..n as i64);
             dropped.push(0);
         } else {
-            let window = local_capacity - sinks - slot;
             push_row(&mut out, sink_window(n, sinks, window));
             // Without a compensation token the dropped count is still reported (for the
             // caller's statistics); nothing is built from it.

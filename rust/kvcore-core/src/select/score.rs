@@ -5,7 +5,7 @@
 //! accumulated in f64 and rounded once to f32, so results do not depend on summation order.
 
 use super::topk::{check_finite, Csr};
-use crate::error::{KvError, Result};
+use crate::error::{try_filled, KvError, Result};
 
 /// How to reduce several values to one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -243,6 +243,12 @@ impl ScoreState {
         ScoreState {
             rows: vec![Vec::new(); num_rows],
         }
+    }
+    /// `num_rows` empty rows, or `InvalidArgument` when they cannot be allocated.
+    pub fn try_new(num_rows: usize) -> Result<Self> {
+        Ok(ScoreState {
+            rows: try_filled(num_rows, Vec::new(), "num_rows")?,
+        })
     }
     /// The number of rows.
     pub fn num_rows(&self) -> usize {
