@@ -228,3 +228,17 @@ def test_the_constructor_refuses_invalid_values(kw, err, match):
 def test_scaling_accepts_numpy_floats():
     c = KVCache(L, H, D, scaling=np.float32(0.25))
     assert c.scaling == 0.25
+
+
+@pytest.mark.parametrize("kw", [{"block_size": 2**40}, {"capacity": 2**50}])
+def test_pools_too_large_for_the_machine_are_refused_before_any_allocation(kw):
+    """A huge block_size or capacity used to reach torch.zeros (a RuntimeError, or the machine
+    swapping): the first update refuses it with a ValueError naming the pools, and the cache
+    stays uninitialized."""
+    c = KVCache(L, H, D, **kw)
+    with pytest.raises(ValueError, match=r"the pools \(.* blocks of block_size=.*\) is too large"):
+        c.update(0, rnd(2, 4, 1), rnd(2, 4, 2))
+    assert not c.initialized
+    ok = KVCache(L, H, D, block_size=BS)
+    keys, _ = ok.update(0, rnd(2, 4, 1), rnd(2, 4, 2))
+    assert keys.shape == (2, H, 4, D)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvcore import _args
 from kvcore._kvcore import BlockAllocator
 from kvcore.cache.controller import Controller
 
@@ -36,13 +37,21 @@ class Pools(Controller):
                 budget = self.policy.max_budget() if self.policy is not None else first_len
                 cap = max(budget, first_len) + self._slack()
             blocks_per_stream = -(-cap // self.block_size)
-        self.capacity = blocks_per_stream * self.block_size
-        if self.policy is not None and self.policy.max_budget() > self.capacity:
+        capacity = blocks_per_stream * self.block_size
+        if self.policy is not None and self.policy.max_budget() > capacity:
             raise ValueError(
-                f"budget ({self.policy.max_budget()}) is above the capacity ({self.capacity} "
+                f"budget ({self.policy.max_budget()}) is above the capacity ({capacity} "
                 "tokens per stream)"
             )
         num_blocks = streams * blocks_per_stream + 1
+        # Refuse pools the machine cannot hold before allocating any (a huge block_size or
+        # capacity): K and V pages, the residual pages, and 17 bytes of per-slot state.
+        _args.size(
+            2 * num_blocks * block_bytes + res_bytes + 17 * num_blocks * self.block_size,
+            f"the pools ({num_blocks} blocks of block_size={self.block_size})",
+            1,
+        )
+        self.capacity = capacity
         alloc = BlockAllocator(num_blocks=num_blocks, block_size=self.block_size)
         n_slots = num_blocks * self.block_size
         # Normal tensors even when the first update runs under torch.inference_mode():
