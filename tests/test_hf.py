@@ -602,3 +602,17 @@ def test_compressed_cache_takes_a_cache_config_or_its_keywords():
         kh.compressed_cache(model, "snapkv", 8, config=config, kv_format="int4")
     with pytest.raises(TypeError, match="schedule must be a kvcore.cache.Schedule"):
         kh.compressed_cache(model, "snapkv", 8, schedule="x")
+
+
+def test_compressed_cache_refuses_keywords_it_would_drop():
+    """A misspelt cache keyword with a policy object (or no policy) is a TypeError naming it,
+    not silently ignored; with a policy name it reaches the policy, which refuses it too."""
+    from kvcore.scoring import get
+
+    model = tiny("sdpa")
+    with pytest.raises(TypeError, match="unknown keyword.*capcity"):
+        kh.compressed_cache(model, None, 0, capcity=64)
+    with pytest.raises(TypeError, match="unknown keyword.*capcity"):
+        kh.compressed_cache(model, get("snapkv", 8, window=4), 8, capcity=64)
+    with pytest.raises(TypeError, match="capcity"):
+        kh.compressed_cache(model, "snapkv", 8, capcity=64)

@@ -466,6 +466,13 @@ def compressed_cache(
     head_dim = int(
         getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
     )
+    if policy_params and not isinstance(policy, str):
+        # Only a policy built here by name takes parameters: say so rather than drop them.
+        raise TypeError(
+            f"compressed_cache: unknown keyword(s) {', '.join(sorted(policy_params))}: not a "
+            f"cache keyword ({', '.join(sorted(CACHE_KEYWORDS))}), and policy parameters "
+            "need a policy given by name"
+        )
     pol = get(policy, budget, **policy_params) if isinstance(policy, str) else policy
     param = next(model.parameters())
     kv = KVCache(
