@@ -111,8 +111,6 @@ class InfiniPotPolicy(Policy):
     def _select(self, scores: F32, budget: int, **inputs: Any) -> Selection:
         L, H, n = scores.shape
         nuc = inputs.pop("nuc", None)
-        if inputs:
-            raise TypeError(f"infinipot.select: unknown input(s) {sorted(inputs)}; valid: nuc")
         if nuc is None:
             nuc = np.zeros(n, np.float32)
         indptr, pos = _k.plan_infinipot(rows(scores), nuc, budget, self.nuc_ratio)

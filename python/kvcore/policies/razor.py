@@ -140,8 +140,6 @@ class RazorPolicy(Policy):
     def _select(self, scores: F32, budget: int, **inputs: Any) -> Selection:
         L, H, n = scores.shape
         retrieval = inputs.pop("retrieval", None)
-        if inputs:
-            raise TypeError(f"razor.select: unknown input(s) {sorted(inputs)}; valid: retrieval")
         if retrieval is None:
             retrieval = np.zeros(L * H, bool)
         indptr, pos, dropped = _k.plan_razor(
