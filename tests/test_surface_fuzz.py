@@ -26,7 +26,17 @@ import pytest
 from isolated import outcomes
 
 STUB = Path(__file__).resolve().parent.parent / "python" / "kvcore" / "_kvcore.pyi"
-PY_MODULES = ("kvcore.quant", "kvcore.merge", "kvcore.kernels", "kvcore.attention")
+PY_MODULES = (
+    "kvcore.quant",
+    "kvcore.merge",
+    "kvcore.kernels",
+    "kvcore.kernels._attention",
+    "kvcore.kernels._compact",
+    "kvcore.kernels._merge",
+    "kvcore.kernels._quant",
+    "kvcore.kernels._rope",
+    "kvcore.attention",
+)
 ALLOWED = ("TypeError", "ValueError", "KVCoreError")
 
 # Valid objects the generated calls can use (and whose methods are fuzzed), built per call.
