@@ -51,37 +51,50 @@ def _policy(case: str, budget: Any = BUDGET) -> P.Policy:
     return kvcore.scoring.get(case.removesuffix("_shared"), budget, **params)
 
 
-def _inputs(seed: int = 5) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per layer: keys, values ``(1, H, N, D)`` and queries ``(1, HQ, W, D)``, all heads."""
+B, PAD, TURNS = 2, 3, (24, 8)  # sequences, left padding of the second, tokens per turn
+
+# Kept positions: per turn, per layer, per row ``b * heads + head``.
+Kept = list[list[list[list[int]]]]
+
+
+def _inputs(seed: int = 5) -> list[list[tuple[torch.Tensor, ...]]]:
+    """Per turn and layer: keys, values ``(B, H, n, D)`` and queries ``(B, HQ, W, D)``."""
     g = torch.Generator().manual_seed(seed)
     return [
-        (
-            torch.randn(1, H, N, D, generator=g),
-            torch.randn(1, H, N, D, generator=g),
-            torch.randn(1, HQ, W, D, generator=g),
-        )
-        for _ in range(L)
+        [
+            tuple(
+                torch.randn(B, heads, m, D, generator=g) for heads, m in ((H, n), (H, n), (HQ, W))
+            )
+            for _ in range(L)
+        ]
+        for n in TURNS
     ]
 
 
 def kept_positions(c: KVCache, layer: int) -> list[list[int]]:
-    """Stored positions of each head of ``layer`` (one sequence), via the page table."""
+    """Stored positions of each stream of ``layer`` (row ``b * heads + head``)."""
     _, slots, lens = c.page_table(layer, "vllm")
     pos = c.slot_pos[torch.from_numpy(slots.astype(np.int64))].tolist()
     ends = np.cumsum(lens).tolist()
     return [pos[e - n : e] for e, n in zip(ends, lens.tolist(), strict=True)]
 
 
-def run_cache(policy: P.Policy, heads: slice) -> list[list[list[int]]]:
-    """Prefill every layer with ``heads`` of the inputs; each layer's kept positions."""
+def run_cache(policy: P.Policy, heads: slice) -> Kept:
+    """Two turns (a prefill with the second sequence left-padded, then a new turn, which
+    compresses again: by then Ada-KV's heads are ragged) over ``heads`` of the inputs."""
     nh = heads.stop - heads.start
-    c = KVCache(L, nh, D, block_size=BS, capacity=64, policy=policy)
+    c = KVCache(L, nh, D, block_size=BS, capacity=96, policy=policy)
     qs = slice(heads.start * HQ // H, heads.stop * HQ // H)
-    for layer, (k, v, q) in enumerate(_inputs()):
-        c.observe(layer, q[:, qs].contiguous())
-        c.update(layer, k[:, heads].contiguous(), v[:, heads].contiguous())
-    kept = [kept_positions(c, layer) for layer in range(L)]
-    assert c.num_compressions == L
+    kept = []
+    for turn, steps in enumerate(_inputs()):
+        valid = torch.ones(B, TURNS[turn], dtype=torch.bool)
+        if turn == 0:
+            valid[1, :PAD] = False
+        for layer, (k, v, q) in enumerate(steps):
+            c.observe(layer, q[:, qs].contiguous())
+            c.update(layer, k[:, heads].contiguous(), v[:, heads].contiguous(), valid)
+        kept.append([kept_positions(c, layer) for layer in range(L)])
+    assert c.num_compressions == L * len(TURNS)
     return kept
 
 
@@ -180,8 +193,16 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return [torch.load(tmp / f"rank{r}.pt") for r in range(RANKS)]
 
 
-def _split(full: list[list[list[int]]]) -> list[list[list[list[int]]]]:
-    return [[layer[r * HL : (r + 1) * HL] for layer in full] for r in range(RANKS)]
+def _rank_rows(r: int) -> list[int]:
+    return [b * H + r * HL + j for b in range(B) for j in range(HL)]
+
+
+def _split(full: Kept) -> list[Kept]:
+    """Each rank's rows of a one-process result over every head."""
+    return [
+        [[[layer[row] for row in _rank_rows(r)] for layer in turn] for turn in full]
+        for r in range(RANKS)
+    ]
 
 
 # ---------------------------------------------------------------------- the checks
@@ -196,28 +217,40 @@ def test_ranks_keep_what_one_process_keeps(ranks, case):
 
 def test_adakv_budget_split_needs_the_other_ranks_scores():
     """The case can fail: Ada-KV decided by each rank alone over its own heads keeps other
-    tokens (its budget split is over all heads of the layer), and the split is uneven."""
+    tokens (its budget split is over all heads of the layer), the split is uneven, and after
+    the first turn the two ranks' longest heads differ (the gather pads to the longest)."""
     reference = run_cache(_policy("adakv"), slice(0, H))
     alone = [run_cache(_policy("adakv"), slice(r * HL, (r + 1) * HL)) for r in range(RANKS)]
     assert alone != _split(reference)
-    assert any(len(head) != BUDGET for layer in reference for head in layer)
+    first = reference[0]
+    assert any(len(row) != BUDGET for layer in first for row in layer)
+    longest = [
+        [max(len(layer[row]) for row in _rank_rows(r)) for r in range(RANKS)] for layer in first
+    ]
+    assert any(a != b for a, b in longest), longest
 
 
 def test_per_head_budget_tensor_is_split_with_the_heads(ranks):
     reference = run_cache(_policy("snapkv", HEAD_BUDGETS), slice(0, H))
     assert [ranks[r]["snapkv_head_budgets"] for r in range(RANKS)] == _split(reference)
-    assert [[len(h) for h in layer] for layer in reference] == HEAD_BUDGETS.tolist()
+    for turn in reference:
+        assert [[len(row) for row in layer] for layer in turn] == [
+            budgets * B for budgets in HEAD_BUDGETS.tolist()
+        ]
 
 
 def test_shared_keep_set_is_one_token_set_on_every_rank(ranks):
     """Every head on both ranks keeps the same positions, equal to the unsplit shared set."""
     unsplit = ranks[0]["snapkv_shared_unsplit"]
     assert [ranks[r]["snapkv_shared"] for r in range(RANKS)] == _split(unsplit)
-    for layer in unsplit:
-        assert len(layer[0]) == BUDGET and all(head == layer[0] for head in layer)
-    # Not what any head keeps on its own: the set is decided from every head's scores.
+    for turn in unsplit:
+        for layer in turn:
+            for b in range(B):
+                rows = layer[b * H : (b + 1) * H]
+                assert len(rows[0]) == BUDGET and all(row == rows[0] for row in rows)
+    # Not what every head keeps on its own: the set is decided from every head's scores.
     own = run_cache(_policy("snapkv"), slice(0, H))
-    assert any(head != unsplit[i][0] for i, layer in enumerate(own) for head in layer)
+    assert own != unsplit
 
 
 @pytest.mark.parametrize(("name", "shared"), [("adakv", False), ("tova", False), ("adakv", True)])
