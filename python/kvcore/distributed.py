@@ -240,7 +240,7 @@ class _Sharded(Policy):
         all_budgets = torch.cat(_gather(s, budgets.to(torch.int64).cpu()), dim=1)
         keep, comp = _decide_keep(s, pol, everyone, all_budgets, inp.layer_idx, inp.num_layers)
         if s.check:
-            _check_digest(s, keep, inp.layer_idx)
+            _check_digest(s, keep, f"layer {inp.layer_idx}")
         mine = keep[:, s.heads, :t]
         return mine.to(inp.valid.device), None if comp is None else comp[:, s.heads]
 
@@ -268,7 +268,9 @@ class _Sharded(Policy):
         else:
             sel = pol.select(full, budget, **inputs)
         if s.check:
-            _check_digest(s, torch.from_numpy(np.concatenate([sel.indptr, sel.positions])), -1)
+            _check_digest(
+                s, torch.from_numpy(np.concatenate([sel.indptr, sel.positions])), "a select"
+            )
         heads = np.arange(s.num_kv_heads)[s.heads]
         return _rows(sel, (np.arange(L)[:, None] * s.num_kv_heads + heads[None, :]).ravel())
 
@@ -399,14 +401,14 @@ def _check_headers(s: Sharding, headers: list[torch.Tensor], what: str, same_tok
         )
 
 
-def _check_digest(s: Sharding, decision: torch.Tensor, layer: int) -> None:
+def _check_digest(s: Sharding, decision: torch.Tensor, what: str) -> None:
     """Raise on every rank when the ranks' decisions differ (8-byte BLAKE2b digests)."""
     raw = hashlib.blake2b(decision.contiguous().numpy().tobytes(), digest_size=8).digest()
     mine = torch.from_numpy(np.frombuffer(raw, dtype=np.int64).copy())
     digests = [int(d) for d in _gather(s, mine)]
     if len(set(digests)) > 1:
         raise RuntimeError(
-            f"kvcore.distributed: the ranks reached different decisions for layer {layer} "
+            f"kvcore.distributed: the ranks reached different decisions for {what} "
             f"(digests per rank: {[f'{d & (2**64 - 1):016x}' for d in digests]}); the "
             "gathered scores or the selection differ between ranks"
         )
