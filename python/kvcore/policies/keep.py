@@ -17,6 +17,8 @@ row of the selection made with its budget.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,7 +35,8 @@ if TYPE_CHECKING:
 _LOW = -3.0e38
 
 
-def _scores(policy: Policy, stats: statistics.Statistics) -> torch.Tensor:
+def layer_scores(policy: Policy, stats: statistics.Statistics) -> torch.Tensor:
+    """The policy's ``(B, H, T)`` scores as a finite float32 CPU tensor (checked)."""
     raw = policy.scores_from(stats)
     if not isinstance(raw, np.ndarray) or raw.dtype != np.float32 or raw.shape != stats.shape:
         got = f"{raw.dtype} {raw.shape}" if isinstance(raw, np.ndarray) else type(raw).__name__
@@ -44,15 +47,50 @@ def _scores(policy: Policy, stats: statistics.Statistics) -> torch.Tensor:
     return torch.nan_to_num(torch.from_numpy(raw), nan=0.0, posinf=3e38, neginf=-3e38)
 
 
+@dataclass(frozen=True)
+class LayerScores:
+    """One layer's scores over its stored tokens, as the selection reads them.
+
+    Attributes:
+        scores: ``(B, H, T)`` float32 CPU, finite.
+        valid: ``(B, H, T)`` bool CPU, the stored tokens (the rest is never kept).
+        budgets: ``(B, H)`` int budgets (read only when the policy has per-head budgets).
+        layer: the layer's row in the ``(num_layers, heads, n)`` selection input.
+        num_layers: layers of the model.
+    """
+
+    scores: torch.Tensor
+    valid: torch.Tensor
+    budgets: torch.Tensor
+    layer: int
+    num_layers: int
+
+
 def keep_mask(
     policy: Policy, inp: ScoreInputs, budgets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """See :meth:`kvcore.policies.Policy.keep`."""
     stats = statistics.compute(policy, inp)
-    layer, L = inp.layer_idx, inp.num_layers
-    valid = inp.valid.cpu()
+    grid = LayerScores(
+        layer_scores(policy, stats), inp.valid.cpu(), budgets, inp.layer_idx, inp.num_layers
+    )
+    keep, comp = select_mask(policy, grid, lambda group: policy.select_inputs(stats, group))
+    return keep.to(inp.valid.device), comp
+
+
+def select_mask(
+    policy: Policy, grid: LayerScores, inputs_for: Callable[[HeadGroup], dict[str, Any]]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The selection half of :func:`keep_mask`, on scores already computed (also called by
+    :mod:`kvcore.distributed` on the heads gathered from every rank), with ``inputs_for``
+    giving the extra ``select`` inputs of a group of heads.
+
+    Returns:
+        The ``(B, H, T)`` CPU keep mask and the ``(B, H)`` folding rows (or None).
+    """
+    scores, valid, budgets, layer = grid.scores, grid.valid, grid.budgets, grid.layer
+    L = grid.num_layers
     b, h, t = valid.shape
-    scores = _scores(policy, stats)
     keep = torch.zeros(b, h, t, dtype=torch.bool)
     comp = torch.zeros(b, h, dtype=torch.bool) if policy.folds_dropped else None
     per_head = policy.has_head_budgets
@@ -75,7 +113,7 @@ def keep_mask(
                 rows[layer, r, :pad] = _LOW
                 rows[layer, r, pad:] = scores[i, j, idx[j]].numpy()
             group = HeadGroup(i, g, [idx[j] for j in g], alone)
-            inputs: dict[str, Any] = policy.select_inputs(stats, group)
+            inputs: dict[str, Any] = inputs_for(group)
             calls: list[tuple[int | None, list[int]]] = (
                 [
                     (bud, [r for r, j in enumerate(g) if int(budgets[i, j]) == bud])
@@ -94,4 +132,4 @@ def keep_mask(
                     keep[i, j, idx[j][torch.from_numpy(pos)]] = True
                     if comp is not None and sel.num_dropped is not None:
                         comp[i, j] = bool(sel.num_dropped[row] > 0)
-    return keep.to(inp.valid.device), comp
+    return keep, comp
