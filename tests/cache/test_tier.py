@@ -155,6 +155,44 @@ def test_later_compressions_demote_and_the_low_tier_is_fifo_bounded():
         assert torch.isfinite(cache.attend(layer, q)).all()
 
 
+@pytest.mark.parametrize("evicted_capacity", [None, 12])
+def test_low_tier_pools_hold_its_pages_within_one_block_per_stream(evicted_capacity):
+    k, v = prompt(t=40)
+    a, b = (make("int2", quant_group=8, evicted_capacity=evicted_capacity) for _ in range(2))
+    for c in (a, b):
+        for layer in range(L):
+            c.update(layer, k, v)
+        c.flush()
+    streams, page = 2 * L * H, a.lo_page_bytes
+
+    def lo_tensor_bytes(c: KVCache) -> int:  # from the tensors, not the cache's count
+        return int(c.lo_k_pool.nbytes + c.lo_v_pool.nbytes)
+
+    def lo_held(c: KVCache) -> int:
+        return int((-(-c.evicted_lengths() // BS)).sum()) * page
+
+    if evicted_capacity is None:  # lo_capacity: the prompt + 256 tokens a stream
+        # grown by the demotions from one spare block a stream, not sized for lo_capacity
+        assert lo_tensor_bytes(a) < streams * (a.lo_capacity // BS) * page / 8
+    a.shrink()
+    assert lo_held(a) <= lo_tensor_bytes(a) <= lo_held(a) + (streams + 1) * page
+    limit = (streams * (a.lo_capacity // BS) + 1) * page  # never past lo_capacity a stream
+    g = torch.Generator().manual_seed(11)
+    for _ in range(12):  # three decode compressions demote 4 tokens a stream each
+        for layer in range(L):
+            x, y = torch.randn(2, H, 1, D, generator=g), torch.randn(2, H, 1, D, generator=g)
+            q = torch.randn(2, H, 1, D, generator=g)
+            outs = []
+            for c in (a, b):
+                c.update(layer, x, y)
+                outs.append(c.attend(layer, q))
+            assert torch.equal(*outs)  # the moved pages read the same values
+            assert lo_tensor_bytes(a) <= limit
+    assert (a.evicted_lengths() == b.evicted_lengths()).all()
+    assert lo_held(a) <= lo_tensor_bytes(a) and a.memory_bytes() <= b.memory_bytes()
+    a.lo_allocator.check_invariants()
+
+
 def test_padding_is_never_demoted():
     k, v = prompt(t=24)
     valid = torch.ones(2, 24, dtype=torch.bool)
