@@ -6,6 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="kvcore.cache needs torch")
 
+from cache_view import low_tier_slots  # noqa: E402
+
 import kvcore  # noqa: E402
 import kvcore.quant as kq  # noqa: E402
 from kvcore import QuantLayout  # noqa: E402
@@ -94,9 +96,7 @@ def test_tiers_lengths_bytes_and_round_trips():
     # the evicted tokens (StreamingLLM: 4 sinks + 12 recent kept -> positions 4..27 evicted)
     # dequantize to kvcore.quant round trips of the originals
     tok = QuantLayout(2, 8, 1, D, "channel", "float16")
-    tables = cache.lo_tables[:, 1].reshape(-1)
-    lens = cache.lo_lengths[:, 1].reshape(-1)
-    slots, mask = cache._slots(tables, lens, cache.lo_allocator)
+    slots, mask = low_tier_slots(cache, 1)
     assert mask.all()
     pos = cache.lo_slot_pos[slots].reshape(2, H, -1)
     assert (pos == torch.arange(4, 28)).all()
@@ -144,8 +144,7 @@ def test_later_compressions_demote_and_the_low_tier_is_fifo_bounded():
     cache.flush()
     assert (cache.evicted_lengths() == 16).all()
     # the earliest demoted (positions 4..7) were dropped; the window's oldest were added
-    tables = cache.lo_tables[:, 0].reshape(-1)
-    slots, _ = cache._slots(tables, cache.lo_lengths[:, 0].reshape(-1), cache.lo_allocator)
+    slots, _ = low_tier_slots(cache, 0)
     pos = cache.lo_slot_pos[slots]
     assert (pos == torch.arange(8, 24)).all()
     # still attends
@@ -330,8 +329,7 @@ def test_key_balancer_uses_the_observed_queries_and_flattens_outlier_channels():
     torch.testing.assert_close(cache.lo_key_scale[0:1, 0], want)
     # attention over the low tier with Q * s on K / s: q . k unchanged up to rounding; the
     # balanced tier's scores are closer to the exact ones than an unbalanced int2 round trip
-    tables = cache.lo_tables[:, 0].reshape(-1)
-    slots, _ = cache._slots(tables, cache.lo_lengths[:, 0].reshape(-1), cache.lo_allocator)
+    slots, _ = low_tier_slots(cache, 0)
     pos = cache.lo_slot_pos[slots].reshape(1, H, -1)
     orig = torch.gather(k, 2, pos[..., None].expand(-1, -1, -1, D))
     s = cache.lo_key_scale[:, 0, :, None]

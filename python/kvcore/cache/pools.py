@@ -99,8 +99,10 @@ class Pools(Controller):
         self._peak_bytes = max(self._peak_bytes, self.memory_bytes())
 
     def peak_memory_bytes(self) -> int:
-        """The largest :meth:`memory_bytes` the cache has had: its pools are reallocated by
-        :meth:`shrink` and, when sized on demand, when a step does not fit."""
+        """The largest :meth:`memory_bytes` the cache has had, the old and the new pools
+        together while a resize copies: pools are reallocated by :meth:`shrink`, when a step
+        needs more blocks than are free (pools sized on demand, or shrunk), and when on-demand
+        pools shrink at the start of a step."""
         return max(self._peak_bytes, self.memory_bytes())
 
     def used_bytes(self) -> int:
