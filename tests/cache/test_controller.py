@@ -12,6 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the torch cache needs torch (pip install .[torch])")
 
+from cache_view import stream_slots  # noqa: E402
+
 import kvcore  # noqa: E402
 from kvcore import kernels  # noqa: E402
 from kvcore.cache import KVCache, Schedule, rotate_keys  # noqa: E402
@@ -24,11 +26,6 @@ INV_FREQ = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
 def kv(b: int, n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, H, n, D, generator=g)
-
-
-def stream_slots(c: KVCache, layer: int) -> torch.Tensor:
-    idx, _ = c._slots(c.tables[:, layer].reshape(-1), c.lengths[:, layer].reshape(-1))
-    return idx
 
 
 class Spy:
@@ -398,7 +395,7 @@ def test_merging_cache_generates_through_hf(method):
     )
     assert out.shape == (2, 27)
     kv_ = cache.kv
-    idx, _ = kv_._slots(kv_.tables[:, 0].reshape(-1), kv_.lengths[:, 0].reshape(-1))
+    idx = stream_slots(kv_, 0)
     counts = kv_.slot_count[idx[:, :8]]
     assert (counts > 1).any()  # evicted prompt tokens were merged into kept slots
     assert (counts.sum(-1) <= 24).all()  # never more mass than prompt tokens

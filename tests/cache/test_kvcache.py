@@ -9,6 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the torch cache needs torch (pip install .[torch])")
 
+from cache_view import block_table, stream_slots  # noqa: E402
+
 import kvcore  # noqa: E402
 from kvcore.cache import KVCache, Schedule, rotate_keys  # noqa: E402
 from kvcore.scoring import get, select, select_keep  # noqa: E402
@@ -125,7 +127,7 @@ def test_decode_every_n_steps():
         seen.append(int(c.stored_lengths(0).max()))
     assert seen == [7, 8, 6, 7, 8, 6, 7]
     # StreamingLLM keeps the sinks and the newest tokens, at their original positions
-    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    idx = stream_slots(c, 0)
     assert c.slot_pos[idx[0]].tolist() == [0, 1, 8, 9, 10, 11, 12]
 
 
@@ -148,7 +150,7 @@ def test_h2o_accumulates_and_moves_scores_with_the_slots():
         c.update(0, kv(1, 1, 50 + step), kv(1, 1, 50 + step))
     c.flush()
     assert (c.stored_lengths() == 4).all()
-    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    idx = stream_slots(c, 0)
     scores = c.slot_score[idx]
     assert (scores > 0).all()  # every kept slot carries its accumulated attention
 
@@ -221,7 +223,7 @@ def test_compact_positions_rerotate_and_renumber():
     c.update(0, k, k)
     c.flush()
     assert c.get_seq_length() == 4  # the next token is encoded at position 4
-    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    idx = stream_slots(c, 0)
     assert c.slot_pos[idx[0]].tolist() == [0, 1, 2, 3]
     kept = torch.tensor([0, 5, 6, 7])
     want = rotate_keys(k[0, 0, kept], torch.arange(4) - kept, inv_freq)
@@ -369,7 +371,7 @@ def test_razor_compensation_slot_is_the_mean_of_the_dropped_tokens():
     c.update(0, k, v)
     c.flush()
     assert (c.stored_lengths() == 4).all()
-    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    idx = stream_slots(c, 0)
     assert c.slot_pos[idx[0]].tolist() == [0, 1, 8, 9]  # sink, compensation (first dropped), window
     assert c.slot_count[idx[0]].tolist() == [1.0, 7.0, 1.0, 1.0]
     for h in range(H):
@@ -389,7 +391,7 @@ def test_razor_compensation_slot_is_the_mean_of_the_dropped_tokens():
             torch.testing.assert_close(out[0, 0, j], w @ vv, atol=1e-5, rtol=1e-5)
     c.update(0, kv(1, 1, 6), kv(1, 1, 7))  # the second decode step compresses again
     c.flush()
-    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    idx = stream_slots(c, 0)
     assert c.slot_count[idx[0]].tolist() == [1.0, 9.0, 1.0, 1.0]  # 7 + the two dropped
     ref = (k[0, 0, 1:8].sum(0) + k[0, 0, 8] + k[0, 0, 9]) / 9
     torch.testing.assert_close(c.k_pool.view(-1, D)[idx[0, 1]], ref, atol=1e-5, rtol=1e-5)
@@ -485,7 +487,7 @@ def test_quantized_pages_are_one_layout_block_of_the_tokens(bits, group):
     keys, values = c._gather_dense(0)
     for h in range(H):
         want_k = quantize(k[0, h, kept].reshape(6, 1, D), tok)
-        idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+        idx = stream_slots(c, 0)
         assert torch.equal(c._get(c.k_pool, idx[h]), want_k)
         bt = c.allocator.vllm_layout(c.tables[:, 0].reshape(-1))[0].astype(np.int64)
         # the first page is whole again: one block of tokens 0, 1, 6, 7
@@ -560,7 +562,7 @@ def test_ems_merge_matches_the_plan_and_the_merge_book(threshold):
     c.flush()
     assert (c.stored_lengths() == 4).all() and c.allocator.num_used_blocks == H
     stored_k, stored_v = c._gather_dense(0)
-    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    idx = stream_slots(c, 0)
     for h in range(H):
         torch.testing.assert_close(stored_k[0, h], torch.from_numpy(ref_k[h]))
         torch.testing.assert_close(stored_v[0, h], torch.from_numpy(ref_v[h]))
@@ -582,7 +584,7 @@ def test_ems_merge_matches_the_plan_and_the_merge_book(threshold):
         c.update(0, kv(1, 1, 6 + step), kv(1, 1, 8 + step))
     stored = c._gather_dense(0)[0]  # 7 tokens per head, before the pending compression
     c.flush()
-    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    idx = stream_slots(c, 0)
     for h in range(H):
         keep = np.sort(torch.topk(-stored[0, h].norm(dim=-1), 4).indices.numpy())
         plan = kvcore.ems_plan(stored[0, h].numpy(), np.zeros(7, np.float32), keep, threshold)
@@ -605,7 +607,7 @@ def test_razor_compensation_and_ems_never_count_a_token_twice():
     c.update(0, kv(1, 10), kv(1, 10, 1))
     c.flush()
     assert c.stored_lengths(0).tolist() == [[10, 4]]
-    idx, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+    idx = stream_slots(c, 0)
     assert c.slot_count[idx[1, :4]].tolist() == [1.0, 7.0, 1.0, 1.0]  # folded once, not merged
     assert c.slot_count[idx[0]].sum().item() == 10.0
 
@@ -671,7 +673,7 @@ def test_kivi_pages_are_sealed_per_channel_and_the_tail_stays_full_precision(fmt
     v_lay = kvcore.QuantLayout(bits, 16, KBS, KD, "channel", "float16")
     assert (c.k_layout.axis, c.v_layout.axis) == ("token", "channel")
     assert c.k_layout.nbytes == kvcore.KiviCache(KD, bits, KBS, KBS).key_layout.nbytes
-    bt = c._block_table(c.tables[:, 0].reshape(-1))
+    bt = block_table(c, 0)
     for s in range(2 * H):
         b, h = divmod(s, H)
         # the full page: bit-identical to kvcore.quant.quantize (and Rust) of its tokens
@@ -692,7 +694,7 @@ def test_kivi_pages_are_sealed_per_channel_and_the_tail_stays_full_precision(fmt
         c.update(0, kivi_kv(2, 1, 10 + step), kivi_kv(2, 1, 20 + step))
     assert c.used_bytes() == kivi_expected_bytes(c, c.lengths) == 2 * H * 2 * c.page_bytes
     full_k = torch.cat([k[:, :, KBS:]] + [kivi_kv(2, 1, 10 + i) for i in range(3)], 2)
-    bt = c._block_table(c.tables[:, 0].reshape(-1))
+    bt = block_table(c, 0)
     assert torch.equal(c.k_pool[bt[0, 1]], quantize(full_k[0, 0], k_lay))
 
 
@@ -740,9 +742,7 @@ def test_kivi_with_compression_reseals_changed_pages(policy):
     c.allocator.check_invariants()
     for layer in range(L):
         keys, values = c._gather_dense(layer)
-        pos = c.slot_pos[
-            c._slots(c.tables[:, layer].reshape(-1), c.lengths[:, layer].reshape(-1))[0]
-        ]
+        pos = c.slot_pos[stream_slots(c, layer)]
         kept_k = torch.stack([stored_before[layer][0][0, h, pos[h]] for h in range(H)])
         kept_v = torch.stack([stored_before[layer][1][0, h, pos[h]] for h in range(H)])
         # re-sealing a changed page rounds its tokens once more: within a 4-bit step

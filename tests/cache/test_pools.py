@@ -50,6 +50,16 @@ def step(c: KVCache, seed: int) -> list[torch.Tensor]:
     return outs
 
 
+def tensor_bytes(c: KVCache) -> int:
+    """The pool tensors' bytes, summed from the tensors themselves (not the cache's count)."""
+    own = c.k_pool.nbytes + c.v_pool.nbytes
+    if c.kivi:
+        own += c.res_k.nbytes + c.res_v.nbytes
+    if c.lo_allocator is not None:
+        own += c.lo_k_pool.nbytes + c.lo_v_pool.nbytes
+    return int(own)
+
+
 FORMATS = [
     {},
     {"kv_format": "int4", "quant_group": 8},
@@ -66,13 +76,10 @@ def test_shrink_frees_memory_and_keeps_every_answer(kw):
     before = a.memory_bytes()
     freed = a.shrink(12)
     assert freed == before - a.memory_bytes() > 0
-    assert a.capacity == 12 and a.k_pool.shape[0] == 2 * L * H * 3 + 1  # 3 blocks a stream
-    own = a.k_pool.nbytes + a.v_pool.nbytes
-    if a.kivi:
-        own += a.res_k.nbytes + a.res_v.nbytes
-    if a.lo_allocator is not None:
-        own += a.lo_k_pool.nbytes + a.lo_v_pool.nbytes
-    assert a.memory_bytes() == own  # measured from the tensors
+    assert a.capacity == 12
+    # the pages held (stored 6 tokens a stream: 2 blocks) and one spare block a stream
+    assert a.k_pool.shape[0] == 2 * L * H * (2 + 1) + 1
+    assert a.memory_bytes() == tensor_bytes(a)
     assert a.used_bytes() == b.used_bytes()
     assert np.array_equal(a.stored_lengths(), b.stored_lengths())
     assert np.array_equal(a.evicted_lengths(), b.evicted_lengths())
@@ -99,8 +106,8 @@ def test_shrink_then_decode_compressions_match_the_unshrunk_cache(policy):
     a, b = make(Schedule.decode(3), policy), make(Schedule.decode(3), policy)
     prefill(a)
     prefill(b)
-    assert a.shrink() > 0  # default: longest stream + 256 tokens of headroom
-    assert a.capacity == -(-(6 + 256) // BS) * BS
+    assert a.shrink() > 0  # the pages held and one spare block a stream
+    assert a.capacity is None  # still sized on demand: the decode steps grow the pools
     for t in range(7):
         for x, y in zip(step(a, 3000 + 10 * t), step(b, 3000 + 10 * t), strict=True):
             assert torch.equal(x, y)
@@ -167,21 +174,24 @@ def test_hf_cache_shrink_keeps_generation():
 
 def test_on_demand_pools_shrink_once_the_prefill_is_compressed():
     auto, fixed = make(), make(capacity=1000)  # snapkv, budget 6
+    streams = 2 * L * H
     prefill(auto, 700, padded=False)
     prefill(fixed, 700, padded=False)
     prefill_pools = auto.memory_bytes()
-    assert auto.capacity == 700 + 256  # first step + slack, whole blocks
+    assert auto.capacity is None  # no capacity: sized on demand
+    # the first step of every layer (175 blocks a stream) and one spare block a stream
+    assert auto.k_pool.shape[0] == streams * (700 // BS + 1) + 1
     outs = [step(auto, 7000), step(fixed, 7000)]  # layer 0's update shrinks first
-    # room for the budget, the step and the slack: ceil((6 + 1 + 256) / 4) blocks
-    assert auto.capacity == 264 and auto.k_pool.shape[0] == 2 * L * H * 66 + 1
-    assert auto.memory_bytes() < prefill_pools / 3
+    # 6 kept + 1 new token a stream: 2 blocks, and one spare block a stream
+    assert auto.k_pool.shape[0] == streams * (2 + 1) + 1
+    assert auto.memory_bytes() == tensor_bytes(auto) < prefill_pools / 3
     assert auto.peak_memory_bytes() == prefill_pools + auto.memory_bytes()  # during the copy
     for x, y in zip(*outs, strict=True):
         assert torch.equal(x, y)
-    for t in range(3):  # later steps neither shrink nor grow, and read the same values
+    for t in range(3):  # 10 tokens a stream take the spare blocks: no resize, same values
         for x, y in zip(step(auto, 7100 + 10 * t), step(fixed, 7100 + 10 * t), strict=True):
             assert torch.equal(x, y)
-    assert auto.capacity == 264
+    assert auto.k_pool.shape[0] == streams * 3 + 1 and auto.allocator.num_free_blocks == 0
     auto.allocator.check_invariants()
 
 
@@ -192,13 +202,19 @@ def test_on_demand_pools_grow_where_a_fixed_capacity_raises(kw):
     for c in (auto, fixed):
         for layer in range(L):
             c.update(layer, rnd(2, 20, layer), rnd(2, 20, 10 + layer))
-    assert auto.capacity == fixed.capacity == 276
+    assert auto.capacity is None and fixed.capacity == 276
+    assert fixed.k_pool.shape[0] == 2 * L * H * (276 // BS) + 1  # reserved at the capacity
     k, v = rnd(2, 300, 90), rnd(2, 300, 91)
     with pytest.raises(kvcore.OutOfBlocksError, match="exceed the capacity of 276"):
         fixed.update(0, k, v)
     assert (fixed.stored_lengths() == 20).all()  # unchanged
     keys, values = auto.update(0, k, v)
-    assert auto.capacity == 20 + 300 + 256 and (auto.stored_lengths()[:, 0] == 320).all()
+    assert (auto.stored_lengths()[:, 0] == 320).all()
+    # grown once for the step of both layers: layer 1's 300 tokens fit without a copy
+    pool = auto.k_pool
+    assert auto.allocator.num_free_blocks >= 2 * H * 300 // BS
+    auto.update(1, k, v)
+    assert auto.k_pool is pool
     twin = KVCache(L, H, D, block_size=BS, capacity=400, **kw)
     twin.update(0, rnd(2, 20, 0), rnd(2, 20, 10))
     want_k, want_v = twin.update(0, k, v)
@@ -210,9 +226,13 @@ def test_an_explicit_shrink_capacity_fixes_the_capacity():
     c = make(policy="streaming")
     prefill(c)
     assert c.shrink() > 0  # on demand: stays on demand
-    c.update(0, rnd(2, 300, 1), rnd(2, 300, 2))  # grows
-    assert c.capacity == -(-(6 + 300 + 256) // BS) * BS
+    assert c.capacity is None
+    rows = c.k_pool.shape[0]
+    c.update(0, rnd(2, 300, 1), rnd(2, 300, 2))
+    assert c.k_pool.shape[0] > rows + 2 * H * 300 // BS  # grown for the step
     c.shrink(320)  # (the step's compression runs first: 6 tokens a stream)
+    assert c.capacity == 320
+    c.shrink(400)  # a larger capacity leaves it as it is
     assert c.capacity == 320
     with pytest.raises(kvcore.OutOfBlocksError, match="exceed the capacity of 320"):
         c.update(0, rnd(2, 315, 3), rnd(2, 315, 4))
@@ -244,3 +264,89 @@ def test_hf_generation_with_on_demand_pools_equals_a_fixed_capacity():
     assert torch.equal(auto, fixed)
     assert kv.memory_bytes() < kv_fixed.memory_bytes() / 2  # shrunk after the prefill
     assert kv.peak_memory_bytes() > kv.memory_bytes()
+
+
+# ---------------------------------------------------------------- uneven budgets
+
+UNEVEN = {
+    "pyramidkv": ({"policy": "pyramidkv"}, {"window": 2, "kernel": 3}),
+    "adakv": ({"policy": "adakv"}, {"window": 2, "kernel": 3}),
+    "knorm-skip0": ({"policy": "knorm"}, {"skip_layers": (0,)}),  # layer 0 kept whole
+    "mikv-adakv": ({"policy": "adakv", "evicted_format": "int2", "quant_group": 8}, {}),
+}
+
+
+def uneven(name: str, **kw) -> KVCache:
+    cache_kw, params = UNEVEN[name]
+    cache_kw = dict(cache_kw)
+    policy = cache_kw.pop("policy")
+    if policy == "adakv":
+        params = {"window": 2, "kernel": 3}
+    return KVCache(
+        L,
+        H,
+        D,
+        block_size=BS,
+        policy=get(policy, 12, **params),
+        schedule=Schedule.prefill(),
+        **cache_kw,
+        **kw,
+    )
+
+
+def held_bytes(c: KVCache) -> tuple[int, int]:
+    """Bytes of the blocks the streams hold, each tier (counted from the stored lengths)."""
+    hi = int((-(-c.stored_lengths() // BS)).sum()) * c.page_bytes
+    lo = int((-(-c.evicted_lengths() // BS)).sum()) * c.lo_page_bytes
+    return hi, lo
+
+
+@pytest.mark.parametrize("name", list(UNEVEN))
+@pytest.mark.parametrize("capacity", [None, 64])
+def test_uneven_budgets_after_a_shrink_the_pools_are_the_pages_held(name, capacity):
+    a, b = uneven(name, capacity=capacity), uneven(name, capacity=capacity)
+    streams = 2 * L * H
+    for c in (a, b):
+        prefill(c, 40, padded=False)
+        c.flush()
+    lens = a.stored_lengths()
+    assert lens.min() < lens.max()  # the budgets differ by layer or head
+    assert a.shrink() > 0
+    hi, lo = held_bytes(a)
+    # measured from the tensors: the pages held, within one block a stream (and the null
+    # block) in each tier, well under streams x the longest stream
+    spare = streams * a.page_bytes + a.page_bytes
+    spare_lo = (streams + 1) * a.lo_page_bytes
+    assert hi + lo <= tensor_bytes(a) <= hi + lo + spare + spare_lo
+    assert a.memory_bytes() == tensor_bytes(a)
+    assert tensor_bytes(a) < streams * -(-int(lens.max()) // BS) * a.page_bytes + lo
+    if a.lo_allocator is not None:
+        assert a.lo_k_pool.nbytes + a.lo_v_pool.nbytes <= lo + spare_lo
+    # decoding past the spare blocks grows the pools and reads the same values
+    rows = a.k_pool.shape[0]
+    for t in range(2 * BS + 1):  # every stream takes two more blocks
+        for x, y in zip(step(a, 9000 + 10 * t), step(b, 9000 + 10 * t), strict=True):
+            assert torch.equal(x, y)
+    assert a.k_pool.shape[0] > rows
+    assert np.array_equal(a.stored_lengths(), b.stored_lengths())
+    a.allocator.check_invariants()
+
+
+def test_pools_never_grow_past_capacity_bytes():
+    streams = 2 * L * H
+    block = 2 * BS * D * 4  # K and V, float32
+    cap_bytes = (streams * 7 + 1) * block  # 7 blocks, 28 tokens a stream
+    c = uneven("adakv", capacity_bytes=cap_bytes)
+    prefill(c, 24, padded=False)
+    assert c.capacity == 28 and c.memory_bytes() == cap_bytes  # reserved once
+    assert c.shrink() > 0 and c.capacity == 28
+    longest = int(c.stored_lengths().max())
+    for t in range(28 - longest):
+        step(c, 100 + 10 * t)
+        assert c.memory_bytes() == tensor_bytes(c) <= cap_bytes
+    lengths = c.stored_lengths().copy()
+    full = int(np.argmax(lengths.max(axis=(0, 2))))  # a layer with a stream at 28 tokens
+    with pytest.raises(kvcore.OutOfBlocksError, match="exceed the capacity of 28"):
+        c.update(full, rnd(2, 1, 1), rnd(2, 1, 2))
+    assert np.array_equal(c.stored_lengths(), lengths)
+    assert c.memory_bytes() <= cap_bytes

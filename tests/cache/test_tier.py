@@ -6,6 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="kvcore.cache needs torch")
 
+from cache_view import low_tier_slots  # noqa: E402
+
 import kvcore  # noqa: E402
 import kvcore.quant as kq  # noqa: E402
 from kvcore import QuantLayout  # noqa: E402
@@ -94,9 +96,7 @@ def test_tiers_lengths_bytes_and_round_trips():
     # the evicted tokens (StreamingLLM: 4 sinks + 12 recent kept -> positions 4..27 evicted)
     # dequantize to kvcore.quant round trips of the originals
     tok = QuantLayout(2, 8, 1, D, "channel", "float16")
-    tables = cache.lo_tables[:, 1].reshape(-1)
-    lens = cache.lo_lengths[:, 1].reshape(-1)
-    slots, mask = cache._slots(tables, lens, cache.lo_allocator)
+    slots, mask = low_tier_slots(cache, 1)
     assert mask.all()
     pos = cache.lo_slot_pos[slots].reshape(2, H, -1)
     assert (pos == torch.arange(4, 28)).all()
@@ -144,8 +144,7 @@ def test_later_compressions_demote_and_the_low_tier_is_fifo_bounded():
     cache.flush()
     assert (cache.evicted_lengths() == 16).all()
     # the earliest demoted (positions 4..7) were dropped; the window's oldest were added
-    tables = cache.lo_tables[:, 0].reshape(-1)
-    slots, _ = cache._slots(tables, cache.lo_lengths[:, 0].reshape(-1), cache.lo_allocator)
+    slots, _ = low_tier_slots(cache, 0)
     pos = cache.lo_slot_pos[slots]
     assert (pos == torch.arange(8, 24)).all()
     # still attends
@@ -153,6 +152,44 @@ def test_later_compressions_demote_and_the_low_tier_is_fifo_bounded():
     for layer in range(L):
         cache.update(layer, torch.randn(2, H, 1, D), torch.randn(2, H, 1, D))
         assert torch.isfinite(cache.attend(layer, q)).all()
+
+
+@pytest.mark.parametrize("evicted_capacity", [None, 12])
+def test_low_tier_pools_hold_its_pages_within_one_block_per_stream(evicted_capacity):
+    k, v = prompt(t=40)
+    a, b = (make("int2", quant_group=8, evicted_capacity=evicted_capacity) for _ in range(2))
+    for c in (a, b):
+        for layer in range(L):
+            c.update(layer, k, v)
+        c.flush()
+    streams, page = 2 * L * H, a.lo_page_bytes
+
+    def lo_tensor_bytes(c: KVCache) -> int:  # from the tensors, not the cache's count
+        return int(c.lo_k_pool.nbytes + c.lo_v_pool.nbytes)
+
+    def lo_held(c: KVCache) -> int:
+        return int((-(-c.evicted_lengths() // BS)).sum()) * page
+
+    if evicted_capacity is None:  # lo_capacity: the prompt + 256 tokens a stream
+        # grown by the demotions from one spare block a stream, not sized for lo_capacity
+        assert lo_tensor_bytes(a) < streams * (a.lo_capacity // BS) * page / 8
+    a.shrink()
+    assert lo_held(a) <= lo_tensor_bytes(a) <= lo_held(a) + (streams + 1) * page
+    limit = (streams * (a.lo_capacity // BS) + 1) * page  # never past lo_capacity a stream
+    g = torch.Generator().manual_seed(11)
+    for _ in range(12):  # three decode compressions demote 4 tokens a stream each
+        for layer in range(L):
+            x, y = torch.randn(2, H, 1, D, generator=g), torch.randn(2, H, 1, D, generator=g)
+            q = torch.randn(2, H, 1, D, generator=g)
+            outs = []
+            for c in (a, b):
+                c.update(layer, x, y)
+                outs.append(c.attend(layer, q))
+            assert torch.equal(*outs)  # the moved pages read the same values
+            assert lo_tensor_bytes(a) <= limit
+    assert (a.evicted_lengths() == b.evicted_lengths()).all()
+    assert lo_held(a) <= lo_tensor_bytes(a) and a.memory_bytes() <= b.memory_bytes()
+    a.lo_allocator.check_invariants()
 
 
 def test_padding_is_never_demoted():
@@ -292,8 +329,7 @@ def test_key_balancer_uses_the_observed_queries_and_flattens_outlier_channels():
     torch.testing.assert_close(cache.lo_key_scale[0:1, 0], want)
     # attention over the low tier with Q * s on K / s: q . k unchanged up to rounding; the
     # balanced tier's scores are closer to the exact ones than an unbalanced int2 round trip
-    tables = cache.lo_tables[:, 0].reshape(-1)
-    slots, _ = cache._slots(tables, cache.lo_lengths[:, 0].reshape(-1), cache.lo_allocator)
+    slots, _ = low_tier_slots(cache, 0)
     pos = cache.lo_slot_pos[slots].reshape(1, H, -1)
     orig = torch.gather(k, 2, pos[..., None].expand(-1, -1, -1, D))
     s = cache.lo_key_scale[:, 0, :, None]

@@ -13,6 +13,8 @@ One file per part (docs/architecture.md, "The cache's data flow"; docs/cache.md)
 * :mod:`~kvcore.cache.controller`: the schedule's pending steps, flush, compression,
   compaction and re-rotation (:func:`rotate_keys`);
 * :mod:`~kvcore.cache.pools`: sizing, lengths, byte accounting, shrinking and growing;
+* :mod:`~kvcore.cache.resize`: pool sizes by the blocks all streams hold, and the copy that
+  moves a tier's pages into pools of another size;
 * :mod:`~kvcore.cache.snapshots`: :class:`CacheSnapshot`, snapshot and restore;
 * :mod:`~kvcore.cache.dispatch`: attention over the pages and :func:`merge_state`;
 * :mod:`~kvcore.cache.kvcache`: :class:`KVCache`, the facade users call.

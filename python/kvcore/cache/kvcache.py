@@ -18,8 +18,9 @@ Compression of layer ``l`` for step ``t`` is decided by the :class:`Schedule` an
 step ``t``'s attention of that layer, lazily: at the next ``update`` of any layer or the next
 query of the cache's lengths. So the pool holds at most ``budget + step`` tokens per stream
 (``budget + chunk`` for chunked prefill, ``budget + N`` when compressing every ``N`` decode
-steps), and never more than its ``capacity`` (fixed when given, else sized on demand: grown
-when a step does not fit, shrunk after compressions; see ``KVCache``).
+steps), and never more than its ``capacity`` when one is given. The pools hold the blocks
+all streams hold together plus a spare (grown when a step does not fit, shrunk after
+compressions; see ``KVCache``).
 
 Positions. ``positions="original"`` keeps every key at the position it was encoded at and the
 logical length grows with every token seen (``get_seq_length``), apart from the stored length.
@@ -53,20 +54,23 @@ class KVCache(AttentionDispatch):
 
     Args:
         num_layers, num_kv_heads, head_dim: the model's attention shape.
-        capacity: tokens per (sequence, layer, kv-head) stream the pool holds (rounded up to
-            whole blocks); a step past it raises ``OutOfBlocksError``. None (and no
-            ``capacity_bytes``): the pools are sized on demand. The first update sizes them to
-            ``max(budget, first step) + slack`` with ``slack = max(schedule headroom, 256)``
-            tokens per stream; a step that does not fit grows them (to the longest stream +
-            the step + slack) instead of raising; and once every layer has run its
-            compressions, pools at least a third larger than ``max(longest stream, budget) +
-            step + slack`` are shrunk to that (:meth:`shrink`). Either way pools are
-            reallocated, so block ids exported earlier (:meth:`page_table`) go stale: a
-            serving stack that keeps them should give a fixed ``capacity``.
+        capacity: tokens per (sequence, layer, kv-head) stream, rounded up to whole blocks:
+            a step past it raises ``OutOfBlocksError``. The first update reserves the pools
+            for every stream at its capacity; :meth:`shrink` fits them to the pages the
+            streams hold, and later steps grow them back on demand, never past the capacity.
+            None (and no ``capacity_bytes``): no capacity, the pools are sized on demand by
+            the blocks all streams hold together. The first update sizes them to the first
+            step plus one spare block a stream; a step that needs more blocks than are free
+            grows them (by at least one block a stream and an eighth) instead of raising; and
+            once every layer has run its compressions, pools at least a third larger than the
+            pages held, the step and one spare block a stream are shrunk to that
+            (:meth:`shrink`). Either way pools are reallocated, so block ids exported earlier
+            (:meth:`page_table`) go stale: a serving stack that keeps them should give a
+            fixed ``capacity`` and not call :meth:`shrink`.
         capacity_bytes: alternatively, the total bytes of the K and V pools (null block
-            included); the per-stream capacity is what fits. With ``evicted_format`` this
-            bounds the high tier; the low tier is sized by ``evicted_capacity`` (both are
-            counted by :meth:`memory_bytes`).
+            included); the per-stream capacity is what fits, and the pools never grow past
+            it. With ``evicted_format`` this bounds the high tier; the low tier is bounded by
+            ``evicted_capacity`` (both are counted by :meth:`memory_bytes`).
         block_size: tokens per block.
         dtype, device: of the pools; every update must match them.
         policy: a :class:`kvcore.scoring.TorchPolicy` or None (no compression).
@@ -215,7 +219,7 @@ class KVCache(AttentionDispatch):
         self._auto_size = capacity is None and config.capacity_bytes is None
         self._peak_bytes = 0
         self.batch_size = 0
-        self.capacity = 0
+        self.capacity = None if self._auto_size else 0  # fixed: set by the first update
         self.allocator = None
         self.k_pool = torch.empty(0)
         self.v_pool = torch.empty(0)
@@ -334,25 +338,23 @@ class KVCache(AttentionDispatch):
         try:
             if fresh:
                 self._init(b, q)
-            elif self._auto_size:
-                if layer_idx == 0:
-                    self._auto_shrink(q)
-                if int(self.lengths[:, layer_idx].max()) + q > self.capacity:
-                    # on-demand pools grow instead of raising (the contents move unchanged)
-                    grown = int(self.lengths.max()) + q + self._slack()
-                    self._resize(-(-grown // self.block_size))
+            elif self._auto_size and layer_idx == 0:
+                self._auto_shrink(q)
             assert self.allocator is not None
-            tables = self.tables[:, layer_idx].reshape(-1)
             prev = self.lengths[:, layer_idx].reshape(-1).copy()
-            if self.kivi:
-                d = self.head_dim
-                k3, v3 = key_states.reshape(-1, q, d), value_states.reshape(-1, q, d)
-                staged = self._kivi_stage(tables, prev, k3, v3)
-            if int(prev.max()) + q > self.capacity:
+            if self.capacity is not None and int(prev.max()) + q > self.capacity:
                 raise OutOfBlocksError(
                     f"layer {layer_idx}: {int(prev.max())} stored + {q} new tokens exceed the "
                     f"capacity of {self.capacity} tokens per stream"
                 )
+            # Pools that hold fewer blocks than the capacity (shrunk, or sized on demand)
+            # grow when the step needs more blocks than are free (the contents move unchanged).
+            self._reserve(layer_idx, q)
+            tables = self.tables[:, layer_idx].reshape(-1)
+            if self.kivi:
+                d = self.head_dim
+                k3, v3 = key_states.reshape(-1, q, d), value_states.reshape(-1, q, d)
+                staged = self._kivi_stage(tables, prev, k3, v3)
             # All or nothing: raises OutOfBlocksError before any change.
             slots_np, _, _, _ = self.allocator.append_batch(tables, q)
         except Exception:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvcore import _args
 from kvcore._kvcore import BlockAllocator
+from kvcore.cache import resize
 from kvcore.cache.controller import Controller
 
 
@@ -24,6 +24,7 @@ class Pools(Controller):
         block_bytes = self.page_bytes
         # KIVI: one full-precision residual page (K and V) per stream besides the pools
         res_bytes = streams * self.residual_page_bytes
+        capacity: int | None = None
         if self._capacity_bytes is not None:
             blocks_per_stream = ((self._capacity_bytes - res_bytes) // block_bytes - 1) // streams
             if blocks_per_stream < 1:
@@ -31,26 +32,23 @@ class Pools(Controller):
                     f"capacity_bytes={self._capacity_bytes} holds less than one block "
                     f"({block_bytes} bytes) per stream for {streams} streams"
                 )
+            capacity = blocks_per_stream * self.block_size
+        elif self._capacity_req is not None:
+            capacity = -(-self._capacity_req // self.block_size) * self.block_size
+        if capacity is not None:
+            if self.policy is not None and self.policy.max_budget() > capacity:
+                raise ValueError(
+                    f"budget ({self.policy.max_budget()}) is above the capacity ({capacity} "
+                    "tokens per stream)"
+                )
+            # fixed pools: the memory of the whole capacity, reserved once
+            num_blocks = streams * (capacity // self.block_size) + 1
         else:
-            cap = self._capacity_req
-            if cap is None:
-                budget = self.policy.max_budget() if self.policy is not None else first_len
-                cap = max(budget, first_len) + self._slack()
-            blocks_per_stream = -(-cap // self.block_size)
-        capacity = blocks_per_stream * self.block_size
-        if self.policy is not None and self.policy.max_budget() > capacity:
-            raise ValueError(
-                f"budget ({self.policy.max_budget()}) is above the capacity ({capacity} "
-                "tokens per stream)"
-            )
-        num_blocks = streams * blocks_per_stream + 1
+            # on demand: the first step of every layer, and one spare block a stream
+            num_blocks = resize.fitted(streams * -(-first_len // self.block_size), streams, None)
         # Refuse pools the machine cannot hold before allocating any (a huge block_size or
-        # capacity): K and V pages, the residual pages, and 17 bytes of per-slot state.
-        _args.size(
-            2 * num_blocks * block_bytes + res_bytes + 17 * num_blocks * self.block_size,
-            f"the pools ({num_blocks} blocks of block_size={self.block_size})",
-            1,
-        )
+        # capacity): K and V pages, the residual pages, and the per-slot state.
+        resize.check_size(num_blocks, block_bytes, self.block_size, "the pools", res_bytes)
         self.capacity = capacity
         alloc = BlockAllocator(num_blocks=num_blocks, block_size=self.block_size)
         n_slots = num_blocks * self.block_size
@@ -100,19 +98,11 @@ class Pools(Controller):
         self.allocator = alloc
         self._peak_bytes = max(self._peak_bytes, self.memory_bytes())
 
-    def memory_bytes(self) -> int:
-        """Bytes held by the K and V pool tensors (what the budget is measured against), and
-        for KIVI the full-precision residual pages."""
-        n = self.k_pool.nbytes + self.v_pool.nbytes
-        if self.kivi and self.allocator is not None:
-            n += self.res_k.nbytes + self.res_v.nbytes
-        if self.lo_allocator is not None and self.allocator is not None:
-            n += self.lo_k_pool.nbytes + self.lo_v_pool.nbytes
-        return int(n)
-
     def peak_memory_bytes(self) -> int:
-        """The largest :meth:`memory_bytes` the cache has had: its pools are reallocated by
-        :meth:`shrink` and, when sized on demand, when a step does not fit."""
+        """The largest :meth:`memory_bytes` the cache has had, the old and the new pools
+        together while a resize copies: pools are reallocated by :meth:`shrink`, when a step
+        needs more blocks than are free (pools sized on demand, or shrunk), and when on-demand
+        pools shrink at the start of a step."""
         return max(self._peak_bytes, self.memory_bytes())
 
     def used_bytes(self) -> int:
@@ -193,27 +183,28 @@ class Pools(Controller):
         return self.allocator.vllm_layout(tables)
 
     def shrink(self, capacity: int | None = None) -> int:
-        """Reallocates the pools smaller once compression has emptied their blocks, and
-        returns the bytes given back.
+        """Fits the pools to the pages the streams hold once compression has emptied blocks,
+        and returns the bytes given back.
 
         The pools are sized at the first update, and a compression returns blocks to the
         allocator, not memory to the device: with the default ``Schedule.prefill()`` they
         still span the whole prompt after it. ``shrink`` copies every stream's pages, block by
-        block in table order, into pools of ``capacity`` tokens per stream (rounded up to
-        whole blocks) with their per-slot state; nothing is re-encoded and no token moves
-        within its page, so attention reads the same values. Pending compressions run first.
-        The MiKV low tier keeps its own pools.
+        block in table order, into pools of the blocks all streams hold together plus one
+        spare block a stream (both tiers), with their per-slot state; nothing is re-encoded
+        and no token moves within its page, so attention reads the same values. Later steps
+        grow the pools again when they need more blocks than are free (by at least one block
+        a stream, so at most once every ``block_size`` decode steps), never past the
+        capacity. Pending compressions run first.
 
         Args:
-            capacity: tokens per stream after the call, which also fixes the capacity from
-                then on (a step past it raises ``OutOfBlocksError``, even when the pools were
-                sized on demand); None: the longest stream (at least the policy's budget) plus
-                ``max(schedule headroom, 256)`` for the coming steps, and pools sized on demand
-                stay so.
+            capacity: also lowers the capacity to this many tokens per stream (rounded up to
+                whole blocks; a larger one leaves it as it is), and fixes it from then on: a
+                step past it raises ``OutOfBlocksError``, even when the pools were sized on
+                demand. None: the capacity stays (pools sized on demand stay so).
 
         Returns:
-            ``memory_bytes()`` before minus after (0 when the pools are already that small, or
-            before the first update).
+            ``memory_bytes()`` at the call minus after it (0 when the pools are already that
+            small, or before the first update).
 
         Raises:
             ValueError: ``capacity`` below the longest stream or the policy's budget (the
@@ -225,28 +216,26 @@ class Pools(Controller):
             floor = self._need_budget() if self._compression_pending() else self._need()
             if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < floor:
                 self._refuse_capacity(capacity, floor)
+        # before the pending compressions: MiKV's demotions may grow the low tier
+        before = self.memory_bytes()
         self.flush()
         if self.allocator is None:
             return 0
-        need = self._need()
-        if capacity is None:
-            capacity = need + self._slack()
-        elif capacity < need:
-            self._refuse_capacity(capacity, need)
-        else:
+        if capacity is not None:
+            need = self._need()
+            if capacity < need:
+                self._refuse_capacity(capacity, need)
+            cap = -(-capacity // self.block_size) * self.block_size
+            self.capacity = cap if self.capacity is None else min(cap, self.capacity)
             self._auto_size = False
-        per_stream = -(-capacity // self.block_size)
-        if per_stream * self.block_size >= self.capacity:
-            return 0
-        before = self.memory_bytes()
-        self._resize(per_stream)
+        self._fit(0, 1)
         return before - self.memory_bytes()
 
     def _need_budget(self) -> int:
         return self.policy.max_budget() if self.policy is not None else 0
 
     def _need(self) -> int:
-        """Tokens per stream the pools must keep: the longest stream, at least the budget."""
+        """Tokens per stream the capacity must keep: the longest stream, at least the budget."""
         longest = int(self.lengths.max()) if self.allocator is not None else 0
         return max(longest, self._need_budget())
 
@@ -257,57 +246,80 @@ class Pools(Controller):
             f"holds {longest}, the policy's budget is {self._need_budget()}), got {capacity!r}"
         )
 
+    def _limit(self) -> int | None:
+        """The most blocks the high tier's streams may hold together (None: no capacity)."""
+        if self.capacity is None:
+            return None
+        return int(self.lengths.size) * (self.capacity // self.block_size)
+
+    def _fit(self, q: int, ratio: float) -> None:
+        """Resizes each tier whose pools hold at least ``ratio`` times what they need: their
+        pages (the high tier's after a step of ``q`` tokens to every layer) plus one spare
+        block a stream."""
+        assert self.allocator is not None
+        streams, bs = int(self.lengths.size), self.block_size
+        used = int(self.allocator.num_used_blocks) + resize.pages_added(self.lengths, q, bs)
+        target = resize.fitted(used, streams, self._limit())
+        if ratio * target <= self.allocator.num_blocks and target < self.allocator.num_blocks:
+            self._resize(target)
+        lo = self.lo_allocator
+        if lo is not None:
+            target = resize.fitted(int(lo.num_used_blocks), streams, self._lo_limit())
+            if ratio * target <= lo.num_blocks and target < lo.num_blocks:
+                self._lo_resize(target)
+
     def _auto_shrink(self, q: int) -> None:
         """On-demand pools, at the start of a step of ``q`` tokens with every layer's
-        compressions done: shrink pools at least a third larger than the contents need."""
+        compressions done: fit pools at least a third larger than the contents need."""
         if self.allocator is None or len(set(self._seen)) != 1:
             return
-        per_stream = -(-(self._need() + q + self._slack()) // self.block_size)
-        if 4 * per_stream * self.block_size <= 3 * self.capacity:
-            self._resize(per_stream)
+        self._fit(q, 4 / 3)
 
-    def _resize(self, per_stream: int) -> None:
-        """Moves every stream's pages, block by block in table order, into new pools of
-        ``per_stream`` blocks a stream, with their per-slot state (contents unchanged)."""
+    def _reserve(self, layer: int, q: int) -> None:
+        """Grows the pools when their free blocks do not cover a step of ``q`` tokens to
+        ``layer``; the layers that have not taken the step yet are counted too, so a step grows
+        the pools once. Within the capacity (checked by the caller)."""
         assert self.allocator is not None
         bs = self.block_size
-        before = self.memory_bytes()
-        lens = self.lengths.reshape(-1).astype(np.int64)
-        old_tables = self.tables.reshape(-1)
-        streams = len(old_tables)
-        num_blocks = streams * per_stream + 1
-        alloc = BlockAllocator(num_blocks=num_blocks, block_size=bs)
-        tables = alloc.create_tables(streams)
-        alloc.append_batch(tables, lens)
-        # block k of stream s holds its tokens [k * bs, (k + 1) * bs) in both allocators
-        used = -(-lens // bs)
-        width = int(used.max()) if used.size else 0
-        old_bt = self.allocator.vllm_layout(old_tables)[0][:, :width]
-        new_bt = alloc.vllm_layout(tables)[0][:, :width]
-        mask = np.arange(width)[None, :] < used[:, None]
-        src = torch.from_numpy(old_bt[mask].astype(np.int64)).to(self.device)
-        dst = torch.from_numpy(new_bt[mask].astype(np.int64)).to(self.device)
+        if resize.pages_added(self.lengths[:, layer], q, bs) <= self.allocator.num_free_blocks:
+            return
+        todo = [i for i in range(self.num_layers) if self._seen[i] == self._seen[layer]]
+        needed = resize.pages_added(self.lengths[:, todo], q, bs)
+        used = int(self.allocator.num_used_blocks)
+        self._resize(resize.grown(used, needed, int(self.lengths.size), self._limit()))
 
-        def moved(t: torch.Tensor, per_block: int, fill: float = 0.0) -> torch.Tensor:
-            old = t.reshape(-1, per_block, *t.shape[1:]) if per_block > 1 else t
-            out = torch.full((num_blocks, *old.shape[1:]), fill, dtype=t.dtype, device=t.device)
-            out[dst] = old[src]
-            return out.reshape(-1, *t.shape[1:]) if per_block > 1 else out
-
-        with torch.inference_mode(False):
-            self.k_pool = moved(self.k_pool, 1)
-            self.v_pool = moved(self.v_pool, 1)
-            self.slot_pos = moved(self.slot_pos, bs)
-            self.slot_valid = moved(self.slot_valid, bs)
-            self.slot_score = moved(self.slot_score, bs)
-            self.slot_count = moved(self.slot_count, bs, 1.0)
-            if self.kivi:
-                self.block_row = moved(self.block_row, 1, -1)
+    def _resize(self, num_blocks: int) -> None:
+        """Moves every stream's pages, block by block in table order, into new pools of
+        ``num_blocks`` blocks (null block included), with their per-slot state (contents
+        unchanged)."""
+        assert self.allocator is not None
+        bs = self.block_size
+        streams = int(self.lengths.size)
+        resize.check_size(
+            num_blocks, self.page_bytes, bs, "the pools", streams * self.residual_page_bytes
+        )
+        old_bytes = self.k_pool.nbytes + self.v_pool.nbytes
+        parts: list[tuple[torch.Tensor, int, float]] = [
+            (self.k_pool, 1, 0.0),
+            (self.v_pool, 1, 0.0),
+            (self.slot_pos, bs, 0.0),
+            (self.slot_valid, bs, 0.0),
+            (self.slot_score, bs, 0.0),
+            (self.slot_count, bs, 1.0),
+        ]
+        if self.kivi:
+            parts.append((self.block_row, 1, -1.0))
+        alloc, tables, out = resize.relocate(
+            self.allocator, self.tables.reshape(-1), self.lengths.reshape(-1), num_blocks, parts
+        )
+        self.k_pool, self.v_pool, self.slot_pos, self.slot_valid = out[:4]
+        self.slot_score, self.slot_count = out[4:6]
+        if self.kivi:
+            self.block_row = out[6]
         self.allocator = alloc
         self.tables = tables.reshape(self.batch_size, self.num_layers, self.num_kv_heads)
-        self.capacity = per_stream * bs
         # both generations of pools exist while the pages are copied
-        self._peak_bytes = max(self._peak_bytes, before + self.memory_bytes())
+        self._peak_bytes = max(self._peak_bytes, self.memory_bytes() + old_bytes)
 
     def _kivi_used_bytes(self) -> int:
         """Sealed pages at their layouts' bytes, open pages at their tokens' full-precision

@@ -59,7 +59,7 @@ class CacheState:
     tables: np.ndarray
     lengths: np.ndarray
     batch_size: int
-    capacity: int
+    capacity: int | None  # tokens per stream; None: pools sized on demand
     k_pool: torch.Tensor
     v_pool: torch.Tensor
     slot_pos: torch.Tensor
@@ -110,6 +110,17 @@ class CacheState:
         self._decode_steps = [0] * n
         self._step = [None] * n
         self._next_queries = [None] * n
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the K and V pool tensors (what the budget is measured against), and
+        for KIVI the full-precision residual pages, and MiKV's low-tier pools. (Here, not in
+        ``pools.py``: both tiers' resizes record their peak with it.)"""
+        n = self.k_pool.nbytes + self.v_pool.nbytes
+        if self.kivi and self.allocator is not None:
+            n += self.res_k.nbytes + self.res_v.nbytes
+        if self.lo_allocator is not None and self.allocator is not None:
+            n += self.lo_k_pool.nbytes + self.lo_v_pool.nbytes
+        return int(n)
 
     def _elt(self) -> int:
         return torch.empty(0, dtype=self.dtype).element_size()

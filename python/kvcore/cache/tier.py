@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from kvcore._kvcore import BlockAllocator, QuantLayout
+from kvcore.cache import resize
 from kvcore.cache.config import BITS, CacheConfig
 from kvcore.cache.pages import Pages
 from kvcore.scoring import ScoreInputs, TorchPolicy
@@ -46,15 +47,17 @@ class LowTier(Pages):
 
     def _init_low_tier(self, batch: int, first_len: int) -> None:
         """MiKV's low tier: one more allocator table per stream, in its own pool of pages of
-        ``lo_layout`` (the per-page quantized layout of ``kv_format="int2"`` and friends)."""
+        ``lo_layout`` (the per-page quantized layout of ``kv_format="int2"`` and friends).
+        ``lo_capacity`` bounds each stream (FIFO); the pools hold the blocks the streams hold
+        together plus a spare (:mod:`kvcore.cache.resize`)."""
         assert self.lo_layout is not None
         streams = batch * self.num_layers * self.num_kv_heads
         cap = self._lo_capacity_req
         if cap is None:
             cap = first_len + self._slack()
-        blocks_per_stream = -(-cap // self.block_size)
-        self.lo_capacity = blocks_per_stream * self.block_size
-        num_blocks = streams * blocks_per_stream + 1
+        self.lo_capacity = -(-cap // self.block_size) * self.block_size
+        # The tier starts empty: one spare block a stream; demotions grow it (_lo_reserve).
+        num_blocks = resize.fitted(0, streams, None)
         lo = BlockAllocator(num_blocks=num_blocks, block_size=self.block_size)
         n_slots = num_blocks * self.block_size
         with torch.inference_mode(False):
@@ -82,6 +85,45 @@ class LowTier(Pages):
         """MiKV: bytes of one low-tier block, K plus V (``2 * lo_layout.nbytes``; 0 without
         ``evicted_format``)."""
         return 2 * int(self.lo_layout.nbytes) if self.lo_layout is not None else 0
+
+    def _lo_limit(self) -> int:
+        """The most blocks the low tier's streams may hold together (``lo_capacity`` each)."""
+        return int(self.lo_lengths.size) * (self.lo_capacity // self.block_size)
+
+    def _lo_reserve(self, layer: int, n_new: np.ndarray) -> None:
+        """Grows the low tier's pools when their free blocks do not cover ``n_new`` more
+        tokens in each of ``layer``'s streams (within ``lo_capacity``, which the FIFO keeps)."""
+        assert self.lo_allocator is not None
+        lens = self.lo_lengths[:, layer].reshape(-1)
+        needed = resize.pages_added(lens, n_new, self.block_size)
+        if needed > self.lo_allocator.num_free_blocks:
+            used = int(self.lo_allocator.num_used_blocks)
+            self._lo_resize(resize.grown(used, needed, int(self.lo_lengths.size), self._lo_limit()))
+
+    def _lo_resize(self, num_blocks: int) -> None:
+        """Moves the low tier's pages into pools of ``num_blocks`` blocks (null block
+        included) with their per-slot state, as the high tier's resize does. No size check:
+        the tier never holds more tokens than the high tier held before it demoted them."""
+        assert self.lo_allocator is not None
+        bs = self.block_size
+        old_bytes = self.lo_k_pool.nbytes + self.lo_v_pool.nbytes
+        parts: list[tuple[torch.Tensor, int, float]] = [
+            (self.lo_k_pool, 1, 0.0),
+            (self.lo_v_pool, 1, 0.0),
+            (self.lo_slot_pos, bs, 0.0),
+            (self.lo_slot_valid, bs, 0.0),
+        ]
+        alloc, tables, out = resize.relocate(
+            self.lo_allocator,
+            self.lo_tables.reshape(-1),
+            self.lo_lengths.reshape(-1),
+            num_blocks,
+            parts,
+        )
+        self.lo_k_pool, self.lo_v_pool, self.lo_slot_pos, self.lo_slot_valid = out
+        self.lo_allocator = alloc
+        self.lo_tables = tables.reshape(self.lo_lengths.shape)
+        self._peak_bytes = max(self._peak_bytes, self.memory_bytes() + old_bytes)
 
     def _lo_write(self, pool: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
         """Encodes ``(N, D)`` vectors alone with ``lo_token_layout`` and scatters each one's
@@ -153,7 +195,9 @@ class LowTier(Pages):
                 )
             lo_lens -= over
             self.lo_lengths[:, layer] = lo_lens.reshape(b, h)
-        # Fits by construction (capacity per stream, blocks reserved per stream).
+        self._lo_reserve(layer, n_new)  # moves pages: the tables change
+        lo_tables = np.ascontiguousarray(self.lo_tables[:, layer].reshape(-1))
+        assert self.lo_allocator is not None
         dst_np, _, _, _ = self.lo_allocator.append_batch(lo_tables, n_new)
         dst = torch.from_numpy(dst_np).to(self.device)
         src = slots.reshape(b * h, t)[ev]  # stream by stream, in stream order: as dst

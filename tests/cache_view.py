@@ -1,0 +1,42 @@
+"""The slots of a cache's stored tokens, read through public parts: the cache's allocator,
+tables and lengths, and the allocator's vLLM block table (not the cache's own helpers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kvcore import BlockAllocator
+
+
+def table_slots(
+    allocator: BlockAllocator, tables: np.ndarray, lengths: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(slots, mask)``, each ``(n, T)`` for ``n`` tables of ``lengths`` tokens (``T`` the
+    longest): ``slot = block_id * block_size + offset`` of each stored token, -1 past the
+    table's end, and whether the token exists."""
+    tables = np.ascontiguousarray(tables.reshape(-1))
+    lengths = lengths.reshape(-1).astype(np.int64)
+    t = int(lengths.max()) if lengths.size else 0
+    block_table = allocator.vllm_layout(tables)[0].astype(np.int64)
+    pos = np.arange(t)
+    bs = allocator.block_size
+    slots = block_table[:, pos // bs] * bs + pos % bs if t else np.zeros((len(tables), 0))
+    mask = pos[None, :] < lengths[:, None]
+    return torch.from_numpy(np.where(mask, slots, -1).astype(np.int64)), torch.from_numpy(mask)
+
+
+def stream_slots(cache, layer: int) -> torch.Tensor:
+    """``(B * H, T)`` slots of the layer's stored tokens in the high tier (-1 past the end)."""
+    return table_slots(cache.allocator, cache.tables[:, layer], cache.lengths[:, layer])[0]
+
+
+def low_tier_slots(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(slots, mask)`` of the layer's tokens in MiKV's low tier."""
+    return table_slots(cache.lo_allocator, cache.lo_tables[:, layer], cache.lo_lengths[:, layer])
+
+
+def block_table(cache, layer: int) -> np.ndarray:
+    """``(B * H, W)`` int64 block ids of the layer's streams (the allocator's vLLM table)."""
+    tables = np.ascontiguousarray(cache.tables[:, layer].reshape(-1))
+    return cache.allocator.vllm_layout(tables)[0].astype(np.int64)
