@@ -4,8 +4,10 @@ Arrays cross the boundary as numpy arrays without per-element Python objects (in
 position arrays are accepted wherever int64 is, at the cost of one copy). Table ids and
 counts may be Python ints or numpy integer scalars. Every method is safe to call from several
 threads; methods whose work grows with their input (batch calls, compaction, prefix hashing,
-exports, ``slot_mapping``, ``check_invariants``, and ``append`` of 1024 tokens or more)
-release the GIL while the core works.
+exports, ``slot_mapping``, ``check_invariants``) release the GIL while the core works.
+``append``, ``append_batch`` and ``create_tables`` release it from 1024 tokens (rows plus
+tokens for ``append_batch``, tables for ``create_tables``) on: a decode step of a few hundred
+rows costs less than releasing and retaking the GIL.
 """
 
 from collections.abc import Sequence
@@ -199,7 +201,8 @@ class BlockAllocator:
         token_ids: _IdArray | None = None,
     ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int32], NDArray[np.int32]]:
         """Appends ``num_tokens[i]`` slots to ``tables[i]`` for every ``i``, all or nothing,
-        with the GIL released. ``num_tokens`` may be one int for every table (a decode step).
+        with the GIL released from 1024 rows plus tokens on. ``num_tokens`` may be one int
+        for every table (a decode step).
 
         With ``token_ids`` this is the engine's whole step in one call: every block that the
         appended tokens fill is hashed (chained under the table's salt, as

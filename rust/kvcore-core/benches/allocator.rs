@@ -23,6 +23,63 @@ fn with_tables(num_blocks: usize, n: usize, prompt: usize) -> (BlockAllocator, V
     (a, ids)
 }
 
+/// A running batch of `batch` tables for steady-state decode steps (see `append`).
+struct DecodeBatch {
+    a: BlockAllocator,
+    ids: Vec<TableId>,
+    counts: Vec<usize>,
+    sampled: Vec<i64>,
+    with_ids: bool,
+    step: i64,
+    out: BatchAppend,
+}
+
+impl DecodeBatch {
+    fn new(batch: usize, with_ids: bool) -> Self {
+        let mut run = DecodeBatch {
+            a: BlockAllocator::new(batch * 200 + 1, BLOCK_SIZE).unwrap(),
+            ids: Vec::new(),
+            counts: vec![1; batch],
+            sampled: vec![0; batch],
+            with_ids,
+            step: 0,
+            out: BatchAppend::default(),
+        };
+        run.rebuild();
+        run
+    }
+
+    /// Frees the batch and starts it again: table `i` holds a prompt of `100 + 37 * i % 1000`
+    /// distinct tokens, registered as it is appended.
+    fn rebuild(&mut self) {
+        let (a, out) = (&mut self.a, &mut self.out);
+        a.free_batch(&self.ids).unwrap();
+        self.ids.clear();
+        a.create_tables(self.counts.len(), &mut self.ids).unwrap();
+        let lens: Vec<usize> = (0..self.ids.len()).map(|i| 100 + 37 * i % 1000).collect();
+        let prompt: Vec<i64> = (0..lens.iter().sum::<usize>() as i64).collect();
+        out.clear();
+        a.append_batch_with(&self.ids, &lens, Some(&prompt), out)
+            .unwrap();
+    }
+
+    fn step(&mut self) -> usize {
+        if self.a.num_available_blocks() < 2 * self.ids.len() {
+            self.rebuild();
+        }
+        self.step += 1;
+        for (i, s) in self.sampled.iter_mut().enumerate() {
+            *s = self.step * 7 + i as i64;
+        }
+        let tokens = self.with_ids.then_some(&self.sampled[..]);
+        self.out.clear();
+        self.a
+            .append_batch_with(&self.ids, &self.counts, tokens, &mut self.out)
+            .unwrap();
+        self.out.slots.len()
+    }
+}
+
 fn append(c: &mut Criterion) {
     let mut g = c.benchmark_group("append");
     // One token to one table; the table is freed and recreated when the pool runs low, so
@@ -40,60 +97,24 @@ fn append(c: &mut Criterion) {
             black_box(a.append(t, 1, &mut out).unwrap());
         });
     });
-    // A decode step over a running batch: one token to each of `batch` tables.
+    // A decode step over a running batch in steady state: one token to each of `batch`
+    // tables of different lengths (their last blocks fill at different steps). When the pool
+    // runs low every table is freed and the batch rebuilt (about once per 2,500 steps).
     for batch in [32usize, 256] {
         g.bench_with_input(
             BenchmarkId::new("decode_step", batch),
             &batch,
             |b, &batch| {
-                let counts = vec![1usize; batch];
-                let (mut slots, mut indptr, mut cs, mut cd) =
-                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                b.iter_batched_ref(
-                    || with_tables(batch * 64 + 1, batch, 100),
-                    |(a, ids)| {
-                        // 32 steps per setup keeps the pool from running dry.
-                        for _ in 0..32 {
-                            slots.clear();
-                            indptr.clear();
-                            a.append_batch(ids, &counts, &mut slots, &mut indptr, &mut cs, &mut cd)
-                                .unwrap();
-                        }
-                        black_box(slots.len());
-                    },
-                    BatchSize::LargeInput,
-                );
+                let mut run = DecodeBatch::new(batch, false);
+                b.iter(|| black_box(run.step()));
             },
         );
     }
     // The engine's decode step: the same, passing the sampled ids, so every block that fills
-    // is hashed and registered (one in 16 rows per step here).
+    // is hashed and registered (one row in 16 per step here).
     g.bench_function(BenchmarkId::new("decode_step_with_ids", 256), |b| {
-        let batch = 256usize;
-        let counts = vec![1usize; batch];
-        let ids: Vec<i64> = (0..batch as i64).map(|i| i * 7 + 3).collect();
-        let mut out = BatchAppend::default();
-        b.iter_batched_ref(
-            || {
-                let (mut a, t) = with_tables(batch * 64 + 1, batch, 0);
-                // Prompts of 100 distinct tokens, registered as they are appended.
-                let prompt: Vec<i64> = (0..100 * batch as i64).collect();
-                let mut prefill = BatchAppend::default();
-                a.append_batch_with(&t, &vec![100; batch], Some(&prompt), &mut prefill)
-                    .unwrap();
-                (a, t)
-            },
-            |(a, t)| {
-                for step in 0..32i64 {
-                    out.clear();
-                    let sampled: Vec<i64> = ids.iter().map(|x| x + step).collect();
-                    a.append_batch_with(t, &counts, Some(&sampled), &mut out)
-                        .unwrap();
-                }
-                black_box(out.num_registered);
-            },
-            BatchSize::LargeInput,
-        );
+        let mut run = DecodeBatch::new(256, true);
+        b.iter(|| black_box(run.step()));
     });
     g.finish();
 }

@@ -238,6 +238,14 @@ enum Op {
         items: Vec<(usize, Count)>,
         pattern: bool,
     },
+    /// The decode step's call: `append_batch_same` with one count (mostly 1) for every
+    /// table, with or without the appended values as token ids.
+    AppendBatchSame {
+        ts: Vec<usize>,
+        n: usize,
+        with_ids: bool,
+        pattern: bool,
+    },
     /// `register_prefix_batch` of distinct live tables under one salt.
     RegisterBatch {
         ts: Vec<usize>,
@@ -368,6 +376,18 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => (bad_id_strategy(), id_call_strategy()).prop_map(|(id, call)| Op::BadId { id, call }),
         6 => (vec((t(), count_strategy()), 0..4), any::<bool>())
             .prop_map(|(items, pattern)| Op::AppendBatchIds { items, pattern }),
+        4 => (
+            vec(t(), 0..6),
+            prop_oneof![4 => Just(1usize), 1 => 0usize..40],
+            any::<bool>(),
+            any::<bool>()
+        )
+            .prop_map(|(ts, n, with_ids, pattern)| Op::AppendBatchSame {
+                ts,
+                n,
+                with_ids,
+                pattern
+            }),
         2 => (vec(t(), 0..4), 0u8..3).prop_map(|(ts, salt)| Op::RegisterBatch { ts, salt }),
         2 => (vec(0usize..64, 0..4), 0u8..3, proptest::option::weighted(0.2, t()))
             .prop_map(|(sources, salt, bad)| Op::AdoptBatch { sources, salt, bad }),
@@ -786,7 +806,17 @@ impl Run {
             Op::ResetPrefixCache => self.op_reset(),
             Op::BadId { id, call } => self.op_bad_id(*id, *call),
             Op::AppendBatchIds { items, pattern } => {
-                self.op_append_batch_with(items, *pattern, true)
+                self.op_append_batch_with(items, *pattern, true, false)
+            }
+            Op::AppendBatchSame {
+                ts,
+                n,
+                with_ids,
+                pattern,
+            } => {
+                let items: Vec<(usize, Count)> =
+                    ts.iter().map(|&t| (t, Count::Small(*n))).collect();
+                self.op_append_batch_with(&items, *pattern, *with_ids, true)
             }
             Op::RegisterBatch { ts, salt } => self.op_register_batch(ts, *salt),
             Op::AdoptBatch { sources, salt, bad } => self.op_adopt_batch(sources, *salt, *bad),
@@ -957,16 +987,18 @@ impl Run {
     }
 
     fn op_append_batch(&mut self, items: &[(usize, Count)], pattern: bool) -> Res {
-        self.op_append_batch_with(items, pattern, false)
+        self.op_append_batch_with(items, pattern, false, false)
     }
 
     /// `append_batch`, or with `with_ids` the engine's step (`append_batch_with` given the
-    /// appended values as token ids), checked against the model.
+    /// appended values as token ids), checked against the model. With `same` (every count
+    /// equal by construction) the call is `append_batch_same`.
     fn op_append_batch_with(
         &mut self,
         items: &[(usize, Count)],
         pattern: bool,
         with_ids: bool,
+        same: bool,
     ) -> Res {
         let mut picked = Vec::new();
         let mut seen = HashSet::new();
@@ -1012,26 +1044,31 @@ impl Run {
             _ => None,
         };
         let mut num_registered = 0;
-        let r = match &values {
-            Some(v) => {
-                let flat: Vec<i64> = v.concat();
-                let mut out = BatchAppend {
-                    slots,
-                    indptr,
-                    cow_src: cs,
-                    cow_dst: cd,
-                    num_registered: 0,
-                };
-                let r = self
+        let flat: Option<Vec<i64>> = values.as_ref().map(|v| v.concat());
+        let r = if same || flat.is_some() {
+            let mut out = BatchAppend {
+                slots,
+                indptr,
+                cow_src: cs,
+                cow_dst: cd,
+                num_registered: 0,
+            };
+            let r = match items.first() {
+                // Every item is `Small(n)` for one n: the count all tables resolved to.
+                Some(&(_, Count::Small(n))) if same => {
+                    let n = n % (2 * self.m.bs + 1);
+                    self.a.append_batch_same(&ids, n, flat.as_deref(), &mut out)
+                }
+                _ => self
                     .a
-                    .append_batch_with(&ids, &counts, Some(&flat), &mut out);
-                (slots, indptr, cs, cd) = (out.slots, out.indptr, out.cow_src, out.cow_dst);
-                num_registered = out.num_registered;
-                r
-            }
-            None => self
-                .a
-                .append_batch(&ids, &counts, &mut slots, &mut indptr, &mut cs, &mut cd),
+                    .append_batch_with(&ids, &counts, flat.as_deref(), &mut out),
+            };
+            (slots, indptr, cs, cd) = (out.slots, out.indptr, out.cow_src, out.cow_dst);
+            num_registered = out.num_registered;
+            r
+        } else {
+            self.a
+                .append_batch(&ids, &counts, &mut slots, &mut indptr, &mut cs, &mut cd)
         };
         if need > before.available {
             ensure!(

@@ -25,8 +25,16 @@ pub struct PyBlockAllocator {
 /// Bytes of output per appended token (an int64 slot id).
 const SLOT_BYTES: usize = std::mem::size_of::<i64>();
 
-/// `append` releases the GIL from this many tokens on.
+/// `append` and `append_batch` release the GIL from this many tokens (plus rows) on.
 const DETACH_MIN_TOKENS: usize = 1024;
+
+/// `append_batch` keeps its output buffers between calls up to this many slots.
+const APPEND_OUT_KEEP: usize = 1 << 16;
+
+thread_local! {
+    /// `append_batch`'s output buffers, reused by the calls made on this thread.
+    static APPEND_OUT: std::cell::RefCell<BatchAppend> = std::cell::RefCell::new(BatchAppend::default());
+}
 
 type I64Array<'py> = Bound<'py, PyArray1<i64>>;
 type I32Array<'py> = Bound<'py, PyArray1<i32>>;
@@ -96,8 +104,14 @@ impl PyBlockAllocator {
                 call(a, &ids, &indptr, k, salt.as_deref(), &mut out).map(|_| out)
             })
         })?;
-        Ok(out.into_pyarray(py))
+        Ok(to_array(py, out))
     }
+}
+
+/// `append_batch`'s counts: one int for every table, or an array of one per table.
+enum Counts {
+    Same(usize),
+    Each(Vec<usize>),
 }
 
 type PrefixOneFn =
@@ -111,6 +125,16 @@ type PrefixBatchFn = fn(
     Option<&[u8]>,
     &mut Vec<i64>,
 ) -> kvcore_core::Result<()>;
+
+/// A numpy array holding `v`: small results are copied into a plain array, which costs less
+/// than wrapping the vector in an owning base object; large ones are wrapped without a copy.
+fn to_array<T: numpy::Element + Copy>(py: Python<'_>, v: Vec<T>) -> Bound<'_, PyArray1<T>> {
+    if v.len() <= 4096 {
+        PyArray1::from_slice(py, &v)
+    } else {
+        v.into_pyarray(py)
+    }
+}
 
 fn to_i32(v: &[u32]) -> Vec<i32> {
     v.iter().map(|&x| x as i32).collect()
@@ -320,12 +344,18 @@ impl PyBlockAllocator {
         n: &Bound<'py, PyAny>,
     ) -> PyResult<I64Array<'py>> {
         let n = convert::count(n, "n")?;
-        let ids = self.detached(py, |a| {
+        let run = |a: &mut BlockAllocator| {
             let mut ids = Vec::new();
             a.create_tables(n, &mut ids)?;
             Ok(ids)
-        })?;
-        Ok(ids.into_pyarray(py))
+        };
+        // An admission wave's few tables cost less than releasing the GIL.
+        let ids = if n >= DETACH_MIN_TOKENS {
+            self.detached(py, run)?
+        } else {
+            self.with(py, run)?
+        };
+        Ok(to_array(py, ids))
     }
 
     fn num_tokens(&self, py: Python<'_>, table: &Bound<'_, PyAny>) -> PyResult<usize> {
@@ -401,8 +431,8 @@ impl PyBlockAllocator {
         // An exact int (the decode step's 1) skips the array probe of `is_scalar_int`.
         let scalar = num_tokens.is_exact_instance_of::<pyo3::types::PyInt>()
             || convert::is_scalar_int(num_tokens);
-        let counts: Vec<usize> = if scalar {
-            vec![convert::size(num_tokens, "num_tokens", SLOT_BYTES)?; ids.len()]
+        let counts = if scalar {
+            Counts::Same(convert::size(num_tokens, "num_tokens", SLOT_BYTES)?)
         } else {
             let c = convert::i64_array(num_tokens, "num_tokens")?;
             let c = c.as_cow();
@@ -412,30 +442,45 @@ impl PyBlockAllocator {
                     c[i]
                 )));
             }
-            c.iter().map(|&x| x as usize).collect()
+            Counts::Each(c.iter().map(|&x| x as usize).collect())
         };
         // The output holds one slot id per token of the whole batch.
-        let total = counts
-            .iter()
-            .try_fold(0usize, |t, &c| t.checked_add(c))
-            .unwrap_or(usize::MAX);
-        convert::check_len("sum(num_tokens)", total, SLOT_BYTES)?;
+        let total = match &counts {
+            Counts::Same(n) => n.checked_mul(ids.len()),
+            Counts::Each(c) => c.iter().try_fold(0usize, |t, &c| t.checked_add(c)),
+        };
+        convert::check_len("sum(num_tokens)", total.unwrap_or(usize::MAX), SLOT_BYTES)?;
         let tokens = match token_ids {
             Some(t) if !t.is_none() => Some(convert::i64_array(t, "token_ids")?),
             _ => None,
         };
         let tokens = tokens.as_ref().map(|t| t.as_cow());
-        let out = self.detached(py, |a| {
-            let mut out = BatchAppend::default();
-            a.append_batch_with(&ids, &counts, tokens.as_deref(), &mut out)
-                .map(|_| out)
-        })?;
-        Ok((
-            out.slots.into_pyarray(py),
-            out.indptr.into_pyarray(py),
-            to_i32(&out.cow_src).into_pyarray(py),
-            to_i32(&out.cow_dst).into_pyarray(py),
-        ))
+        // The core writes into this thread's reused buffers (taken out of the thread-local
+        // while in use, so a nested call from a finaliser finds it empty, not borrowed); the
+        // results are copied into fresh numpy arrays, cheaper than wrapping new vectors.
+        let mut out = APPEND_OUT.take();
+        out.clear();
+        let run = |a: &mut BlockAllocator| match &counts {
+            Counts::Same(n) => a.append_batch_same(&ids, *n, tokens.as_deref(), &mut out),
+            Counts::Each(c) => a.append_batch_with(&ids, c, tokens.as_deref(), &mut out),
+        };
+        // A decode step (a few hundred rows) is cheaper than releasing the GIL; a prefill is not.
+        if ids.len().saturating_add(total.unwrap_or(usize::MAX)) >= DETACH_MIN_TOKENS {
+            self.detached(py, run)?;
+        } else {
+            self.with(py, run)?;
+        }
+        let arrays = (
+            PyArray1::from_slice(py, &out.slots),
+            PyArray1::from_slice(py, &out.indptr),
+            PyArray1::from_slice(py, &to_i32(&out.cow_src)),
+            PyArray1::from_slice(py, &to_i32(&out.cow_dst)),
+        );
+        // A huge prefill's buffers are not kept for the rest of the thread.
+        if out.slots.capacity() <= APPEND_OUT_KEEP {
+            APPEND_OUT.set(out);
+        }
+        Ok(arrays)
     }
 
     fn fork(&self, py: Python<'_>, table: &Bound<'_, PyAny>) -> PyResult<i64> {

@@ -22,6 +22,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyBytes, PyInt, PyString, PyType};
+use pyo3::PyTypeInfo;
 
 /// A borrowed (contiguous) or copied 1-D array.
 pub enum Arr1<'py, T: numpy::Element> {
@@ -94,6 +95,10 @@ fn numpy_type<'py>(
 }
 
 fn is_masked(obj: &Bound<'_, PyAny>) -> bool {
+    // A plain ndarray (the usual argument) is not masked: skip the costlier isinstance call.
+    if obj.get_type().is(PyUntypedArray::type_object(obj.py())) {
+        return false;
+    }
     static MASKED: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     numpy_type(obj.py(), &MASKED, "numpy.ma", "MaskedArray")
         .and_then(|t| obj.is_instance(&t))
@@ -119,7 +124,7 @@ fn dtype_name(arr: &Bound<'_, PyUntypedArray>) -> String {
 pub fn ndarray<'py>(
     obj: &Bound<'py, PyAny>,
     name: &str,
-    what: &str,
+    what: &(impl std::fmt::Display + ?Sized),
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
     let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
         PyTypeError::new_err(format!("{name} must be {what}, got {}", type_name(obj)))
@@ -139,7 +144,8 @@ fn untyped<'py>(
     name: &str,
     expected: &str,
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
-    let arr = ndarray(obj, name, &format!("a 1-D numpy array of {expected}"))?;
+    // The description is formatted only when an error needs it.
+    let arr = ndarray(obj, name, &format_args!("a 1-D numpy array of {expected}"))?;
     if arr.ndim() != 1 {
         return Err(PyValueError::new_err(format!(
             "{name} must be a 1-D numpy array of {expected}, got an array with shape {:?}",

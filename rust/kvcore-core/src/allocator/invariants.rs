@@ -51,6 +51,16 @@ impl BlockAllocator {
                     t.num_tokens
                 ));
             }
+            if let Some(&last) = t.blocks.last() {
+                if t.num_tokens % bs != 0
+                    && self.pool.ref_cnt[last as usize] > 1
+                    && !(t.may_share_last || t.partial_hashed)
+                {
+                    return fail(format!(
+                        "table slot {idx} shares its partial last block {last} but is not marked as possibly sharing it"
+                    ));
+                }
+            }
             for (i, &b) in t.blocks.iter().enumerate() {
                 let bi = b as usize;
                 if b == 0 || bi >= n {

@@ -68,6 +68,13 @@ pub(crate) struct Table {
     /// full block it shortened keeps its hash for the other owners). Lets an append into a
     /// partial block skip the pool's hash state in every other case.
     pub(crate) partial_hashed: bool,
+    /// The partial last block may be referenced by another table: set by `fork` on both
+    /// tables, cleared by an append (which copies a shared block on write or finds it
+    /// private). With `partial_hashed` (the only other way a partial block can gain a
+    /// reference: adoption of its hash) it says when an append must look at the last
+    /// block's ref count, so a decode step touches neither the block list nor the pool
+    /// for the rows that cannot need a copy.
+    pub(crate) may_share_last: bool,
 }
 
 impl Default for Table {
@@ -81,6 +88,7 @@ impl Default for Table {
             tracked: true,
             salt: None,
             partial_hashed: false,
+            may_share_last: false,
         }
     }
 }
@@ -95,6 +103,7 @@ impl Table {
         self.tracked = true;
         self.salt = None;
         self.partial_hashed = false;
+        self.may_share_last = false;
     }
 
     pub(crate) fn untrack(&mut self) {
@@ -139,9 +148,6 @@ struct TableSlot {
     table: Option<Table>,
     /// Last batch call that touched this slot; rejects a table listed twice in one batch.
     stamp: u64,
-    /// The emptied buffers of the slot's last freed table: a table created in this slot
-    /// reuses them, so the per-table vectors are not grown from nothing again and again.
-    spare: Table,
 }
 
 /// What `append` did besides handing out slots.
@@ -179,11 +185,17 @@ pub struct BlockAllocator {
     block_size: usize,
     pool: BlockPool,
     slots: Vec<TableSlot>,
+    /// Per slot, the emptied buffers of its last freed table: a table created in the slot
+    /// reuses them, so the per-table vectors are not grown from nothing again and again.
+    /// Kept apart from `slots` so a batch call's walk over live tables stays compact.
+    spares: Vec<Table>,
     free_slots: Vec<u32>,
     num_tables: usize,
     batch_stamp: u64,
     /// Scratch buffer for keep positions, reused across compactions.
     scratch_keep: Vec<i64>,
+    /// Scratch buffer for the slot indices of a batch, reused across batch calls.
+    scratch_idxs: Vec<usize>,
 }
 
 impl BlockAllocator {
@@ -220,10 +232,12 @@ impl BlockAllocator {
             block_size,
             pool: BlockPool::new(num_blocks)?,
             slots: Vec::new(),
+            spares: Vec::new(),
             free_slots: Vec::new(),
             num_tables: 0,
             batch_stamp: 0,
             scratch_keep: Vec::new(),
+            scratch_idxs: Vec::new(),
         })
     }
 
@@ -331,8 +345,9 @@ impl BlockAllocator {
     fn insert_table(&mut self, table: Option<Table>) -> TableId {
         self.num_tables += 1;
         if let Some(idx) = self.free_slots.pop() {
+            let spare = &mut self.spares[idx as usize];
             let slot = &mut self.slots[idx as usize];
-            slot.table = Some(table.unwrap_or_else(|| std::mem::take(&mut slot.spare)));
+            slot.table = Some(table.unwrap_or_else(|| std::mem::take(spare)));
             ((slot.generation as i64) << 32) | idx as i64
         } else {
             let idx = self.slots.len();
@@ -341,8 +356,8 @@ impl BlockAllocator {
                 generation: 0,
                 table: Some(table.unwrap_or_default()),
                 stamp: 0,
-                spare: Table::default(),
             });
+            self.spares.push(Table::default());
             idx as i64
         }
     }
@@ -363,6 +378,7 @@ impl BlockAllocator {
         }
         if self.free_slots.is_empty() {
             try_reserve(&mut self.slots, 1, "the table list")?;
+            try_reserve(&mut self.spares, 1, "the table list")?;
         }
         Ok(())
     }
@@ -381,6 +397,7 @@ impl BlockAllocator {
         try_reserve(out, n, "n")?;
         let fresh = n.saturating_sub(self.free_slots.len());
         try_reserve(&mut self.slots, fresh, "n")?;
+        try_reserve(&mut self.spares, fresh, "n")?;
         for _ in 0..n {
             out.push(self.insert_table(None));
         }
@@ -413,35 +430,10 @@ impl BlockAllocator {
     // Append, fork, free
     // ----------------------------------------------------------------------------------
 
-    /// Blocks that appending `n` tokens to a table of `num_tokens` tokens takes from the
-    /// pool, counting the copy-on-write block when the partial last block is shared.
-    #[inline]
-    fn blocks_for_append(&self, t: &Table, n: usize) -> Option<usize> {
-        if n == 0 {
-            return Some(0);
-        }
-        let bs = self.block_size;
-        let used_in_last = used_in_last(bs, t);
-        let (room, cow) = if used_in_last == 0 {
-            (0, 0)
-        } else {
-            let last = *t.blocks.last().expect("partial table has a block");
-            (
-                bs - used_in_last,
-                usize::from(self.pool.ref_cnt[last as usize] > 1),
-            )
-        };
-        let rest = n.saturating_sub(room);
-        let fresh = rest.div_ceil(bs);
-        // Reject lengths whose slot ids could not be represented at all.
-        t.num_tokens.checked_add(n)?;
-        fresh.checked_add(cow)
-    }
-
     /// Blocks `append(id, n)` would take from the pool right now (0 for `n == 0`).
     pub fn blocks_needed(&self, id: TableId, n: usize) -> Result<usize> {
         let t = self.table(id)?;
-        Ok(self.blocks_for_append(t, n).unwrap_or(usize::MAX))
+        Ok(blocks_for_append(self.block_size, &self.pool, t, n).unwrap_or(usize::MAX))
     }
 
     fn out_of_blocks(&self, needed: usize) -> KvError {
@@ -467,7 +459,7 @@ impl BlockAllocator {
         let table = self.slots[idx].table.as_mut().expect("live slot");
         let pool = &mut self.pool;
         let mut cow = None;
-        if n > 0 && used_in_last(bs, table) != 0 {
+        if n > 0 && used_in_last(bs, table) != 0 && last_may_be_shared(table) {
             let last_i = table.blocks.len() - 1;
             let last = table.blocks[last_i];
             if pool.ref_cnt[last as usize] > 1 {
@@ -484,6 +476,7 @@ impl BlockAllocator {
         }
         if n > 0 {
             table.partial_hashed = false;
+            table.may_share_last = false;
         }
         let start = table.num_tokens;
         let end = start + n;
@@ -511,8 +504,7 @@ impl BlockAllocator {
     /// changed). Errors: unknown or freed table.
     pub fn append(&mut self, id: TableId, n: usize, out: &mut Vec<i64>) -> Result<AppendOutcome> {
         let idx = self.slot_index(id)?;
-        let needed = self
-            .blocks_for_append(self.table_at(idx), n)
+        let needed = blocks_for_append(self.block_size, &self.pool, self.table_at(idx), n)
             .unwrap_or(usize::MAX);
         if needed > self.pool.num_available() {
             return Err(self.out_of_blocks(needed));
@@ -574,10 +566,70 @@ impl BlockAllocator {
                 counts.len()
             )));
         }
-        let mut idxs = Vec::new();
-        self.batch_indices(ids, &mut idxs)?;
+        self.append_batch_counts(ids, Counts::Each(counts), tokens, out)
+    }
+
+    /// [`append_batch_with`](Self::append_batch_with) with the same count `n` for every
+    /// table: a decode step is `append_batch_same(running, 1, Some(sampled), out)`.
+    pub fn append_batch_same(
+        &mut self,
+        ids: &[TableId],
+        n: usize,
+        tokens: Option<&[i64]>,
+        out: &mut BatchAppend,
+    ) -> Result<()> {
+        self.append_batch_counts(ids, Counts::Same(n), tokens, out)
+    }
+
+    fn append_batch_counts(
+        &mut self,
+        ids: &[TableId],
+        counts: Counts<'_>,
+        tokens: Option<&[i64]>,
+        out: &mut BatchAppend,
+    ) -> Result<()> {
+        let mut idxs = std::mem::take(&mut self.scratch_idxs);
+        let r = self.check_batch_append(ids, counts, tokens, &mut idxs);
+        if r.is_ok() {
+            self.apply_batch_append(&idxs, counts, tokens, out);
+        }
+        self.scratch_idxs = idxs;
+        r
+    }
+
+    /// Validates a whole batch append (ids, duplicates, token count, capacity) in one pass
+    /// over the tables and resolves the ids to slot indices in `idxs`. Changes nothing but
+    /// the batch stamps.
+    fn check_batch_append(
+        &mut self,
+        ids: &[TableId],
+        counts: Counts<'_>,
+        tokens: Option<&[i64]>,
+        idxs: &mut Vec<usize>,
+    ) -> Result<()> {
+        let bs = self.block_size;
+        self.batch_stamp += 1;
+        let stamp = self.batch_stamp;
+        idxs.clear();
+        idxs.reserve(ids.len());
+        let mut needed = 0usize;
+        for (i, &id) in ids.iter().enumerate() {
+            let idx = self.slot_index(id)?;
+            let slot = &mut self.slots[idx];
+            if slot.stamp == stamp {
+                return Err(KvError::InvalidArgument(format!(
+                    "table {id} appears more than once in the batch"
+                )));
+            }
+            slot.stamp = stamp;
+            idxs.push(idx);
+            let t = slot.table.as_ref().expect("checked by slot_index");
+            needed = blocks_for_append(bs, &self.pool, t, counts.get(i))
+                .and_then(|b| needed.checked_add(b))
+                .unwrap_or(usize::MAX);
+        }
+        let total = counts.total(ids.len());
         if let Some(t) = tokens {
-            let total = counts.iter().try_fold(0usize, |acc, &c| acc.checked_add(c));
             if total != Some(t.len()) {
                 return Err(KvError::InvalidArgument(format!(
                     "token_ids must hold one id per appended token ({}), got {}",
@@ -586,31 +638,46 @@ impl BlockAllocator {
                 )));
             }
         }
-        let mut needed = 0usize;
-        for (&idx, &n) in idxs.iter().zip(counts) {
-            needed = self
-                .blocks_for_append(self.table_at(idx), n)
-                .and_then(|b| needed.checked_add(b))
-                .unwrap_or(usize::MAX);
-        }
         if needed > self.pool.num_available() {
             return Err(self.out_of_blocks(needed));
         }
-        out.indptr.reserve(ids.len() + 1);
+        Ok(())
+    }
+
+    /// Applies a batch append that `check_batch_append` accepted.
+    fn apply_batch_append(
+        &mut self,
+        idxs: &[usize],
+        counts: Counts<'_>,
+        tokens: Option<&[i64]>,
+        out: &mut BatchAppend,
+    ) {
+        let bs = self.block_size;
+        // Every table's length was checked to fit, so the total fits too.
+        out.slots.reserve(counts.total(idxs.len()).unwrap_or(0));
+        out.indptr.reserve(idxs.len() + 1);
         out.indptr.push(out.slots.len() as i64);
         let mut at = 0usize;
-        for (&idx, &n) in idxs.iter().zip(counts) {
-            let toks = tokens.map(|t| &t[at..at + n]);
+        for (i, &idx) in idxs.iter().enumerate() {
+            let n = counts.get(i);
+            let (cow, registered) = if n == 1 {
+                // The decode step: one token, no division, no chain bookkeeping beyond a push.
+                let table = self.slots[idx].table.as_mut().expect("live slot");
+                let tok = tokens.map(|t| t[at]);
+                append_one(bs, table, &mut self.pool, tok, &mut out.slots)
+            } else {
+                let toks = tokens.map(|t| &t[at..at + n]);
+                let (outcome, registered) = self.append_at(idx, n, toks, &mut out.slots);
+                (outcome.cow, registered)
+            };
             at += n;
-            let (outcome, registered) = self.append_at(idx, n, toks, &mut out.slots);
-            if let Some((s, d)) = outcome.cow {
+            if let Some((s, d)) = cow {
                 out.cow_src.push(s);
                 out.cow_dst.push(d);
             }
             out.num_registered += registered;
             out.indptr.push(out.slots.len() as i64);
         }
-        Ok(())
     }
 
     /// A new table sharing every block of `id` (ref counts go up; no block is taken).
@@ -618,7 +685,11 @@ impl BlockAllocator {
     pub fn fork(&mut self, id: TableId) -> Result<TableId> {
         self.table(id)?;
         self.room_for_one_table()?;
-        let child = self.table(id)?.clone();
+        let idx = self.slot_index(id)?;
+        let parent = self.slots[idx].table.as_mut().expect("live slot");
+        // Both tables now share the partial last block (if any).
+        parent.may_share_last = true;
+        let child = parent.clone();
         for &b in &child.blocks {
             self.pool.incref(b);
         }
@@ -633,8 +704,8 @@ impl BlockAllocator {
             self.pool.decref(b);
         }
         table.reset();
+        self.spares[idx] = table;
         let slot = &mut self.slots[idx];
-        slot.spare = table;
         slot.generation += 1;
         if slot.generation < MAX_GENERATION {
             self.free_slots.push(idx as u32);
@@ -918,6 +989,134 @@ fn extend_chain(bs: usize, table: &mut Table, pool: &mut BlockPool, mut tokens: 
     registered
 }
 
+/// The per-table counts of a batch append: one count for every table, or one each.
+#[derive(Clone, Copy)]
+enum Counts<'a> {
+    Same(usize),
+    Each(&'a [usize]),
+}
+
+impl Counts<'_> {
+    #[inline]
+    fn get(&self, i: usize) -> usize {
+        match *self {
+            Counts::Same(n) => n,
+            Counts::Each(c) => c[i],
+        }
+    }
+
+    /// The total over `len` tables; `None` when it overflows.
+    fn total(&self, len: usize) -> Option<usize> {
+        match *self {
+            Counts::Same(n) => n.checked_mul(len),
+            Counts::Each(c) => c.iter().try_fold(0usize, |acc, &x| acc.checked_add(x)),
+        }
+    }
+}
+
+/// Blocks that appending `n` tokens to `t` takes from the pool, counting the copy-on-write
+/// block when the partial last block is shared; `None` when the table's length would
+/// overflow.
+#[inline]
+fn blocks_for_append(bs: usize, pool: &BlockPool, t: &Table, n: usize) -> Option<usize> {
+    if n == 0 {
+        return Some(0);
+    }
+    let used_in_last = used_in_last(bs, t);
+    let (room, cow) = if used_in_last == 0 {
+        (0, 0)
+    } else if !last_may_be_shared(t) {
+        (bs - used_in_last, 0)
+    } else {
+        let last = *t.blocks.last().expect("partial table has a block");
+        (
+            bs - used_in_last,
+            usize::from(pool.ref_cnt[last as usize] > 1),
+        )
+    };
+    // The decode step's rows (n within the room left, or one token into a fresh block)
+    // need no division.
+    let fresh = if n <= room {
+        0
+    } else if n - room <= bs {
+        1
+    } else {
+        (n - room).div_ceil(bs)
+    };
+    // Reject lengths whose slot ids could not be represented at all.
+    t.num_tokens.checked_add(n)?;
+    fresh.checked_add(cow)
+}
+
+/// Appends one token to `t` (capacity already checked) and pushes its slot id: the decode
+/// step's row. Does what `append_at` does for `n == 1`, without its divisions and slices:
+/// a fresh block when the last one is full (or there is none), else a copy-on-write of a
+/// shared partial block, or the unregistering of a partial block that still carries a hash.
+/// With `tok` a tracked table pushes the id to its tail and registers the block it fills.
+/// Returns the copy-on-write pair and the blocks newly registered (0 or 1).
+#[inline]
+fn append_one(
+    bs: usize,
+    t: &mut Table,
+    pool: &mut BlockPool,
+    tok: Option<i64>,
+    slots: &mut Vec<i64>,
+) -> (Option<(BlockId, BlockId)>, usize) {
+    let nb = t.blocks.len();
+    // Tokens in the last block; `bs` when it is full or there is none.
+    let used = if nb == 0 {
+        bs
+    } else {
+        t.num_tokens - (nb - 1) * bs
+    };
+    let mut cow = None;
+    let (block, off) = if used == bs {
+        let b = pool.pop();
+        t.blocks.push(b);
+        (b, 0)
+    } else {
+        let last = t.blocks[nb - 1];
+        if last_may_be_shared(t) && pool.ref_cnt[last as usize] > 1 {
+            let fresh = pool.pop();
+            pool.decref(last);
+            t.blocks[nb - 1] = fresh;
+            cow = Some((last, fresh));
+            (fresh, used)
+        } else {
+            if t.partial_hashed {
+                // See `append_at`: a compaction can leave a hash on a partial block.
+                pool.unregister(last);
+            }
+            (last, used)
+        }
+    };
+    t.partial_hashed = false;
+    t.may_share_last = false;
+    t.num_tokens += 1;
+    slots.push((block as usize * bs + off) as i64);
+    let registered = match tok {
+        Some(id) if t.tracked => {
+            t.tail.push(id);
+            if t.tail.len() == bs {
+                let parent = t.hashes.last().copied().unwrap_or(prefix::ROOT_HASH);
+                let h = prefix::hash_block(parent, &t.tail, t.salt.as_deref());
+                let fresh = pool.register(t.blocks[t.hashes.len()], h);
+                t.hashes.push(h);
+                t.tail.clear();
+                usize::from(fresh)
+            } else {
+                0
+            }
+        }
+        Some(_) => 0,
+        None => {
+            t.untrack();
+            0
+        }
+    };
+    (cow, registered)
+}
+
 /// Rejects engine keys of width 0 (they would name every block alike).
 fn check_keys(keys: &BlockKeys<'_>) -> Result<()> {
     match *keys {
@@ -956,6 +1155,13 @@ fn check_indptr(indptr: &[i64], n: usize, total: usize, name: &str, values: &str
         )));
     }
     Ok(())
+}
+
+/// Whether another table may reference `t`'s partial last block (see `Table::may_share_last`);
+/// when false, its ref count is known to be 1.
+#[inline]
+fn last_may_be_shared(t: &Table) -> bool {
+    t.may_share_last || t.partial_hashed
 }
 
 /// Tokens in the table's last block, or 0 when that block is full or there is none.
