@@ -305,6 +305,8 @@ def test_refusals_name_the_option(model: Any) -> None:
         kvs.enable(model, kv_format="int4")
     with pytest.raises(ValueError, match="budget"):
         kvs.enable(model, "snapkv")
+    with pytest.raises(ValueError, match="window"):
+        kvs.enable(model, "snapkv", budget=8, window=16)
     with pytest.raises(ValueError, match="budget= given without a policy"):
         kvs.enable(model, budget=8)
     with pytest.raises(ValueError, match="'h2o' cannot run under continuous batching"):

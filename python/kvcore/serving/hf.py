@@ -827,6 +827,7 @@ def enable(
     if pol is not None:
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
             raise ValueError(f"a policy needs budget= a positive int, got {budget!r}")
+        pol.check_budget(budget)  # e.g. SnapKV's window must fit the budget
     elif budget is not None:
         raise ValueError("budget= given without a policy")
     groups = group_layers_by_attn_type(model.config.get_text_config())
