@@ -33,3 +33,19 @@ def test_serving_table_matches_the_json() -> None:
     assert len(lines) >= 4
     for line in lines:
         assert line in text, line
+
+
+def test_the_benchmark_runs_end_to_end_on_a_tiny_model(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torch", reason="the benchmark needs torch")
+    pytest.importorskip("transformers", reason="the benchmark needs transformers")
+    try:
+        import kvcore.serving.hf  # noqa: F401
+    except ImportError as err:
+        pytest.skip(str(err))
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_serving import main
+
+    assert main(["--smoke", "--ratios", "4"]) == 0  # writes nothing
+    out = capsys.readouterr().out
+    for run in ("engine", "kvcore", "kvcore-snapkv-4x"):
+        assert f"{run}: in flight" in out
