@@ -1,0 +1,51 @@
+"""docs/benchmarks.md quotes bench/results/serving.json exactly (every run, and the targets)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+JSON = ROOT / "bench" / "results" / "serving.json"
+HEADING = "## Serving under continuous batching"
+
+
+def section() -> str:
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    start = doc.index(HEADING)
+    end = doc.find("\n## ", start + len(HEADING))
+    return doc[start : end if end >= 0 else len(doc)]
+
+
+def test_serving_table_matches_the_json() -> None:
+    if not JSON.exists():
+        pytest.skip(
+            "bench/results/serving.json is not committed yet (python bench/bench_serving.py)"
+        )
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_serving import table
+
+    text = section()
+    lines = [line for line in table(json.loads(JSON.read_text())).splitlines() if line]
+    assert len(lines) >= 4
+    for line in lines:
+        assert line in text, line
+
+
+def test_the_benchmark_runs_end_to_end_on_a_tiny_model(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torch", reason="the benchmark needs torch")
+    pytest.importorskip("transformers", reason="the benchmark needs transformers")
+    try:
+        import kvcore.serving.hf  # noqa: F401
+    except ImportError as err:
+        pytest.skip(str(err))
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_serving import main
+
+    assert main(["--smoke", "--ratios", "4"]) == 0  # writes nothing
+    out = capsys.readouterr().out
+    for run in ("engine", "kvcore", "kvcore-snapkv-4x"):
+        assert f"{run}: in flight" in out
