@@ -222,7 +222,11 @@ pub fn razor_retrieval_heads(
         // Rounded to 1e-9 first: 0.14 * 100 is 14.000000000000002 in f64, and must give 14.
         let k = (((ratio * rows as f64 * 1e9).round() / 1e9).ceil() as usize).min(rows);
         let mut idx: Vec<usize> = (0..rows).collect();
-        idx.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+        // Equal scores (-0.0 and 0.0 included: total_cmp would order them) go to the lower
+        // head index; the scores are finite (checked above), so partial_cmp never fails.
+        idx.sort_by(|&a, &b| {
+            s[b].partial_cmp(&s[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
+        });
         for &r in &idx[..k] {
             out[r] = true;
         }
@@ -417,5 +421,12 @@ mod tests {
         assert_eq!(i, 0.0);
         let heads = razor_retrieval_heads(&[0.1, 0.9, 0.2], &[0.3, 0.1, 0.3], 0.01, 0.3).unwrap();
         assert_eq!(heads, vec![true, true, false]);
+    }
+
+    #[test]
+    fn razor_signed_zeros_tie_and_go_to_the_lower_head() {
+        // -0.0 == 0.0: the first of the tied heads is taken, as with any other tie.
+        let heads = razor_retrieval_heads(&[-0.0, 0.0], &[0.0, 0.0], 0.5, 0.0).unwrap();
+        assert_eq!(heads, vec![true, false]);
     }
 }
