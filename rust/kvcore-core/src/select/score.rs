@@ -225,7 +225,9 @@ pub fn razor_retrieval_heads(
         // Equal scores (-0.0 and 0.0 included: total_cmp would order them) go to the lower
         // head index; the scores are finite (checked above), so partial_cmp never fails.
         idx.sort_by(|&a, &b| {
-            s[b].partial_cmp(&s[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b))
+            s[b].partial_cmp(&s[a])
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.cmp(&b))
         });
         for &r in &idx[..k] {
             out[r] = true;
