@@ -66,13 +66,24 @@ KVPRESS_VENV = ROOT / ".venv-kvpress"
 # compares, at equal bytes held, eviction alone with what kvcore has and kvpress lacks:
 # quantized pages with light eviction, MiKV tiers, merges. "full+FMT" keeps every token in
 # format FMT.
-_EVICTION = ("streaming", "knorm", "snapkv", "h2o", "tova", "pyramidkv", "adakv", "infinipot")
+_EVICTION = (
+    "streaming",
+    "knorm",
+    "snapkv",
+    "h2o",
+    "tova",
+    "pyramidkv",
+    "adakv",
+    "infinipot",
+    "expected_attention",
+)
 GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
     "issue18": {
         # the query-agnostic and query-aware eviction policies alone
         **{p: (0.5, 0.25, 0.125) for p in _EVICTION},
-        # quantized pages that keep every token, or most of them
-        **{f"full+{f}": (1.0,) for f in ("int4", "kivi4", "kivi2", "int2")},
+        # quantized pages that keep every token, or most of them (int pages quantize keys
+        # per channel: int4 stores kivi4's bytes, int2 kivi2's, so those two are not repeated)
+        **{f"full+{f}": (1.0,) for f in ("int8", "int4", "kivi2")},
         **{
             f"{p}+{f}": (0.75, 0.5)
             for p in ("tova", "infinipot", "snapkv")

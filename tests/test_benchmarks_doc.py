@@ -125,6 +125,19 @@ def test_qwen_4k_equal_memory_table_matches_the_json() -> None:
     assert quality_report.equal_memory(quality_report.with_fractions(summary)) in section
 
 
+def test_int4_keys_section_quotes_the_json() -> None:
+    """The int4 key-format section quotes the tables bench/int4_keys.py renders from its
+    committed JSON (per-layer errors on Qwen at 4k, and the needle answers)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import int4_keys
+    finally:
+        sys.path.pop(0)
+    res = json.loads((ROOT / "bench" / "results" / "int4_keys.json").read_text())
+    assert res["answers"], "the committed run answered the needle questions (--answers)"
+    assert int4_keys.markdown(res) in _section("## int4 keys on a model with outlier key channels")
+
+
 def test_gpu_section_is_generated_from_the_gpu_checks() -> None:
     """The GPU section is exactly what bench/gpu_report.py renders from the committed
     gpu_check_*.json / kernels_*.json / e2e_*.json (tools/gpu_check.py collect)."""

@@ -321,6 +321,7 @@ REG_CASES = {
     "razor": ({"sinks": 2, "local_capacity": 8, "retrieval": RETRIEVAL}, None),
     "locret": ({"stabilizers": 2}, 8),
     "longgen": ({"layer_kinds": ("sink", "full"), "sinks": 2}, None),
+    "expected_attention": ({"n_future_positions": 16, "n_sink": 2}, None),
 }
 
 

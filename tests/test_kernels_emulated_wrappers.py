@@ -148,7 +148,11 @@ def test_decode_attention_kernel_path(emulated: None, quantized: bool) -> None:
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(kv_format="int4"), dict(kv_format="int8", evicted_format="int2")],
+    # per-token pages (key_quant="token"): their pieces are what the launch moves
+    [
+        dict(kv_format="int4", key_quant="token"),
+        dict(kv_format="int8", key_quant="token", evicted_format="int2"),
+    ],
     ids=["int4-pages", "int8-pages-mikv2-tier"],
 )
 def test_quantized_cache_compaction_kernel_path(

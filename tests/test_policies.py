@@ -28,6 +28,7 @@ def test_registry_has_every_method_of_the_issue():
         "razor",
         "locret",
         "longgen",
+        "expected_attention",
     }
     assert set(ALL) == want
 
@@ -67,6 +68,7 @@ def test_unknown_names_and_params_list_the_valid_ones():
         ("knorm", {"skip_layers": (0, -1)}, "skip_layers"),
         ("longgen", {"layer_kinds": ("full", "dense")}, "layer_kinds"),
         ("h2o", {"budget": -3}, "budget must be None or an int >= 0"),
+        ("expected_attention", {"n_future_positions": 0}, "n_future_positions must be an int"),
     ],
 )
 def test_parameter_validation(name, params, match):

@@ -19,10 +19,12 @@ from kvcore import policies as P  # noqa: E402
 from kvcore import statistics  # noqa: E402
 from kvcore.cache import KVCache  # noqa: E402
 from kvcore.policies import Need  # noqa: E402
+from kvcore.policies.expected_attention import expected_attention  # noqa: E402
 from kvcore.scoring import get  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 L, H, HQ, D, BS = 2, 2, 4, 8, 4
+ROPE = 1.0 / (100.0 ** (torch.arange(0, D, 2).float() / D))  # inv_freq, for needs_rope
 
 
 def kept_positions(c: KVCache, layer: int) -> list[list[int]]:
@@ -56,6 +58,7 @@ PARAMS: dict[str, dict[str, Any]] = {
     },
     "locret": {"stabilizers": 1},
     "longgen": {"layer_kinds": ("sink", "full"), "sinks": 1},
+    "expected_attention": {"n_future_positions": 8, "n_sink": 1},
 }
 
 
@@ -64,7 +67,7 @@ def test_the_protocol_cases_cover_every_policy():
 
 
 def reference_scores(
-    pol: P.Policy, k: torch.Tensor, q: torch.Tensor
+    pol: P.Policy, k: torch.Tensor, q: torch.Tensor, v: torch.Tensor | None = None
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """``(H, n)`` scores and the extra select inputs of one layer, written from each need's
     definition (one sequence, the last ``w`` tokens observed, nothing accumulated before)."""
@@ -80,6 +83,14 @@ def reference_scores(
         inputs["nuc"] = (1 - cos).mean(1)[0].numpy().astype(np.float32)
     if pol.config.get("retrieval") is not None:
         inputs["retrieval"] = pol.config["retrieval"].reshape(-1).numpy()
+    if Need.VALUES in pol.needs:  # Expected Attention: its scores from the stored state
+        # (its formula against explicit RoPE matrices: test_policies_expected_attention.py)
+        assert v is not None
+        params = {key: val for key, val in pol.config.items() if key != "budget"}
+        pos, ok = torch.arange(n).expand(1, H, n), torch.ones(1, H, n, dtype=torch.bool)
+        qpos = torch.arange(n - w, n)
+        ea = expected_attention(k, v, pos, ok, q, qpos, None, ROPE, D**-0.5, **params)
+        return ea[0].numpy(), inputs
     if Need.WINDOW_PROBS in pol.needs:
         return pol.score(probs.numpy(), H)[0], inputs
     if pol.needs & {Need.QUERY_ATTENTION, Need.ACCUMULATED}:
@@ -95,7 +106,8 @@ def test_the_cache_keeps_what_the_policy_selects_from_its_statistics(name):
     """Each layer keeps what the registry selects from statistics computed here from their
     definitions: the cache computed what the policy declares and nothing else."""
     pol = get(name, 6, **PARAMS[name])
-    c = KVCache(L, H, D, block_size=BS, capacity=32, policy=pol)
+    rope = ROPE if pol.needs_rope else None
+    c = KVCache(L, H, D, block_size=BS, capacity=32, policy=pol, rope=rope)
     g = torch.Generator().manual_seed(11)
     n = 16
     expected = []
@@ -104,7 +116,7 @@ def test_the_cache_keeps_what_the_policy_selects_from_its_statistics(name):
         q = torch.randn(1, HQ, 4, D, generator=g)
         c.observe(layer, q)
         c.update(layer, k, v)
-        s, inputs = reference_scores(pol, k, q)
+        s, inputs = reference_scores(pol, k, q, v)
         rows = np.zeros((L, H, n), np.float32)
         rows[layer] = s
         sel = pol.select(rows, 6, **inputs)
@@ -118,7 +130,7 @@ def test_declared_needs_drive_what_the_cache_and_hooks_do():
         pol = get(name, 8, **PARAMS[name])
         statistics.check_needs(pol)
         assert pol.needs_queries == bool(
-            pol.needs & {Need.WINDOW_PROBS, Need.QUERY_ATTENTION, Need.ACCUMULATED}
+            pol.needs & {Need.WINDOW_PROBS, Need.QUERY_ATTENTION, Need.ACCUMULATED, Need.QUERIES}
         )
         assert pol.accumulates == (Need.ACCUMULATED in pol.needs)
     locret = get("locret", 8, stabilizers=1, score_fn=lambda inp: inp.accumulated)

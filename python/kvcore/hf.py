@@ -436,7 +436,8 @@ def compressed_cache(
         config: the cache's :class:`~kvcore.cache.CacheConfig` (schedule, capacity, page
             format, merges, MiKV tier); None: built from ``keywords``.
         **keywords: :class:`KVCache`'s keywords (``schedule``, ``positions``, ``capacity``,
-            ``capacity_bytes``, ``block_size``, ``kv_format``, ``quant_group``, ``merge``,
+            ``capacity_bytes``, ``block_size``, ``kv_format``, ``quant_group``,
+            ``key_quant``, ``merge``,
             ``merge_threshold``, ``merge_sigma``, ``merge_window``, ``merge_seed``,
             ``merge_bias``, ``evicted_format``, ``evicted_capacity``; ``kv_format="int4"``
             stores quantized pages, ``merge="ems"``, ``"kvmerger"`` or ``"cam"`` merges
@@ -475,6 +476,7 @@ def compressed_cache(
         )
     pol = get(policy, budget, **policy_params) if isinstance(policy, str) else policy
     param = next(model.parameters())
+    pol_rope = pol is not None and pol.needs_rope
     kv = KVCache(
         num_layers,
         heads,
@@ -482,7 +484,7 @@ def compressed_cache(
         dtype=param.dtype,
         device=param.device,
         policy=pol,
-        rope=_rope(model) if config.positions == "compact" else None,
+        rope=_rope(model) if config.positions == "compact" or pol_rope else None,
         config=config,
     )
     install(model)

@@ -48,6 +48,9 @@ class ScoreInputs:
         query_valid: ``(B, w)`` bool, False for padding queries.
         scaling: the attention softmax scale.
         num_layers: layers of the cache (layer-dependent rules need it).
+        values: ``(B, H, T, D)`` stored values, read only for a policy that needs them
+            (None otherwise).
+        rope: ``(R / 2,)`` the layer's RoPE ``inv_freq`` when the cache has them, else None.
     """
 
     layer_idx: int
@@ -60,6 +63,8 @@ class ScoreInputs:
     query_valid: torch.Tensor | None
     scaling: float
     num_layers: int = 1
+    values: torch.Tensor | None = None
+    rope: torch.Tensor | None = None
 
 
 Provider = Callable[[ScoreInputs], Any]
@@ -133,6 +138,18 @@ def _keys(inp: ScoreInputs) -> torch.Tensor:
     return inp.keys
 
 
+def _values(inp: ScoreInputs) -> torch.Tensor:
+    if inp.values is None:
+        raise ValueError("the stored values were not read for this layer's statistics")
+    return inp.values
+
+
+def _queries(inp: ScoreInputs) -> torch.Tensor:
+    if inp.queries is None:
+        raise ValueError("this policy needs observed queries: call cache.observe(...) first")
+    return inp.queries
+
+
 #: The cache's provider of each need. ``Need.EXTERNAL_SCORES`` has none on purpose: such
 #: scores come from outside (the policy's :meth:`~kvcore.policies.Policy.providers`).
 STATISTICS: dict[Need, Provider] = {
@@ -140,6 +157,8 @@ STATISTICS: dict[Need, Provider] = {
     Need.QUERY_ATTENTION: window_attention,
     Need.ACCUMULATED: _accumulated,
     Need.KEYS: _keys,
+    Need.VALUES: _values,
+    Need.QUERIES: _queries,
     Need.NOVELTY: key_novelty,
 }
 
@@ -149,8 +168,11 @@ def _shape(need: Need, inp: ScoreInputs) -> tuple[int, ...]:
     if need is Need.WINDOW_PROBS:
         assert inp.queries is not None  # window_probs refused a step without queries
         return (b, inp.queries.shape[1], inp.queries.shape[2], t)
-    if need is Need.KEYS:
+    if need in (Need.KEYS, Need.VALUES):
         return (b, h, t, inp.keys.shape[3])
+    if need is Need.QUERIES:
+        assert inp.queries is not None  # _queries refused a step without queries
+        return tuple(inp.queries.shape)
     if need is Need.NOVELTY:
         return (b, t)
     return (b, h, t)

@@ -424,7 +424,8 @@ def test_quantized_pages_round_trip_and_shrink_memory(fmt, bits):
     from kvcore.quant import dequantize, quantize
 
     layout = kvcore.QuantLayout(bits, D, 1, D, "channel", "float16")
-    c = KVCache(L, H, D, capacity=16, block_size=BS, kv_format=fmt)
+    # the per-token page layout (int pages default to per-channel keys: test_int_keys.py)
+    c = KVCache(L, H, D, capacity=16, block_size=BS, kv_format=fmt, key_quant="token")
     native = KVCache(L, H, D, capacity=16, block_size=BS)
     k, v = kv(2, 11, 1), kv(2, 11, 2)
     keys, values = c.update(0, k, v)
@@ -467,7 +468,8 @@ def test_quantized_pages_are_one_layout_block_of_the_tokens(bits, group):
     page = kvcore.QuantLayout(bits, group, BS, D, "channel", "float16")
     tok = kvcore.QuantLayout(bits, group, 1, D, "channel", "float16")
     pol = get("streaming", 6, sinks=2)
-    c = KVCache(1, H, D, capacity=16, block_size=BS, kv_format=fmt, quant_group=group, policy=pol)
+    kw = dict(kv_format=fmt, quant_group=group, key_quant="token")  # the per-token layout
+    c = KVCache(1, H, D, capacity=16, block_size=BS, policy=pol, **kw)
     k, v = kv(1, 10, 1), kv(1, 10, 2)
     c.update(0, k, v)  # 2 full pages and 2 tokens per stream, before the compression
     bt = c.allocator.vllm_layout(c.tables[:, 0].reshape(-1))[0].astype(np.int64)
@@ -492,7 +494,7 @@ def test_quantized_pages_are_one_layout_block_of_the_tokens(bits, group):
         bt = c.allocator.vllm_layout(c.tables[:, 0].reshape(-1))[0].astype(np.int64)
         # the first page is whole again: one block of tokens 0, 1, 6, 7
         assert torch.equal(c.k_pool[bt[h, 0]], quantize(k[0, h, kept[:4]], page))
-    full = KVCache(1, H, D, capacity=16, block_size=BS, kv_format=fmt, quant_group=group)
+    full = KVCache(1, H, D, capacity=16, block_size=BS, **kw)
     want_keys, want_values = full.update(0, k[:, :, kept], v[:, :, kept])
     assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
 

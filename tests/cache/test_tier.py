@@ -210,7 +210,9 @@ def test_prefill_multi_query_sees_the_whole_low_tier(high):
     # a multi-token step after a compression: every query token sees every low-tier token
     # (with quantized high-tier pages too, whose prefill chunks take another attention path)
     k, v = prompt(b=1, t=24)
-    cache = make("int8", budget=16, kv_format=high)
+    # a MiKV high tier of int pages encodes tokens alone: keys per token (key_quant="token")
+    per_token = {} if high == "native" else {"key_quant": "token"}
+    cache = make("int8", budget=16, kv_format=high, **per_token)
     cache.update(0, k, v)
     cache.compress(0)
     k2, v2 = prompt(b=1, t=3, seed=9)

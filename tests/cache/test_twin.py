@@ -68,6 +68,8 @@ class TwinCaches(RuleBasedStateMachine):
         if mikv and policy != "none" and kv_format != "kivi2":
             kw["evicted_format"] = "int2"
             kw["quant_group"] = 4
+            if kv_format == "int4":  # a MiKV high tier of int pages: keys per token
+                kw["key_quant"] = "token"
         self.policy = policy
         self.kv_format = kv_format
         self.caches = [

@@ -37,6 +37,7 @@ __all__ = [
 BITS = {"native": 0, "int8": 8, "int4": 4, "int2": 2, "kivi2": 2, "kivi4": 4}
 MERGES = (None, "ems", "kvmerger", "cam")
 LO_FORMATS = ("int8", "int4", "int2")
+KEY_QUANTS = ("channel", "token")
 
 
 def _is_int(v: object) -> bool:
@@ -121,15 +122,26 @@ class StorageConfig:
 
     Attributes:
         kv_format: ``"native"`` (``dtype`` vectors), ``"int8"`` / ``"int4"`` / ``"int2"``
-            (one quantized layout block per page), ``"kivi2"`` / ``"kivi4"`` (KIVI: sealed
-            pages per channel / per token, an open page in ``dtype``); docs/cache.md.
-        quant_group: channels per quantization group (None: ``min(32, head_dim)``).
+            (quantized pages, keys as ``key_quant`` says), ``"kivi2"`` / ``"kivi4"`` (KIVI:
+            sealed pages per channel / per token, an open page in ``dtype``); docs/cache.md.
+        quant_group: channels per quantization group of the per-token parts (None:
+            ``min(32, head_dim)``).
         block_size: tokens per page.
+        key_quant: how ``int8`` / ``int4`` / ``int2`` pages quantize keys. ``"channel"``
+            (the default): per channel, one group of ``block_size`` tokens per channel and
+            page, values per token, the stream's last page in ``dtype`` until it fills (the
+            layout of KIVI's pages, at the format's bits). ``"token"``: keys per token like the
+            values, every token encoded alone into its page (needed by a MiKV high tier). Per
+            token, a few outlier key channels (|K| of 150 against a median of 5 to 10 in
+            Qwen2.5's first layers) set every group's range and break attention
+            (``bench/results/int4_keys.json``). None: ``"channel"`` for int formats; KIVI
+            formats are always per channel, native pages ignore it (only None allowed).
     """
 
     kv_format: str = "native"
     quant_group: int | None = None
     block_size: int = 16
+    key_quant: str | None = None
 
     def __post_init__(self) -> None:
         if self.kv_format not in BITS:
@@ -141,6 +153,16 @@ class StorageConfig:
             _is_int(self.quant_group) and self.quant_group >= 1
         ):
             raise ValueError(f"quant_group must be an int >= 1, got {self.quant_group!r}")
+        if self.key_quant is not None:
+            if self.key_quant not in KEY_QUANTS:
+                raise ValueError(
+                    f"key_quant must be None, 'channel' or 'token', got {self.key_quant!r}"
+                )
+            if self.kv_format not in ("int8", "int4", "int2"):
+                raise ValueError(
+                    f"key_quant applies to kv_format 'int8', 'int4' or 'int2', not "
+                    f"{self.kv_format!r} (KIVI pages always quantize keys per channel)"
+                )
         bits = BITS[self.kv_format]
         if self.kivi and self.block_size * bits % 8:
             raise ValueError(
@@ -156,7 +178,11 @@ class StorageConfig:
 
     @property
     def kivi(self) -> bool:
-        return self.kv_format.startswith("kivi")
+        """Pages of KIVI's layout (keys per channel, values per token, an open page in
+        ``dtype``): ``kivi2`` / ``kivi4``, and int pages with per-channel keys."""
+        if self.kv_format.startswith("kivi"):
+            return True
+        return self.bits > 0 and self.key_quant != "token"
 
     def group(self, head_dim: int) -> int:
         """The quantization group for a head size."""
@@ -315,7 +341,11 @@ class CacheConfig:
         if self.tier.enabled:
             why = None
             if self.storage.kivi:
-                why = "a kv_format other than KIVI's"
+                why = (
+                    "a kv_format other than KIVI's layout (keys per channel): 'native', or "
+                    "'int8' / 'int4' / 'int2' with key_quant='token', whose tokens are "
+                    "encoded alone"
+                )
             elif self.merge.method is not None:
                 why = "merge=None (evicted tokens go to the low tier, not into kept ones)"
             elif self.positions != "original":
@@ -385,6 +415,7 @@ KEYWORDS: dict[str, tuple[str, str]] = {
     "scaling": ("", "scaling"),
     "kv_format": ("storage", "kv_format"),
     "quant_group": ("storage", "quant_group"),
+    "key_quant": ("storage", "key_quant"),
     "merge": ("merge", "method"),
     "merge_threshold": ("merge", "threshold"),
     "merge_sigma": ("merge", "sigma"),

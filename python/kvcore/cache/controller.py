@@ -14,6 +14,7 @@ import torch
 
 from kvcore.cache.merges import Merges
 from kvcore.cache.selection import fold_plan, layer_selection
+from kvcore.policies.base import Need
 from kvcore.scoring import ScoreInputs
 
 
@@ -146,6 +147,12 @@ class Controller(Merges):
             query_valid=None if obs is None else obs[2],
             scaling=self.scaling,
             num_layers=self.num_layers,
+            values=(
+                self._read(self.v_pool, idx.reshape(-1)).reshape(b, h, -1, d)
+                if self.policy is not None and Need.VALUES in self.policy.needs
+                else None
+            ),
+            rope=None if self._rope is None else self._rope[layer],
         )
         return inp, slots, tables
 

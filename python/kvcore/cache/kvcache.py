@@ -79,17 +79,20 @@ class KVCache(AttentionDispatch):
         rope: the RoPE ``inv_freq`` ``(R / 2,)`` of every layer (one tensor, or one per
             layer), needed by ``positions="compact"``.
         scaling: attention softmax scale for scoring (default ``head_dim ** -0.5``).
-        kv_format: ``"native"`` (the pools hold ``dtype`` vectors) or ``"int8"``, ``"int4"``,
-            ``"int2"``: every page is one block of issue 4's layout
-            ``QuantLayout(bits, quant_group, block_size, head_dim, "channel", "float16")``
-            (packed codes, then one float16 scale and zero point per group); a token is
-            encoded alone (:func:`kvcore.kernels.quantize`) and its codes and metadata are
-            scattered into its page, and it is dequantized to ``dtype`` when read.
-            ``"kivi2"``, ``"kivi4"``: KIVI (docs/cache.md): full pages sealed, keys per channel
+        kv_format: ``"native"`` (the pools hold ``dtype`` vectors), ``"int8"``, ``"int4"``,
+            ``"int2"`` (quantized pages, keys as ``key_quant`` says), or ``"kivi2"``,
+            ``"kivi4"``: KIVI (docs/cache.md): full pages sealed, keys per channel
             (``QuantLayout(bits, block_size, block_size, head_dim, "token")``), values per
             token; each stream's open last page in ``dtype`` in a residual buffer.
-        quant_group: channels per quantization group (default ``min(32, head_dim)``; KIVI:
-            of the values).
+        quant_group: channels per quantization group (default ``min(32, head_dim)``; with
+            per-channel keys: of the values).
+        key_quant: int pages only. ``"channel"`` (default): KIVI's page layout at the
+            format's bits (keys per channel, values per token, the open page in ``dtype``).
+            ``"token"``: every page is one block of
+            ``QuantLayout(bits, quant_group, block_size, head_dim, "channel", "float16")``, a
+            token encoded alone (:func:`kvcore.kernels.quantize`) with its codes and metadata
+            scattered into its page; it breaks attention on models with outlier key channels
+            (docs/cache.md, "Quantized pages").
         merge, merge_threshold, merge_sigma, merge_window, merge_seed, merge_bias: merging
             the tokens the policy evicts into the kept ones: None, ``"ems"``, ``"kvmerger"``
             or ``"cam"`` and their parameters (:class:`~kvcore.cache.MergeConfig`,
@@ -98,8 +101,9 @@ class KVCache(AttentionDispatch):
             ``"int8"``, ``"int4"`` or ``"int2"`` pages of at most ``evicted_capacity`` tokens
             per stream, oldest dropped first (:class:`~kvcore.cache.TierConfig`,
             docs/cache.md). :meth:`attend` reads both tiers; :meth:`update`'s dense return is
-            the high tier only. Needs a policy without a compensation token, a non-KIVI
-            ``kv_format``, ``merge=None`` and ``positions="original"``.
+            the high tier only. Needs a policy without a compensation token, a high tier whose
+            tokens are encoded alone (``kv_format="native"``, or int pages with
+            ``key_quant="token"``), ``merge=None`` and ``positions="original"``.
         config: a :class:`~kvcore.cache.CacheConfig` holding all of the keywords above
             except ``dtype``, ``device``, ``policy`` and ``rope`` (give either ``config`` or
             those keywords, not both); ``cache.config`` is the one the cache was built with.
@@ -126,6 +130,7 @@ class KVCache(AttentionDispatch):
         scaling: float | None = None,
         kv_format: str = "native",
         quant_group: int | None = None,
+        key_quant: str | None = None,
         merge: str | None = None,
         merge_threshold: float = 0.5,
         merge_sigma: float | None = None,
@@ -152,6 +157,7 @@ class KVCache(AttentionDispatch):
             "scaling": scaling,
             "kv_format": kv_format,
             "quant_group": quant_group,
+            "key_quant": key_quant,
             "merge": merge,
             "merge_threshold": merge_threshold,
             "merge_sigma": merge_sigma,
@@ -180,6 +186,11 @@ class KVCache(AttentionDispatch):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if config.positions == "compact" and rope is None:
             raise ValueError("positions='compact' needs rope= (the layers' RoPE inv_freq)")
+        if policy is not None and policy.needs_rope and rope is None:
+            raise ValueError(
+                f"{policy.name} needs rope= (the layers' RoPE inv_freq) to take the observed "
+                "queries back before RoPE; kvcore.hf.compressed_cache passes the model's"
+            )
         self.config = config
         storage, tier, mc = config.storage, config.tier, config.merge
         block_size = storage.block_size

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from kvcore.policies.adakv import AdaKVPolicy
 from kvcore.policies.base import HeadGroup, Need, Policy, Selection, select_topk
+from kvcore.policies.expected_attention import ExpectedAttentionPolicy
 from kvcore.policies.h2o import H2OPolicy
 from kvcore.policies.infinipot import InfiniPotPolicy
 from kvcore.policies.knorm import KNormPolicy
@@ -42,6 +43,7 @@ from kvcore.policies.tova import TOVAPolicy
 __all__ = [
     "BUDGET",
     "AdaKVPolicy",
+    "ExpectedAttentionPolicy",
     "H2OPolicy",
     "HeadGroup",
     "InfiniPotPolicy",
@@ -124,6 +126,7 @@ for _cls in (
     RazorPolicy,
     LocretPolicy,
     LongGenPolicy,
+    ExpectedAttentionPolicy,
 ):
     register(_cls)
 

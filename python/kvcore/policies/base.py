@@ -48,6 +48,11 @@ class Need(enum.Enum):
     ACCUMULATED = "accumulated"
     #: ``(B, H, T, D)`` stored (rotated) keys.
     KEYS = "keys"
+    #: ``(B, H, T, D)`` stored values.
+    VALUES = "values"
+    #: ``(B, Hq, w, D)`` the observed (rotated) queries themselves, at the positions
+    #: ``inputs.query_positions``.
+    QUERIES = "queries"
     #: ``(B, T)`` float32 novelty of each token, shared by the heads (``1 - cos`` with the
     #: mean key, averaged over heads).
     NOVELTY = "novelty"
@@ -57,7 +62,7 @@ class Need(enum.Enum):
 
 
 # Needs that read the observed queries of a step (the HF hooks then compute them).
-_QUERY_NEEDS = frozenset({Need.WINDOW_PROBS, Need.QUERY_ATTENTION, Need.ACCUMULATED})
+_QUERY_NEEDS = frozenset({Need.WINDOW_PROBS, Need.QUERY_ATTENTION, Need.ACCUMULATED, Need.QUERIES})
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,9 @@ class Policy:
     #: says why (the ValueError's message).
     accepts_head_budgets: ClassVar[bool] = True
     head_budget_refusal: ClassVar[str] = ""
+    #: Whether scoring needs the layers' RoPE frequencies (``ScoreInputs.rope``): a cache
+    #: built without ``rope=`` refuses the policy.
+    needs_rope: ClassVar[bool] = False
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(self.params))
