@@ -12,6 +12,11 @@ pytest.importorskip("transformers", reason="needs transformers")
 
 from transformers import ContinuousBatchingConfig, GenerationConfig  # noqa: E402
 
+try:
+    import kvcore.serving.hf as kvs
+except ImportError as e:  # another transformers series: refused at import (docs/serving.md 7)
+    pytest.skip(f"kvcore.serving.hf refuses this transformers: {e}", allow_module_level=True)
+
 pytestmark = pytest.mark.model
 
 CODES = ["4817", "2093", "7364"]
@@ -50,8 +55,6 @@ def generate(model: Any, inputs: list[list[int]]) -> tuple[dict[str, Any], dict[
 
 
 def test_real_model_equal_without_compression_and_answers_with_it(smollm2_sdpa: Any) -> None:
-    import kvcore.serving.hf as kvs
-
     model, tok = smollm2_sdpa
     inputs = [needle(tok, c) for c in CODES]
     ref, _ = generate(model, inputs)
