@@ -17,64 +17,64 @@ if TYPE_CHECKING:
     from kvcore.serving.paged import KVCorePagedCache, _Request
 
 
-def layer_mean_scores(self: KVCorePagedCache, r: _Request, slots: torch.Tensor) -> torch.Tensor:
-    policy = self.settings.policy
+def layer_mean_scores(cache: KVCorePagedCache, r: _Request, slots: torch.Tensor) -> torch.Tensor:
+    policy = cache.settings.policy
     assert policy is not None
     n = len(slots)
-    h = self.num_kv_heads
+    h = cache.num_kv_heads
     total = torch.zeros(n, dtype=torch.float32)
-    positions = torch.arange(n, device=self.device).expand(1, h, n)
-    for layer in range(self.num_layers):
-        keys = self.k[layer, slots].transpose(0, 1).unsqueeze(0)
+    positions = torch.arange(n, device=cache.device).expand(1, h, n)
+    for layer in range(cache.num_layers):
+        keys = cache.k[layer, slots].transpose(0, 1).unsqueeze(0)
         q = r.queries[layer]
         queries = qpos = None
         if q is not None:
             queries = q.unsqueeze(0)
-            qpos = torch.arange(n - q.shape[1], n, device=self.device)
+            qpos = torch.arange(n - q.shape[1], n, device=cache.device)
         inp = statistics.ScoreInputs(
             layer_idx=layer,
             keys=keys,
-            valid=torch.ones(1, h, n, dtype=torch.bool, device=self.device),
+            valid=torch.ones(1, h, n, dtype=torch.bool, device=cache.device),
             positions=positions,
-            accumulated=torch.zeros(1, h, n, device=self.device),
+            accumulated=torch.zeros(1, h, n, device=cache.device),
             queries=queries,
             query_positions=qpos,
             query_valid=None,
-            scaling=self.scaling,
-            num_layers=self.num_layers,
+            scaling=cache.scaling,
+            num_layers=cache.num_layers,
         )
         s = torch.as_tensor(policy.scores_from(statistics.compute(policy, inp)))
         total += s[0].float().mean(0).cpu()
-    return total / self.num_layers
+    return total / cache.num_layers
 
 
-def compress(self: KVCorePagedCache, r: _Request, state: RequestState) -> None:
-    policy = self.settings.policy
+def compress(cache: KVCorePagedCache, r: _Request, state: RequestState) -> None:
+    policy = cache.settings.policy
     assert policy is not None
-    n = self.allocator.num_tokens(r.table)
+    n = cache.allocator.num_tokens(r.table)
     lo = r.adopted  # shared prefix blocks: evicting from them frees nothing
     r.last_compressed_at = state.generated_len()
-    if n - lo <= self.settings.budget:
+    if n - lo <= cache.settings.budget:
         return
-    slots = torch.as_tensor(self.allocator.slot_mapping(r.table), device=self.device)
-    scores = layer_mean_scores(self, r, slots)[lo:].numpy()
-    sel = policy.select(scores.reshape(1, 1, -1), budget=self.settings.budget)
+    slots = torch.as_tensor(cache.allocator.slot_mapping(r.table), device=cache.device)
+    scores = layer_mean_scores(cache, r, slots)[lo:].numpy()
+    sel = policy.select(scores.reshape(1, 1, -1), budget=cache.settings.budget)
     keep = np.concatenate([np.arange(lo, dtype=np.int64), sel.positions + lo])
-    used = self.allocator.num_used_blocks
+    used = cache.allocator.num_used_blocks
     try:
-        src, dst = self.allocator.compact(r.table, keep)
+        src, dst = cache.allocator.compact(r.table, keep)
     except _k.OutOfBlocksError:
-        self._counters["compressions_skipped"] += 1
+        cache._counters["compressions_skipped"] += 1
         return
     if len(src):
-        s = torch.as_tensor(src, device=self.device)
-        d = torch.as_tensor(dst, device=self.device)
-        self.k[:, d] = self.k[:, s]
-        self.v[:, d] = self.v[:, s]
+        s = torch.as_tensor(src, device=cache.device)
+        d = torch.as_tensor(dst, device=cache.device)
+        cache.k[:, d] = cache.k[:, s]
+        cache.v[:, d] = cache.v[:, s]
     evicted = n - len(keep)
     r.delta += evicted
     r.compressed = True
     state.position_offset = len(keep)
-    self._counters["compressions"] += 1
-    self._counters["tokens_evicted"] += evicted
-    self._counters["blocks_freed"] += max(0, used - self.allocator.num_used_blocks)
+    cache._counters["compressions"] += 1
+    cache._counters["tokens_evicted"] += evicted
+    cache._counters["blocks_freed"] += max(0, used - cache.allocator.num_used_blocks)
