@@ -230,8 +230,9 @@ class Controller(Merges):
 
         The K and V pages move as the page format moves them
         (:meth:`kvcore.cache.formats.PageFormat.move`), the state tensors with them: native
-        and per-token quantized pages in one :func:`kvcore.kernels.compact_pools` call (one
-        CUDA launch on CUDA with CuPy, the torch reference otherwise).
+        pages and the state in one :func:`kvcore.kernels.compact_pools` call (one CUDA launch
+        on CUDA with CuPy, the torch reference otherwise), a quantized token's pieces in one
+        more.
         """
         state = [self.slot_pos, self.slot_valid, self.slot_score, self.slot_count]
         self.format.move(self.store, src, dst, state)

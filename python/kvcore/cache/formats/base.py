@@ -257,9 +257,8 @@ class PageFormat(ABC):
         state: Sequence[torch.Tensor] = (),
     ) -> None:
         """A compaction plan: slot ``dst[i]`` takes what ``src[i]`` holds, K and V, and so does
-        every per-slot tensor of ``state`` (one row per slot), in the same
-        :func:`kvcore.kernels.compact_pools` call where the format's pages allow it. No move
-        reads a slot an earlier one wrote.
+        every per-slot tensor of ``state`` (one row per slot; native pages: in the same
+        :func:`kvcore.kernels.compact_pools` call). No move reads a slot an earlier one wrote.
 
         Raises:
             as :meth:`read`, or ``src`` and ``dst`` of different lengths.

@@ -3,9 +3,11 @@ block_size, head_dim)``, read by the attention kernels as they are."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from kvcore.cache.formats.base import PageStore
+from kvcore.cache.formats.base import PageStore, compact
 from kvcore.cache.formats.token import TokenFormat
 
 
@@ -34,3 +36,9 @@ class NativeFormat(TokenFormat):
 
     def slot_views(self, pool: torch.Tensor) -> list[tuple[torch.Tensor, int, int]]:
         return [(pool, 0, self.head_dim)]  # one row per slot, contiguous
+
+    def _move(
+        self, store: PageStore, src: torch.Tensor, dst: torch.Tensor, state: Sequence[torch.Tensor]
+    ) -> None:
+        """One row per slot, like the state: the pools and ``state`` in one launch."""
+        compact([store.k, store.v, *state], src, dst, store.num_blocks * self.block_size)

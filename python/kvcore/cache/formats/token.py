@@ -61,9 +61,12 @@ class TokenFormat(PageFormat):
     def _move(
         self, store: PageStore, src: torch.Tensor, dst: torch.Tensor, state: Sequence[torch.Tensor]
     ) -> None:
-        """Each token moves as its pieces, with ``state``, in one ``compact_pools`` call."""
+        """Each token moves as its pieces (K and V) in one ``compact_pools`` call, ``state`` in
+        another."""
         views = [v for pool in (store.k, store.v) for v, _, _ in self.slot_views(pool)]
-        compact([*views, *state], src, dst, store.num_blocks * self.block_size)
+        num_slots = store.num_blocks * self.block_size
+        compact(views, src, dst, num_slots)
+        compact(state, src, dst, num_slots)
 
     def _nbytes(self, store: PageStore, slots: torch.Tensor) -> int:
         return len(torch.unique(slots // self.block_size)) * self.page_bytes
