@@ -1188,13 +1188,15 @@ fn push_slots(bs: usize, t: &Table, start: usize, end: usize, out: &mut Vec<i64>
         return;
     }
     out.reserve(end - start);
+    // Block by block: each block's slots are consecutive ids, a loop the compiler vectorises.
     let (mut bi, mut off) = (start / bs, start % bs);
-    for _ in start..end {
-        out.push((t.blocks[bi] as usize * bs + off) as i64);
-        off += 1;
-        if off == bs {
-            off = 0;
-            bi += 1;
-        }
+    let mut pos = start;
+    while pos < end {
+        let take = (bs - off).min(end - pos);
+        let base = (t.blocks[bi] as usize * bs + off) as i64;
+        out.extend((0..take as i64).map(|k| base + k));
+        pos += take;
+        off = 0;
+        bi += 1;
     }
 }

@@ -12,6 +12,7 @@
 //!
 //! A block is in the queue exactly when its `ref_cnt` is 0 (the null block never is).
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
@@ -176,9 +177,7 @@ impl BlockPool {
         let i = b as usize;
         if let Some(h) = self.hash[i].take() {
             self.num_cached -= 1;
-            if self.index.get(&h) == Some(&b) {
-                self.index.remove(&h);
-            }
+            self.index_remove(h, b);
         } else {
             self.num_free -= 1;
         }
@@ -230,12 +229,28 @@ impl BlockPool {
     /// de-duplicate, so block tables stay append-only.
     pub(crate) fn register(&mut self, b: BlockId, h: BlockHash) -> bool {
         let i = b as usize;
-        if self.hash[i].is_some() || self.index.contains_key(&h) {
+        if self.hash[i].is_some() {
             return false;
         }
-        self.index.insert(h, b);
-        self.hash[i] = Some(h);
-        true
+        // One probe of the index for the check and the insertion.
+        match self.index.entry(h) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(v) => {
+                v.insert(b);
+                self.hash[i] = Some(h);
+                true
+            }
+        }
+    }
+
+    /// Drops `h` from the index if it names block `b` (one probe).
+    #[inline]
+    fn index_remove(&mut self, h: BlockHash, b: BlockId) {
+        if let Entry::Occupied(e) = self.index.entry(h) {
+            if *e.get() == b {
+                e.remove();
+            }
+        }
     }
 
     /// Removes a referenced block's registration because its contents are about to change.
@@ -243,9 +258,7 @@ impl BlockPool {
         let i = b as usize;
         debug_assert!(self.ref_cnt[i] > 0, "unregister of an unreferenced block");
         if let Some(h) = self.hash[i].take() {
-            if self.index.get(&h) == Some(&b) {
-                self.index.remove(&h);
-            }
+            self.index_remove(h, b);
         }
     }
 
