@@ -220,7 +220,7 @@ def main() -> None:
     rope = kh._rope(model)
     rows = measure(layers, budget, rope)
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
     result = {
         "benchmark": "prefill_peak",
