@@ -11,7 +11,10 @@ hands its cache and the rotated queries of every token (the same projections and
 in the model's order (``observe`` with the policy's window, then ``update``; ``append`` for
 a MiKV tier, as the ``kvcore`` attention does), so every method sees the same tensors
 without running the model again. ``tests/cache/test_prefill_peak.py`` checks on a tiny
-Llama that the replay and the model's own forward leave the same cache and the same peak.
+Llama that the replay and the model's own forward leave the same peak and stored lengths
+(and with native pages the same K/V: with quantized pages the model's later layers would read
+dequantized pages where the recording read full-precision ones, which changes which tokens a
+layer keeps, not how many under a per-head budget, so not the pools).
 
 Per method it reports, all in bytes:
 
@@ -101,7 +104,7 @@ def capture(model: Any, ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in kh._attn_modules(model)]
     try:
         with kh.install(model), torch.no_grad():
-            model(input_ids=ids, use_cache=True, past_key_values=cache, logits_to_keep=1)
+            model(input_ids=ids, use_cache=True, logits_to_keep=1, **kh.cache_kwargs(model, cache))
     finally:
         for h in handles:
             h.remove()

@@ -183,3 +183,39 @@ def test_hf_prefill_peak_and_generation_match_the_reserved_pools():
     # budget 24 plus the decode steps: two pages a stream in every layer
     held = cfg.num_hidden_layers * cfg.num_key_value_heads * 2 * page
     assert kv.peak_memory_bytes() <= held + layer_prompt < kv_fixed.peak_memory_bytes()
+
+
+def test_the_benchmarks_replay_leaves_the_cache_the_models_forward_leaves():
+    """bench/prefill_peak.py replays a recorded prefill instead of running the model per
+    method: the same peak and lengths (and, with native pages, the same K/V)."""
+    pytest.importorskip("transformers", reason="kvcore.hf needs transformers")
+    import sys
+    from pathlib import Path
+
+    from tiny_llama import tiny
+
+    import kvcore.hf as kh
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import prefill_peak as pp
+
+    model = tiny("sdpa", num_hidden_layers=4)
+    ids = torch.randint(1, 64, (1, 96), generator=torch.Generator().manual_seed(11))
+    layers = pp.capture(model, ids)
+    for policy, kw in (("snapkv", {}), ("tova", {"kv_format": "int4", "quant_group": 8})):
+        cache = kh.compressed_cache(model, policy, 48, **kw)
+        with torch.no_grad():
+            model(input_ids=ids, **kh.cache_kwargs(model, cache))
+        kv = cache.kv
+        kv.flush()
+        rep = pp.replay(layers, policy, 48, kw, kh._rope(model))
+        assert kv.num_compressions == rep.num_compressions > 0
+        assert rep.peak_memory_bytes() == kv.peak_memory_bytes()
+        assert np.array_equal(rep.stored_lengths(), kv.stored_lengths())
+        if kw:
+            # quantized pages: the model's later layers read dequantized pages, the recording
+            # full-precision ones, so which tokens are kept may differ, not how many
+            continue
+        for layer in range(kv.num_layers):
+            for x, y in zip(rep._gather_dense(layer), kv._gather_dense(layer), strict=True):
+                assert torch.equal(x, y)
