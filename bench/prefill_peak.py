@@ -130,7 +130,7 @@ def replay(
         rope=rope if pol is not None and pol.needs_rope else None,
         config=CacheConfig.from_keywords(**keywords),
     )
-    paged = kv.lo_layout is not None  # MiKV: the kvcore attention appends, reads the pages
+    paged = kv.lo_format is not None  # MiKV: the kvcore attention appends, reads the pages
     for i, layer in enumerate(layers):
         if pol is not None and pol.needs_queries:
             w = pol.observe_window or layer["q"].shape[2]
@@ -159,8 +159,8 @@ def held_bytes(kv: KVCache) -> int:
     bs = kv.block_size
     pages = int((-(-kv.stored_lengths() // bs)).sum())
     total = pages * (page_bytes(kv.k_pool, bs) + page_bytes(kv.v_pool, bs))
-    if kv.kivi:
-        total += kv.res_k.numel() * kv.res_k.element_size() * 2  # one open page a stream
+    if kv.config.kivi:  # one open page a stream, in full precision
+        total += kv.store.res_k.numel() * kv.store.res_k.element_size() * 2
     if kv.lo_allocator is not None:
         lo_pages = int((-(-kv.evicted_lengths() // bs)).sum())
         total += lo_pages * (page_bytes(kv.lo_k_pool, bs) + page_bytes(kv.lo_v_pool, bs))

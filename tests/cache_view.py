@@ -40,3 +40,16 @@ def block_table(cache, layer: int) -> np.ndarray:
     """``(B * H, W)`` int64 block ids of the layer's streams (the allocator's vLLM table)."""
     tables = np.ascontiguousarray(cache.tables[:, layer].reshape(-1))
     return cache.allocator.vllm_layout(tables)[0].astype(np.int64)
+
+
+def stored_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, H, T, D)`` K and V of the layer's stored tokens in the high tier, read through the
+    cache's page format (its public protocol: ``cache.format.read(cache.store, side, slots)``),
+    zeros past each stream's end: what :meth:`KVCache.update` returns."""
+    slots, mask = table_slots(cache.allocator, cache.tables[:, layer], cache.lengths[:, layer])
+    idx = slots.clamp(min=0).reshape(-1).to(cache.device)
+    b, h, d = cache.batch_size, cache.num_kv_heads, cache.head_dim
+    m = mask.to(cache.device).reshape(b, h, -1, 1)
+    k = cache.format.read(cache.store, "k", idx).reshape(b, h, -1, d)
+    v = cache.format.read(cache.store, "v", idx).reshape(b, h, -1, d)
+    return k * m, v * m

@@ -102,7 +102,7 @@ def test_registry_policies_on_int4_pages_on_the_real_model(smollm2, name, params
     # int4 pages keep keys per channel: the pools plus each stream's open page in bf16
     kv = comp.kv
     pools = kv.k_pool.nbytes + kv.v_pool.nbytes
-    assert kv.memory_bytes() == pools + kv.res_k.nbytes + kv.res_v.nbytes
+    assert kv.memory_bytes() == pools + kv.store.res_k.nbytes + kv.store.res_v.nbytes
 
 
 def test_the_demo_takes_a_registry_policy_and_a_page_format(smollm2, capsys):

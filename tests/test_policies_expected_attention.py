@@ -9,6 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the policy's statistics need torch")
 
+from cache_view import stream_slots  # noqa: E402
 from tiny_llama import tiny  # noqa: E402
 
 import kvcore.hf as kh  # noqa: E402
@@ -122,7 +123,7 @@ def test_the_cache_keeps_the_top_scores_and_the_sinks():
     c.flush()
     want = ours(k.float().double(), v.float().double(), q_rot.float().double())
     for h in range(H):
-        slots, _ = c._slots(c.tables[:, 0].reshape(-1), c.lengths[:, 0].reshape(-1))
+        slots = stream_slots(c, 0)
         kept = sorted(c.slot_pos[slots[h]].tolist())
         top = sorted(want[h].topk(10).indices.tolist())
         assert kept == top and {0, 1} <= set(kept)
@@ -156,4 +157,5 @@ def test_compressed_cache_runs_it_on_a_model():
         model(input_ids=nxt, **kh.cache_kwargs(model, cache))
     lengths = cache.kv.stored_lengths()
     assert (lengths == 13).all(), lengths
-    assert cache.kv._rope is not None and cache.kv.num_compressions > 0
+    # the cache refuses a policy that needs RoPE without rope=: compressed_cache passed it
+    assert cache.kv.policy.needs_rope and cache.kv.num_compressions > 0

@@ -1,5 +1,8 @@
 """``python -m kvcore demo``: a long document with a hidden fact, full cache vs compressed.
 
+(``python -m kvcore serve``: transformers' OpenAI-compatible server over kvcore's cache,
+:mod:`kvcore.serving.serve`.)
+
 The document is real reference prose shipped with every CPython (``pydoc_data.topics``); one
 sentence with a made-up fact is hidden in its middle. SmolLM2-135M-Instruct (the embedded
 model) reads it and answers a question about the fact twice: with a full kvcore cache, and
@@ -188,9 +191,19 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # its options go on to transformers serve: parsed there
+        from kvcore.serving.serve import main as serve
+
+        return serve(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m kvcore")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="full vs compressed cache on a long document")
+    sub.add_parser(
+        "serve",
+        help="transformers serve over kvcore's cache (python -m kvcore serve --help)",
+        add_help=False,
+    )
     d.add_argument("--tokens", type=int, default=1000, help="document length in tokens")
     d.add_argument("--budget", type=int, default=256, help="tokens kept per layer and kv-head")
     from kvcore.policies import names

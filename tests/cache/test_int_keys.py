@@ -78,9 +78,9 @@ def test_planted_outlier_channels_break_per_token_keys_not_per_channel_ones(seed
 
 def test_int_pages_default_to_per_channel_keys_with_an_open_page():
     cache = KVCache(1, H, D, block_size=BS, kv_format="int4")
-    assert cache.config.storage.kivi and cache.k_layout.axis == "token"
-    assert (cache.k_layout.group_size, cache.k_layout.num_tokens) == (BS, BS)
-    assert cache.v_layout.axis == "channel" and cache.v_layout.group_size == 32
+    assert cache.config.storage.kivi and cache.format.k_layout.axis == "token"
+    assert (cache.format.k_layout.group_size, cache.format.k_layout.num_tokens) == (BS, BS)
+    assert cache.format.v_layout.axis == "channel" and cache.format.v_layout.group_size == 32
     k, v, _, _ = planted(3)
     keys, values = cache.update(0, k[:, :, :40], v[:, :, :40])
     # the open page (tokens 32..39) is exact; the sealed ones within 4 bits per channel
@@ -91,7 +91,7 @@ def test_int_pages_default_to_per_channel_keys_with_an_open_page():
     assert (err <= step / 2 + 1e-3 * page.abs().amax()).all()
     # the explicit per-token layout is the old one: one block per page, no residual
     old = KVCache(1, H, D, block_size=BS, kv_format="int4", key_quant="token")
-    assert not old.config.storage.kivi and old.layout is not None and old.layout.axis == "channel"
+    assert not old.config.storage.kivi and old.format.layout.axis == "channel"
 
 
 def test_per_channel_int_pages_cost_their_bytes():
@@ -104,7 +104,7 @@ def test_per_channel_int_pages_cost_their_bytes():
     kb, vb = b.update(0, k[:, :, :40], v[:, :, :40])
     assert torch.equal(ka, kb) and torch.equal(va, vb)
     assert a.used_bytes() == b.used_bytes()
-    sealed = 2 * (int(a.k_layout.nbytes) + int(a.v_layout.nbytes))
+    sealed = 2 * (int(a.format.k_layout.nbytes) + int(a.format.v_layout.nbytes))
     assert a.used_bytes() == H * (sealed + 8 * 2 * D * 4)
 
 

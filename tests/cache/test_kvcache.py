@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the torch cache needs torch (pip install .[torch])")
 
-from cache_view import block_table, stream_slots  # noqa: E402
+from cache_view import block_table, stored_kv, stream_slots  # noqa: E402
 
 import kvcore  # noqa: E402
 from kvcore.cache import KVCache, Schedule, rotate_keys  # noqa: E402
@@ -327,7 +327,7 @@ def test_restore_drops_the_tokens_after_the_snapshot_and_frees_their_blocks():
     prefill(c, kv(1, 20), kv(1, 20, 1))
     assert c.allocator is not None
     snap = c.snapshot()  # runs the pending prefill compression first
-    before_k = [c._gather_dense(layer)[0].clone() for layer in range(L)]
+    before_k = [stored_kv(c, layer)[0].clone() for layer in range(L)]
     used = c.allocator.num_used_blocks
     for step in range(3):  # a "question": a multi-token step then two decode steps
         n = 9 if step == 0 else 1
@@ -339,7 +339,7 @@ def test_restore_drops_the_tokens_after_the_snapshot_and_frees_their_blocks():
     assert c.allocator.num_used_blocks == used
     assert c.get_seq_length() == 20 and (c.stored_lengths() == 6).all()
     for layer in range(L):
-        torch.testing.assert_close(c._gather_dense(layer)[0], before_k[layer], rtol=0, atol=0)
+        torch.testing.assert_close(stored_kv(c, layer)[0], before_k[layer], rtol=0, atol=0)
     c.allocator.check_invariants()
     # The restored cache keeps working: the next step lands where the dropped one did.
     for layer in range(L):
@@ -414,7 +414,7 @@ def test_registry_policies_equal_the_torch_references_on_tie_free_scores():
             c = KVCache(L, H, D, block_size=BS, capacity=32, policy=pol)
             prefill(c, kv(1, 14), kv(1, 14, 1))
             c.flush()
-            kept.append([c._gather_dense(layer)[0] for layer in range(L)])
+            kept.append([stored_kv(c, layer)[0] for layer in range(L)])
         for a, b in zip(*kept, strict=True):
             assert torch.equal(a, b), new.name
 
@@ -482,15 +482,17 @@ def test_quantized_pages_are_one_layout_block_of_the_tokens(bits, group):
         # the partial page: each token's codes, scales and zeros are its one-token block's
         for o in range(2):
             one = quantize(v[0, h, 8 + o : 9 + o], tok)
-            assert torch.equal(c._get(c.v_pool, torch.tensor([bt[h, 2] * BS + o]))[0], one)
+            assert torch.equal(
+                c.format.stored(c.store, "v", torch.tensor([bt[h, 2] * BS + o]))[0], one
+            )
     c.flush()  # StreamingLLM keeps 0, 1, 6..9: four tokens move to other slots
     assert (c.stored_lengths() == 6).all()
     kept = torch.tensor([0, 1, 6, 7, 8, 9])
-    keys, values = c._gather_dense(0)
+    keys, values = stored_kv(c, 0)
     for h in range(H):
         want_k = quantize(k[0, h, kept].reshape(6, 1, D), tok)
         idx = stream_slots(c, 0)
-        assert torch.equal(c._get(c.k_pool, idx[h]), want_k)
+        assert torch.equal(c.format.stored(c.store, "k", idx[h]), want_k)
         bt = c.allocator.vllm_layout(c.tables[:, 0].reshape(-1))[0].astype(np.int64)
         # the first page is whole again: one block of tokens 0, 1, 6, 7
         assert torch.equal(c.k_pool[bt[h, 0]], quantize(k[0, h, kept[:4]], page))
@@ -506,7 +508,7 @@ def test_quantized_cache_compresses_and_folds_like_the_native_one():
     c.update(0, k, v)
     c.flush()
     assert (c.stored_lengths() == 4).all() and c.allocator.num_used_blocks == H
-    stored_k, _ = c._gather_dense(0)
+    stored_k, _ = stored_kv(c, 0)
     # the compensation slot is the (re-quantized) mean of the dropped tokens
     torch.testing.assert_close(stored_k[0, :, 1], k[0, :, 1:8].mean(1), atol=0.05, rtol=0)
 
@@ -563,7 +565,7 @@ def test_ems_merge_matches_the_plan_and_the_merge_book(threshold):
         ref_v.append(plan.apply(v[0, h].numpy())[keep])
     c.flush()
     assert (c.stored_lengths() == 4).all() and c.allocator.num_used_blocks == H
-    stored_k, stored_v = c._gather_dense(0)
+    stored_k, stored_v = stored_kv(c, 0)
     idx = stream_slots(c, 0)
     for h in range(H):
         torch.testing.assert_close(stored_k[0, h], torch.from_numpy(ref_k[h]))
@@ -584,7 +586,7 @@ def test_ems_merge_matches_the_plan_and_the_merge_book(threshold):
     # two more steps: the second compression merges again, counts carried by compaction
     for step in range(2):
         c.update(0, kv(1, 1, 6 + step), kv(1, 1, 8 + step))
-    stored = c._gather_dense(0)[0]  # 7 tokens per head, before the pending compression
+    stored = stored_kv(c, 0)[0]  # 7 tokens per head, before the pending compression
     c.flush()
     idx = stream_slots(c, 0)
     for h in range(H):
@@ -652,7 +654,7 @@ def kivi_kv(b: int, n: int, seed: int) -> torch.Tensor:
 def kivi_expected_bytes(c: KVCache, lens: np.ndarray) -> int:
     """kivi_nbytes' accounting with R = G = block_size, values paged like the keys: per
     stream n // bs key and value page blocks plus n % bs full-precision K and V tokens."""
-    bits = c.k_layout.bits
+    bits = c.format.k_layout.bits
     total = 0
     for n in lens.reshape(-1).tolist():
         kivi = kvcore.kivi_nbytes(n, KD, bits, KBS, KBS, "float16")  # fp16 windows: 2 bytes
@@ -660,7 +662,7 @@ def kivi_expected_bytes(c: KVCache, lens: np.ndarray) -> int:
         keys_only = kivi - max(n - KBS, 0) * v_tok - min(n, KBS) * KD * 2
         elt = c.k_pool.new_empty(0, dtype=c.dtype).element_size()
         total += keys_only - (n % KBS) * KD * 2 + (n % KBS) * KD * elt  # dtype residual keys
-        total += (n // KBS) * c.v_layout.nbytes + (n % KBS) * KD * elt
+        total += (n // KBS) * c.format.v_layout.nbytes + (n % KBS) * KD * elt
     return total
 
 
@@ -673,8 +675,8 @@ def test_kivi_pages_are_sealed_per_channel_and_the_tail_stays_full_precision(fmt
     keys, values = c.update(0, k, v)
     k_lay = kvcore.QuantLayout(bits, KBS, KBS, KD, "token", "float16")
     v_lay = kvcore.QuantLayout(bits, 16, KBS, KD, "channel", "float16")
-    assert (c.k_layout.axis, c.v_layout.axis) == ("token", "channel")
-    assert c.k_layout.nbytes == kvcore.KiviCache(KD, bits, KBS, KBS).key_layout.nbytes
+    assert (c.format.k_layout.axis, c.format.v_layout.axis) == ("token", "channel")
+    assert c.format.k_layout.nbytes == kvcore.KiviCache(KD, bits, KBS, KBS).key_layout.nbytes
     bt = block_table(c, 0)
     for s in range(2 * H):
         b, h = divmod(s, H)
@@ -688,7 +690,7 @@ def test_kivi_pages_are_sealed_per_channel_and_the_tail_stays_full_precision(fmt
     assert torch.equal(keys[:, :, KBS:], k[:, :, KBS:])  # the open page: exact
     assert torch.equal(values[:, :, KBS:], v[:, :, KBS:])
     assert c.used_bytes() == kivi_expected_bytes(c, c.lengths)
-    res = c.res_k.nbytes + c.res_v.nbytes
+    res = c.store.res_k.nbytes + c.store.res_v.nbytes
     assert c.memory_bytes() == c.k_pool.nbytes + c.v_pool.nbytes + res
     assert res == 2 * H * 2 * KBS * KD * 4  # one page per stream, K and V, float32
     # three decode steps fill the second page: it is sealed from the exact tokens
@@ -743,7 +745,7 @@ def test_kivi_with_compression_reseals_changed_pages(policy):
     assert (c.stored_lengths() == 10).all()
     c.allocator.check_invariants()
     for layer in range(L):
-        keys, values = c._gather_dense(layer)
+        keys, values = stored_kv(c, layer)
         pos = c.slot_pos[stream_slots(c, layer)]
         kept_k = torch.stack([stored_before[layer][0][0, h, pos[h]] for h in range(H)])
         kept_v = torch.stack([stored_before[layer][1][0, h, pos[h]] for h in range(H)])
@@ -772,15 +774,15 @@ def test_kivi_errors():
         KVCache(L, H, KD, kv_format="kivi3")
     c = KVCache(L, H, KD, capacity=16, block_size=KBS, kv_format="kivi2")
     c.update(0, kivi_kv(1, 3, 1), kivi_kv(1, 3, 2))
-    res = c.res_k.clone()
+    res = c.store.res_k.clone()
     bad = kivi_kv(1, 2, 3)
     bad[0, 1, 1, 0] = float("nan")  # would stay in the residual: rejected anyway
     with pytest.raises(ValueError, match="non-finite"):
         c.update(0, bad, kivi_kv(1, 2, 4))
-    assert torch.equal(c.res_k, res) and c.stored_lengths(0).tolist() == [[3, 3]]
+    assert torch.equal(c.store.res_k, res) and c.stored_lengths(0).tolist() == [[3, 3]]
     with pytest.raises(kvcore.OutOfBlocksError):
         c.update(0, kivi_kv(1, 14, 5), kivi_kv(1, 14, 6))
-    assert torch.equal(c.res_k, res) and c.stored_lengths(0).tolist() == [[3, 3]]
+    assert torch.equal(c.store.res_k, res) and c.stored_lengths(0).tolist() == [[3, 3]]
 
 
 def test_append_stores_what_update_stores_without_gathering():

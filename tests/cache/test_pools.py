@@ -53,8 +53,8 @@ def step(c: KVCache, seed: int) -> list[torch.Tensor]:
 def tensor_bytes(c: KVCache) -> int:
     """The pool tensors' bytes, summed from the tensors themselves (not the cache's count)."""
     own = c.k_pool.nbytes + c.v_pool.nbytes
-    if c.kivi:
-        own += c.res_k.nbytes + c.res_v.nbytes
+    if c.config.storage.kivi:  # each stream's open page
+        own += c.store.res_k.nbytes + c.store.res_v.nbytes
     if c.lo_allocator is not None:
         own += c.lo_k_pool.nbytes + c.lo_v_pool.nbytes
     return int(own)

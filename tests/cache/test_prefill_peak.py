@@ -83,8 +83,8 @@ def bound(c: KVCache) -> tuple[int, int]:
     """``(held, one layer's prompt)`` in bytes, from the stored lengths and the page shapes."""
     page = page_bytes(c.k_pool) + page_bytes(c.v_pool)
     held = int((-(-c.stored_lengths() // BS)).sum()) * page
-    if c.kivi:
-        held += 2 * c.res_k.shape[0] * BS * D * c.res_k.element_size()  # the open pages
+    if c.config.kivi:  # KIVI: each stream's open page, in full precision
+        held += 2 * c.store.res_k.shape[0] * BS * D * c.store.res_k.element_size()
     if c.lo_allocator is not None:
         lo_page = page_bytes(c.lo_k_pool) + page_bytes(c.lo_v_pool)
         held += int((-(-c.evicted_lengths() // BS)).sum()) * lo_page

@@ -81,7 +81,7 @@ def test_tiers_lengths_bytes_and_round_trips():
     assert (cache.stored_lengths() == 16).all()
     assert (cache.evicted_lengths() == 40 - 16).all()
     assert cache.evicted_lengths(1).shape == (2, H)
-    lo = cache.lo_layout
+    lo = cache.lo_format.layout
     assert lo is not None and lo.nbytes == QuantLayout(2, 8, BS, D, "channel", "float16").nbytes
     # pool bytes: the low tier's layout bytes x pages (K and V)
     n_lo_blocks = cache.lo_k_pool.shape[0]
@@ -105,8 +105,8 @@ def test_tiers_lengths_bytes_and_round_trips():
     kmax = k.abs().amax(2)
     scale = (kmax / kmax.mean(-1, keepdim=True)).sqrt()
     torch.testing.assert_close(cache.lo_key_scale[:, 1], scale)
-    for pool, x in ((cache.lo_k_pool, k / cache.lo_key_scale[:, 1, :, None]), (cache.lo_v_pool, v)):
-        got = cache._lo_read(pool, slots.reshape(-1)).reshape(2, H, -1, D)
+    for side, x in (("k", k / cache.lo_key_scale[:, 1, :, None]), ("v", v)):
+        got = cache.lo_format.read(cache.lo_store, side, slots.reshape(-1)).reshape(2, H, -1, D)
         orig = x[:, :, 4:28].reshape(-1, 1, D)
         ref = kq.dequantize(kq.quantize(orig, tok), tok).reshape(2, H, -1, D)
         assert torch.equal(got, ref)
@@ -220,7 +220,7 @@ def test_prefill_multi_query_sees_the_whole_low_tier(high):
     q = torch.randn(1, H, 3, D)
     out = cache.attend(0, q)
     # reference: high tier (causal over the step) + all low-tier tokens, dequantized
-    tok = cache.lo_token_layout
+    tok = cache.lo_format.token_layout
     s = cache.lo_key_scale[:, 0, :, None]  # (1, H, 1, D): keys stored as K / s
     lo_k = kq.dequantize(kq.quantize((k / s)[:, :, 4:12].reshape(-1, 1, D), tok), tok)
     lo_k = lo_k.reshape(1, H, 8, D) * s
@@ -335,8 +335,9 @@ def test_key_balancer_uses_the_observed_queries_and_flattens_outlier_channels():
     pos = cache.lo_slot_pos[slots].reshape(1, H, -1)
     orig = torch.gather(k, 2, pos[..., None].expand(-1, -1, -1, D))
     s = cache.lo_key_scale[:, 0, :, None]
-    balanced = cache._lo_read(cache.lo_k_pool, slots.reshape(-1)).reshape(1, H, -1, D) * s
-    tok = cache.lo_token_layout
+    balanced = cache.lo_format.read(cache.lo_store, "k", slots.reshape(-1))
+    balanced = balanced.reshape(1, H, -1, D) * s
+    tok = cache.lo_format.token_layout
     plain = kq.dequantize(kq.quantize(orig.reshape(-1, 1, D), tok), tok).reshape(orig.shape)
     qs = q.reshape(1, H, 2, 8, D)[:, :, 0]  # one query head per group
     exact = qs @ orig.transpose(-1, -2)

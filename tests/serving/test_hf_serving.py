@@ -79,15 +79,17 @@ def finished(out: dict, n: int) -> None:
 
 def test_unsupported_transformers_fail_with_a_clear_message() -> None:
     if kvs is None:
-        with pytest.raises(ImportError, match="supports transformers 5.24.x"):
+        with pytest.raises(ImportError, match=r"supports transformers 5\.24\.x, 5\.25\.x"):
             import kvcore.serving.hf  # noqa: F401
         return
     assert _SERIES in kvs.SUPPORTED_TRANSFORMERS
-    with pytest.raises(ImportError, match=r"supports transformers 5\.24\.x, found 5\.14\.0"):
+    supported = r"supports transformers 5\.24\.x, 5\.25\.x"
+    with pytest.raises(ImportError, match=supported + r", found 5\.14\.0"):
         kvs.check_transformers("5.14.0")
-    with pytest.raises(ImportError, match="found 5.25.0"):
-        kvs.check_transformers("5.25.0")
+    with pytest.raises(ImportError, match=r"found 5\.26\.0"):
+        kvs.check_transformers("5.26.0")
     kvs.check_transformers("5.24.3")
+    kvs.check_transformers("5.25.0")
 
 
 @needs_supported

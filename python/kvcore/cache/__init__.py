@@ -5,8 +5,9 @@ One file per part (docs/architecture.md, "The cache's data flow"; docs/cache.md)
 * :mod:`~kvcore.cache.config`: :class:`CacheConfig` (storage, merge and tier parts) and
   :class:`Schedule`, frozen values validated once;
 * :mod:`~kvcore.cache.state`: the attributes every part shares;
-* :mod:`~kvcore.cache.pages`, :mod:`~kvcore.cache.kivi`: page storage (native and
-  per-token quantized pages; KIVI's sealed and open pages);
+* :mod:`~kvcore.cache.formats`: page formats behind one protocol (native, per-token
+  quantized, KIVI), one file each, picked once from the configuration;
+* :mod:`~kvcore.cache.pages`: the high tier's reads, writes and gathers, through its format;
 * :mod:`~kvcore.cache.tier`: MiKV's low-precision tier of evicted tokens;
 * :mod:`~kvcore.cache.merges`: merging evicted tokens into kept ones;
 * :mod:`~kvcore.cache.selection`: the one call into the policy;

@@ -184,6 +184,14 @@ class StorageConfig:
             return True
         return self.bits > 0 and self.key_quant != "token"
 
+    @property
+    def layout(self) -> str:
+        """Which page format stores it (:data:`kvcore.cache.formats.KINDS`): ``"native"``,
+        ``"token"`` (int pages, every token encoded alone) or ``"kivi"``."""
+        if self.bits == 0:
+            return "native"
+        return "kivi" if self.kivi else "token"
+
     def group(self, head_dim: int) -> int:
         """The quantization group for a head size."""
         return min(32, head_dim) if self.quant_group is None else self.quant_group

@@ -138,7 +138,7 @@ class Controller(Merges):
         shape = (b, h, -1)
         inp = ScoreInputs(
             layer_idx=layer,
-            keys=self._read(self.k_pool, idx.reshape(-1)).reshape(b, h, -1, d),
+            keys=self._read("k", idx.reshape(-1)).reshape(b, h, -1, d),
             valid=(mask & self.slot_valid[idx]).reshape(shape),
             positions=self.slot_pos[idx].reshape(shape),
             accumulated=self.slot_score[idx].reshape(shape),
@@ -148,7 +148,7 @@ class Controller(Merges):
             scaling=self.scaling,
             num_layers=self.num_layers,
             values=(
-                self._read(self.v_pool, idx.reshape(-1)).reshape(b, h, -1, d)
+                self._read("v", idx.reshape(-1)).reshape(b, h, -1, d)
                 if self.policy is not None and Need.VALUES in self.policy.needs
                 else None
             ),
@@ -228,27 +228,14 @@ class Controller(Merges):
                 earlier move wrote, so gathering every source first equals running the moves
                 in order).
 
-        Native pages (one pool row per slot) move with the state tensors in one
-        :func:`kvcore.kernels.compact_pools` call (one CUDA launch on CUDA with CuPy, the torch
-        reference otherwise). A quantized token moves as its three pieces of the page (codes,
-        scales, zeros), never as a raw row of the page; KIVI reads every source (dequantized)
-        and patches and re-seals each destination page (or writes its residual row).
+        The K and V pages move as the page format moves them
+        (:meth:`kvcore.cache.formats.PageFormat.move`), the state tensors with them: native
+        pages and the state in one :func:`kvcore.kernels.compact_pools` call (one CUDA launch
+        on CUDA with CuPy, the torch reference otherwise), a quantized token's pieces in one
+        more.
         """
-        from kvcore import kernels
-
-        tensors = [self.slot_pos, self.slot_valid, self.slot_score, self.slot_count]
-        if self.kivi:
-            k_src, v_src = self._read(self.k_pool, src), self._read(self.v_pool, src)
-            self._write(self.k_pool, dst, k_src)
-            self._write(self.v_pool, dst, v_src)
-        elif self.layout is not None:
-            self._move_pieces((self.k_pool, self.v_pool), src, dst)
-        else:
-            tensors = [self.k_pool, self.v_pool, *tensors]
-        indptr = torch.tensor([0, len(src)], dtype=torch.int64, device=src.device)
-        kernels.compact_pools(
-            tensors, [0] * len(tensors), src, dst, indptr, int(self.slot_pos.numel())
-        )
+        state = [self.slot_pos, self.slot_valid, self.slot_score, self.slot_count]
+        self.format.move(self.store, src, dst, state)
 
     def _rotate_slots(self, slots: torch.Tensor, delta: torch.Tensor, layer: int) -> None:
         """Re-rotates the keys at ``slots`` by ``delta`` positions with the layer's RoPE
@@ -259,15 +246,15 @@ class Controller(Merges):
 
         assert self._rope is not None
         inv_freq = self._rope[layer]
-        if self.k_layout is None and self.dtype in (
+        if self.format.k_layout is None and self.dtype in (
             torch.float32,
             torch.float16,
             torch.bfloat16,
         ):
             kernels.rotate_slots(self.k_pool, slots, delta, inv_freq.to(self.device))
             return
-        keys = self._read(self.k_pool, slots)
-        self._write(self.k_pool, slots, kernels.rotate_reference(keys, delta, inv_freq))
+        keys = self._read("k", slots)
+        self._write("k", slots, kernels.rotate_reference(keys, delta, inv_freq))
 
     def _recompact_positions(
         self,

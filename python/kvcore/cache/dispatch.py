@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvcore.cache.formats import KiviStore
 from kvcore.cache.snapshots import Snapshots
 
 
@@ -104,18 +105,19 @@ class AttentionDispatch(Snapshots):
         # MiKV: the high tier (the step's tokens included, causal) and the low tier (all
         # visible: every demoted token precedes the step), merged by their log-sum-exps.
         mikv = self.lo_allocator is not None and bool(self.lo_lengths[:, layer_idx].any())
-        if self.k_layout is not None and int(st["q"]) > 1:
+        fmt, store = self.format, self.store
+        if fmt.k_layout is not None and int(st["q"]) > 1:
             hi = self._chunk_attend(query, block_table, lengths, slot_bias, st, return_lse=mikv)
-        elif self.kivi:
-            return self._kivi_attend(query, block_table, lengths, layer_idx, slot_bias)
+        elif isinstance(store, KiviStore):
+            return self._kivi_attend(query, store, block_table, lengths, layer_idx, slot_bias)
         else:
             args = (query, self.k_pool, self.v_pool, block_table, lengths)
             kw: dict[str, Any] = {
                 "slot_bias": slot_bias,
                 "slot_valid": self.slot_valid,
                 "scaling": self.scaling,
-                "k_layout": self.k_layout,
-                "v_layout": self.v_layout,
+                "k_layout": fmt.k_layout,
+                "v_layout": fmt.v_layout,
             }
             if not mikv:
                 out: torch.Tensor = kernels.decode_attention(*args, **kw)
@@ -151,8 +153,8 @@ class AttentionDispatch(Snapshots):
         q = int(st["q"])
         page_slots = block_table.reshape(-1)[:, None] * bs + torch.arange(bs, device=self.device)
         page_slots = page_slots.reshape(-1)
-        k_tmp = self._read(self.k_pool, page_slots).reshape(n * width, bs, d)
-        v_tmp = self._read(self.v_pool, page_slots).reshape(n * width, bs, d)
+        k_tmp = self._read("k", page_slots).reshape(n * width, bs, d)
+        v_tmp = self._read("v", page_slots).reshape(n * width, bs, d)
         # the chunk is the last q tokens of every stream: positions [len - q, len)
         pos = lengths[:, None] - q + torch.arange(q, device=self.device)[None, :]
         own = (torch.arange(n, device=self.device)[:, None] * (width * bs) + pos).reshape(-1)
@@ -172,6 +174,7 @@ class AttentionDispatch(Snapshots):
     def _kivi_attend(
         self,
         query: torch.Tensor,
+        store: KiviStore,
         block_table: torch.Tensor,
         lengths: torch.Tensor,
         layer: int,
@@ -188,7 +191,7 @@ class AttentionDispatch(Snapshots):
 
         bs, dev = self.block_size, self.device
         n_s = block_table.shape[0]
-        sealed_slot = (self.block_row < 0).repeat_interleave(bs)
+        sealed_slot = (store.block_row < 0).repeat_interleave(bs)
         o1, l1 = kernels.decode_attention(
             query,
             self.k_pool,
@@ -198,19 +201,17 @@ class AttentionDispatch(Snapshots):
             slot_bias=slot_bias,
             slot_valid=self.slot_valid & sealed_slot,
             scaling=self.scaling,
-            k_layout=self.k_layout,
-            v_layout=self.v_layout,
+            k_layout=self.format.k_layout,
+            v_layout=self.format.v_layout,
             return_lse=True,
         )
-        b, h = self.batch_size, self.num_kv_heads
-        rows = torch.arange(b * self.num_layers * h, device=dev).reshape(b, self.num_layers, h)
-        rows = rows[:, layer].reshape(-1)
-        row_of = self.block_row[block_table]  # (S, W)
+        rows = self._stream_rows(layer)
+        row_of = store.block_row[block_table]  # (S, W)
         mine = (row_of == rows[:, None]) & (block_table > 0)
         small_table = torch.where(mine, torch.arange(1, n_s + 1, device=dev)[:, None], 0)
         zero = torch.zeros(1, bs, self.head_dim, dtype=self.dtype, device=dev)
-        k_small = torch.cat([zero, self.res_k[rows]]).to(query.dtype)
-        v_small = torch.cat([zero, self.res_v[rows]]).to(query.dtype)
+        k_small = torch.cat([zero, store.res_k[rows]]).to(query.dtype)
+        v_small = torch.cat([zero, store.res_v[rows]]).to(query.dtype)
         # the per-slot state of the open pages' slots, in the small pool's slot numbering
         open_block = torch.where(mine, block_table, 0).amax(1)  # (S,) 0: no open page
         src_slots = (open_block[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1)
@@ -238,12 +239,12 @@ class AttentionDispatch(Snapshots):
         self, query: torch.Tensor, layer: int, q: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention (output, lse) of the step's queries over the layer's low tier: every query
-        sees every low-tier token (they all precede the step). Pages of ``lo_layout`` through
+        sees every low-tier token (they all precede the step). Pages of ``lo_format`` through
         the fused-dequantization path; the kernel's causal window is opened by ``q - 1``
         extra slots, masked (null block, or dead slots of the last page)."""
         from kvcore import kernels
 
-        assert self.lo_allocator is not None
+        assert self.lo_allocator is not None and self.lo_format is not None
         bs, dev = self.block_size, self.device
         tables = np.ascontiguousarray(self.lo_tables[:, layer].reshape(-1))
         lens = self.lo_lengths[:, layer].reshape(-1)
@@ -266,7 +267,7 @@ class AttentionDispatch(Snapshots):
             torch.from_numpy(eff.astype(np.int64)).to(dev),
             slot_valid=self.lo_slot_valid & live,
             scaling=self.scaling,
-            k_layout=self.lo_layout,
-            v_layout=self.lo_layout,
+            k_layout=self.lo_format.layout,
+            v_layout=self.lo_format.layout,
             return_lse=True,
         )

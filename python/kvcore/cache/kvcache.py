@@ -9,9 +9,10 @@ stream can hold a different number of tokens and evicting a head's tokens frees 
     per slot   : slot_pos (int64 sequence index), slot_valid (bool, False for padding),
                  slot_score (float32, accumulated attention), slot_count (float32, tokens a
                  merged slot stands for) -- moved with K/V by compaction
-    kv_format      : "int8" / "int4" / "int2" pools hold one quantized layout block per page
-                     ((num_blocks, layout.nbytes) uint8, docs/cache.md); "kivi2" / "kivi4":
-                     sealed pages per channel (K) / per token (V), open pages in res_k / res_v
+    kv_format      : the page format (``cache.format``, :mod:`kvcore.cache.formats`), picked
+                     once: quantized pools hold one layout block per page ((num_blocks,
+                     layout.nbytes) uint8, docs/cache.md); KIVI's store adds each stream's
+                     open page (``cache.store.res_k`` / ``res_v``)
 
 Steps. ``update(layer, k, v)`` appends the step's tokens and returns what dense attention reads.
 Compression of layer ``l`` for step ``t`` is decided by the :class:`Schedule` and runs *after*
@@ -38,9 +39,9 @@ import torch
 from kvcore._kvcore import OutOfBlocksError
 from kvcore.cache.config import CacheConfig, Schedule
 from kvcore.cache.dispatch import AttentionDispatch
-from kvcore.cache.pages import page_layouts
+from kvcore.cache.formats import PageStore, Streams, page_format
 from kvcore.cache.state import rope_list
-from kvcore.cache.tier import low_tier_layouts
+from kvcore.cache.tier import low_tier_format
 from kvcore.scoring import TorchPolicy
 
 __all__ = ["KVCache"]
@@ -194,12 +195,12 @@ class KVCache(AttentionDispatch):
         self.config = config
         storage, tier, mc = config.storage, config.tier, config.merge
         block_size = storage.block_size
-        self.kv_format, self.kivi = storage.kv_format, storage.kivi
-        layouts = page_layouts(storage, head_dim)
-        self.layout, self.token_layout, self.k_layout, self.v_layout = layouts
-        # MiKV: the evicted tokens' low-precision tier (its own allocator and pools).
+        # The page format, picked once: the parts call it, never branch on it.
+        self.format = page_format(storage, head_dim, dtype)
+        # MiKV: the evicted tokens' low-precision tier (its own allocator, format and pools).
         self.evicted_format = tier.evicted_format
-        self.lo_layout, self.lo_token_layout = low_tier_layouts(config, policy, head_dim)
+        self.lo_format = low_tier_format(config, policy, head_dim, dtype)
+        self.store = self.lo_store = PageStore(torch.empty(0), torch.empty(0))
         self._lo_capacity_req = tier.evicted_capacity
         self.lo_capacity = 0
         self.lo_allocator = None
@@ -232,8 +233,6 @@ class KVCache(AttentionDispatch):
         self.batch_size = 0
         self.capacity = None if self._auto_size else 0  # fixed: set by the first update
         self.allocator = None
-        self.k_pool = torch.empty(0)
-        self.v_pool = torch.empty(0)
         self._reset_steps()
         self.num_compressions = 0
         # log(count) logit bias of merged slots in attend (RazorAttention "mean_logcount").
@@ -335,12 +334,8 @@ class KVCache(AttentionDispatch):
             )
         # The values are arguments too: a format that refuses them (NaN, inf, beyond its
         # metadata) does so before the pending compressions run.
-        k_enc = v_enc = None
-        if self.kivi:
-            self._check_kivi_values(key_states, value_states)
-        else:
-            k_enc = self._encode(key_states.reshape(-1, self.head_dim))
-            v_enc = self._encode(value_states.reshape(-1, self.head_dim))
+        d = self.head_dim
+        prepared = self.format.prepare(key_states.reshape(-1, q, d), value_states.reshape(-1, q, d))
         # Compressions decided for earlier steps run first; they are not undone if this
         # step then fails on the capacity.
         self.flush()
@@ -362,10 +357,8 @@ class KVCache(AttentionDispatch):
             # grow when the step needs more blocks than are free (the contents move unchanged).
             self._reserve(layer_idx, q)
             tables = self.tables[:, layer_idx].reshape(-1)
-            if self.kivi:
-                d = self.head_dim
-                k3, v3 = key_states.reshape(-1, q, d), value_states.reshape(-1, q, d)
-                staged = self._kivi_stage(tables, prev, k3, v3)
+            streams = Streams(self.allocator, tables, prev, self._stream_rows(layer_idx))
+            staged = self.format.stage(self.store, prepared, streams)
             # All or nothing: raises OutOfBlocksError before any change.
             slots_np, _, _, _ = self.allocator.append_batch(tables, q)
         except Exception:
@@ -374,12 +367,7 @@ class KVCache(AttentionDispatch):
                 self.__dict__.update(before)
             raise
         slots = torch.from_numpy(slots_np).to(self.device).reshape(b, self.num_kv_heads, q)
-        if self.kivi:
-            self._kivi_commit(layer_idx, tables, prev, staged)
-        else:
-            assert k_enc is not None and v_enc is not None
-            self._put(self.k_pool, slots.reshape(-1), k_enc)
-            self._put(self.v_pool, slots.reshape(-1), v_enc)
+        self.format.commit(self.store, staged, slots.reshape(-1, q), streams)
         pos = self._next_pos[layer_idx] + torch.arange(q, device=self.device)
         self.slot_pos[slots.reshape(-1)] = pos.expand(b, self.num_kv_heads, q).reshape(-1)
         v_mask = (
@@ -401,8 +389,8 @@ class KVCache(AttentionDispatch):
             "valid": v_mask,
             "queries": qobs,
             # quantized pages: the chunk's own K/V in full precision, for attend's prefill
-            "keys": key_states if self.k_layout is not None else None,
-            "values": value_states if self.k_layout is not None else None,
+            "keys": key_states if self.format.k_layout is not None else None,
+            "values": value_states if self.format.k_layout is not None else None,
         }
         self._next_queries[layer_idx] = None
         self._pending.add(layer_idx)

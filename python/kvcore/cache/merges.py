@@ -10,6 +10,7 @@ import torch
 
 from kvcore._kvcore import MergePlan
 from kvcore.cache.config import MergeConfig
+from kvcore.cache.formats.base import SIDES
 from kvcore.cache.tier import LowTier
 from kvcore.scoring import ScoreInputs
 
@@ -55,7 +56,7 @@ class Merges(LowTier):
             if len(retained) == len(idx) or len(retained) == 0:
                 continue
             s = flat_slots[r, idx]
-            keys = self._read(self.k_pool, s).float()
+            keys = self._read("k", s).float()
             plan = self._merge_plan(
                 np.ascontiguousarray(keys.cpu().numpy()),
                 np.ascontiguousarray(attn[r, idx].numpy()),
@@ -119,15 +120,15 @@ class Merges(LowTier):
         weight = torch.from_numpy(plan.weight).to(dev)
         evicted = torch.from_numpy(plan.evicted).to(dev)
         hosts = torch.unique(dst)
-        values = self._read(self.v_pool, s).float()
+        values = self._read("v", s).float()
         merged_v, counts = kernels.apply_merge(
             values, src, dst, weight, self.slot_count[s].contiguous(), evicted
         )
         assert counts is not None
         if merge_keys:
             merged_k, _ = kernels.apply_merge(keys.float().contiguous(), src, dst, weight)
-            self._write(self.k_pool, s[hosts], merged_k[hosts].to(self.dtype))
-        self._write(self.v_pool, s[hosts], merged_v[hosts].to(self.dtype))
+            self._write("k", s[hosts], merged_k[hosts].to(self.dtype))
+        self._write("v", s[hosts], merged_v[hosts].to(self.dtype))
         self.slot_count[s[hosts]] = counts[hosts]
 
     def _fold(self, s: torch.Tensor) -> None:
@@ -135,7 +136,7 @@ class Merges(LowTier):
         slots ``s`` is written into the first of them, which counts them all (``slot_count``)."""
         w = self.slot_count[s][:, None]
         dst = s[:1]
-        for pool in (self.k_pool, self.v_pool):
-            mean = (self._read(pool, s).float() * w).sum(0, keepdim=True) / w.sum()
-            self._write(pool, dst, mean.to(self.dtype))
+        for side in SIDES:
+            mean = (self._read(side, s).float() * w).sum(0, keepdim=True) / w.sum()
+            self._write(side, dst, mean.to(self.dtype))
         self.slot_count[dst] = w.sum()

@@ -60,37 +60,10 @@ class Pools(Controller):
         self.capacity = capacity
         alloc = BlockAllocator(num_blocks=num_blocks, block_size=self.block_size)
         n_slots = num_blocks * self.block_size
+        self.store = self.format.alloc(num_blocks, streams, self.device)
         # Normal tensors even when the first update runs under torch.inference_mode():
         # inference tensors could not be updated in place by a later call made outside it.
         with torch.inference_mode(False):
-            if self.k_layout is not None and self.v_layout is not None:
-                # one quantized layout block (codes, float16 scales, zeros) per page
-                self.k_pool = torch.zeros(
-                    num_blocks,
-                    self.k_layout.nbytes,
-                    dtype=torch.uint8,
-                    device=self.device,
-                )
-                self.v_pool = torch.zeros(
-                    num_blocks,
-                    self.v_layout.nbytes,
-                    dtype=torch.uint8,
-                    device=self.device,
-                )
-            else:
-                shape = (num_blocks, self.block_size, self.head_dim)
-                self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            if self.kivi:
-                # KIVI's residual window: each stream's open (not yet full) page, K and V in
-                # dtype, one row per stream (b, l, h); block_row[block] is the row holding an
-                # open page, -1 for a sealed (quantized) one.
-                res = (streams, self.block_size, self.head_dim)
-                self.res_k = torch.zeros(res, dtype=self.dtype, device=self.device)
-                self.res_v = torch.zeros(res, dtype=self.dtype, device=self.device)
-                self.block_row = torch.full(
-                    (num_blocks,), -1, dtype=torch.int64, device=self.device
-                )
             self.slot_pos = torch.zeros(n_slots, dtype=torch.int64, device=self.device)
             self.slot_valid = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
             self.slot_score = torch.zeros(n_slots, dtype=torch.float32, device=self.device)
@@ -99,7 +72,7 @@ class Pools(Controller):
         self.tables = alloc.create_tables(streams).reshape(
             batch, self.num_layers, self.num_kv_heads
         )
-        if self.lo_layout is not None:
+        if self.lo_format is not None:
             self._init_low_tier(batch, first_len, None if plan is None else max(plan[1], 1) + 1)
         self.lengths = np.zeros((batch, self.num_layers, self.num_kv_heads), dtype=np.int64)
         self.batch_size = batch
@@ -129,7 +102,7 @@ class Pools(Controller):
         for layer in range(n_layers):
             k = np.minimum(policy.kept_tokens(layer, n_layers, heads, q), q)
             kept.append(batch * resize.head_pages(k, q, bs, split))
-            if self.lo_layout is not None:
+            if self.lo_format is not None:
                 demoted += batch * resize.head_pages(np.minimum(q - k, lo_cap), lo_cap, bs, split)
         prompt = batch * heads * -(-q // bs)
         # and one free block a stream once the prefill is done (the first decode steps'),
@@ -149,11 +122,12 @@ class Pools(Controller):
         if self.allocator is None:
             return 0
         self.flush()
-        if self.kivi:
-            return self._kivi_used_bytes()
-        n = int(self.allocator.num_used_blocks) * self.page_bytes
-        if self.lo_allocator is not None:
-            n += int(self.lo_allocator.num_used_blocks) * self.lo_page_bytes
+        assert self.allocator is not None
+        held = self._held_slots(self.allocator, self.tables, self.lengths)
+        n = self.format.nbytes(self.store, held)
+        if self.lo_allocator is not None and self.lo_format is not None:
+            held = self._held_slots(self.lo_allocator, self.lo_tables, self.lo_lengths)
+            n += self.lo_format.nbytes(self.lo_store, held)
         return n
 
     def stored_lengths(self, layer_idx: int | None = None) -> np.ndarray:
@@ -338,51 +312,24 @@ class Pools(Controller):
             num_blocks, self.page_bytes, bs, "the pools", streams * self.residual_page_bytes
         )
         old_bytes = self.k_pool.nbytes + self.v_pool.nbytes
-        parts: list[tuple[torch.Tensor, int, float]] = [
-            (self.k_pool, 1, 0.0),
-            (self.v_pool, 1, 0.0),
+        pages = self.store.per_block()  # the pools, and what else the format keeps per block
+        parts: list[tuple[torch.Tensor, int, float]] = [(t, 1, fill) for t, fill in pages]
+        parts += [
             (self.slot_pos, bs, 0.0),
             (self.slot_valid, bs, 0.0),
             (self.slot_score, bs, 0.0),
             (self.slot_count, bs, 1.0),
         ]
-        if self.kivi:
-            parts.append((self.block_row, 1, -1.0))
         alloc, tables, out = resize.relocate(
             self.allocator, self.tables.reshape(-1), self.lengths.reshape(-1), num_blocks, parts
         )
-        self.k_pool, self.v_pool, self.slot_pos, self.slot_valid = out[:4]
-        self.slot_score, self.slot_count = out[4:6]
-        if self.kivi:
-            self.block_row = out[6]
+        n = len(pages)
+        self.store = self.store.with_blocks(out[:n])
+        self.slot_pos, self.slot_valid, self.slot_score, self.slot_count = out[n:]
         self.allocator = alloc
         self.tables = tables.reshape(self.batch_size, self.num_layers, self.num_kv_heads)
         # both generations of pools exist while the pages are copied
         self._peak_bytes = max(self._peak_bytes, self.memory_bytes() + old_bytes)
-
-    def _kivi_used_bytes(self) -> int:
-        """Sealed pages at their layouts' bytes, open pages at their tokens' full-precision
-        bytes (``n // bs`` key and value pages plus ``n % bs`` tokens per stream, when each
-        stream's last page is open; KIVI's ``kivi_nbytes`` with ``R = G = block_size``, values
-        paged like the keys)."""
-        assert self.allocator is not None
-        bs = self.block_size
-        lens = self.lengths.reshape(-1)
-        tables = self.tables.reshape(-1)
-        bt = self.allocator.vllm_layout(tables)[0].astype(np.int64)
-        pages = -(-lens // bs)
-        row = self.block_row.cpu().numpy()
-        total = 0
-        tok = 2 * self.head_dim * self._elt()
-        for s_, n in enumerate(lens.tolist()):
-            if n == 0:
-                continue
-            last = int(bt[s_, pages[s_] - 1])
-            open_tail = row[last] >= 0
-            total += (pages[s_] - int(open_tail)) * self.page_bytes
-            if open_tail:
-                total += (n - (pages[s_] - 1) * bs) * tok
-        return int(total)
 
     def evicted_lengths(self, layer_idx: int | None = None) -> np.ndarray:
         """MiKV: tokens per stream in the low-precision tier, ``(B, L, H)`` or ``(B, H)``

@@ -3,8 +3,12 @@
 ``KVCache`` is assembled from one class per part, each a file of this package, stacked in
 the order they call each other::
 
-    CacheState -> KiviPages -> Pages -> LowTier -> Merges -> Controller -> Pools
-               -> Snapshots -> AttentionDispatch -> KVCache (the facade)
+    CacheState -> Pages -> LowTier -> Merges -> Controller -> Pools -> Snapshots
+               -> AttentionDispatch -> KVCache (the facade)
+
+How a slot is stored is not a part of this chain: each tier has a page format
+(:mod:`kvcore.cache.formats`, picked once from the configuration) and the tensors it allocated
+(a :class:`~kvcore.cache.formats.PageStore`), and the parts call the format.
 
 Streams and slots::
 
@@ -21,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvcore._kvcore import BlockAllocator, QuantLayout
+from kvcore._kvcore import BlockAllocator
 from kvcore.cache.config import CacheConfig, Schedule
+from kvcore.cache.formats import PageFormat, PageStore, QuantizedFormat
 from kvcore.scoring import TorchPolicy
 
 
@@ -40,13 +45,9 @@ class CacheState:
     schedule: Schedule
     positions: str
     scaling: float
-    kv_format: str
-    kivi: bool
-    # page layouts (None: pages of dtype values); layout / token_layout: int pages
-    layout: QuantLayout | None
-    token_layout: QuantLayout | None
-    k_layout: QuantLayout | None
-    v_layout: QuantLayout | None
+    # the high tier's page format and its tensors (the K / V pools and the format's own)
+    format: PageFormat
+    store: PageStore
     # merges
     merge: str | None
     merge_threshold: float
@@ -60,26 +61,18 @@ class CacheState:
     lengths: np.ndarray
     batch_size: int
     capacity: int | None  # tokens per stream; None: pools sized on demand
-    k_pool: torch.Tensor
-    v_pool: torch.Tensor
     slot_pos: torch.Tensor
     slot_valid: torch.Tensor
     slot_score: torch.Tensor
     slot_count: torch.Tensor
-    # KIVI's open pages
-    res_k: torch.Tensor
-    res_v: torch.Tensor
-    block_row: torch.Tensor
     # MiKV's low tier
     evicted_format: str | None
-    lo_layout: QuantLayout | None
-    lo_token_layout: QuantLayout | None
+    lo_format: QuantizedFormat | None
+    lo_store: PageStore
     lo_allocator: BlockAllocator | None
     lo_capacity: int
     lo_tables: np.ndarray
     lo_lengths: np.ndarray
-    lo_k_pool: torch.Tensor
-    lo_v_pool: torch.Tensor
     lo_slot_pos: torch.Tensor
     lo_slot_valid: torch.Tensor
     lo_key_scale: torch.Tensor
@@ -115,15 +108,10 @@ class CacheState:
         """Bytes held by the K and V pool tensors (what the budget is measured against), and
         for KIVI the full-precision residual pages, and MiKV's low-tier pools. (Here, not in
         ``pools.py``: both tiers' resizes record their peak with it.)"""
-        n = self.k_pool.nbytes + self.v_pool.nbytes
-        if self.kivi and self.allocator is not None:
-            n += self.res_k.nbytes + self.res_v.nbytes
+        n = self.store.nbytes
         if self.lo_allocator is not None and self.allocator is not None:
-            n += self.lo_k_pool.nbytes + self.lo_v_pool.nbytes
+            n += self.lo_store.nbytes
         return int(n)
-
-    def _elt(self) -> int:
-        return torch.empty(0, dtype=self.dtype).element_size()
 
     def _slack(self) -> int:
         """Tokens per stream an on-demand pool keeps free beyond its contents."""

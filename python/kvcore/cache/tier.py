@@ -1,8 +1,9 @@
 """MiKV's low-precision tier of evicted tokens (``evicted_format=``).
 
 Each stream gets a second table in a second ``BlockAllocator`` whose pools hold pages of
-``lo_layout`` (the per-page quantized layout of ``kv_format="int2"`` and friends); the tokens a
-policy evicts move there, re-encoded, with their positions, and are attended by
+``lo_format``: a second :class:`~kvcore.cache.formats.QuantizedFormat` (per-token pages of
+``evicted_format``'s bits), used through the same protocol as the high tier's format. The
+tokens a policy evicts move there, re-encoded, with their positions, and are attended by
 :mod:`kvcore.cache.dispatch` together with the high tier.
 """
 
@@ -11,25 +12,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvcore._kvcore import BlockAllocator, QuantLayout
+from kvcore._kvcore import BlockAllocator
 from kvcore.cache import resize
 from kvcore.cache.config import BITS, CacheConfig
+from kvcore.cache.formats import QuantizedFormat
 from kvcore.cache.pages import Pages
 from kvcore.scoring import ScoreInputs, TorchPolicy
 
 
-def low_tier_layouts(
-    config: CacheConfig, policy: TorchPolicy | None, head_dim: int
-) -> tuple[QuantLayout | None, QuantLayout | None]:
-    """``(lo_layout, lo_token_layout)``: the low tier's page layout and one token of it (None,
-    None without ``evicted_format``).
+def low_tier_format(
+    config: CacheConfig, policy: TorchPolicy | None, head_dim: int, dtype: torch.dtype
+) -> QuantizedFormat | None:
+    """The low tier's page format: per-token pages of ``evicted_format`` (None without it).
 
     Raises:
         ValueError: the tier needs a policy, and one without a compensation token.
     """
     fmt = config.tier.evicted_format
     if fmt is None:
-        return None, None
+        return None
     why = None
     if policy is None:
         why = "a policy (it keeps the tokens a policy evicts)"
@@ -38,8 +39,7 @@ def low_tier_layouts(
     if why is not None:
         raise ValueError(f"evicted_format={fmt!r} needs {why}")
     g, bs = config.storage.group(head_dim), config.storage.block_size
-    token = QuantLayout(BITS[fmt], g, 1, head_dim, "channel", "float16")
-    return QuantLayout(BITS[fmt], g, bs, head_dim, "channel", "float16"), token
+    return QuantizedFormat(bs, head_dim, dtype, BITS[fmt], g, fmt)
 
 
 class LowTier(Pages):
@@ -47,11 +47,10 @@ class LowTier(Pages):
 
     def _init_low_tier(self, batch: int, first_len: int, num_blocks: int | None = None) -> None:
         """MiKV's low tier: one more allocator table per stream, in its own pool of pages of
-        ``lo_layout`` (the per-page quantized layout of ``kv_format="int2"`` and friends).
-        ``lo_capacity`` bounds each stream (FIFO); the pools hold the blocks the streams hold
-        together plus a spare (:mod:`kvcore.cache.resize`), or ``num_blocks`` (null block
-        included) when the caller knows what a compressed prefill will demote."""
-        assert self.lo_layout is not None
+        ``lo_format``. ``lo_capacity`` bounds each stream (FIFO); the pools hold the blocks the
+        streams hold together plus a spare (:mod:`kvcore.cache.resize`), or ``num_blocks``
+        (null block included) when the caller knows what a compressed prefill will demote."""
+        assert self.lo_format is not None
         streams = batch * self.num_layers * self.num_kv_heads
         cap = self._lo_capacity_req
         if cap is None:
@@ -62,10 +61,8 @@ class LowTier(Pages):
             num_blocks = resize.fitted(0, streams, None)
         lo = BlockAllocator(num_blocks=num_blocks, block_size=self.block_size)
         n_slots = num_blocks * self.block_size
+        self.lo_store = self.lo_format.alloc(num_blocks, streams, self.device)
         with torch.inference_mode(False):
-            nb = self.lo_layout.nbytes
-            self.lo_k_pool = torch.zeros(num_blocks, nb, dtype=torch.uint8, device=self.device)
-            self.lo_v_pool = torch.zeros(num_blocks, nb, dtype=torch.uint8, device=self.device)
             self.lo_slot_pos = torch.zeros(n_slots, dtype=torch.int64, device=self.device)
             self.lo_slot_valid = torch.zeros(n_slots, dtype=torch.bool, device=self.device)
             # MiKV's per-channel key balancer of each stream (keys stored as K / s)
@@ -84,9 +81,19 @@ class LowTier(Pages):
 
     @property
     def lo_page_bytes(self) -> int:
-        """MiKV: bytes of one low-tier block, K plus V (``2 * lo_layout.nbytes``; 0 without
-        ``evicted_format``)."""
-        return 2 * int(self.lo_layout.nbytes) if self.lo_layout is not None else 0
+        """MiKV: bytes of one low-tier block, K plus V (``2 * lo_format.layout.nbytes``; 0
+        without ``evicted_format``)."""
+        return self.lo_format.page_bytes if self.lo_format is not None else 0
+
+    @property
+    def lo_k_pool(self) -> torch.Tensor:
+        """MiKV: the low tier's K pool, ``(num_blocks, lo_format.layout.nbytes)`` uint8."""
+        return self.lo_store.k
+
+    @property
+    def lo_v_pool(self) -> torch.Tensor:
+        """MiKV: the low tier's V pool (as :attr:`lo_k_pool`)."""
+        return self.lo_store.v
 
     def _lo_limit(self) -> int:
         """The most blocks the low tier's streams may hold together (``lo_capacity`` each)."""
@@ -108,13 +115,10 @@ class LowTier(Pages):
         the tier never holds more tokens than the high tier held before it demoted them."""
         assert self.lo_allocator is not None
         bs = self.block_size
-        old_bytes = self.lo_k_pool.nbytes + self.lo_v_pool.nbytes
-        parts: list[tuple[torch.Tensor, int, float]] = [
-            (self.lo_k_pool, 1, 0.0),
-            (self.lo_v_pool, 1, 0.0),
-            (self.lo_slot_pos, bs, 0.0),
-            (self.lo_slot_valid, bs, 0.0),
-        ]
+        old_bytes = self.lo_store.nbytes
+        pages = self.lo_store.per_block()
+        parts: list[tuple[torch.Tensor, int, float]] = [(t, 1, fill) for t, fill in pages]
+        parts += [(self.lo_slot_pos, bs, 0.0), (self.lo_slot_valid, bs, 0.0)]
         alloc, tables, out = resize.relocate(
             self.lo_allocator,
             self.lo_tables.reshape(-1),
@@ -122,41 +126,17 @@ class LowTier(Pages):
             num_blocks,
             parts,
         )
-        self.lo_k_pool, self.lo_v_pool, self.lo_slot_pos, self.lo_slot_valid = out
+        self.lo_store = self.lo_store.with_blocks(out[: len(pages)])
+        self.lo_slot_pos, self.lo_slot_valid = out[len(pages) :]
         self.lo_allocator = alloc
         self.lo_tables = tables.reshape(self.lo_lengths.shape)
         self._peak_bytes = max(self._peak_bytes, self.memory_bytes() + old_bytes)
 
-    def _lo_write(self, pool: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
-        """Encodes ``(N, D)`` vectors alone with ``lo_token_layout`` and scatters each one's
-        codes, scales and zeros into its page of the low tier."""
-        from kvcore import kernels
-
-        assert self.lo_layout is not None and self.lo_token_layout is not None
-        enc = kernels.quantize(
-            x.float().reshape(-1, 1, self.head_dim).contiguous(), self.lo_token_layout
-        )
-        self._put(pool, slots, enc, self.lo_layout, self.lo_token_layout)
-
-    def _lo_read(self, pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """``(N, D)`` float32 dequantized vectors of low-tier ``slots``."""
-        from kvcore import kernels
-
-        assert self.lo_layout is not None and self.lo_token_layout is not None
-        raw = self._get(pool, slots, self.lo_layout, self.lo_token_layout)
-        out = kernels.dequantize(raw.contiguous(), self.lo_token_layout, torch.float32)
-        return out.reshape(-1, self.head_dim)
-
     def _lo_move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """A low-tier compaction plan: each token's three pieces and its state move."""
-        from kvcore import kernels
-
-        assert self.lo_layout is not None
-        pools = (self.lo_k_pool, self.lo_v_pool)
-        self._move_pieces(pools, src, dst, self.lo_layout, self.lo_token_layout)
-        state = [self.lo_slot_pos, self.lo_slot_valid]
-        indptr = torch.tensor([0, len(src)], dtype=torch.int64, device=src.device)
-        kernels.compact_pools(state, [0, 0], src, dst, indptr, int(self.lo_slot_pos.numel()))
+        """A low-tier compaction plan: each token's pages and its state move (one
+        ``compact_pools`` call)."""
+        assert self.lo_format is not None
+        self.lo_format.move(self.lo_store, src, dst, [self.lo_slot_pos, self.lo_slot_valid])
 
     def _demote(
         self, layer: int, inp: ScoreInputs, keep: torch.Tensor, slots: torch.Tensor
@@ -210,9 +190,10 @@ class LowTier(Pages):
         owner = torch.repeat_interleave(
             torch.arange(b * h, device=self.device), n_ev.to(self.device)
         )
-        keys = self._read(self.k_pool, src) / scale.reshape(b * h, -1)[owner]
-        self._lo_write(self.lo_k_pool, dst, keys)
-        self._lo_write(self.lo_v_pool, dst, self._read(self.v_pool, src))
+        keys = self._read("k", src) / scale.reshape(b * h, -1)[owner]
+        assert self.lo_format is not None
+        self.lo_format.write(self.lo_store, "k", dst, keys)
+        self.lo_format.write(self.lo_store, "v", dst, self._read("v", src))
         self.lo_slot_pos[dst] = self.slot_pos[src]
         self.lo_slot_valid[dst] = True
         self.lo_lengths[:, layer] += n_new.reshape(b, h)

@@ -23,7 +23,7 @@ def _slot_pieces(t: torch.Tensor, num_slots: int, name: str) -> tuple[int, int, 
 
     A contiguous tensor has one dense row per slot (slots per page 1). A strided view
     ``(num_blocks, block_size, width)`` with a contiguous last dimension (one region of quantized
-    pages, ``KVCache._slot_views``) has piece ``width`` at ``block * stride(0) + offset *
+    pages, ``QuantizedFormat.slot_views``) has piece ``width`` at ``block * stride(0) + offset *
     stride(1)``.
 
     Raises:

@@ -8,7 +8,7 @@ from packaging.version import Version
 #: The transformers release series this integration is tested on. It subclasses private
 #: classes of ``transformers.generation.continuous_batching``, which change between minor
 #: releases, so every other series is refused at import.
-SUPPORTED_TRANSFORMERS: tuple[tuple[int, int], ...] = ((5, 24),)
+SUPPORTED_TRANSFORMERS: tuple[tuple[int, int], ...] = ((5, 24), (5, 25))
 
 
 def check_transformers(version: str) -> None:

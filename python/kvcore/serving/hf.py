@@ -249,11 +249,13 @@ def _policy(
 @dataclass
 class Handle:
     """What :func:`enable` returns: ``remove()`` (or leaving ``with``) gives the model back to
-    the engine's own cache."""
+    the engine's own cache. ``manager`` is the last :class:`KVCoreBatchingManager` the model
+    built (None before the first), whose ``kvcore_cache.stats()`` a server can report."""
 
     model: Any
     settings: Settings
     hooks: list[Any]
+    manager: KVCoreBatchingManager | None = None
 
     def remove(self) -> None:
         disable(self.model)
@@ -347,7 +349,8 @@ def enable(
         if gen.eos_token_id is None:
             gen.eos_token_id = -1
         cb = continuous_batching_config or ContinuousBatchingConfig()
-        return KVCoreBatchingManager(model, gen, cb, workload_hints, settings=settings)
+        handle.manager = KVCoreBatchingManager(model, gen, cb, workload_hints, settings=settings)
+        return handle.manager
 
     model.init_continuous_batching = init_continuous_batching
     handle = Handle(model, settings, hooks)
