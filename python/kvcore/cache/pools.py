@@ -22,6 +22,7 @@ class Pools(Controller):
     def _init(self, batch: int, first_len: int) -> None:
         streams = batch * self.num_layers * self.num_kv_heads
         block_bytes = self.page_bytes
+        plan: tuple[int, int] | None = None
         # KIVI: one full-precision residual page (K and V) per stream besides the pools
         res_bytes = streams * self.residual_page_bytes
         capacity: int | None = None
@@ -44,8 +45,15 @@ class Pools(Controller):
             # fixed pools: the memory of the whole capacity, reserved once
             num_blocks = streams * (capacity // self.block_size) + 1
         else:
-            # on demand: the first step of every layer, and one spare block a stream
-            num_blocks = resize.fitted(streams * -(-first_len // self.block_size), streams, None)
+            plan = self._prefill_blocks(batch, first_len)
+            if plan is None:
+                # on demand: the first step of every layer, and one spare block a stream
+                num_blocks = resize.fitted(
+                    streams * -(-first_len // self.block_size), streams, None
+                )
+            else:
+                # a compressed prefill: the layers' kept pages plus one layer's prompt
+                num_blocks = plan[0] + 1
         # Refuse pools the machine cannot hold before allocating any (a huge block_size or
         # capacity): K and V pages, the residual pages, and the per-slot state.
         resize.check_size(num_blocks, block_bytes, self.block_size, "the pools", res_bytes)
@@ -65,11 +73,42 @@ class Pools(Controller):
             batch, self.num_layers, self.num_kv_heads
         )
         if self.lo_format is not None:
-            self._init_low_tier(batch, first_len)
+            self._init_low_tier(batch, first_len, None if plan is None else max(plan[1], 1) + 1)
         self.lengths = np.zeros((batch, self.num_layers, self.num_kv_heads), dtype=np.int64)
         self.batch_size = batch
         self.allocator = alloc
         self._peak_bytes = max(self._peak_bytes, self.memory_bytes())
+
+    def _prefill_blocks(self, batch: int, q: int) -> tuple[int, int] | None:
+        """The most blocks of the high and the low tier a first step of ``q`` tokens takes
+        when every layer compresses it once stored (None: the schedule does not compress it).
+
+        The layers store their step one after the other and each is compressed before the
+        next one stores (the compression runs at the next update, :meth:`flush`), in pools
+        they share: the high tier needs every layer's kept pages except the smallest, plus
+        one layer's prompt (:mod:`kvcore.cache.resize`), and at least one spare block a
+        stream after it; MiKV's low tier needs every layer's demoted pages. The kept tokens
+        are the policy's bound (:meth:`kvcore.policies.Policy.kept_tokens`).
+        """
+        policy = self.policy
+        if policy is None or not self._will_compress(0, q):
+            return None
+        bs, heads, n_layers = self.block_size, self.num_kv_heads, self.num_layers
+        split = policy.splits_layer_budget
+        lo_cap = q
+        if self._lo_capacity_req is not None:
+            lo_cap = min(q, -(-self._lo_capacity_req // bs) * bs)
+        kept, demoted = [], 0
+        for layer in range(n_layers):
+            k = np.minimum(policy.kept_tokens(layer, n_layers, heads, q), q)
+            kept.append(batch * resize.head_pages(k, q, bs, split))
+            if self.lo_format is not None:
+                demoted += batch * resize.head_pages(np.minimum(q - k, lo_cap), lo_cap, bs, split)
+        prompt = batch * heads * -(-q // bs)
+        # and one free block a stream once the prefill is done (the first decode steps'),
+        # which is more than the last layer's freed prompt only when few tokens are evicted
+        spare = batch * n_layers * heads
+        return max(sum(kept) - min(kept) + prompt, sum(kept) + spare), demoted
 
     def peak_memory_bytes(self) -> int:
         """The largest :meth:`memory_bytes` the cache has had, the old and the new pools

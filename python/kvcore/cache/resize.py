@@ -7,6 +7,14 @@ streams hold together, not by the longest stream times the number of streams::
     pools grown          : held + needed + max(streams, (held + needed) // 8) + 1
                            (at most the per-stream capacity times the streams, + 1)
 
+A prefill that every layer compresses as soon as it is stored needs, at most, the pages every
+layer keeps after its compression plus one layer's whole prompt (the layers run in order and
+share the pools, so layer ``l + 1`` stores its prompt in the blocks layer ``l`` freed)::
+
+    pools for a compressed prefill : max(sum(kept) - min(kept) + one layer's prompt,
+                                         sum(kept) + streams) + 1
+                                     (kept: the pages a layer keeps after its compression)
+
 A resize moves every stream's pages, block by block in table order, into a fresh allocator
 and fresh tensors with their per-block and per-slot state: block ids change, a token's
 offset in its page does not, so nothing is re-encoded and attention reads the same values.
@@ -32,6 +40,21 @@ def pages_added(lengths: np.ndarray, q: np.ndarray | int, block_size: int) -> in
     """New blocks the streams take when each appends ``q`` tokens (one count, or one a stream)."""
     after = lengths.astype(np.int64) + np.asarray(q, dtype=np.int64)
     return pages(after, block_size) - pages(lengths, block_size)
+
+
+def head_pages(tokens: np.ndarray, n: int, block_size: int, split: bool) -> int:
+    """The most blocks one sequence's heads hold with at most ``tokens`` ``(H,)`` each.
+
+    ``split``: the heads share ``tokens.sum()`` in any proportion, each at most ``n`` (Ada-KV's
+    one top-k per layer), so a head may hold a block more than its share's pages::
+
+        sum_h ceil(x_h / bs) <= (sum_h x_h + H (bs - 1)) // bs,   and <= H ceil(n / bs)
+    """
+    t = tokens.astype(np.int64)
+    if not split:
+        return pages(t, block_size)
+    h = len(t)
+    return min(h * -(-n // block_size), (int(t.sum()) + h * (block_size - 1)) // block_size)
 
 
 def grown(used: int, needed: int, streams: int, limit: int | None) -> int:

@@ -45,10 +45,11 @@ def low_tier_format(
 class LowTier(Pages):
     """The low tier: its pools, writes, reads, FIFO bound and key balancer."""
 
-    def _init_low_tier(self, batch: int, first_len: int) -> None:
+    def _init_low_tier(self, batch: int, first_len: int, num_blocks: int | None = None) -> None:
         """MiKV's low tier: one more allocator table per stream, in its own pool of pages of
         ``lo_format``. ``lo_capacity`` bounds each stream (FIFO); the pools hold the blocks the
-        streams hold together plus a spare (:mod:`kvcore.cache.resize`)."""
+        streams hold together plus a spare (:mod:`kvcore.cache.resize`), or ``num_blocks``
+        (null block included) when the caller knows what a compressed prefill will demote."""
         assert self.lo_format is not None
         streams = batch * self.num_layers * self.num_kv_heads
         cap = self._lo_capacity_req
@@ -56,7 +57,8 @@ class LowTier(Pages):
             cap = first_len + self._slack()
         self.lo_capacity = -(-cap // self.block_size) * self.block_size
         # The tier starts empty: one spare block a stream; demotions grow it (_lo_reserve).
-        num_blocks = resize.fitted(0, streams, None)
+        if num_blocks is None:
+            num_blocks = resize.fitted(0, streams, None)
         lo = BlockAllocator(num_blocks=num_blocks, block_size=self.block_size)
         n_slots = num_blocks * self.block_size
         self.lo_store = self.lo_format.alloc(num_blocks, streams, self.device)

@@ -34,6 +34,9 @@ class AdaKVPolicy(WindowScored):
         alpha=Param(0.2, "AdaKV pred.py --floor_alpha 0.2", unit, "in [0, 1]"),
     )
 
+    # one global top-k per layer: a head keeps more or less than the layer's average
+    splits_layer_budget = True
+
     def _select(self, scores: F32, budget: int, **inputs: Any) -> Selection:
         indptr, pos = _k.select_adakv(scores, budget, self.alpha, window=self.window)
         return Selection(indptr, pos, counts(indptr))

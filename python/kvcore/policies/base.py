@@ -144,6 +144,9 @@ class Policy:
     #: Whether scoring needs the layers' RoPE frequencies (``ScoreInputs.rope``): a cache
     #: built without ``rope=`` refuses the policy.
     needs_rope: ClassVar[bool] = False
+    #: The heads of a layer split the layer's total budget among themselves by score
+    #: (Ada-KV): one head may keep more than its share, the layer's total stays.
+    splits_layer_budget: ClassVar[bool] = False
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(self.params))
@@ -331,6 +334,22 @@ class Policy:
             out: torch.Tensor = b[layer_idx].cpu()
             return out
         return torch.full((num_heads,), self._budget(None), dtype=torch.int64)
+
+    def kept_tokens(
+        self, layer_idx: int, num_layers: int, num_heads: int, n: int
+    ) -> NDArray[np.int64]:
+        """``(num_heads,)`` int64: the most tokens each head of a layer keeps when a
+        compression sees ``n`` stored tokens in every head (``splits_layer_budget``: each
+        head's share, the layer keeping at most their sum).
+
+        The cache sizes its pools for a compressed prefill by it (:mod:`kvcore.cache.pools`),
+        so that layer ``l + 1`` stores its prompt in the blocks layer ``l``'s compression
+        freed. The default is each head's budget (plus its compensation slot), at most
+        ``n``; a rule that keeps more in some layers or heads overrides it. An underestimate
+        only costs memory (the pools then grow by a copy), never a wrong result.
+        """
+        b = self.head_budgets(layer_idx, num_heads).numpy().astype(np.int64)
+        return np.minimum(b + int(self.folds_dropped), n)
 
     def check_shape(self, num_layers: int, num_heads: int) -> None:
         """Raise ValueError (or TypeError) when the policy cannot serve a cache of this shape

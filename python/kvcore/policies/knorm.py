@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from kvcore import _kvcore as _k
 from kvcore.policies.base import Need, Policy, Selection, select_topk
@@ -47,6 +48,13 @@ class KNormPolicy(Policy):
         keys = stats[Need.KEYS].float().cpu().numpy()
         out = [self.score(keys[i : i + 1])[0] for i in range(b)]
         return np.stack(out) if out else np.zeros((b, h, t), np.float32)
+
+    def kept_tokens(
+        self, layer_idx: int, num_layers: int, num_heads: int, n: int
+    ) -> NDArray[np.int64]:
+        if layer_idx in self.skip_layers:
+            return np.full(num_heads, n, np.int64)
+        return super().kept_tokens(layer_idx, num_layers, num_heads, n)
 
     def _select(self, scores: F32, budget: int, **inputs: Any) -> Selection:
         L, H, n = scores.shape

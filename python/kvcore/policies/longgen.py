@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from kvcore import _args
 from kvcore import _kvcore as _k
@@ -90,11 +91,20 @@ class LongGenPolicy(Policy):
         if self.sinks > budget:
             raise ValueError(f"longgen: sinks ({self.sinks}) is larger than the budget ({budget})")
 
-    def _select(self, scores: F32, budget: int, **inputs: Any) -> Selection:
-        L, H, n = scores.shape
-        indptr, pos = _k.plan_longgen(
-            self.kinds(L),
-            H,
+    def kept_tokens(
+        self, layer_idx: int, num_layers: int, num_heads: int, n: int
+    ) -> NDArray[np.int64]:
+        # the static pattern itself: its counts depend on the layer's kind and n alone
+        indptr, _ = self._plan(num_layers, num_heads, n, self._budget(None))
+        rows: NDArray[np.int64] = counts(indptr).reshape(num_layers, num_heads)[layer_idx]
+        return rows
+
+    def _plan(
+        self, num_layers: int, num_heads: int, n: int, budget: int
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        return _k.plan_longgen(
+            self.kinds(num_layers),
+            num_heads,
             n,
             sinks=self.sinks,
             window=budget - self.sinks,
@@ -102,4 +112,8 @@ class LongGenPolicy(Policy):
             stride=self.stride,
             local_blocks=self.local_blocks,
         )
+
+    def _select(self, scores: F32, budget: int, **inputs: Any) -> Selection:
+        L, H, n = scores.shape
+        indptr, pos = self._plan(L, H, n, budget)
         return Selection(indptr, pos, counts(indptr))

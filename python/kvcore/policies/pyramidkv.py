@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from kvcore import _kvcore as _k
 from kvcore.policies.base import Selection, select_topk
@@ -35,6 +36,12 @@ class PyramidKVPolicy(WindowScored):
         ("avg", "init_pyramidkv pooling=avgpool"),
         beta=Param(20, "PyramidKVCluster(beta=20)", pos_int, "an int > 0"),
     )
+
+    def kept_tokens(
+        self, layer_idx: int, num_layers: int, num_heads: int, n: int
+    ) -> NDArray[np.int64]:
+        per_layer = _k.budget_pyramid(num_layers, n, self._budget(None), self.window, self.beta)
+        return np.full(num_heads, min(int(per_layer[layer_idx]), n), np.int64)
 
     def _select(self, scores: F32, budget: int, **inputs: Any) -> Selection:
         L, H, n = scores.shape

@@ -114,6 +114,22 @@ class RazorPolicy(Policy):
     def max_budget(self) -> int:
         return max(super().max_budget(), int(self.local_capacity))
 
+    def kept_tokens(
+        self, layer_idx: int, num_layers: int, num_heads: int, n: int
+    ) -> NDArray[np.int64]:
+        retrieval = (
+            self._head_map[layer_idx] if self._head_map is not None else np.zeros(num_heads, bool)
+        )
+        indptr, _, dropped = _k.plan_razor(
+            np.ascontiguousarray(retrieval, bool),
+            n,
+            self.sinks,
+            self.local_capacity,
+            self.compensation != "none",
+        )
+        # the compensation token is the host of a row's dropped tokens, kept besides them
+        return (counts(indptr) + ((dropped > 0) & self.folds_dropped)).astype(np.int64)
+
     def check_shape(self, num_layers: int, num_heads: int) -> None:
         super().check_shape(num_layers, num_heads)
         if self._head_map is not None and self._head_map.shape != (num_layers, num_heads):
