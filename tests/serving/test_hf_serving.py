@@ -329,3 +329,99 @@ def test_refusals_name_the_option(model: Any) -> None:
     sliding.config.sliding_window = 8
     with pytest.raises(ValueError, match="full-attention models only"):
         kvs.enable(sliding)
+
+
+def _window_probs(model: Any, ids: list[int], w: int) -> tuple[Any, Any]:
+    """A plain full-prompt forward into a DynamicCache: its cache, and the softmax
+    probabilities ``(layers, q_heads, w, n)`` of the last ``w`` rotated queries over every
+    key, causally masked (what SnapKV's observation window sees)."""
+    from transformers import DynamicCache
+
+    from kvcore.hf import _rotate_half, cache_kwargs
+
+    queries: dict[int, Any] = {}
+
+    def pre(mod: Any, args: Any, kwargs: dict) -> None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"]
+        q = mod.q_proj(hidden).view(1, hidden.shape[1], -1, mod.head_dim).transpose(1, 2)
+        queries[mod.layer_idx] = q * cos.unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1)
+
+    mods = [m for m in model.modules() if hasattr(m, "q_proj")]
+    hooks = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in mods]
+    cache = DynamicCache()
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]), **cache_kwargs(model, cache))
+    finally:
+        for h in hooks:
+            h.remove()
+    n = len(ids)
+    out = []
+    for layer, mod in enumerate(mods):
+        keys = cache.layers[layer].keys[0]
+        keys = keys.repeat_interleave(queries[layer].shape[1] // keys.shape[0], 0)
+        logits = queries[layer][0, :, n - w :] @ keys.transpose(1, 2) * mod.scaling
+        future = torch.arange(n)[None, :] > torch.arange(n - w, n)[:, None]
+        out.append(logits.masked_fill(future, float("-inf")).softmax(-1))
+    return cache, torch.stack(out)
+
+
+@needs_supported
+def test_compressed_requests_equal_a_pruned_dynamic_cache(model: Any, monkeypatch) -> None:
+    """The serving path's keep set is SnapKV's scores averaged over layers and heads, from the
+    prompt's last ``window`` queries (chunked prefill, two requests in flight); decoding over
+    the compacted blocks gives the tokens and log-probabilities of a plain DynamicCache that
+    keeps the same tokens at their original positions."""
+    from kvcore.hf import cache_kwargs
+    from kvcore.policies import get
+    from kvcore.serving import paged
+
+    inputs = [prompts()[5], prompts()[7]]  # 64 and 48 tokens, prefilled in chunks of 48
+    policy, budget, w = get("snapkv", window=4), 16, 4
+    seen: dict[str, tuple[Any, Any]] = {}
+    current: list[str] = []
+    select = policy.select
+
+    def recording_select(scores: Any, budget: int | None = None) -> Any:
+        sel = select(scores, budget=budget)
+        seen[current[-1]] = (scores.reshape(-1).copy(), sel.positions.copy())
+        return sel
+
+    compress = paged.KVCorePagedCache._compress
+
+    def recording_compress(self: Any, r: Any, state: Any) -> None:
+        current.append(state.request_id)
+        compress(self, r, state)
+
+    monkeypatch.setattr(policy, "select", recording_select)
+    monkeypatch.setattr(paged.KVCorePagedCache, "_compress", recording_compress)
+    with kvs.enable(model, policy, budget=budget):
+        out, stats = run(model, inputs, gen(6), cbc())
+    finished(out, 6)
+    assert stats["compressions"] == 2 and sorted(seen) == ["req_0", "req_1"]
+
+    for i, ids in enumerate(inputs):
+        scores, keep = seen[f"req_{i}"]
+        cache, probs = _window_probs(model, ids, w)
+        per_head = policy.score(probs.numpy(), model.config.num_key_value_heads)
+        expected = torch.as_tensor(per_head).mean((0, 1))  # one keep set: layers and heads
+        torch.testing.assert_close(torch.as_tensor(scores), expected, rtol=1e-4, atol=1e-6)
+        assert len(keep) == budget and set(range(len(ids) - w, len(ids))) <= set(keep.tolist())
+
+        index = torch.as_tensor(keep, dtype=torch.long)
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, index], layer.values[:, :, index]
+        o = out[f"req_{i}"]
+        first = o.generated_tokens[0]
+        logprobs, tokens = [], [first]
+        with torch.no_grad():
+            for step in range(5):
+                pos = torch.tensor([[len(ids) + step]])
+                x = torch.tensor([[tokens[-1]]])
+                logits = model(input_ids=x, **cache_kwargs(model, cache), position_ids=pos)
+                logits = logits.logits[0, -1]
+                tokens.append(int(logits.argmax()))
+                logprobs.append(float(logits.log_softmax(-1)[tokens[-1]]))
+        assert o.generated_tokens == tokens
+        torch.testing.assert_close(torch.tensor(o.logprobs[1:]), torch.tensor(logprobs))
