@@ -193,8 +193,11 @@ def demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:  # its options go on to transformers serve: parsed there
-        from kvcore.serving.serve import main as serve
-
+        try:
+            from kvcore.serving.serve import main as serve
+        except ImportError as e:  # a transformers series it does not support, named
+            print(f"python -m kvcore serve: {e}", file=sys.stderr)
+            return 2
         return serve(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m kvcore")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -29,7 +29,10 @@ if not is_serve_available():
         allow_module_level=True,
     )
 
-from kvcore.serving.serve import check_options, main, patched  # noqa: E402
+try:
+    from kvcore.serving.serve import check_options, check_serve_transformers, main, patched
+except ImportError as e:  # kvcore serve refuses this transformers series (docs/serving.md 7)
+    pytest.skip(str(e), allow_module_level=True)
 
 QUESTION = "What is the access code of the archive room?"
 
@@ -160,5 +163,8 @@ def test_serve_refuses_bad_options_before_starting(capsys: Any) -> None:
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err, argv
+    with pytest.raises(ImportError, match=r"supports transformers 5\.24\.x, found 5\.25"):
+        check_serve_transformers("5.25.0")
+    check_serve_transformers("5.24.9")
     with pytest.raises(TypeError, match="--block-size must be an int"):
         check_options(None, None, None, 1.5, None)  # type: ignore[arg-type]

@@ -26,7 +26,32 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import transformers
+from packaging.version import Version
+
 from kvcore.serving.hf import Handle, enable
+
+#: The transformers series ``kvcore serve`` is tested on. It replaces
+#: ``transformers.cli.serving.model_manager.ModelManager``, which 5.25 rewrote (``ModelLoader``,
+#: API server processes, no ``non_blocking``), so every other series is refused at import.
+#: :mod:`kvcore.serving.hf` itself supports more (``SUPPORTED_TRANSFORMERS``).
+SERVE_TRANSFORMERS: tuple[tuple[int, int], ...] = ((5, 24),)
+
+
+def check_serve_transformers(version: str) -> None:
+    """Raise ImportError naming the series ``kvcore serve`` supports, when ``version`` is not
+    one of them."""
+    if tuple(Version(version).release[:2]) not in SERVE_TRANSFORMERS:
+        names = ", ".join(f"{a}.{b}.x" for a, b in SERVE_TRANSFORMERS)
+        raise ImportError(
+            f"kvcore serve supports transformers {names}, found {version}: it replaces the "
+            "private ModelManager of transformers serve, which changes between releases "
+            f"(kvcore.serving.hf.enable itself works on this version). Install transformers "
+            f"{names} to serve over HTTP (docs/serving.md, section 7)."
+        )
+
+
+check_serve_transformers(transformers.__version__)
 
 #: ``transformers serve`` options that ``kvcore serve`` sets itself.
 _REFUSED = {
