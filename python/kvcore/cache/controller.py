@@ -235,7 +235,7 @@ class Controller(Merges):
         more.
         """
         state = [self.slot_pos, self.slot_valid, self.slot_score, self.slot_count]
-        self.format.move(self.store, src, dst, state)
+        self.format._move(self.store, src, dst, state)  # the allocator's plan: unchecked
 
     def _rotate_slots(self, slots: torch.Tensor, delta: torch.Tensor, layer: int) -> None:
         """Re-rotates the keys at ``slots`` by ``delta`` positions with the layer's RoPE

@@ -40,11 +40,11 @@ class Pages(CacheState):
 
     def _read(self, side: Side, slots: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` vectors in ``dtype`` of the given slots (dequantized when quantized)."""
-        return self.format.read(self.store, side, slots)
+        return self.format._read(self.store, side, slots)  # cache-owned slots: unchecked
 
     def _write(self, side: Side, slots: torch.Tensor, x: torch.Tensor) -> None:
         """Stores ``(N, D)`` vectors at ``slots`` (encoded as the format says)."""
-        self.format.write(self.store, side, slots, x)
+        self.format._write(self.store, side, slots, x)
 
     def _stream_rows(self, layer: int) -> torch.Tensor:
         """``(B * H,)`` int64: the layer's streams' rows among all ``B * L * H`` streams."""

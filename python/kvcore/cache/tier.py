@@ -136,7 +136,7 @@ class LowTier(Pages):
         """A low-tier compaction plan: each token's pages and its state move (one
         ``compact_pools`` call)."""
         assert self.lo_format is not None
-        self.lo_format.move(self.lo_store, src, dst, [self.lo_slot_pos, self.lo_slot_valid])
+        self.lo_format._move(self.lo_store, src, dst, [self.lo_slot_pos, self.lo_slot_valid])
 
     def _demote(
         self, layer: int, inp: ScoreInputs, keep: torch.Tensor, slots: torch.Tensor
@@ -192,8 +192,8 @@ class LowTier(Pages):
         )
         keys = self._read("k", src) / scale.reshape(b * h, -1)[owner]
         assert self.lo_format is not None
-        self.lo_format.write(self.lo_store, "k", dst, keys)
-        self.lo_format.write(self.lo_store, "v", dst, self._read("v", src))
+        self.lo_format._write(self.lo_store, "k", dst, keys)
+        self.lo_format._write(self.lo_store, "v", dst, self._read("v", src))
         self.lo_slot_pos[dst] = self.slot_pos[src]
         self.lo_slot_valid[dst] = True
         self.lo_lengths[:, layer] += n_new.reshape(b, h)
