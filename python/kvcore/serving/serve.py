@@ -29,6 +29,7 @@ from typing import Any
 import transformers
 from packaging.version import Version
 
+from kvcore._args import count
 from kvcore.serving.hf import Handle, enable
 
 #: The transformers series ``kvcore serve`` is tested on. It replaces
@@ -61,11 +62,8 @@ _REFUSED = {
 
 
 def _positive(flag: str, value: object) -> None:
-    if value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{flag} must be an int, got {value!r}")
-    if value < 1:
+    """The project's int rule (:func:`kvcore._args.count`), and at least 1."""
+    if value is not None and count(value, flag) < 1:
         raise ValueError(f"{flag} must be >= 1, got {value}")
 
 
