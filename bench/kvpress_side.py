@@ -2,6 +2,7 @@
 (kvpress pins its transformers version), driven by ``bench/quality.py`` through a subprocess:
 
     .venv-kvpress/bin/python bench/kvpress_side.py --tasks T.json --model-cache DIR --out O.json
+        [--refs REFS.pt]
 
 Same model, same tasks (token ids, so tokenizer versions cannot differ), same protocol and
 metrics (``quality_common.py``). Every press runs through kvpress's documented entry point,
@@ -26,9 +27,22 @@ from typing import Any
 import quality_common as qc
 import torch
 
+# the names of press_factories' presses (bench/quality.py checks --presses against them
+# without kvpress installed)
+PRESSES = (
+    "kvpress:streaming_llm",
+    "kvpress:knorm",
+    "kvpress:snapkv",
+    "kvpress:pyramidkv",
+    "kvpress:tova",
+    "kvpress:expected_attention",
+    "kvpress:adakv_snapkv",
+)
+
 
 def press_factories(ratio: float) -> dict[str, Any]:
-    """kvpress presses at ``compression_ratio`` (the fraction of the KV cache removed)."""
+    """kvpress presses at ``compression_ratio`` (the fraction of the KV cache removed), one
+    per name of :data:`PRESSES`."""
     import kvpress as kp
 
     out: dict[str, Any] = {
@@ -40,6 +54,8 @@ def press_factories(ratio: float) -> dict[str, Any]:
         "kvpress:expected_attention": lambda: kp.ExpectedAttentionPress(compression_ratio=ratio),
         "kvpress:adakv_snapkv": lambda: kp.AdaKVPress(kp.SnapKVPress(compression_ratio=ratio)),
     }
+    if tuple(out) != PRESSES:
+        raise RuntimeError(f"PRESSES lists {PRESSES}, press_factories builds {tuple(out)}")
     return out
 
 
@@ -50,6 +66,13 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--keep", type=str, default="0.5,0.25,0.125", help="budgets (kept fraction)")
     ap.add_argument("--presses", type=str, default="", help="comma list; empty: all")
+    ap.add_argument(
+        "--refs",
+        type=Path,
+        default=None,
+        help="torch.save'd {task name: [log-probs per question]} of the full cache (the KL "
+        "reference); without it, this side runs its own full cache first (kvpress:full)",
+    )
     args = ap.parse_args()
 
     import transformers
@@ -71,9 +94,14 @@ def main() -> int:
         "cells": [],
     }
     t0 = time.perf_counter()
-    rows, refs = qc.full_reference(model, tok, tasks, qc.dynamic_prefill, ops)
-    results["cells"].append({"method": "kvpress:full", "keep": 1.0, "rows": rows})
-    print(f"[kvpress side] full cache done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.refs is not None:
+        # the full cache's log-probabilities from bench/quality.py's side, same token ids:
+        # saves a prefill per task (the full cache is then measured once, on our side)
+        refs = torch.load(args.refs)
+    else:
+        rows, refs = qc.full_reference(model, tok, tasks, qc.dynamic_prefill, ops)
+        results["cells"].append({"method": "kvpress:full", "keep": 1.0, "rows": rows})
+        print(f"[kvpress side] full cache done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     wanted = set(filter(None, args.presses.split(",")))
     for keep in [float(x) for x in args.keep.split(",")]:

@@ -280,6 +280,26 @@ def test_layer_prompt_bytes_of_a_gqa_model() -> None:
     assert qc.layer_prompt_bytes(model, 100) == 2 * 100 * 2 * 8 * 4
 
 
+@pytest.mark.parametrize("grid_name", ["issue18", "issue18-core"])
+def test_every_grid_names_real_methods(grid_name: str) -> None:
+    """Every method of a grid parses into ``compressed_cache`` keywords whose policy is in
+    kvcore's registry and builds a cache on a tiny model; every grid has kvpress budgets."""
+    pytest.importorskip("torch")
+    import quality
+    from tiny_llama import tiny
+
+    import kvcore.hf as kh
+    import kvcore.policies
+
+    grid = quality.GRIDS[grid_name]
+    assert quality.GRID_PRESS_KEEPS[grid_name]
+    names = set(kvcore.policies.names())
+    model = tiny("sdpa")
+    for method, spec in quality.kvcore_methods(list(grid)).items():
+        assert spec["policy"] is None or spec["policy"] in names, spec
+        assert kh.compressed_cache(model, budget=64, **spec) is not None, method
+
+
 def test_the_issue18_grid_names_real_methods() -> None:
     """Every method of the grid parses into ``compressed_cache`` keywords whose policy is in
     kvcore's registry, and every kind of method the issue asks for is in it."""
