@@ -103,15 +103,15 @@ GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
             for m in ("ems", "cam", "kvmerger")
         },
     },
-    # The grid that fits about 70 minutes of a contended 2-core machine, where "issue18" above
-    # is about a day: under that contention one cell (3 prefills of 4k tokens of
-    # Qwen2.5-Coder-0.5B, 8 questions) took 13 minutes. Run it query-agnostic only, on 3
-    # contexts (--kinds needle,kv,multiturn --depths 0.5), with kvpress's expected_attention
-    # and snapkv. It keeps the cells most likely to meet issue 18's two targets (25 % and
-    # 12.5 % of the full cache's bytes): KIVI-2 pages keeping every token (about a fifth of the
-    # bytes), KIVI-2 pages with 2x InfiniPot eviction (about a tenth), and InfiniPot, the
-    # strongest eviction policy of the issue's measurements, alone at 4x and 8x. What it
-    # leaves out is listed in docs/benchmarks.md.
+    # A reduced grid for a machine that cannot give "issue18" above its day: query-agnostic
+    # only, on 3 contexts (--kinds needle,kv,multiturn --depths 0.5: 8 questions), with
+    # kvpress's expected_attention and snapkv. It keeps the cells most likely to meet issue
+    # 18's two targets (25 % and 12.5 % of the full cache's bytes): KIVI-2 pages keeping every
+    # token (about a fifth of the bytes), KIVI-2 pages with 2x InfiniPot eviction (about a
+    # tenth), and InfiniPot, the strongest eviction policy of the issue's measurements, alone
+    # at 4x and 8x. On a shared 2-core machine it still did not fit 70 minutes (the full
+    # cache's 3 contexts took 21 minutes, the full+kivi2 cell more than 40); docs/benchmarks.md
+    # lists what it leaves out.
     "issue18-core": {
         "full+kivi2": (1.0,),
         "infinipot+kivi2": (0.5,),

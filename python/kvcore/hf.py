@@ -417,22 +417,95 @@ def _rope(model: torch.nn.Module) -> torch.Tensor | None:
     return None
 
 
+# The default of an argument that memory= refuses when the caller gives it.
+_UNSET: Any = object()
+
+# What a memory preset decides (kvcore.presets.Preset.keywords), so a caller cannot also give.
+_PRESET_PICKS = ("policy", "budget", "config", "schedule", "kv_format", "merge", "evicted_format")
+
+
+def _kv_shape(model: Any) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` of a transformers decoder's K/V cache."""
+    cfg = model.config
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    num_layers = int(text_cfg.num_hidden_layers)
+    heads = int(getattr(text_cfg, "num_key_value_heads", None) or text_cfg.num_attention_heads)
+    head_dim = int(
+        getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+    )
+    return num_layers, heads, head_dim
+
+
+def _preset_cache(
+    model: Any,
+    memory: float | None,
+    memory_bytes: int | None,
+    prompt_tokens: int | None,
+    picked: list[str],
+    keywords: dict[str, Any],
+) -> KVCoreCache:
+    """:func:`compressed_cache` for a memory target (its arguments, checked here)."""
+    from kvcore import presets
+
+    if memory is None and memory_bytes is None:
+        raise ValueError(
+            "prompt_tokens= goes with memory= or memory_bytes= (a memory preset); a recipe "
+            "takes budget= in tokens instead"
+        )
+    if memory is not None and memory_bytes is not None:
+        raise ValueError("give memory= (a share of the full cache) or memory_bytes=, not both")
+    name = "memory" if memory is not None else "memory_bytes"
+    if prompt_tokens is None:
+        raise ValueError(
+            f"{name}= needs prompt_tokens= (the length of the prompt the cache will hold): "
+            "the preset's budget is a share of it"
+        )
+    if picked:
+        raise ValueError(
+            f"{name}= picks {', '.join(picked)} itself (kvcore.presets.pick); give either a "
+            "memory target or a recipe"
+        )
+    presets.check_prompt_tokens(prompt_tokens)
+    if memory_bytes is not None:
+        num_layers, heads, head_dim = _kv_shape(model)
+        itemsize = next(model.parameters()).element_size()
+        full = 2 * num_layers * heads * head_dim * itemsize * prompt_tokens
+        memory = presets.fraction_of(memory_bytes, full)
+    preset = presets.pick(memory)  # type: ignore[arg-type]
+    return compressed_cache(model, **preset.keywords(prompt_tokens), **keywords)
+
+
 def compressed_cache(
     model: Any,
-    policy: str | TorchPolicy | None = "snapkv",
-    budget: int | torch.Tensor = 1024,
+    policy: str | TorchPolicy | None = _UNSET,
+    budget: int | torch.Tensor = _UNSET,
     *,
     config: CacheConfig | None = None,
+    memory: float | None = None,
+    memory_bytes: int | None = None,
+    prompt_tokens: int | None = None,
     **keywords: Any,
 ) -> KVCoreCache:
     """A ready :class:`KVCoreCache` for ``model`` (hooks installed).
 
+    Either a recipe (``policy``, ``budget``, storage keywords) or a memory target
+    (``memory=`` or ``memory_bytes=`` with ``prompt_tokens=``), for which
+    :func:`kvcore.presets.pick` chooses the recipe the committed quality grid found most
+    accurate within that many bytes; it then decides the policy, budget, schedule and storage
+    keywords, and giving any of them too raises ValueError.
+
     Args:
         model: a transformers decoder (Llama-like attention modules with ``q_proj``).
         policy: a policy name of the registry (``kvcore.policies.names()``, built by
-            :func:`kvcore.scoring.get`), a policy, or None (no eviction).
+            :func:`kvcore.scoring.get`), a policy, or None (no eviction). Default: ``"snapkv"``.
         budget: tokens per (layer, kv-head) kept after compression, or a
-            ``(num_layers, num_kv_heads)`` int tensor.
+            ``(num_layers, num_kv_heads)`` int tensor. Default: 1024.
+        memory: a share of the full cache's K/V bytes for a prompt of ``prompt_tokens``, in
+            (0, 1] (``0.25``: 4x less memory).
+        memory_bytes: a byte budget instead (int >= 1), as a share of that full cache
+            (:func:`kvcore.presets.fraction_of`).
+        prompt_tokens: the length of the prompt the cache will hold (the budget is a share of
+            it); needed by, and only allowed with, ``memory`` or ``memory_bytes``.
         config: the cache's :class:`~kvcore.cache.CacheConfig` (schedule, capacity, page
             format, merges, MiKV tier); None: built from ``keywords``.
         **keywords: :class:`KVCache`'s keywords (``schedule``, ``positions``, ``capacity``,
@@ -444,7 +517,19 @@ def compressed_cache(
             evicted tokens into kept ones, ``evicted_format="int2"`` keeps them in a 2-bit
             tier (MiKV; needs ``attn_implementation="kvcore"``)) when ``config`` is None; the
             others are passed to the policy (e.g. ``window=16``).
+
+    Raises:
+        ValueError: with ``memory``/``memory_bytes``: ``prompt_tokens`` missing or not an
+            int >= 1, both targets given, a keyword the preset decides given, the target out
+            of range or smaller than every measured recipe.
     """
+    if memory is not None or memory_bytes is not None or prompt_tokens is not None:
+        given = {"policy": policy, "budget": budget, "config": config}
+        picked = [k for k, v in given.items() if v is not _UNSET and v is not None]
+        picked += [k for k in keywords if k in _PRESET_PICKS or k not in CACHE_KEYWORDS]
+        return _preset_cache(model, memory, memory_bytes, prompt_tokens, picked, keywords)
+    policy = "snapkv" if policy is _UNSET else policy
+    budget = 1024 if budget is _UNSET else budget
     cache_kw = {k: v for k, v in keywords.items() if k in CACHE_KEYWORDS}
     policy_params = {k: v for k, v in keywords.items() if k not in CACHE_KEYWORDS}
     if config is None:
@@ -460,13 +545,7 @@ def compressed_cache(
         raise ValueError(
             f"give config= or the keywords it holds, not both (got {', '.join(sorted(cache_kw))})"
         )
-    cfg = model.config
-    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    num_layers = int(text_cfg.num_hidden_layers)
-    heads = int(getattr(text_cfg, "num_key_value_heads", None) or text_cfg.num_attention_heads)
-    head_dim = int(
-        getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
-    )
+    num_layers, heads, head_dim = _kv_shape(model)
     if policy_params and not isinstance(policy, str):
         # Only a policy built here by name takes parameters: say so rather than drop them.
         raise TypeError(
