@@ -111,13 +111,23 @@ def test_pick_refuses_bad_memory(memory: Any, exc: type[Exception], match: str) 
         presets.pick(memory)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4096", None])
-def test_bad_prompt_tokens_and_bytes(bad: Any) -> None:
-    with pytest.raises(ValueError, match="prompt_tokens must be an int >= 1"):
+@pytest.mark.parametrize(
+    ("bad", "exc", "match"),
+    [
+        (0, ValueError, "must be an int >= 1, got 0"),
+        (-1, ValueError, "must be non-negative, got -1"),
+        (2.5, TypeError, "must be an int, got float"),
+        (True, TypeError, "must be an int, got bool"),
+        ("4096", TypeError, "must be an int, got str"),
+        (None, TypeError, "must be an int, got NoneType"),
+    ],
+)
+def test_bad_prompt_tokens_and_bytes(bad: Any, exc: type[Exception], match: str) -> None:
+    with pytest.raises(exc, match="prompt_tokens " + match):
         _preset("a", 0.1, 0.5).keywords(bad)
-    with pytest.raises(ValueError, match="memory_bytes must be an int >= 1"):
+    with pytest.raises(exc, match="memory_bytes " + match):
         presets.fraction_of(bad, 100)
-    with pytest.raises(ValueError, match="full_bytes must be an int >= 1"):
+    with pytest.raises(exc, match="full_bytes " + match):
         presets.fraction_of(100, bad)
 
 

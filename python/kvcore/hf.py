@@ -519,9 +519,11 @@ def compressed_cache(
             others are passed to the policy (e.g. ``window=16``).
 
     Raises:
-        ValueError: with ``memory``/``memory_bytes``: ``prompt_tokens`` missing or not an
-            int >= 1, both targets given, a keyword the preset decides given, the target out
-            of range or smaller than every measured recipe.
+        TypeError: with ``memory``/``memory_bytes``: ``prompt_tokens`` or ``memory_bytes``
+            not an int, ``memory`` not a real number.
+        ValueError: with ``memory``/``memory_bytes``: ``prompt_tokens`` missing or below 1,
+            both targets given, a keyword the preset decides given, the target out of range
+            or smaller than every measured recipe.
     """
     if memory is not None or memory_bytes is not None or prompt_tokens is not None:
         given = {"policy": policy, "budget": budget, "config": config}

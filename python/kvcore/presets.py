@@ -24,6 +24,7 @@ import math
 import numbers
 from typing import Any
 
+from kvcore._args import count
 from kvcore.cache import Schedule
 
 __all__ = ["MEASURED", "SOURCE", "Preset", "check_prompt_tokens", "fraction_of", "pick"]
@@ -64,7 +65,8 @@ class Preset:
         (compress once, at the prefill) and its storage keywords.
 
         Raises:
-            ValueError: ``prompt_tokens`` is not an int >= 1.
+            TypeError: ``prompt_tokens`` is not an int (kvcore's id/count rule).
+            ValueError: ``prompt_tokens`` is below 1.
         """
         check_prompt_tokens(prompt_tokens)
         out: dict[str, Any] = {
@@ -83,10 +85,18 @@ class Preset:
 MEASURED: tuple[Preset, ...] = ()
 
 
+def _positive(value: Any, name: str) -> int:
+    """``value`` by kvcore's id/count rule (TypeError for a non-int), and at least 1."""
+    v = count(value, name)
+    if v < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return v
+
+
 def check_prompt_tokens(prompt_tokens: Any) -> None:
-    """Raises ValueError unless ``prompt_tokens`` is an int >= 1."""
-    if not isinstance(prompt_tokens, int) or isinstance(prompt_tokens, bool) or prompt_tokens < 1:
-        raise ValueError(f"prompt_tokens must be an int >= 1, got {prompt_tokens!r}")
+    """Raises TypeError unless ``prompt_tokens`` is an int (kvcore's id/count rule), and
+    ValueError if it is below 1."""
+    _positive(prompt_tokens, "prompt_tokens")
 
 
 def pick(memory: float, table: tuple[Preset, ...] = MEASURED) -> Preset:
@@ -126,9 +136,9 @@ def fraction_of(memory_bytes: int, full_bytes: int) -> float:
     that holds the whole cache gets the best measured recipe).
 
     Raises:
-        ValueError: either is not an int >= 1.
+        TypeError: either is not an int (kvcore's id/count rule).
+        ValueError: either is below 1.
     """
-    for name, value in (("memory_bytes", memory_bytes), ("full_bytes", full_bytes)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return min(1.0, memory_bytes / full_bytes)
+    used = _positive(memory_bytes, "memory_bytes")
+    full = _positive(full_bytes, "full_bytes")
+    return min(1.0, used / full)
