@@ -118,7 +118,29 @@ GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
         "infinipot": (0.25, 0.125),
     },
 }
-GRID_PRESS_KEEPS = {"issue18": (0.75, 0.5, 0.25, 0.125), "issue18-core": (0.25, 0.125)}
+GRIDS["issue18-mid"] = {
+    # "issue18-core" plus what else fits about an hour of one core on the same 3 contexts:
+    # KIVI-2 pages with lighter eviction, int4 pages keeping every token, the query-agnostic
+    # eviction policies (InfiniPot at 50 %, kvcore's Expected Attention, TOVA, SnapKV), MiKV
+    # tiers at 2 and 4 bits, and two merges, against four kvpress presses.
+    **GRIDS["issue18-core"],
+    "full+int4": (1.0,),
+    "infinipot+kivi2": (0.75, 0.5),
+    "tova+kivi2": (0.5,),
+    "infinipot": (0.5, 0.25, 0.125),
+    "expected_attention": (0.25, 0.125),
+    "tova": (0.25, 0.125),
+    "snapkv": (0.25,),
+    "infinipot+mikv2": (0.125,),
+    "infinipot+mikv4": (0.125,),
+    "infinipot+kvmerger": (0.25,),
+    "infinipot+cam": (0.25,),
+}
+GRID_PRESS_KEEPS = {
+    "issue18": (0.75, 0.5, 0.25, 0.125),
+    "issue18-core": (0.25, 0.125),
+    "issue18-mid": (0.25, 0.125),
+}
 
 
 def kvcore_methods(policies: list[str]) -> dict[str, dict[str, Any]]:
