@@ -83,6 +83,7 @@ __all__ = [
     "check_transformers",
     "disable",
     "enable",
+    "storage",
 ]
 
 from kvcore.serving.paged import (  # noqa: E402
