@@ -10,10 +10,11 @@ blocks and is compressed per request::
 
 kvcore's options (``--policy``, ``--budget``, ``--kv-bytes``, ``--kv-format``,
 ``--quant-group``, ``--block-size``, ``--decode-every``) are read first; everything else goes
-to ``transformers serve`` unchanged, with ``--continuous-batching`` added. The KV memory is ``--kv-bytes``, or the
-engine's own ``--cb-num-blocks`` blocks; one of them is required. In this process only,
-transformers' ``ModelManager`` is replaced by a subclass whose ``_load_model`` calls
-``enable`` on the model it loaded (:func:`patched`); nothing else of transformers changes.
+to ``transformers serve`` unchanged, with ``--continuous-batching`` added. The KV memory is
+``--kv-bytes``, or the engine's own ``--cb-num-blocks`` blocks; one of them is required. In
+this process only, transformers' ``ModelManager`` is replaced by a subclass whose
+``_load_model`` calls ``enable`` on the model it loaded (:func:`patched`); nothing else of
+transformers changes.
 docs/serving.md, section 4.
 
 Needs transformers' serving extra (fastapi, uvicorn, openai), which ``make setup`` installs.
