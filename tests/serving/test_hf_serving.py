@@ -119,17 +119,21 @@ def test_enable_is_one_line_and_remove_gives_the_engine_back(model: Any) -> None
     assert kvs.disable(model) is False
 
 
-@needs_supported
-def test_compression_frees_blocks_that_other_requests_use(model: Any) -> None:
-    # 6 prompts of 96 tokens + 16 generated: 7 blocks each uncompressed; the pool holds 16.
+def crowd(model: Any) -> tuple[list[list[int]], int, ContinuousBatchingConfig]:
+    """6 prompts of 96 tokens (+ 16 generated: 7 blocks each uncompressed), a K/V budget of 16
+    blocks in the model's dtype (2 such requests at once) and the batching config."""
     g = torch.Generator().manual_seed(3)
     inputs = [torch.randint(1, 64, (96,), generator=g).tolist() for _ in range(6)]
-    kv_bytes = 16 * 16 * model_bytes_per_token(model)
-    cb = dict(max_batch_tokens=128)
+    return inputs, 16 * 16 * model_bytes_per_token(model), cbc(max_batch_tokens=128)
+
+
+@needs_supported
+def test_compression_frees_blocks_that_other_requests_use(model: Any) -> None:
+    inputs, kv_bytes, cb = crowd(model)
     with kvs.enable(model, kv_bytes=kv_bytes):
-        plain, s0 = run(model, inputs, gen(16), cbc(**cb))
+        plain, s0 = run(model, inputs, gen(16), cb)
     with kvs.enable(model, "snapkv", budget=16, window=8, kv_bytes=kv_bytes):
-        comp, s1 = run(model, inputs, gen(16), cbc(**cb))
+        comp, s1 = run(model, inputs, gen(16), cb)
     finished(plain, 16)
     finished(comp, 16)
     assert s1["compressions"] == 6 and s1["tokens_evicted"] == 6 * (96 - 16)
@@ -246,17 +250,24 @@ def _one_by_one(model: Any, inputs: list[list[int]], n: int, cb: Any) -> tuple[l
     return outs, stats
 
 
-@needs_supported
-def test_prefix_reuse(model: Any, monkeypatch) -> None:
+def check_prefix_reuse(model: Any, **enable_kwargs: Any) -> None:
+    """Two prompts sharing 40 tokens, one after the other: the second adopts the first's 2
+    full blocks and decodes what it decodes without sharing."""
     common = prompts()[5][:40]  # 2 full blocks + 8 tokens
     inputs = [common + [5, 6, 7], common + [9, 10, 11, 12]]
-    with kvs.enable(model):
+    with kvs.enable(model, **enable_kwargs):
         shared, s1 = _one_by_one(model, inputs, 6, cbc())
         alone, s0 = _one_by_one(model, inputs, 6, cbc(allow_block_sharing=False))
     assert s1["prefix_hit_tokens"] == 32 and s0["prefix_hit_tokens"] == 0
     for a, b in zip(shared, alone, strict=True):
         assert a.generated_tokens == b.generated_tokens
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+@needs_supported
+def test_prefix_reuse(model: Any, monkeypatch) -> None:
+    check_prefix_reuse(model)
+    common = prompts()[5][:40]
 
     seen: list[tuple[int, int]] = []
     orig = kvs.KVCorePagedCache._compress
@@ -303,8 +314,8 @@ def test_positions_continue_after_eviction(model: Any) -> None:
 
 @needs_supported
 def test_refusals_name_the_option(model: Any) -> None:
-    with pytest.raises(ValueError, match="kv_format='int4'"):
-        kvs.enable(model, kv_format="int4")
+    with pytest.raises(ValueError, match="kv_format must be one of 'native', 'int8'"):
+        kvs.enable(model, kv_format="kivi4")
     with pytest.raises(ValueError, match="budget"):
         kvs.enable(model, "snapkv")
     with pytest.raises(ValueError, match="window"):

@@ -73,3 +73,20 @@ def test_real_model_equal_without_compression_and_answers_with_it(smollm2_sdpa: 
         assert code in tok.decode(comp[rid].generated_tokens), tok.decode(
             comp[rid].generated_tokens
         )
+
+
+def test_real_model_answers_from_int4_pages(smollm2_sdpa: Any) -> None:
+    """Per-token int4 pages at the engine's bytes: 3.2x the blocks of bf16 pages (head size
+    64, groups of 32, float16 scale and zero point: 40 bytes per token and head against 128)
+    and the same answers."""
+    model, tok = smollm2_sdpa
+    inputs = [needle(tok, c) for c in CODES]
+    with kvs.enable(model):
+        _, native = generate(model, inputs)
+    with kvs.enable(model, kv_format="int4"):
+        out, int4 = generate(model, inputs)
+    assert native["bytes_per_block"] * 5 == int4["bytes_per_block"] * 16  # 3.2x
+    assert int4["capacity"] == native["capacity"] * 16 // 5
+    for i, code in enumerate(CODES):
+        answer = tok.decode(out[f"req_{i}"].generated_tokens)
+        assert code in answer, answer

@@ -159,6 +159,9 @@ def test_serve_refuses_bad_options_before_starting(capsys: Any) -> None:
         (["m", "--attn-implementation", "sdpa"], "picks the attention itself"),
         (["m", "--no-continuous-batching"], "always runs continuous batching"),
         (["m", "--policy", "snapkv", "--budget", "8"], "needs a KV memory budget"),
+        (["m", "--kv-format", "kivi4"], "kv_format must be one of 'native', 'int8'"),
+        (["m", "--quant-group", "4"], "quant_group applies to int pages"),
+        (["m", "--kv-format", "int4", "--quant-group", "0"], "quant_group must be an int >= 1"),
     ):
         with pytest.raises(SystemExit) as e:
             main(argv)

@@ -45,7 +45,14 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_model(capsys: pytest.CaptureFix
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_serving import main
 
-    assert main(["--smoke", "--ratios", "4"]) == 0  # writes nothing
+    assert main(["--smoke", "--ratios", "4"]) == 0  # writes nothing, prints the table
     out = capsys.readouterr().out
-    for run in ("engine", "kvcore", "kvcore-snapkv-4x"):
+    for run in ("engine", "kvcore", "kvcore-snapkv-4x", "kvcore-int4", "kvcore-int4-snapkv-2x"):
         assert f"{run}: in flight" in out
+        assert f"| {run} |" in out
+    assert "| KV MiB per request | compression |" in out
+    # float32 pages of head size 8 against int4 ones in groups of 8: 32 bytes per vector
+    # against 4 of codes + 4 of float16 scale and zero point, so 4x smaller per block
+    row = next(line for line in out.splitlines() if line.startswith("| kvcore-int4 |"))
+    assert row.endswith("| 4.00x |"), row
+    assert "`in_flight_3x` (targets_int4)" in out

@@ -25,7 +25,7 @@ def layer_mean_scores(cache: KVCorePagedCache, r: _Request, slots: torch.Tensor)
     total = torch.zeros(n, dtype=torch.float32)
     positions = torch.arange(n, device=cache.device).expand(1, h, n)
     for layer in range(cache.num_layers):
-        keys = cache.k[layer, slots].transpose(0, 1).unsqueeze(0)
+        keys = cache.read(layer, "k", slots).transpose(0, 1).unsqueeze(0)
         q = r.queries[layer]
         queries = qpos = None
         if q is not None:
@@ -69,8 +69,7 @@ def compress(cache: KVCorePagedCache, r: _Request, state: RequestState) -> None:
     if len(src):
         s = torch.as_tensor(src, device=cache.device)
         d = torch.as_tensor(dst, device=cache.device)
-        cache.k[:, d] = cache.k[:, s]
-        cache.v[:, d] = cache.v[:, s]
+        cache.move(s, d)
     evicted = n - len(keep)
     r.delta += evicted
     r.compressed = True

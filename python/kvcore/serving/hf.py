@@ -23,10 +23,14 @@ schedule, where other requests take them. Positions continue at the logical leng
 request's ``position_offset`` counts stored tokens (what the engine's memory and read
 accounting needs) and the evicted count is added to the position ids of its new tokens.
 
-First build, on purpose: native pages only (``kv_format="native"``), one keep set shared by all
-layers and heads of a request, no CPU swap pool, no async batching or CUDA graphs, full
-attention models only. Each refusal is a ``ValueError`` naming the option (docs/serving.md,
-section 10 lists what comes next).
+Page formats: ``kv_format="native"`` (the model's dtype) or per-token quantized pages
+(``"int8"``, ``"int4"``, ``"int2"``): the pools are sized from ``kv_bytes`` at the format's
+real bytes per block, so quantized pages admit more tokens, and attention reads them
+dequantized. KIVI pages are refused (a slot of theirs does not hold its token alone).
+
+First build, on purpose: one keep set shared by all layers and heads of a request, no CPU swap
+pool, no async batching or CUDA graphs, full attention models only. Each refusal is a
+``ValueError`` naming the option (docs/serving.md, section 10 lists what comes next).
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ from transformers.generation.continuous_batching.utils import (  # noqa: E402
 )
 
 __all__ = [
+    "SERVED_FORMATS",
     "SUPPORTED_TRANSFORMERS",
     "Handle",
     "KVCoreBatchProcessor",
@@ -78,13 +83,17 @@ __all__ = [
     "check_transformers",
     "disable",
     "enable",
+    "storage",
 ]
 
 from kvcore.serving.paged import (  # noqa: E402
     _NO_BUDGET,
     _SERVED_NEEDS,
+    SERVED_FORMATS,
     KVCorePagedCache,
     Settings,
+    slot_format,
+    storage,
 )
 
 
@@ -273,6 +282,7 @@ def enable(
     budget: int | None = None,
     *,
     kv_format: str = "native",
+    quant_group: int | None = None,
     kv_bytes: int | None = None,
     block_size: int = 16,
     decode_every: int | None = None,
@@ -286,9 +296,18 @@ def enable(
             no compression (outputs then equal the engine's own cache, token for token).
         budget: tokens a request keeps at each compression (prefix tokens adopted from other
             requests are kept on top). Required with a policy.
-        kv_format: ``"native"`` (the model's dtype). Quantized pages are not served yet.
+        kv_format: ``"native"`` (the model's dtype), or ``"int8"`` / ``"int4"`` / ``"int2"``:
+            pages quantized **per token**, keys and values (groups of ``quant_group``
+            channels, float16 scales and zero points). Attention reads them dequantized. Unlike
+            :class:`kvcore.KVCache`, whose int pages quantize keys per channel by default, the
+            serving pages cannot: the engine writes and moves slot by slot, and a per-channel
+            key group spans a page's tokens. Per-token keys lose models with outlier key
+            channels (Qwen2.5; docs/cache.md); KIVI formats are refused.
+        quant_group: channels per quantization group of int pages (None: ``min(32,
+            head_dim)``); it must divide the head size.
         kv_bytes: K/V memory in bytes; None: the ``num_blocks * page_size`` tokens of the
-            continuous-batching config.
+            continuous-batching config in the model's dtype (the engine's own cache size, so a
+            quantized format holds more tokens in it).
         block_size: kvcore block size in tokens.
         decode_every: also compress every this many generated tokens.
         policy_params: parameters of a policy given by name.
@@ -297,11 +316,6 @@ def enable(
         ValueError: an unsupported option, model, policy or format, or a bad size.
         TypeError: arguments of the wrong type.
     """
-    if kv_format != "native":
-        raise ValueError(
-            f"kv_format={kv_format!r}: only 'native' pages are served under continuous batching "
-            "so far (quantized pages need kvcore's own attention path, docs/serving.md 4.6)"
-        )
     for name, value in (("block_size", block_size), ("decode_every", decode_every)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise TypeError(f"{name} must be an int, got {value!r}")
@@ -309,6 +323,7 @@ def enable(
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     if decode_every is not None and decode_every < 1:
         raise ValueError(f"decode_every must be >= 1 or None, got {decode_every}")
+    pages = storage(kv_format, quant_group, block_size)
     if kv_bytes is not None and (not isinstance(kv_bytes, int) or kv_bytes < 1):
         raise ValueError(f"kv_bytes must be a positive int, got {kv_bytes!r}")
     pol = _policy(policy, budget, policy_params)
@@ -324,8 +339,9 @@ def enable(
             "kvcore.serving.hf supports full-attention models only, this one has layer types "
             f"{sorted(groups)}"
         )
+    slot_format(model.config.get_text_config(), model.dtype, pages)  # the group fits the heads
     disable(model)
-    settings = Settings(pol, int(budget or 0), kv_bytes, block_size, decode_every)
+    settings = Settings(pol, int(budget or 0), kv_bytes, pages, decode_every)
     hooks = _install_query_hooks(model) if pol is not None and pol.needs_queries else []
     model.destroy_cached_continuous_batching_manager()
     cls_init: Callable[..., Any] = type(model).init_continuous_batching

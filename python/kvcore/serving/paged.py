@@ -12,6 +12,8 @@ import torch
 import transformers
 
 from kvcore import _kvcore as _k
+from kvcore.cache.config import StorageConfig
+from kvcore.cache.formats import PageFormat, PageStore, Side, Streams, page_format
 from kvcore.policies import Need, Policy
 from kvcore.serving import _compress
 from kvcore.serving._version import check_transformers
@@ -42,6 +44,56 @@ _NO_BUDGET = (
     "kvcore.serving.hf needs a KV memory budget: pass kv_bytes= to enable(), or set num_blocks "
     "in the ContinuousBatchingConfig"
 )
+#: The page formats served under continuous batching: those whose slots hold their token alone.
+SERVED_FORMATS = ("native", "int8", "int4", "int2")
+
+
+def storage(kv_format: str, quant_group: int | None, block_size: int) -> StorageConfig:
+    """The pages of the serving cache, as :func:`kvcore.serving.hf.enable` was asked.
+
+    Int pages are per-token (``key_quant="token"``): the engine writes, reads, copies on write
+    and compacts slot by slot, so a slot must hold its token alone. KIVI pages (and int pages
+    with per-channel keys, the default of :class:`kvcore.KVCache`) seal a page's keys as one
+    group per channel over its tokens and keep each stream's last page open in ``dtype``: a
+    slot's bytes depend on its page's other tokens, and the open page is per-stream state that
+    forks and prefix sharing would have to copy.
+
+    Raises:
+        ValueError: a format not in :data:`SERVED_FORMATS` (naming them and why), or a bad
+            group or block size (from :class:`~kvcore.cache.config.StorageConfig`).
+    """
+    if kv_format not in SERVED_FORMATS:
+        raise ValueError(
+            f"kv_format must be one of {', '.join(map(repr, SERVED_FORMATS))} under continuous "
+            f"batching, got {kv_format!r}: the engine writes, reads and compacts slot by slot, "
+            "so a slot must hold its token alone; KIVI pages (and int pages with per-channel "
+            "keys) quantize a page's keys per channel over its tokens and keep an open page per "
+            "request"
+        )
+    bits = kv_format != "native"
+    if quant_group is not None and not bits:
+        raise ValueError(f"quant_group applies to int pages, not kv_format={kv_format!r}")
+    return StorageConfig(kv_format, quant_group, block_size, key_quant="token" if bits else None)
+
+
+def slot_format(config: Any, dtype: torch.dtype, storage: StorageConfig) -> PageFormat:
+    """The format of one layer's pages: a slot holds the token's vectors of every kv head of
+    the layer side by side (``num_kv_heads * head_dim`` channels), the allocator's slot as it
+    is. Quantization groups lie inside one head, so a slot's codes are those of each head's
+    vector quantized alone.
+
+    Raises:
+        ValueError: a quantization group that does not divide the head size.
+    """
+    head_dim = int(find_head_dim(config))
+    width = int(find_num_key_value_heads(config)) * head_dim
+    if storage.bits and head_dim % storage.group(head_dim):
+        raise ValueError(
+            f"quant_group={storage.group(head_dim)} must divide the head size {head_dim} (a "
+            "quantization group lies inside one head)"
+        )
+    group = storage.group(head_dim) if storage.bits else None
+    return page_format(replace(storage, quant_group=group), width, dtype)
 
 
 @dataclass(frozen=True)
@@ -52,16 +104,21 @@ class Settings:
         policy: the policy (None: no compression).
         budget: tokens each request keeps at a compression, adopted prefix tokens not counted.
         kv_bytes: the K/V pool budget in bytes (None: ``num_blocks * page_size`` tokens of the
-            continuous-batching config, the engine's own cache size).
-        block_size: kvcore block size in tokens.
+            continuous-batching config in the model's dtype, the engine's own cache size).
+        storage: the page format and block size (:func:`storage`).
         decode_every: also compress every this many generated tokens (None: prefill only).
     """
 
     policy: Policy | None
     budget: int
     kv_bytes: int | None
-    block_size: int
+    storage: StorageConfig
     decode_every: int | None
+
+    @property
+    def block_size(self) -> int:
+        """kvcore block size in tokens."""
+        return self.storage.block_size
 
 
 @dataclass
@@ -115,7 +172,10 @@ class KVCorePagedCache:
 
     Duck-typed on purpose: ``PagedAttentionCache.__init__`` would allocate the engine's own
     tensor. Memory: one :class:`kvcore.BlockAllocator` of ``capacity`` blocks of
-    ``block_size`` tokens, and K and V pools ``(layers, slots, kv_heads, head_dim)``.
+    ``block_size`` tokens, and one :class:`~kvcore.cache.formats.PageStore` per layer in the
+    page format ``format`` (:func:`slot_format`: a slot holds every kv head of its token), as
+    many blocks as ``kv_bytes`` pays for at the format's real page bytes (scales and zero
+    points included), plus the null block.
     """
 
     def __init__(
@@ -142,26 +202,34 @@ class KVCorePagedCache:
         self.num_kv_heads = int(find_num_key_value_heads(config))
         self.head_dim = int(find_head_dim(config))
         self.block_size = settings.block_size
+        self.format = slot_format(config, dtype, settings.storage)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        self.bytes_per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+        # What the engine's own cache spends per token (the default budget is its size)
+        self.dtype_bytes_per_token = (
+            2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+        )
         kv_bytes = settings.kv_bytes
         if kv_bytes is None:
             if cb_config.num_blocks is None:
                 raise ValueError(_NO_BUDGET)
-            kv_bytes = int(cb_config.num_blocks) * int(cb_config.page_size) * self.bytes_per_token
-        self.bytes_per_block = self.bytes_per_token * self.block_size
+            pages = int(cb_config.num_blocks) * int(cb_config.page_size)
+            kv_bytes = pages * self.dtype_bytes_per_token
+        self.bytes_per_block = self.num_layers * self.format.page_bytes
         usable = kv_bytes // self.bytes_per_block
         if usable < 1:
             raise ValueError(
                 f"kv_bytes={kv_bytes} holds no block of {self.block_size} tokens "
-                f"({self.bytes_per_block} bytes each for this model)"
+                f"({self.bytes_per_block} bytes each for this model in "
+                f"{self.format.name!r} pages)"
             )
         self.kv_bytes = usable * self.bytes_per_block
         self.allocator = _k.BlockAllocator(usable + 1, self.block_size)  # + the null block
-        slots = (usable + 1) * self.block_size
-        shape = (self.num_layers, slots, self.num_kv_heads, self.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.stores: list[PageStore] = [
+            self.format.alloc(usable + 1, 0, device) for _ in range(self.num_layers)
+        ]
+        # Per-token formats keep no state per stream: one empty Streams serves every commit.
+        empty = np.zeros(0, dtype=np.int64)
+        self._streams = Streams(self.allocator, empty, empty, torch.zeros(0, dtype=torch.int64))
 
         # The engine-facing attributes (docs/serving.md, table of 4.4)
         self.cache_allocators = {FULL_ATTENTION: _GroupAllocator(self)}
@@ -177,7 +245,7 @@ class KVCorePagedCache:
         self.bytes_per_sector = self.bytes_per_block
         self.num_sectors = self.allocator.capacity
 
-        self._salt = f"kvcore.serving:{type(config).__name__}:{dtype}:native"
+        self._salt = f"kvcore.serving:{type(config).__name__}:{dtype}:{self.format.name}"
         self._requests: dict[str, _Request] = {}
         self._pending: dict[str, RequestState] = {}
         self._plan: list[tuple[str, int]] = []
@@ -201,13 +269,30 @@ class KVCorePagedCache:
         ``compressions_skipped`` (a compaction that ran out of blocks), ``blocks_freed`` (blocks
         compressions gave back), ``prefix_hit_tokens``, ``peak_used_blocks``,
         ``peak_requests`` (requests holding blocks at once), ``peak_decoding`` (requests past
-        their prompt after one step, the requests in flight), ``peak_kv_bytes`` and
-        ``kv_bytes``."""
+        their prompt after one step, the requests in flight), ``peak_kv_bytes``, ``kv_bytes``
+        (the usable blocks' bytes, at most the budget), ``pool_bytes`` (the page tensors: the
+        usable blocks plus the null block) and ``bytes_per_block`` (every layer, K and V)."""
         out: dict[str, int | float] = dict(self.allocator.stats())
         out.update(self._counters)
         out["peak_kv_bytes"] = self._counters["peak_used_blocks"] * self.bytes_per_block
         out["kv_bytes"] = self.kv_bytes
+        out["pool_bytes"] = sum(store.nbytes for store in self.stores)
+        out["bytes_per_block"] = self.bytes_per_block
         return out
+
+    def read(self, layer: int, side: Side, slots: torch.Tensor) -> torch.Tensor:
+        """``(N, kv_heads, head_dim)`` vectors in the model's dtype at ``(N,)`` int64 slots of
+        one layer (dequantized from quantized pages). The slots come from kvcore's own tables,
+        so the format's unchecked read serves them."""
+        flat = self.format._read(self.stores[layer], side, slots)
+        return flat.view(len(slots), self.num_kv_heads, self.head_dim)
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """A compaction plan on every layer's pages: slot ``dst[i]`` takes what ``src[i]``
+        holds (the format's ``move``: a quantized token moves as its codes, scales and zero
+        points)."""
+        for store in self.stores:
+            self.format._move(store, src, dst, ())
 
     def position_delta(self, request_id: str) -> int:
         """Tokens the request has evicted: its logical length minus its stored length."""
@@ -247,10 +332,8 @@ class KVCorePagedCache:
 
     def _copy_block(self, src_block: int, dst_block: int) -> None:
         bs = self.block_size
-        src = slice(src_block * bs, (src_block + 1) * bs)
-        dst = slice(dst_block * bs, (dst_block + 1) * bs)
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
+        offsets = torch.arange(bs, device=self.device)
+        self.move(src_block * bs + offsets, dst_block * bs + offsets)
 
     def can_store_request_tokens(
         self, state: RequestState, request_len: int, dry_run: bool = False
@@ -409,20 +492,27 @@ class KVCorePagedCache:
         layer_idx: int,
         kwargs: dict[str, Any],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes the step's ``[1, H, T, D]`` K/V at the slots of the plan, then returns every
-        request's stored K/V in plan order, as the engine's own cache does."""
+        """Writes the step's ``[1, H, T, D]`` K/V at the slots of the plan in the page format,
+        then returns every request's stored K/V in plan order, as the engine's own cache does
+        (quantized pages: dequantized, the step's own tokens included, so attention sees what
+        later steps will read)."""
         kwargs["cu_seq_lens_k"] = kwargs["cu_seq_lens_k"][FULL_ATTENTION].to(torch.int32)
         kwargs["max_length_k"] = kwargs["max_length_k"][FULL_ATTENTION]
         read_index = kwargs["read_index"][0]
         write_index = kwargs["write_index"][0]
-        k_new, v_new = (x.squeeze(0).transpose(0, 1) for x in (key_states, value_states))
-        k_pool, v_pool = self.k[layer_idx], self.v[layer_idx]
-        k_pool.index_copy_(0, write_index, k_new.to(self.dtype))
-        v_pool.index_copy_(0, write_index, v_new.to(self.dtype))
+        t = key_states.shape[2]
+        k_new, v_new = (
+            x.squeeze(0).transpose(0, 1).reshape(t, -1) for x in (key_states, value_states)
+        )
+        fmt, store = self.format, self.stores[layer_idx]
+        encoded = fmt.prepare(k_new, v_new)  # both sides encoded before either is written
+        fmt.commit(store, encoded, write_index, self._streams)
+        # A batch with no past to read (every request in its first chunk) passes no read
+        # index: its attention reads the step's own tokens, read back from the pages.
         if read_index.numel() == 0:
-            return key_states, value_states
-        k_all = torch.index_select(k_pool, 0, read_index)
-        v_all = torch.index_select(v_pool, 0, read_index)
+            read_index = write_index
+        k_all = self.read(layer_idx, "k", read_index)
+        v_all = self.read(layer_idx, "v", read_index)
         return k_all.transpose(0, 1).unsqueeze(0), v_all.transpose(0, 1).unsqueeze(0)
 
     def begin_step(self) -> None:

@@ -6,14 +6,15 @@ continuous-batching engine. ``kvcore serve`` is the same server, with each model
 blocks and is compressed per request::
 
     python -m kvcore serve MODEL --policy snapkv --budget 1024 --kv-bytes 2000000000 \
-        [transformers serve options]
+        --kv-format int4 [transformers serve options]
 
-kvcore's options (``--policy``, ``--budget``, ``--kv-bytes``, ``--block-size``,
-``--decode-every``) are read first; everything else goes to ``transformers serve``
-unchanged, with ``--continuous-batching`` added. The KV memory is ``--kv-bytes``, or the
-engine's own ``--cb-num-blocks`` blocks; one of them is required. In this process only,
-transformers' ``ModelManager`` is replaced by a subclass whose ``_load_model`` calls
-``enable`` on the model it loaded (:func:`patched`); nothing else of transformers changes.
+kvcore's options (``--policy``, ``--budget``, ``--kv-bytes``, ``--kv-format``,
+``--quant-group``, ``--block-size``, ``--decode-every``) are read first; everything else goes
+to ``transformers serve`` unchanged, with ``--continuous-batching`` added. The KV memory is
+``--kv-bytes``, or the engine's own ``--cb-num-blocks`` blocks; one of them is required. In
+this process only, transformers' ``ModelManager`` is replaced by a subclass whose
+``_load_model`` calls ``enable`` on the model it loaded (:func:`patched`); nothing else of
+transformers changes.
 docs/serving.md, section 4.
 
 Needs transformers' serving extra (fastapi, uvicorn, openai), which ``make setup`` installs.
@@ -30,7 +31,7 @@ import transformers
 from packaging.version import Version
 
 from kvcore._args import count
-from kvcore.serving.hf import Handle, enable
+from kvcore.serving.hf import SERVED_FORMATS, Handle, enable, storage
 
 #: The transformers series ``kvcore serve`` is tested on. It replaces
 #: ``transformers.cli.serving.model_manager.ModelManager``, which 5.25 rewrote (``ModelLoader``,
@@ -134,6 +135,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--policy", default=None, help="a kvcore.policies name (none: no eviction)")
     parser.add_argument("--budget", type=int, default=None, help="tokens a request keeps")
     parser.add_argument("--kv-bytes", type=int, default=None, help="K/V memory in bytes")
+    parser.add_argument(
+        "--kv-format",
+        default="native",
+        help=f"page format, one of {', '.join(SERVED_FORMATS)} (int: per-token quantized pages)",
+    )
+    parser.add_argument(
+        "--quant-group", type=int, default=None, help="channels per group of int pages"
+    )
     parser.add_argument("--block-size", type=int, default=16, help="kvcore block size")
     parser.add_argument("--decode-every", type=int, default=None, help="compress while decoding")
     opts, rest = parser.parse_known_args(argv)
@@ -143,6 +152,7 @@ def main(argv: list[str]) -> int:
             parser.error(f"{flag}: {_REFUSED[flag]}")
     try:
         check_options(opts.policy, opts.budget, opts.kv_bytes, opts.block_size, opts.decode_every)
+        storage(opts.kv_format, opts.quant_group, opts.block_size)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
     if opts.kv_bytes is None and not any(a.split("=", 1)[0] == "--cb-num-blocks" for a in rest):
@@ -162,6 +172,8 @@ def main(argv: list[str]) -> int:
         policy=opts.policy,
         budget=opts.budget,
         kv_bytes=opts.kv_bytes,
+        kv_format=opts.kv_format,
+        quant_group=opts.quant_group,
         block_size=opts.block_size,
         decode_every=opts.decode_every,
     ):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvcore.cache.formats.base import PageStore, compact
+from kvcore.cache.formats.base import PageStore, Side, compact
 from kvcore.cache.formats.token import TokenFormat
 
 
@@ -36,6 +36,15 @@ class NativeFormat(TokenFormat):
 
     def slot_views(self, pool: torch.Tensor) -> list[tuple[torch.Tensor, int, int]]:
         return [(pool, 0, self.head_dim)]  # one row per slot, contiguous
+
+    def _read(self, store: PageStore, side: Side, slots: torch.Tensor) -> torch.Tensor:
+        """One row per slot: a plain gather (``view`` raises on a pool that is not contiguous,
+        where a ``reshape`` would gather from a copy)."""
+        return store.side(side).view(-1, self.head_dim).index_select(0, slots)
+
+    def _write(self, store: PageStore, side: Side, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """One row per slot: a plain scatter into the pool's rows."""
+        store.side(side).view(-1, self.head_dim).index_copy_(0, slots, self.encode(x))
 
     def _move(
         self, store: PageStore, src: torch.Tensor, dst: torch.Tensor, state: Sequence[torch.Tensor]

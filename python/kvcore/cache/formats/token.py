@@ -53,7 +53,7 @@ class TokenFormat(PageFormat):
         self._put(store.v, flat, staged[1])
 
     def _read(self, store: PageStore, side: Side, slots: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.stored(store, side, slots))
+        return self.decode(self._stored(store, side, slots))
 
     def _write(self, store: PageStore, side: Side, slots: torch.Tensor, x: torch.Tensor) -> None:
         self._put(store.side(side), slots, self.encode(x))
@@ -75,6 +75,10 @@ class TokenFormat(PageFormat):
         """What ``slots`` store, as :meth:`encode` wrote it (quantized pages: one-token blocks
         whose padding between codes and scales is zero, as the encoder writes it)."""
         check_slots(store, self.block_size, slots)
+        return self._stored(store, side, slots)
+
+    def _stored(self, store: PageStore, side: Side, slots: torch.Tensor) -> torch.Tensor:
+        """:meth:`stored` without the slot checks (a device sync each on CUDA)."""
         pool, bs = store.side(side), self.block_size
         views = self.slot_views(pool)
         width = max(to + w for _, to, w in views)
