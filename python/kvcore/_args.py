@@ -54,6 +54,14 @@ def count(x: Any, name: str) -> int:
     return v
 
 
+def positive(x: Any, name: str) -> int:
+    """A :func:`count` that must also be at least 1 (``ValueError`` otherwise)."""
+    v = count(x, name)
+    if v < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {v}")
+    return v
+
+
 def size(x: Any, name: str, bytes_each: int) -> int:
     """A :func:`count` whose ``bytes_each``-byte entries must fit :data:`MAX_ALLOC_BYTES`."""
     v = count(x, name)

@@ -24,7 +24,7 @@ import math
 import numbers
 from typing import Any
 
-from kvcore._args import count
+from kvcore._args import positive
 from kvcore.cache import Schedule
 
 __all__ = ["MEASURED", "SOURCE", "Preset", "check_prompt_tokens", "fraction_of", "pick"]
@@ -85,18 +85,10 @@ class Preset:
 MEASURED: tuple[Preset, ...] = ()
 
 
-def _positive(value: Any, name: str) -> int:
-    """``value`` by kvcore's id/count rule (TypeError for a non-int), and at least 1."""
-    v = count(value, name)
-    if v < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return v
-
-
 def check_prompt_tokens(prompt_tokens: Any) -> None:
     """Raises TypeError unless ``prompt_tokens`` is an int (kvcore's id/count rule), and
     ValueError if it is below 1."""
-    _positive(prompt_tokens, "prompt_tokens")
+    positive(prompt_tokens, "prompt_tokens")
 
 
 def pick(memory: float, table: tuple[Preset, ...] = MEASURED) -> Preset:
@@ -139,6 +131,6 @@ def fraction_of(memory_bytes: int, full_bytes: int) -> float:
         TypeError: either is not an int (kvcore's id/count rule).
         ValueError: either is below 1.
     """
-    used = _positive(memory_bytes, "memory_bytes")
-    full = _positive(full_bytes, "full_bytes")
+    used = positive(memory_bytes, "memory_bytes")
+    full = positive(full_bytes, "full_bytes")
     return min(1.0, used / full)

@@ -328,6 +328,18 @@ def test_refusals_name_the_option(model: Any) -> None:
         kvs.enable(model, window=8)
     with pytest.raises(ValueError, match="block_size"):
         kvs.enable(model, block_size=0)
+    # sizes follow kvcore's id/count rule: a non-int is a TypeError, below 1 a ValueError
+    for kwargs, exc, match in (
+        ({"block_size": "16"}, TypeError, "block_size must be an int, got str"),
+        ({"kv_bytes": True}, TypeError, "kv_bytes must be an int, got bool"),
+        ({"kv_bytes": 0}, ValueError, "kv_bytes must be an int >= 1, got 0"),
+        ({"decode_every": 0}, ValueError, "decode_every must be an int >= 1, got 0"),
+        ({"decode_every": 2.0}, TypeError, "decode_every must be an int, got float"),
+        ({"policy": "snapkv", "budget": 8.5}, TypeError, "budget must be an int, got float"),
+        ({"policy": "snapkv", "budget": -8}, ValueError, "budget must be non-negative"),
+    ):
+        with pytest.raises(exc, match=match):
+            kvs.enable(model, **kwargs)
     assert "init_continuous_batching" not in model.__dict__  # nothing was bound
     with kvs.enable(model):
         with pytest.raises(ValueError, match="cpu_offload_space"):

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import transformers
 
+from kvcore._args import positive
 from kvcore.hf import _rotate_half
 from kvcore.policies import Policy
 from kvcore.policies import get as get_policy
@@ -313,23 +314,22 @@ def enable(
         policy_params: parameters of a policy given by name.
 
     Raises:
-        ValueError: an unsupported option, model, policy or format, or a bad size.
-        TypeError: arguments of the wrong type.
+        ValueError: an unsupported option, model, policy or format, or a size below 1.
+        TypeError: arguments of the wrong type (``budget``, ``kv_bytes``, ``block_size``,
+            ``decode_every``: an int by kvcore's id/count rule, not a bool or a float).
     """
-    for name, value in (("block_size", block_size), ("decode_every", decode_every)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise TypeError(f"{name} must be an int, got {value!r}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if decode_every is not None and decode_every < 1:
-        raise ValueError(f"decode_every must be >= 1 or None, got {decode_every}")
+    # kvcore's id/count rule (docs/errors.md): TypeError for a non-int, ValueError below 1
+    block_size = positive(block_size, "block_size")
+    if decode_every is not None:
+        decode_every = positive(decode_every, "decode_every")
     pages = storage(kv_format, quant_group, block_size)
-    if kv_bytes is not None and (not isinstance(kv_bytes, int) or kv_bytes < 1):
-        raise ValueError(f"kv_bytes must be a positive int, got {kv_bytes!r}")
+    if kv_bytes is not None:
+        kv_bytes = positive(kv_bytes, "kv_bytes")
     pol = _policy(policy, budget, policy_params)
     if pol is not None:
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-            raise ValueError(f"a policy needs budget= a positive int, got {budget!r}")
+        if budget is None:
+            raise ValueError(f"policy {policy!r} needs budget= (tokens a request keeps)")
+        budget = positive(budget, "budget")
         pol.check_budget(budget)  # e.g. SnapKV's window must fit the budget
     elif budget is not None:
         raise ValueError("budget= given without a policy")
