@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import platform
 import random
@@ -105,6 +106,7 @@ def one_run(
         handle = kvs.enable(model, policy, budget, block_size=page, kv_format=kv_format, **kw)
     try:
         mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
+        clock = CpuClock()
         mgr.start()
         t0 = time.perf_counter()
         ids = [
@@ -118,6 +120,7 @@ def one_run(
                 raise RuntimeError(f"{name}: no result within 600 s")
             got[r.request_id] = r
         wall = time.perf_counter() - t0
+        clock.stop()
         cache = getattr(mgr, "kvcore_cache", None)
         stats = cache.stats() if cache is not None else {}
         if cache is None:  # the engine allocates its whole tensor (uint8) up front
@@ -134,7 +137,9 @@ def one_run(
     spans = [(o.timestamps[0], o.timestamps[-1]) for o in outs]
     ttft = [o.timestamps[0] - t0 for o in outs]
     generated = sum(len(o.generated_tokens) for o in outs)
-    decode_span = max(b for _, b in spans) - min(a for a, _ in spans)
+    first, last = min(a for a, _ in spans), max(b for _, b in spans)
+    decode_span = last - first
+    decode_cpu = clock.cpu_at(last) - clock.cpu_at(first)
     acc = [
         score(tok.decode(o.generated_tokens), req)
         for o, (_, req) in zip(outs, reqs, strict=True)
@@ -148,6 +153,9 @@ def one_run(
         "requests_in_flight": in_flight(spans),
         "tokens_per_s": generated / wall,
         "decode_tokens_per_s": (generated - len(outs)) / decode_span if decode_span > 0 else None,
+        # the same tokens over the process's CPU time in that span (one torch thread: what a
+        # core gives, whatever else the machine runs)
+        "decode_tokens_per_cpu_s": (generated - len(outs)) / decode_cpu if decode_cpu > 0 else None,
         "ttft_mean_s": sum(ttft) / len(ttft),
         "ttft_max_s": max(ttft),
         "wall_s": wall,
@@ -168,12 +176,47 @@ def one_run(
     row["kv_bytes_per_request"] = sum(stored) * per_block / len(stored)
     print(
         f"{name:>20}: in flight {row['requests_in_flight']}, {row['tokens_per_s']:.1f} tok/s, "
-        f"decode {row['decode_tokens_per_s'] or 0:.1f} tok/s, TTFT {row['ttft_mean_s']:.1f} s, "
+        f"decode {row['decode_tokens_per_s'] or 0:.1f} tok/s "
+        f"({row['decode_tokens_per_cpu_s'] or 0:.1f} per CPU s), TTFT {row['ttft_mean_s']:.1f} s, "
         f"peak KV {row['peak_kv_bytes'] / 2**20:.2f} MiB, "
         f"{row['kv_bytes_per_request'] / 2**20:.2f} MiB per request, accuracy {row['accuracy']}",
         flush=True,
     )
     return row
+
+
+class CpuClock:
+    """Samples (wall, process CPU time) every 10 ms in a thread while a run serves, so the CPU
+    time the process spent between two of the engine's token timestamps (``perf_counter``) can
+    be read back. On a shared machine wall time measures the wait for a core as much as the
+    work; with one torch thread, CPU time measures the work."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.samples = [(time.perf_counter(), time.process_time())]
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.01):
+            self.samples.append((time.perf_counter(), time.process_time()))
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self.samples.append((time.perf_counter(), time.process_time()))
+
+    def cpu_at(self, t: float) -> float:
+        """Process CPU seconds at wall time ``t``, interpolated between samples."""
+        s = self.samples
+        if t <= s[0][0]:
+            return s[0][1]
+        for (w0, c0), (w1, c1) in itertools.pairwise(s):
+            if w0 <= t <= w1:
+                return c0 + (c1 - c0) * ((t - w0) / (w1 - w0) if w1 > w0 else 0.0)
+        return s[-1][1]
 
 
 def dtype_bytes_per_token(model: Any) -> int:
@@ -191,6 +234,7 @@ def table(result: dict[str, Any]) -> str:
     written before quantized pages were served have no per-request bytes: their table has no
     such columns."""
     per_request = all("kv_bytes_per_request" in r for r in result["runs"])
+    cpu = all("decode_tokens_per_cpu_s" in r for r in result["runs"])
     head = (
         "| run | in flight | vs engine | tok/s | decode tok/s | decode vs engine | "
         "mean TTFT s | peak KV MiB | accuracy |"
@@ -198,6 +242,9 @@ def table(result: dict[str, Any]) -> str:
     rule = "|---|---|---|---|---|---|---|---|---|"
     if per_request:
         head += " KV MiB per request | compression |"
+        rule += "---|---|"
+    if cpu:
+        head += " decode tok per CPU s | vs engine (CPU) |"
         rule += "---|---|"
     lines = [head + "\n" + rule]
     for r in result["runs"]:
@@ -215,13 +262,17 @@ def table(result: dict[str, Any]) -> str:
         ]
         if per_request:
             cells += [f"{r['kv_bytes_per_request'] / 2**20:.2f}", f"{r['compression']:.2f}x"]
+        if cpu:
+            c, cv = r["decode_tokens_per_cpu_s"], r["decode_cpu_vs_engine"]
+            cells += ["-" if c is None else f"{c:.2f}", "-" if cv is None else f"{cv:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for group in ("targets_at_4x", "targets_int4"):
         for key, t in (result.get(group) or {}).items():
             word = "met" if t["met"] else "missed"
             where = "" if group == "targets_at_4x" else f" ({group})"
-            lines.append(f"- `{key}`{where}: {t['ratio']:.2f}x, **{word}**")
+            how = f" in CPU time (wall time {t['wall_ratio']:.2f}x)" if "wall_ratio" in t else ""
+            lines.append(f"- `{key}`{where}: {t['ratio']:.2f}x{how}, **{word}**")
     return "\n".join(lines)
 
 
@@ -231,12 +282,16 @@ def targets(row: dict[str, Any] | None, base: dict[str, Any]) -> dict[str, Any] 
     if row is None:
         return None
     dec = row["decode_tok_s_vs_engine"]
+    decode: dict[str, Any] = {"ratio": dec, "met": bool(dec and dec >= 2)}
+    cpu = row.get("decode_cpu_vs_engine")
+    if cpu is not None:  # CPU time is the headline; wall time waits for a shared core too
+        decode = {"ratio": cpu, "met": cpu >= 2, "wall_ratio": dec}
     out = {
         "in_flight_3x": {
             "ratio": row["in_flight_vs_engine"],
             "met": row["in_flight_vs_engine"] >= 3,
         },
-        "decode_2x": {"ratio": dec, "met": bool(dec and dec >= 2)},
+        "decode_2x": decode,
     }
     if row["accuracy"] is not None and base["accuracy"]:
         ratio = row["accuracy"] / base["accuracy"]
@@ -338,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         new_tokens=args.new_tokens,
         max_batch_tokens=args.max_batch_tokens,
     )
+    # Untimed warm-up of both paths on one request (lazy imports, first kernels, thread
+    # pools): without it the first timed run, the engine's, paid them alone.
+    for name in ("engine", "kvcore"):
+        one_run(model, tok, reqs[:1], name, **(common | {"new_tokens": 2}))
     rows = [
         one_run(model, tok, reqs, "engine", **common),
         one_run(model, tok, reqs, "kvcore", **common),
@@ -370,11 +429,17 @@ def main(argv: list[str] | None = None) -> int:
                     **common,
                 )
             )
-    base = rows[0]
+    # The engine again, last: a drift of the machine's load during the run shows as a gap
+    # between the two engine rows. Ratios are taken against the faster of the two.
+    rows.append(one_run(model, tok, reqs, "engine", **common) | {"run": "engine (repeat)"})
+    base = max(rows[0], rows[-1], key=lambda r: r["decode_tokens_per_cpu_s"] or 0.0)
+    fastest = max(rows[0], rows[-1], key=lambda r: r["decode_tokens_per_s"] or 0.0)
     for row in rows:
         row["in_flight_vs_engine"] = row["requests_in_flight"] / base["requests_in_flight"]
-        bd, rd = base["decode_tokens_per_s"], row["decode_tokens_per_s"]
+        bd, rd = fastest["decode_tokens_per_s"], row["decode_tokens_per_s"]
         row["decode_tok_s_vs_engine"] = rd / bd if bd and rd else None
+        bc, rc = base["decode_tokens_per_cpu_s"], row["decode_tokens_per_cpu_s"]
+        row["decode_cpu_vs_engine"] = rc / bc if bc and rc else None
         row["compression"] = base["kv_bytes_per_request"] / row["kv_bytes_per_request"]
     at4 = next((r for r in rows if r["run"] == "kvcore-snapkv-4x"), None)
     int4 = next((r for r in rows if r["run"] == "kvcore-int4"), None)
@@ -392,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
             "page": args.page,
             "max_batch_tokens": args.max_batch_tokens,
             "arrival": "all requests submitted at once (faster than served)",
+            "baseline": "untimed warm-up of both paths on one request first; the engine runs "
+            "first and again last, and every ratio is against the faster of its two runs "
+            "(in CPU time for the CPU-time ratios, in wall time for the wall-time ones)",
+            "threads": torch.get_num_threads(),
             "quantized": "per-token pages (keys and values per token, groups of "
             "min(32, head_dim) channels, float16 scale and zero point), read dequantized by "
             "the engine's attention (docs/serving.md section 0)",
