@@ -100,7 +100,13 @@ pub(crate) fn hash_block(parent: BlockHash, tokens: &[i64], salt: Option<&[u8]>)
     // The common block (16 tokens, no salt): every copy has a fixed length, so the encoding
     // is a few vector moves instead of a call to memcpy over a zeroed buffer. Same bytes.
     if let (None, Ok(block)) = (salt, <&[i64; 16]>::try_from(tokens)) {
-        return xxh3_128(&encode_block16(parent, block)[..ENCODED_BLOCK16]);
+        let mut buf = [0u8; 16 + 1 + 16 * 8];
+        buf[..16].copy_from_slice(&parent.to_le_bytes());
+        // buf[16] = 0: the tag of a block of token ids without a salt.
+        for (dst, t) in buf[17..].chunks_exact_mut(8).zip(block) {
+            dst.copy_from_slice(&t.to_le_bytes());
+        }
+        return xxh3_128(&buf);
     }
     hash_encoded(
         parent,
@@ -115,40 +121,6 @@ pub(crate) fn hash_block(parent: BlockHash, tokens: &[i64], salt: Option<&[u8]>)
             chunk.len() * 8
         },
     )
-}
-
-/// Bytes of the encoding of a 16-token block without a salt: parent, tag, 16 ids.
-const ENCODED_BLOCK16: usize = 16 + 1 + 16 * 8;
-
-/// The encoding of a 16-token block without a salt (the first [`ENCODED_BLOCK16`] bytes; the
-/// rest is padding), written as whole 8-byte words at multiples of 8. The tag byte shifts
-/// every id by one byte, so writing the ids one by one would leave each 8-byte read of the
-/// hash spanning two stores, which the CPU cannot forward from its store buffer (a stall of
-/// some cycles per read): here word `w` holds bytes `8w..8w+8` of the same stream.
-///
-/// ```text
-///   byte   0 .. 16 | 16  | 17 .. 25 | 25 .. 33 | ... | 137 .. 145 | 145 .. 152
-///          parent  | tag | id 0     | id 1     |     | id 15      | padding
-///   word 2 = tag | id0 << 8,  word 2 + k = id(k-1) >> 56 | id(k) << 8,  word 18 = id15 >> 56
-/// ```
-#[inline]
-fn encode_block16(parent: BlockHash, block: &[i64; 16]) -> [u8; 19 * 8] {
-    let mut words = [0u64; 19];
-    words[0] = parent as u64;
-    words[1] = (parent >> 64) as u64;
-    // The tag of a block of token ids without a salt is 0.
-    let mut carry = 0u64;
-    for (w, &t) in words[2..18].iter_mut().zip(block) {
-        let t = t as u64;
-        *w = carry | (t << 8);
-        carry = t >> 56;
-    }
-    words[18] = carry;
-    let mut buf = [0u8; 19 * 8];
-    for (dst, w) in buf.chunks_exact_mut(8).zip(words) {
-        dst.copy_from_slice(&w.to_le_bytes());
-    }
-    buf
 }
 
 /// Hashes one block named by an engine's key (raw bytes) under its parent and salt.
@@ -287,28 +259,6 @@ mod tests {
             }
             assert_eq!(hash_block(ROOT_HASH, &tokens, salt), h.digest128(), "n={n}");
         }
-    }
-
-    /// The word-wise encoding of a 16-token block is the documented byte stream, for ids
-    /// whose top and bottom bytes all differ (a misplaced shift would show).
-    #[test]
-    fn block16_words_are_the_byte_encoding() {
-        let ids: [i64; 16] = std::array::from_fn(|i| match i {
-            0 => i64::MIN,
-            1 => i64::MAX,
-            2 => -1,
-            3 => 0,
-            _ => (i as i64).wrapping_mul(0x0123_4567_89ab_cdef) ^ (i as i64) << 56,
-        });
-        let parent = u128::from_le_bytes(std::array::from_fn(|i| 0xa0 ^ i as u8));
-        let mut want = parent.to_le_bytes().to_vec();
-        want.push(0);
-        for t in ids {
-            want.extend_from_slice(&t.to_le_bytes());
-        }
-        let got = encode_block16(parent, &ids);
-        assert_eq!(&got[..ENCODED_BLOCK16], &want[..]);
-        assert_eq!(hash_block(parent, &ids, None), xxh3_128(&want));
     }
 
     #[test]
