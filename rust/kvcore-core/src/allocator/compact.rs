@@ -139,6 +139,7 @@ impl BlockAllocator {
                 *dst = self.pool.pop();
             }
         }
+        table.sync_last();
 
         // 2. Moves, in destination order (this is what makes the plan safe to apply).
         for (j, &p) in keep.iter().enumerate().skip(g.write_start * bs) {

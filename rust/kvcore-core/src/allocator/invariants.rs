@@ -1,6 +1,6 @@
 //! `check_invariants`: a full consistency check, O(blocks + table entries), for tests.
 
-use super::BlockAllocator;
+use super::{BlockAllocator, NULL_BLOCK};
 use crate::error::{KvError, Result};
 
 impl BlockAllocator {
@@ -49,6 +49,13 @@ impl BlockAllocator {
                     t.hashes.len(),
                     t.tail.len(),
                     t.num_tokens
+                ));
+            }
+            if t.last_block != t.blocks.last().copied().unwrap_or(NULL_BLOCK) {
+                return fail(format!(
+                    "table slot {idx} caches last block {} but its list ends with {:?}",
+                    t.last_block,
+                    t.blocks.last()
                 ));
             }
             if let Some(&last) = t.blocks.last() {

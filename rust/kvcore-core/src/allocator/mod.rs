@@ -75,6 +75,11 @@ pub(crate) struct Table {
     /// block's ref count, so a decode step touches neither the block list nor the pool
     /// for the rows that cannot need a copy.
     pub(crate) may_share_last: bool,
+    /// `blocks.last()`, or the null block when there is none: a copy beside the table's
+    /// other hot fields, so the decode step's row finds its slot without reading the block
+    /// list (another cache line per row). Every change of `blocks` updates it (`sync_last`);
+    /// `check_invariants` verifies it.
+    pub(crate) last_block: BlockId,
 }
 
 impl Default for Table {
@@ -89,6 +94,7 @@ impl Default for Table {
             salt: None,
             partial_hashed: false,
             may_share_last: false,
+            last_block: NULL_BLOCK,
         }
     }
 }
@@ -104,6 +110,13 @@ impl Table {
         self.salt = None;
         self.partial_hashed = false;
         self.may_share_last = false;
+        self.last_block = NULL_BLOCK;
+    }
+
+    /// Refreshes `last_block` after `blocks` changed.
+    #[inline]
+    pub(crate) fn sync_last(&mut self) {
+        self.last_block = self.blocks.last().copied().unwrap_or(NULL_BLOCK);
     }
 
     pub(crate) fn untrack(&mut self) {
@@ -461,7 +474,7 @@ impl BlockAllocator {
         let mut cow = None;
         if n > 0 && used_in_last(bs, table) != 0 && last_may_be_shared(table) {
             let last_i = table.blocks.len() - 1;
-            let last = table.blocks[last_i];
+            let last = table.last_block;
             if pool.ref_cnt[last as usize] > 1 {
                 let fresh = pool.pop();
                 pool.decref(last);
@@ -483,6 +496,7 @@ impl BlockAllocator {
         while table.blocks.len() * bs < end {
             table.blocks.push(pool.pop());
         }
+        table.sync_last();
         table.num_tokens = end;
         push_slots(bs, table, start, end, out);
         let registered = match tokens {
@@ -945,6 +959,7 @@ impl BlockAllocator {
             parent = h;
         }
         table.num_tokens = table.blocks.len() * bs;
+        table.sync_last();
         table.tail.clear();
         table.tracked = true;
         table.set_salt(salt);
@@ -1028,7 +1043,7 @@ fn blocks_for_append(bs: usize, pool: &BlockPool, t: &Table, n: usize) -> Option
     } else if !last_may_be_shared(t) {
         (bs - used_in_last, 0)
     } else {
-        let last = *t.blocks.last().expect("partial table has a block");
+        let last = t.last_block;
         (
             bs - used_in_last,
             usize::from(pool.ref_cnt[last as usize] > 1),
@@ -1073,13 +1088,15 @@ fn append_one(
     let (block, off) = if used == bs {
         let b = pool.pop();
         t.blocks.push(b);
+        t.last_block = b;
         (b, 0)
     } else {
-        let last = t.blocks[nb - 1];
+        let last = t.last_block;
         if last_may_be_shared(t) && pool.ref_cnt[last as usize] > 1 {
             let fresh = pool.pop();
             pool.decref(last);
             t.blocks[nb - 1] = fresh;
+            t.last_block = fresh;
             cow = Some((last, fresh));
             (fresh, used)
         } else {

@@ -1,8 +1,10 @@
 //! The physical block pool: ref counts, the free queue and the prefix-cache hash map.
 //!
-//! The free queue is an intrusive doubly linked list stored in two `Vec<u32>`s (`prev`,
-//! `next`), so popping, pushing and unlinking a block in the middle are O(1) and allocate
-//! nothing. Its order encodes the reuse policy:
+//! The free queue is an intrusive doubly linked list stored in one `Vec` of links (`prev`,
+//! `next`, and whether the block holds a hash), so popping, pushing and unlinking a block in
+//! the middle are O(1), allocate nothing, and touch one small entry per block: freeing a
+//! table's blocks reads its ref count and its link, not its 32-byte hash slot. Its order
+//! encodes the reuse policy:
 //!
 //! ```text
 //!   front                                                              back
@@ -44,10 +46,26 @@ impl Hasher for PassThroughHasher {
     }
 }
 
-/// Fixed bookkeeping bytes per block: a ref count, an optional hash and two free-list links.
+/// Fixed bookkeeping bytes per block: a ref count, an optional hash and its free-list link.
 /// Blocks registered in the prefix cache also take an entry of the hash index (about 40 bytes).
-pub const BYTES_PER_BLOCK: usize =
-    3 * std::mem::size_of::<u32>() + std::mem::size_of::<Option<BlockHash>>();
+pub const BYTES_PER_BLOCK: usize = std::mem::size_of::<u32>()
+    + std::mem::size_of::<Link>()
+    + std::mem::size_of::<Option<BlockHash>>();
+
+/// A block's place in the free queue, and a copy of `hash[b].is_some()` so the queue's
+/// operations (which pick the queue's end by it) need not read the hash slot.
+#[derive(Clone, Copy)]
+struct Link {
+    prev: u32,
+    next: u32,
+    hashed: bool,
+}
+
+const UNLINKED: Link = Link {
+    prev: NIL,
+    next: NIL,
+    hashed: false,
+};
 
 pub(crate) type HashIndex = HashMap<BlockHash, BlockId, BuildHasherDefault<PassThroughHasher>>;
 
@@ -56,8 +74,8 @@ pub(crate) struct BlockPool {
     pub(crate) ref_cnt: Vec<u32>,
     /// `Some(h)` exactly when the block is registered in `index` under `h`.
     pub(crate) hash: Vec<Option<BlockHash>>,
-    prev: Vec<u32>,
-    next: Vec<u32>,
+    /// Free-list links and the hashed flag, one per block.
+    links: Vec<Link>,
     head: u32,
     tail: u32,
     /// Blocks with ref_cnt 0 and no hash.
@@ -85,17 +103,13 @@ impl BlockPool {
         let mut hash = Vec::new();
         try_reserve(&mut hash, n, what)?;
         hash.resize(n, None);
-        let mut prev = Vec::new();
-        try_reserve(&mut prev, n, what)?;
-        prev.resize(n, NIL);
-        let mut next = Vec::new();
-        try_reserve(&mut next, n, what)?;
-        next.resize(n, NIL);
+        let mut links = Vec::new();
+        try_reserve(&mut links, n, what)?;
+        links.resize(n, UNLINKED);
         let mut pool = BlockPool {
             ref_cnt,
             hash,
-            prev,
-            next,
+            links,
             head: NIL,
             tail: NIL,
             num_free: 0,
@@ -124,12 +138,12 @@ impl BlockPool {
     #[inline]
     fn push_back(&mut self, b: u32) {
         let i = b as usize;
-        self.prev[i] = self.tail;
-        self.next[i] = NIL;
+        self.links[i].prev = self.tail;
+        self.links[i].next = NIL;
         if self.tail == NIL {
             self.head = b;
         } else {
-            self.next[self.tail as usize] = b;
+            self.links[self.tail as usize].next = b;
         }
         self.tail = b;
     }
@@ -137,12 +151,12 @@ impl BlockPool {
     #[inline]
     fn push_front(&mut self, b: u32) {
         let i = b as usize;
-        self.next[i] = self.head;
-        self.prev[i] = NIL;
+        self.links[i].next = self.head;
+        self.links[i].prev = NIL;
         if self.head == NIL {
             self.tail = b;
         } else {
-            self.prev[self.head as usize] = b;
+            self.links[self.head as usize].prev = b;
         }
         self.head = b;
     }
@@ -150,19 +164,21 @@ impl BlockPool {
     #[inline]
     fn unlink(&mut self, b: u32) {
         let i = b as usize;
-        let (p, n) = (self.prev[i], self.next[i]);
+        let Link {
+            prev: p, next: n, ..
+        } = self.links[i];
         if p == NIL {
             self.head = n;
         } else {
-            self.next[p as usize] = n;
+            self.links[p as usize].next = n;
         }
         if n == NIL {
             self.tail = p;
         } else {
-            self.prev[n as usize] = p;
+            self.links[n as usize].prev = p;
         }
-        self.prev[i] = NIL;
-        self.next[i] = NIL;
+        self.links[i].prev = NIL;
+        self.links[i].next = NIL;
     }
 
     /// Takes one block from the front of the queue with ref_cnt 1. A cached block taken this
@@ -175,7 +191,9 @@ impl BlockPool {
         debug_assert!(b != NIL, "pop on an empty free queue");
         self.unlink(b);
         let i = b as usize;
-        if let Some(h) = self.hash[i].take() {
+        if self.links[i].hashed {
+            self.links[i].hashed = false;
+            let h = self.hash[i].take().expect("a hashed block holds its hash");
             self.num_cached -= 1;
             self.index_remove(h, b);
         } else {
@@ -191,7 +209,7 @@ impl BlockPool {
         let i = b as usize;
         if self.ref_cnt[i] == 0 {
             self.unlink(b);
-            if self.hash[i].is_some() {
+            if self.links[i].hashed {
                 self.num_cached -= 1;
             } else {
                 self.num_free -= 1;
@@ -214,7 +232,7 @@ impl BlockPool {
             self.num_shared -= 1;
         }
         if self.ref_cnt[i] == 0 {
-            if self.hash[i].is_some() {
+            if self.links[i].hashed {
                 self.push_back(b);
                 self.num_cached += 1;
             } else {
@@ -229,7 +247,7 @@ impl BlockPool {
     /// de-duplicate, so block tables stay append-only.
     pub(crate) fn register(&mut self, b: BlockId, h: BlockHash) -> bool {
         let i = b as usize;
-        if self.hash[i].is_some() {
+        if self.links[i].hashed {
             return false;
         }
         // One probe of the index for the check and the insertion.
@@ -238,6 +256,7 @@ impl BlockPool {
             Entry::Vacant(v) => {
                 v.insert(b);
                 self.hash[i] = Some(h);
+                self.links[i].hashed = true;
                 true
             }
         }
@@ -258,6 +277,7 @@ impl BlockPool {
         let i = b as usize;
         debug_assert!(self.ref_cnt[i] > 0, "unregister of an unreferenced block");
         if let Some(h) = self.hash[i].take() {
+            self.links[i].hashed = false;
             self.index_remove(h, b);
         }
     }
@@ -274,8 +294,9 @@ impl BlockPool {
         let mut dropped = 0;
         let mut b = self.head;
         while b != NIL {
-            let next = self.next[b as usize];
+            let next = self.links[b as usize].next;
             if let Some(h) = self.hash[b as usize].take() {
+                self.links[b as usize].hashed = false;
                 self.index.remove(&h);
                 self.num_cached -= 1;
                 self.num_free += 1;
@@ -296,7 +317,7 @@ impl BlockPool {
         let mut steps = 0usize;
         while b != NIL && steps <= self.ref_cnt.len() {
             out.push(b);
-            b = self.next[b as usize];
+            b = self.links[b as usize].next;
             steps += 1;
         }
         out
@@ -325,7 +346,7 @@ impl BlockPool {
                 return Err(format!("block {b} appears twice in the free queue"));
             }
             seen[i] = true;
-            if self.prev[i] != prev {
+            if self.links[i].prev != prev {
                 return Err(format!("block {b} has a broken prev link"));
             }
             prev = b;
@@ -378,6 +399,11 @@ impl BlockPool {
             return Err(format!(
                 "{shared} blocks have ref_cnt > 1 but the counter says {}",
                 self.num_shared
+            ));
+        }
+        if let Some(b) = (0..n).find(|&b| self.links[b].hashed != self.hash[b].is_some()) {
+            return Err(format!(
+                "block {b}'s hashed flag disagrees with its hash slot"
             ));
         }
         let hashed = self.hash.iter().filter(|h| h.is_some()).count();
