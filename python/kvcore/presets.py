@@ -82,7 +82,48 @@ class Preset:
 
 # kvcore's Pareto front in SOURCE (protocol "agnostic"), fewest bytes first, accuracy
 # strictly rising. Printed by `bench/presets_table.py bench/results/quality_qwen4k.json`.
-MEASURED: tuple[Preset, ...] = ()
+MEASURED: tuple[Preset, ...] = (
+    Preset(
+        method="infinipot+kivi2",
+        keep=0.5,
+        policy="infinipot",
+        kv_format="kivi2",
+        merge=None,
+        evicted_format=None,
+        bytes_frac=0.10961839610978323,
+        accuracy=0.25,
+    ),
+    Preset(
+        method="infinipot+kivi2",
+        keep=0.75,
+        policy="infinipot",
+        kv_format="kivi2",
+        merge=None,
+        evicted_format=None,
+        bytes_frac=0.16442759416467487,
+        accuracy=0.375,
+    ),
+    Preset(
+        method="full+kivi2",
+        keep=1.0,
+        policy=None,
+        kv_format="kivi2",
+        merge=None,
+        evicted_format=None,
+        bytes_frac=0.22113244869364543,
+        accuracy=0.75,
+    ),
+    Preset(
+        method="full+int4",
+        keep=1.0,
+        policy=None,
+        kv_format="int4",
+        merge=None,
+        evicted_format=None,
+        bytes_frac=0.3457512569026622,
+        accuracy=1.0,
+    ),
+)
 
 
 def check_prompt_tokens(prompt_tokens: Any) -> None:
