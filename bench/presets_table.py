@@ -31,24 +31,32 @@ def front(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render(summary: list[dict[str, Any]]) -> str:
-    """The Python source of ``MEASURED``."""
-    lines = ["MEASURED: tuple[Preset, ...] = ("]
+    """The Python source of ``MEASURED``: one positional ``Preset`` per line, in the field order
+    method, keep, policy, kv_format, merge, evicted_format, bytes_frac, accuracy."""
+    lines = [
+        "# Preset(method, keep, policy, kv_format, merge, evicted_format, bytes_frac, accuracy)",
+        "MEASURED: tuple[Preset, ...] = (",
+    ]
     for r in front(summary):
         name = r["method"].removeprefix("kvcore:")
         spec = quality.kvcore_methods([name])[r["method"]]
-        lines += [
-            "    Preset(",
-            f"        method={name!r},",
-            f"        keep={r['keep']!r},",
-            f"        policy={spec['policy']!r},",
-            f"        kv_format={spec.get('kv_format')!r},",
-            f"        merge={spec.get('merge')!r},",
-            f"        evicted_format={spec.get('evicted_format')!r},",
-            f"        bytes_frac={r['bytes_frac']!r},",
-            f"        accuracy={r['accuracy']!r},",
-            "    ),",
-        ]
+        fields = (
+            name,
+            r["keep"],
+            spec["policy"],
+            spec.get("kv_format"),
+            spec.get("merge"),
+            spec.get("evicted_format"),
+            r["bytes_frac"],
+            r["accuracy"],
+        )
+        lines.append("    Preset(" + ", ".join(_py(v) for v in fields) + "),")
     return "\n".join([*lines, ")"])
+
+
+def _py(value: Any) -> str:
+    """A Python literal in ruff's style (double quotes)."""
+    return f'"{value}"' if isinstance(value, str) else repr(value)
 
 
 if __name__ == "__main__":

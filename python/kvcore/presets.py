@@ -82,47 +82,12 @@ class Preset:
 
 # kvcore's Pareto front in SOURCE (protocol "agnostic"), fewest bytes first, accuracy
 # strictly rising. Printed by `bench/presets_table.py bench/results/quality_qwen4k.json`.
+# Preset(method, keep, policy, kv_format, merge, evicted_format, bytes_frac, accuracy)
 MEASURED: tuple[Preset, ...] = (
-    Preset(
-        method="infinipot+kivi2",
-        keep=0.5,
-        policy="infinipot",
-        kv_format="kivi2",
-        merge=None,
-        evicted_format=None,
-        bytes_frac=0.10961839610978323,
-        accuracy=0.25,
-    ),
-    Preset(
-        method="infinipot+kivi2",
-        keep=0.75,
-        policy="infinipot",
-        kv_format="kivi2",
-        merge=None,
-        evicted_format=None,
-        bytes_frac=0.16442759416467487,
-        accuracy=0.375,
-    ),
-    Preset(
-        method="full+kivi2",
-        keep=1.0,
-        policy=None,
-        kv_format="kivi2",
-        merge=None,
-        evicted_format=None,
-        bytes_frac=0.22113244869364543,
-        accuracy=0.75,
-    ),
-    Preset(
-        method="full+int4",
-        keep=1.0,
-        policy=None,
-        kv_format="int4",
-        merge=None,
-        evicted_format=None,
-        bytes_frac=0.3457512569026622,
-        accuracy=1.0,
-    ),
+    Preset("infinipot+kivi2", 0.5, "infinipot", "kivi2", None, None, 0.10961839610978323, 0.25),
+    Preset("infinipot+kivi2", 0.75, "infinipot", "kivi2", None, None, 0.16442759416467487, 0.375),
+    Preset("full+kivi2", 1.0, None, "kivi2", None, None, 0.22113244869364543, 0.75),
+    Preset("full+int4", 1.0, None, "int4", None, None, 0.3457512569026622, 1.0),
 )
 
 
