@@ -94,6 +94,7 @@ def one_run(
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     import kvcore.serving.hf as kvs
+    from kvcore.hf import kv_bytes_per_token
 
     gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1)
     gen.pad_token_id = tok.pad_token_id if tok is not None else 0
@@ -171,7 +172,7 @@ def one_run(
         per_block = stats["bytes_per_block"]
         row.update(blocks=stats["capacity"], bytes_per_block=per_block)
     else:
-        per_block = page * dtype_bytes_per_token(model)
+        per_block = page * kv_bytes_per_token(model)
         row.update(peak_kv_bytes=kv_bytes, kv_bytes_budget=kv_bytes, preemptions=None)
     row["kv_bytes_per_request"] = sum(stored) * per_block / len(stored)
     print(
@@ -217,16 +218,6 @@ class CpuClock:
             if w0 <= t <= w1:
                 return c0 + (c1 - c0) * ((t - w0) / (w1 - w0) if w1 > w0 else 0.0)
         return s[-1][1]
-
-
-def dtype_bytes_per_token(model: Any) -> int:
-    """K/V bytes of one token in the model's dtype, every layer (the engine's cache)."""
-    import torch
-
-    cfg = model.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    itemsize = torch.empty((), dtype=model.dtype).element_size()
-    return int(2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * itemsize)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -359,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from kvcore.hf import kv_bytes_per_token
+
     torch.manual_seed(0)
     if args.smoke:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -386,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     longest = max(len(p) for p, _ in reqs)
     per_request = longest + args.new_tokens
     kv_tokens = int(args.kv_requests * per_request) // args.page * args.page
-    bytes_per_token = dtype_bytes_per_token(model)
+    bytes_per_token = kv_bytes_per_token(model)
     common = dict(
         kv_tokens=kv_tokens,
         page=args.page,

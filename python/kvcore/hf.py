@@ -57,6 +57,7 @@ __all__ = [
     "cache_of",
     "compressed_cache",
     "install",
+    "kv_bytes_per_token",
     "kvcore_attention",
     "prefill",
     "uninstall",
@@ -436,6 +437,15 @@ def _kv_shape(model: Any) -> tuple[int, int, int]:
     return num_layers, heads, head_dim
 
 
+def kv_bytes_per_token(model: Any) -> int:
+    """K/V bytes one token takes in a full cache of ``model`` (every layer, K and V, in the
+    model's dtype): what a transformers ``DynamicCache`` or the engine's paged cache spends per
+    token, the unit of memory targets and KV budgets."""
+    num_layers, heads, head_dim = _kv_shape(model)
+    itemsize = torch.empty((), dtype=model.dtype).element_size()
+    return 2 * num_layers * heads * head_dim * itemsize
+
+
 def _preset_cache(
     model: Any,
     memory: float | None,
@@ -467,10 +477,7 @@ def _preset_cache(
         )
     presets.check_prompt_tokens(prompt_tokens)
     if memory_bytes is not None:
-        num_layers, heads, head_dim = _kv_shape(model)
-        itemsize = next(model.parameters()).element_size()
-        full = 2 * num_layers * heads * head_dim * itemsize * prompt_tokens
-        memory = presets.fraction_of(memory_bytes, full)
+        memory = presets.fraction_of(memory_bytes, kv_bytes_per_token(model) * prompt_tokens)
     preset = presets.pick(memory)  # type: ignore[arg-type]
     return compressed_cache(model, **preset.keywords(prompt_tokens), **keywords)
 

@@ -155,7 +155,7 @@ def test_serve_refuses_bad_options_before_starting(capsys: Any) -> None:
         (["m", "--policy", "nope", "--budget", "8"], "not a registered policy"),
         (["m", "--policy", "snapkv"], "--policy and --budget go together"),
         (["m", "--budget", "8"], "--policy and --budget go together"),
-        (["m", "--policy", "snapkv", "--budget", "0"], "--budget must be >= 1"),
+        (["m", "--policy", "snapkv", "--budget", "0"], "--budget must be an int >= 1, got 0"),
         (["m", "--attn-implementation", "sdpa"], "picks the attention itself"),
         (["m", "--no-continuous-batching"], "always runs continuous batching"),
         (["m", "--policy", "snapkv", "--budget", "8"], "needs a KV memory budget"),

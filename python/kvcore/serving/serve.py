@@ -30,7 +30,7 @@ from typing import Any
 import transformers
 from packaging.version import Version
 
-from kvcore._args import count
+from kvcore._args import positive
 from kvcore.serving.hf import SERVED_FORMATS, Handle, enable, storage
 
 #: The transformers series ``kvcore serve`` is tested on. It replaces
@@ -62,12 +62,6 @@ _REFUSED = {
 }
 
 
-def _positive(flag: str, value: object) -> None:
-    """The project's int rule (:func:`kvcore._args.count`), and at least 1."""
-    if value is not None and count(value, flag) < 1:
-        raise ValueError(f"{flag} must be >= 1, got {value}")
-
-
 def check_options(
     policy: str | None,
     budget: int | None,
@@ -94,7 +88,8 @@ def check_options(
         ("--block-size", block_size),
         ("--decode-every", decode_every),
     ):
-        _positive(flag, value)
+        if value is not None:
+            positive(value, flag)
 
 
 @contextlib.contextmanager
