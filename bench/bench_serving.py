@@ -30,8 +30,10 @@ token, ~3.2x, with the accuracy of the engine's cache).
     python bench/bench_serving.py --tokens 4096 --requests 8
     python bench/bench_serving.py --smoke                 # tiny random model, writes nothing
     python bench/bench_serving.py --formats int4,int8 --quant-ratios 2,4
+    python bench/bench_serving.py --model qwen --tokens 4096   # Qwen2.5-Coder-0.5B
 
-Writes ``bench/results/serving.json`` and ``bench/results/serving.png``.
+Writes ``bench/results/serving.json`` and ``bench/results/serving.png`` (``--model qwen``:
+``serving_qwen.json`` / ``.png``).
 """
 
 from __future__ import annotations
@@ -339,11 +341,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--smoke", action="store_true", help="tiny random model; prints the table, writes nothing"
     )
-    ap.add_argument("--out", type=Path, default=RESULTS / "serving.json")
+    ap.add_argument(
+        "--model",
+        choices=("smollm2", "qwen"),
+        default="smollm2",
+        help="SmolLM2-135M (embedded) or Qwen2.5-Coder-0.5B (`make model-qwen`)",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=None, help="default: bench/results/serving[_qwen].json"
+    )
     ap.add_argument(
         "--table", action="store_true", help="print the docs table of --out, run nothing"
     )
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / ("serving.json" if args.model == "smollm2" else "serving_qwen.json")
     if args.table:
         print(table(json.loads(args.out.read_text())))
         return 0
@@ -370,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
                 return " ".join(map(str, ids))
 
         tok = _Tok()
+    elif args.model == "qwen":
+        from kvcore.models import load_qwen
+
+        model, tok = load_qwen(attn_implementation="sdpa")
+        model_name = "Qwen2.5-Coder-0.5B-Instruct (bf16, CPU)"
+        reqs = requests(tok, args.requests, args.tokens, args.seed)
     else:
         from kvcore.models import load_smollm2
 
