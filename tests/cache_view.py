@@ -42,14 +42,28 @@ def block_table(cache, layer: int) -> np.ndarray:
     return cache.allocator.vllm_layout(tables)[0].astype(np.int64)
 
 
+def _read_kv(cache, fmt, store, slots: torch.Tensor, mask: torch.Tensor):
+    """``(B, H, T, D)`` K and V at ``slots`` read through a page format's public ``read``,
+    zeros where ``mask`` is False."""
+    idx = slots.clamp(min=0).reshape(-1).to(cache.device)
+    b, h, d = cache.batch_size, cache.num_kv_heads, cache.head_dim
+    m = mask.to(cache.device).reshape(b, h, -1, 1)
+    k = fmt.read(store, "k", idx).reshape(b, h, -1, d)
+    v = fmt.read(store, "v", idx).reshape(b, h, -1, d)
+    return k * m, v * m
+
+
 def stored_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, H, T, D)`` K and V of the layer's stored tokens in the high tier, read through the
     cache's page format (its public protocol: ``cache.format.read(cache.store, side, slots)``),
     zeros past each stream's end: what :meth:`KVCache.update` returns."""
     slots, mask = table_slots(cache.allocator, cache.tables[:, layer], cache.lengths[:, layer])
-    idx = slots.clamp(min=0).reshape(-1).to(cache.device)
-    b, h, d = cache.batch_size, cache.num_kv_heads, cache.head_dim
-    m = mask.to(cache.device).reshape(b, h, -1, 1)
-    k = cache.format.read(cache.store, "k", idx).reshape(b, h, -1, d)
-    v = cache.format.read(cache.store, "v", idx).reshape(b, h, -1, d)
-    return k * m, v * m
+    return _read_kv(cache, cache.format, cache.store, slots, mask)
+
+
+def low_tier_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, H, T, D)`` K and V (dequantized) of the layer's evicted tokens in MiKV's low tier,
+    read through the tier's page format (``cache.lo_format.read(cache.lo_store, ...)``), zeros
+    past each stream's end."""
+    slots, mask = low_tier_slots(cache, layer)
+    return _read_kv(cache, cache.lo_format, cache.lo_store, slots, mask)

@@ -31,17 +31,22 @@ One line::
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
-import transformers
-from packaging.version import Version
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from kvcore._hf_versions import (
+    CACHE_KWARGS,
+    MIN_TRANSFORMERS,
+    _cache_from,
+    cache_kwarg,
+    cache_kwargs,
+    cache_of,
+)
 from kvcore.cache import CacheConfig, CacheSnapshot, KVCache, Schedule
 from kvcore.cache.config import KEYWORDS as CACHE_KEYWORDS
 from kvcore.scoring import TorchPolicy, get
@@ -64,25 +69,6 @@ __all__ = [
 ]
 
 ATTN_NAME = "kvcore"
-#: The lowest transformers release kvcore.hf supports (``get_query_offset`` appeared in 5.14).
-MIN_TRANSFORMERS = (5, 14)
-#: The forward keywords that carry the cache: ``cache`` since transformers 5.24, and the older
-#: ``past_key_values`` (still accepted, deprecated, until 5.40).
-CACHE_KWARGS = ("cache", "past_key_values")
-
-
-def _release(version: str) -> tuple[int, ...]:
-    """The release numbers of a version string (``"5.15.0rc1"`` -> ``(5, 15, 0)``)."""
-    return tuple(Version(version).release)
-
-
-if _release(transformers.__version__) < MIN_TRANSFORMERS:
-    raise ImportError(
-        f"kvcore.hf needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))}, found "
-        f"{transformers.__version__}: older releases build attention masks from the cache's "
-        "logical length, which is wrong once tokens are evicted. Upgrade transformers "
-        "(docs/cache.md lists the tested versions)."
-    )
 
 
 def kvcore_attention(
@@ -238,40 +224,6 @@ class KVCoreCache(Cache):
         """Not supported: tokens evicted or merged cannot be rolled back (assisted decoding
         crops its rejected draft tokens). Raises ``NotImplementedError``."""
         raise NotImplementedError(_NO_CROP)
-
-
-def cache_kwarg(model: Any) -> str:
-    """The keyword ``model``'s forward takes its cache by: ``"cache"`` (transformers >= 5.24)
-    or ``"past_key_values"`` (earlier releases)."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        params = {}  # type: ignore[assignment]
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
-    """``{cache_kwarg(model): cache}``: pass a cache to ``model(...)`` or
-    ``model.generate(...)`` by the keyword this transformers release expects."""
-    return {cache_kwarg(model): cache}
-
-
-def cache_of(output: Any) -> Any:
-    """The cache a model output carries: its ``cache`` field (transformers >= 5.24) or its
-    ``past_key_values`` field (earlier releases); None when it carries neither."""
-    for name in CACHE_KWARGS:
-        value = getattr(output, name, None)
-        if value is not None:
-            return value
-    return None
-
-
-def _cache_from(kwargs: dict[str, Any]) -> Any:
-    for name in CACHE_KWARGS:
-        value = kwargs.get(name)
-        if value is not None:
-            return value
-    return None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -276,7 +276,10 @@ UNEVEN = {
     "pyramidkv": ({"policy": "pyramidkv"}, {"window": 2, "kernel": 3}),
     "adakv": ({"policy": "adakv"}, {"window": 2, "kernel": 3}),
     "knorm-skip0": ({"policy": "knorm"}, {"skip_layers": (0,)}),  # layer 0 kept whole
-    "mikv-adakv": ({"policy": "adakv", "evicted_format": "int2", "quant_group": 8}, {}),
+    "mikv-adakv": (
+        {"policy": "adakv", "evicted_format": "int2", "quant_group": 8},
+        {"window": 2, "kernel": 3},
+    ),
 }
 
 
@@ -284,8 +287,6 @@ def uneven(name: str, **kw) -> KVCache:
     cache_kw, params = UNEVEN[name]
     cache_kw = dict(cache_kw)
     policy = cache_kw.pop("policy")
-    if policy == "adakv":
-        params = {"window": 2, "kernel": 3}
     return KVCache(
         L,
         H,

@@ -12,6 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="kvcore.cache needs torch")
 
+from cache_view import low_tier_kv, stored_kv  # noqa: E402
+
 from kvcore.cache import (  # noqa: E402
     KVCache,
     Schedule,
@@ -62,14 +64,16 @@ def build(policy: str, **kw: object) -> KVCache:
     )
 
 
-def prefill(c: KVCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def prefill(c: KVCache) -> list[tuple[torch.Tensor, ...]]:
     """Layer by layer, as a model's forward: observe, update (each layer's compression runs
-    at the next layer's update), then read every layer back."""
+    at the next layer's update), then read every layer back through the page formats: the
+    kept K/V, and with a MiKV tier also the evicted tokens' K/V."""
     for layer in range(L):
         c.observe(layer, rnd(B, 2 * H, 8, 100 + layer))
         c.update(layer, rnd(B, H, N, layer), rnd(B, H, N, 10 + layer))
     c.flush()
-    return [c._gather_dense(layer) for layer in range(L)]
+    lo = c.lo_allocator is not None
+    return [stored_kv(c, layer) + (low_tier_kv(c, layer) if lo else ()) for layer in range(L)]
 
 
 def page_bytes(pool: torch.Tensor) -> int:
@@ -107,8 +111,8 @@ def check(kw: dict[str, object], policy: str) -> KVCache:
     assert c.num_compressions == ref.num_compressions
     assert np.array_equal(c.stored_lengths(), ref.stored_lengths())
     assert np.array_equal(c.evicted_lengths(), ref.evicted_lengths())
-    for (k, v), (rk, rv) in zip(got, want, strict=True):
-        assert torch.equal(k, rk) and torch.equal(v, rv)
+    for mine, theirs in zip(got, want, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(mine, theirs, strict=True))
     for layer in range(L):  # a decode step reads the pages alike
         k1, v1, q = rnd(B, H, 1, 200 + layer), rnd(B, H, 1, 300 + layer), rnd(B, 2 * H, 1, layer)
         for x in (c, ref):
@@ -217,5 +221,5 @@ def test_the_benchmarks_replay_leaves_the_cache_the_models_forward_leaves():
             # full-precision ones, so which tokens are kept may differ, not how many
             continue
         for layer in range(kv.num_layers):
-            for x, y in zip(rep._gather_dense(layer), kv._gather_dense(layer), strict=True):
+            for x, y in zip(stored_kv(rep, layer), stored_kv(kv, layer), strict=True):
                 assert torch.equal(x, y)
