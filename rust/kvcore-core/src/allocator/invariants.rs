@@ -82,9 +82,7 @@ impl BlockAllocator {
                 // last block left by compacting a shared block; append unregisters that
                 // block before writing into it.
                 let full = (i + 1) * bs <= t.num_tokens;
-                if self.pool.hash[bi].is_some()
-                    && !full
-                    && (i + 1 != t.blocks.len() || !t.partial_hashed)
+                if self.pool.is_hashed(b) && !full && (i + 1 != t.blocks.len() || !t.partial_hashed)
                 {
                     return fail(format!("hashed block {b} is not full in table slot {idx}"));
                 }

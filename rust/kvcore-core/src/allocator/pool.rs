@@ -13,6 +13,15 @@
 //! ```
 //!
 //! A block is in the queue exactly when its `ref_cnt` is 0 (the null block never is).
+//!
+//! The hash index drops entries lazily. Each registration gets a fresh, nonzero epoch that
+//! both the index entry and the block's link carry; the entry is live while the two agree.
+//! Evicting a cached block (the pool is usually full of them, so nearly every new block
+//! evicts one) or unregistering a block only zeroes its link's epoch: no read of its hash,
+//! no probe of a long-untouched index bucket. A lookup checks the epoch of the block it
+//! finds (the link a prefix hit touches next anyway), a registration reuses a stale entry
+//! for its key, and once stale entries outnumber the pool's blocks one pass drops them all,
+//! so the index never holds more than `num_hashed + capacity + 1` entries.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -46,35 +55,46 @@ impl Hasher for PassThroughHasher {
     }
 }
 
-/// Fixed bookkeeping bytes per block: a ref count, an optional hash and its free-list link.
-/// Blocks registered in the prefix cache also take an entry of the hash index (about 40 bytes).
+/// Fixed bookkeeping bytes per block: a ref count, the hash it was last registered under and
+/// its free-list link. Blocks registered in the prefix cache also take an entry of the hash
+/// index (about 40 bytes), and an evicted block's stale entry stays until the next sweep.
 pub const BYTES_PER_BLOCK: usize = std::mem::size_of::<u32>()
     + std::mem::size_of::<Link>()
     + std::mem::size_of::<Option<BlockHash>>();
 
-/// A block's place in the free queue, and a copy of `hash[b].is_some()` so the queue's
-/// operations (which pick the queue's end by it) need not read the hash slot.
+/// A block's place in the free queue, and the epoch of its registration (0: it holds no
+/// hash), so the queue's operations (which pick the queue's end by it) and the index's
+/// liveness check read this one small entry.
 #[derive(Clone, Copy)]
 struct Link {
     prev: u32,
     next: u32,
-    hashed: bool,
+    epoch: u32,
 }
 
 const UNLINKED: Link = Link {
     prev: NIL,
     next: NIL,
-    hashed: false,
+    epoch: 0,
 };
 
-pub(crate) type HashIndex = HashMap<BlockHash, BlockId, BuildHasherDefault<PassThroughHasher>>;
+/// An index entry: the block registered under the key, and the epoch of that registration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct IndexEntry {
+    block: BlockId,
+    epoch: u32,
+}
+
+pub(crate) type HashIndex = HashMap<BlockHash, IndexEntry, BuildHasherDefault<PassThroughHasher>>;
 
 #[derive(Clone)]
 pub(crate) struct BlockPool {
     pub(crate) ref_cnt: Vec<u32>,
-    /// `Some(h)` exactly when the block is registered in `index` under `h`.
-    pub(crate) hash: Vec<Option<BlockHash>>,
-    /// Free-list links and the hashed flag, one per block.
+    /// The hash the block was last registered under (`None` before its first registration);
+    /// it names the block in `index` while the block's epoch is nonzero. Written only by a
+    /// registration, never read on a hot path: `check` verifies the index against it.
+    hash: Vec<Option<BlockHash>>,
+    /// Free-list links and registration epochs, one per block.
     links: Vec<Link>,
     head: u32,
     tail: u32,
@@ -84,7 +104,12 @@ pub(crate) struct BlockPool {
     pub(crate) num_cached: usize,
     /// Blocks with ref_cnt > 1.
     pub(crate) num_shared: usize,
-    pub(crate) index: HashIndex,
+    /// Blocks with a nonzero epoch (registered in the index); `index.len() - num_hashed`
+    /// entries are stale.
+    num_hashed: usize,
+    /// The epoch the next registration takes; never 0.
+    next_epoch: u32,
+    index: HashIndex,
 }
 
 impl BlockPool {
@@ -115,6 +140,8 @@ impl BlockPool {
             num_free: 0,
             num_cached: 0,
             num_shared: 0,
+            num_hashed: 0,
+            next_epoch: 1,
             index: HashIndex::default(),
         };
         for b in 1..n as u32 {
@@ -191,11 +218,12 @@ impl BlockPool {
         debug_assert!(b != NIL, "pop on an empty free queue");
         self.unlink(b);
         let i = b as usize;
-        if self.links[i].hashed {
-            self.links[i].hashed = false;
-            let h = self.hash[i].take().expect("a hashed block holds its hash");
+        if self.links[i].epoch != 0 {
+            // Its index entry goes stale: no read of the hash, no probe of the index.
+            self.links[i].epoch = 0;
+            self.num_hashed -= 1;
             self.num_cached -= 1;
-            self.index_remove(h, b);
+            self.note_stale();
         } else {
             self.num_free -= 1;
         }
@@ -209,7 +237,7 @@ impl BlockPool {
         let i = b as usize;
         if self.ref_cnt[i] == 0 {
             self.unlink(b);
-            if self.links[i].hashed {
+            if self.links[i].epoch != 0 {
                 self.num_cached -= 1;
             } else {
                 self.num_free -= 1;
@@ -232,7 +260,7 @@ impl BlockPool {
             self.num_shared -= 1;
         }
         if self.ref_cnt[i] == 0 {
-            if self.links[i].hashed {
+            if self.links[i].epoch != 0 {
                 self.push_back(b);
                 self.num_cached += 1;
             } else {
@@ -242,50 +270,100 @@ impl BlockPool {
         }
     }
 
+    /// Whether block `b` is registered in the index.
+    #[inline]
+    pub(crate) fn is_hashed(&self, b: BlockId) -> bool {
+        self.links[b as usize].epoch != 0
+    }
+
+    /// Whether index entry `e` names a registration that still holds.
+    #[inline]
+    fn live(&self, e: IndexEntry) -> bool {
+        self.links[e.block as usize].epoch == e.epoch
+    }
+
     /// Registers a full, referenced block under `h`. Returns false (and changes nothing) when
     /// `h` already names another block or this block already has a hash: like vLLM we never
     /// de-duplicate, so block tables stay append-only.
     pub(crate) fn register(&mut self, b: BlockId, h: BlockHash) -> bool {
         let i = b as usize;
-        if self.links[i].hashed {
+        if self.links[i].epoch != 0 {
             return false;
         }
-        // One probe of the index for the check and the insertion.
+        if self.next_epoch == u32::MAX {
+            self.renumber();
+        }
+        let fresh = IndexEntry {
+            block: b,
+            epoch: self.next_epoch,
+        };
+        // One probe of the index for the check and the insertion; a stale entry for `h`
+        // is taken over.
         match self.index.entry(h) {
-            Entry::Occupied(_) => false,
+            Entry::Occupied(mut e) => {
+                let old = *e.get();
+                if self.links[old.block as usize].epoch == old.epoch {
+                    return false;
+                }
+                e.insert(fresh);
+            }
             Entry::Vacant(v) => {
-                v.insert(b);
-                self.hash[i] = Some(h);
-                self.links[i].hashed = true;
-                true
+                v.insert(fresh);
             }
         }
-    }
-
-    /// Drops `h` from the index if it names block `b` (one probe).
-    #[inline]
-    fn index_remove(&mut self, h: BlockHash, b: BlockId) {
-        if let Entry::Occupied(e) = self.index.entry(h) {
-            if *e.get() == b {
-                e.remove();
-            }
-        }
+        self.next_epoch += 1;
+        self.hash[i] = Some(h);
+        self.links[i].epoch = fresh.epoch;
+        self.num_hashed += 1;
+        true
     }
 
     /// Removes a referenced block's registration because its contents are about to change.
+    /// Its index entry goes stale.
     pub(crate) fn unregister(&mut self, b: BlockId) {
         let i = b as usize;
         debug_assert!(self.ref_cnt[i] > 0, "unregister of an unreferenced block");
-        if let Some(h) = self.hash[i].take() {
-            self.links[i].hashed = false;
-            self.index_remove(h, b);
+        if self.links[i].epoch != 0 {
+            self.links[i].epoch = 0;
+            self.num_hashed -= 1;
+            self.note_stale();
         }
     }
 
-    /// Looks up a cached block by hash (referenced or not).
+    /// Called after an entry went stale: sweeps once stale entries outnumber the blocks.
+    #[inline]
+    fn note_stale(&mut self) {
+        if self.index.len() - self.num_hashed > self.ref_cnt.len() {
+            self.sweep();
+        }
+    }
+
+    /// Drops every stale index entry.
+    fn sweep(&mut self) {
+        let links = &self.links;
+        self.index
+            .retain(|_, e| links[e.block as usize].epoch == e.epoch);
+    }
+
+    /// Sweeps and gives the live registrations epochs `1..=num_hashed`, so the epoch
+    /// counter can go on without ever reusing a live or stale epoch (run once per 2**32
+    /// registrations).
+    #[cold]
+    fn renumber(&mut self) {
+        self.sweep();
+        // At most `num_blocks - 1 < u32::MAX` live entries remain.
+        for (e, epoch) in self.index.values_mut().zip(1u32..) {
+            self.links[e.block as usize].epoch = epoch;
+            e.epoch = epoch;
+        }
+        self.next_epoch = self.num_hashed as u32 + 1;
+    }
+
+    /// Looks up a block registered under `h` (referenced or not).
     #[inline]
     pub(crate) fn lookup(&self, h: BlockHash) -> Option<BlockId> {
-        self.index.get(&h).copied()
+        let e = *self.index.get(&h)?;
+        self.live(e).then_some(e.block)
     }
 
     /// Drops every hash held by an unreferenced block, turning cached blocks into plain free
@@ -295,9 +373,9 @@ impl BlockPool {
         let mut b = self.head;
         while b != NIL {
             let next = self.links[b as usize].next;
-            if let Some(h) = self.hash[b as usize].take() {
-                self.links[b as usize].hashed = false;
-                self.index.remove(&h);
+            if self.links[b as usize].epoch != 0 {
+                self.links[b as usize].epoch = 0;
+                self.num_hashed -= 1;
                 self.num_cached -= 1;
                 self.num_free += 1;
                 // Uncached blocks belong at the front.
@@ -307,6 +385,7 @@ impl BlockPool {
             }
             b = next;
         }
+        self.sweep();
         dropped
     }
 
@@ -326,7 +405,7 @@ impl BlockPool {
     /// Checks the list links and counters; table-level checks live in `invariants.rs`.
     pub(crate) fn check(&self) -> std::result::Result<(), String> {
         let n = self.ref_cnt.len();
-        if self.ref_cnt[0] != 0 || self.hash[0].is_some() {
+        if self.ref_cnt[0] != 0 || self.links[0].epoch != 0 {
             return Err("the null block is referenced or hashed".into());
         }
         let queue = self.queue();
@@ -356,12 +435,12 @@ impl BlockPool {
                     self.ref_cnt[i]
                 ));
             }
-            match self.hash[i] {
-                Some(_) => {
+            match self.links[i].epoch != 0 {
+                true => {
                     in_cached_part = true;
                     cached += 1;
                 }
-                None => {
+                false => {
                     if in_cached_part {
                         return Err(format!(
                             "uncached block {b} sits behind cached blocks in the free queue"
@@ -387,12 +466,48 @@ impl BlockPool {
                 self.num_free, self.num_cached
             ));
         }
-        for (h, &b) in &self.index {
-            if self.hash[b as usize] != Some(*h) {
+        // Every registered block is named by its hash's entry under its epoch; no two blocks
+        // share an epoch; stale entries stay within the sweep's bound.
+        let mut epochs = std::collections::HashSet::new();
+        for (b, link) in self.links.iter().enumerate().filter(|(_, l)| l.epoch != 0) {
+            let Some(h) = self.hash[b] else {
+                return Err(format!("registered block {b} holds no hash"));
+            };
+            let want = IndexEntry {
+                block: b as BlockId,
+                epoch: link.epoch,
+            };
+            if self.index.get(&h) != Some(&want) {
                 return Err(format!(
-                    "hash index points at block {b}, which holds another hash"
+                    "block {b} is registered but the hash index does not name it"
                 ));
             }
+            if link.epoch >= self.next_epoch || !epochs.insert(link.epoch) {
+                return Err(format!(
+                    "block {b}'s registration epoch is reused or unissued"
+                ));
+            }
+        }
+        if epochs.len() != self.num_hashed {
+            return Err(format!(
+                "{} blocks are registered but the counter says {}",
+                epochs.len(),
+                self.num_hashed
+            ));
+        }
+        let live = self.index.values().filter(|&&e| self.live(e)).count();
+        if live != self.num_hashed {
+            return Err(format!(
+                "the hash index has {live} live entries for {} registered blocks",
+                self.num_hashed
+            ));
+        }
+        if self.index.len() > self.num_hashed + n {
+            return Err(format!(
+                "the hash index holds {} entries, more than the {} registered blocks + {n}",
+                self.index.len(),
+                self.num_hashed
+            ));
         }
         let shared = self.ref_cnt.iter().filter(|&&r| r > 1).count();
         if shared != self.num_shared {
@@ -401,18 +516,67 @@ impl BlockPool {
                 self.num_shared
             ));
         }
-        if let Some(b) = (0..n).find(|&b| self.links[b].hashed != self.hash[b].is_some()) {
-            return Err(format!(
-                "block {b}'s hashed flag disagrees with its hash slot"
-            ));
-        }
-        let hashed = self.hash.iter().filter(|h| h.is_some()).count();
-        if hashed != self.index.len() {
-            return Err(format!(
-                "{hashed} blocks carry a hash but the index has {} entries",
-                self.index.len()
-            ));
-        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Registers `b` (referenced) under `h`, then frees it so it sits cached in the queue.
+    fn cache(p: &mut BlockPool, h: BlockHash) -> BlockId {
+        let b = p.pop();
+        assert!(p.register(b, h));
+        p.decref(b);
+        b
+    }
+
+    #[test]
+    fn evicted_entries_go_stale_and_sweeps_bound_the_index() {
+        let mut p = BlockPool::new(9).unwrap();
+        for next in 1..=50u128 {
+            // Every pop of a full queue evicts the least recently cached block.
+            let b = cache(&mut p, next);
+            assert_eq!(p.lookup(next), Some(b));
+            if next > 8 {
+                // The block cached 8 registrations ago was evicted by one of the pops since.
+                assert_eq!(p.lookup(next - 8), None);
+            }
+            p.check().unwrap();
+            assert!(p.index.len() <= p.num_hashed + p.ref_cnt.len());
+        }
+        // A stale key can be registered again, on another block.
+        let stale = 3u128;
+        assert_eq!(p.lookup(stale), None);
+        let b = p.pop();
+        assert!(p.register(b, stale));
+        assert_eq!(p.lookup(stale), Some(b));
+        // A live key cannot.
+        let c = p.pop();
+        assert!(!p.register(c, stale));
+        p.unregister(b);
+        assert_eq!(p.lookup(stale), None);
+        p.check().unwrap();
+    }
+
+    #[test]
+    fn the_epoch_counter_renumbers_before_it_wraps() {
+        let mut p = BlockPool::new(6).unwrap();
+        let kept: Vec<_> = (1..=3u128).map(|h| cache(&mut p, h)).collect();
+        p.next_epoch = u32::MAX - 1;
+        let last = cache(&mut p, 4);
+        // This registration runs at u32::MAX and renumbers the live ones first.
+        let b = p.pop();
+        assert!(p.register(b, 5));
+        assert!(p.next_epoch <= 6);
+        for (h, &b) in (1..=3u128).zip(&kept).chain([(4, &last)]) {
+            assert_eq!(p.lookup(h), Some(b));
+        }
+        assert_eq!(p.lookup(5), Some(b));
+        p.check().unwrap();
+        assert_eq!(p.reset_prefix_cache(), 4);
+        assert_eq!(p.index.len(), 1);
+        p.check().unwrap();
     }
 }
