@@ -58,6 +58,7 @@ import torch
 import kvcore
 import kvcore.hf as kh
 from kvcore.cache import Schedule
+from kvcore.cache.config import MIXED_BITS
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -147,12 +148,13 @@ def kvcore_methods(policies: list[str]) -> dict[str, dict[str, Any]]:
     """Method name -> keyword arguments of ``kvcore.hf.compressed_cache``.
 
     A method is a registry policy name, optionally with storage suffixes: ``snapkv+int4``
-    (quantized pages, ``kv_format``: int8/int4/int2/kivi2/kivi4), ``snapkv+ems`` (merged
+    (quantized pages, ``kv_format``: int8/int4/int2/kivi2/kivi4, or k4v2/k2v4/... with keys
+    and values at different bits), ``snapkv+ems`` (merged
     eviction, ``merge``: ems/kvmerger/cam), or both (``tova+int4+kvmerger``); ``+mikv8``,
     ``+mikv4``, ``+mikv2`` keep the evicted tokens in a low-precision tier (MiKV,
     ``evicted_format``: int8/int4/int2).
     """
-    formats = ("int8", "int4", "int2", "kivi2", "kivi4")
+    formats = ("int8", "int4", "int2", "kivi2", "kivi4", *MIXED_BITS)
     merges = ("ems", "kvmerger", "cam")
     tiers = {"mikv8": "int8", "mikv4": "int4", "mikv2": "int2"}
     out: dict[str, dict[str, Any]] = {}
@@ -337,7 +339,8 @@ def main() -> int:
     ap.add_argument(
         "--policies",
         default="streaming,knorm,snapkv,h2o,tova,pyramidkv,adakv,snapkv+int4,tova+int4",
-        help="kvcore methods: registry names, optionally +int8/+int4/+int2/+kivi2/+kivi4 and "
+        help="kvcore methods: registry names, optionally +int8/+int4/+int2/+kivi2/+kivi4/+k4v2 "
+        "(any k{key bits}v{value bits}) and "
         "+ems/+kvmerger/+cam and +mikv8/+mikv4/+mikv2; full+FMT keeps every token in FMT",
     )
     ap.add_argument(
