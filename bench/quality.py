@@ -42,6 +42,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -152,17 +153,24 @@ def kvcore_methods(policies: list[str]) -> dict[str, dict[str, Any]]:
     and values at different bits), ``snapkv+ems`` (merged
     eviction, ``merge``: ems/kvmerger/cam), or both (``tova+int4+kvmerger``); ``+mikv8``,
     ``+mikv4``, ``+mikv2`` keep the evicted tokens in a low-precision tier (MiKV,
-    ``evicted_format``: int8/int4/int2).
+    ``evicted_format``: int8/int4/int2). ``+bs64`` sets the tokens per page (``block_size``:
+    KIVI pages quantize a page's keys per channel, so their scales and zero points cost
+    ``1 / block_size`` of a token each) and ``+g64`` the channels per group of the per-token
+    parts (``quant_group``): ``full+k4v2+bs64``.
     """
     formats = ("int8", "int4", "int2", "kivi2", "kivi4", *MIXED_BITS)
     merges = ("ems", "kvmerger", "cam")
     tiers = {"mikv8": "int8", "mikv4": "int4", "mikv2": "int2"}
+    sizes = {"bs": "block_size", "g": "quant_group"}
     out: dict[str, dict[str, Any]] = {}
     for p in policies:
         name, *extras = p.split("+")
         spec: dict[str, Any] = {"policy": None if name == "full" else name}
         for extra in extras:
-            if extra in formats and "kv_format" not in spec:
+            size = re.fullmatch(r"(bs|g)([1-9][0-9]*)", extra)
+            if size is not None and sizes[size[1]] not in spec:
+                spec[sizes[size[1]]] = int(size[2])
+            elif extra in formats and "kv_format" not in spec:
                 spec["kv_format"] = extra
             elif extra in merges and "merge" not in spec:
                 spec["merge"] = extra
@@ -340,7 +348,7 @@ def main() -> int:
         "--policies",
         default="streaming,knorm,snapkv,h2o,tova,pyramidkv,adakv,snapkv+int4,tova+int4",
         help="kvcore methods: registry names, optionally +int8/+int4/+int2/+kivi2/+kivi4/+k4v2 "
-        "(any k{key bits}v{value bits}) and "
+        "(any k{key bits}v{value bits}), +bs64 (block_size), +g64 (quant_group) and "
         "+ems/+kvmerger/+cam and +mikv8/+mikv4/+mikv2; full+FMT keeps every token in FMT",
     )
     ap.add_argument(
