@@ -138,10 +138,27 @@ GRIDS["issue18-mid"] = {
     "infinipot+kvmerger": (0.25,),
     "infinipot+cam": (0.25,),
 }
+# Issue 18's gap at 25 % of the bytes, after "issue18-mid" (KIVI-2 pages 6 of 8 at 22 %, int4
+# pages 8 of 8 at 35 %): KIVI's pages with 4-bit keys and 2-bit values (kv_format "k4v2") and
+# the reverse, keeping every token (which half of KIVI-2 loses the answers); k4v2 with pages of
+# 64 tokens, or of 32 tokens with one value group per head (+bs / +g: about 60 bytes a token
+# and head against bf16's 256, under 25 % with the open pages), and k4v2 under light eviction
+# (InfiniPot, kvcore's Expected Attention) at 85 to 88 % kept, just under 25 % of the bytes,
+# and at 44 % (12.5 %). Run with --skip-kvpress (kvpress's cells are "issue18-mid"'s) and
+# merged into its JSON (bench/quality_merge.py --kvcore).
+GRIDS["issue18-mixed"] = {
+    "full+k4v2": (1.0,),
+    "full+k2v4": (1.0,),
+    "full+k4v2+bs64": (1.0,),
+    "full+k4v2+bs32+g64": (1.0,),
+    "infinipot+k4v2": (0.88, 0.85, 0.44),
+    "expected_attention+k4v2": (0.88, 0.44),
+}
 GRID_PRESS_KEEPS = {
     "issue18": (0.75, 0.5, 0.25, 0.125),
     "issue18-core": (0.25, 0.125),
     "issue18-mid": (0.25, 0.125),
+    "issue18-mixed": (0.25, 0.125),
 }
 
 
