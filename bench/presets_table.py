@@ -32,7 +32,8 @@ def front(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def render(summary: list[dict[str, Any]]) -> str:
     """The Python source of ``MEASURED``: one positional ``Preset`` per line, in the field order
-    method, keep, policy, kv_format, merge, evicted_format, bytes_frac, accuracy."""
+    method, keep, policy, kv_format, merge, evicted_format, bytes_frac, accuracy, then
+    ``block_size=`` / ``quant_group=`` where the method sets them."""
     lines = [
         "# Preset(method, keep, policy, kv_format, merge, evicted_format, bytes_frac, accuracy)",
         "MEASURED: tuple[Preset, ...] = (",
@@ -50,7 +51,9 @@ def render(summary: list[dict[str, Any]]) -> str:
             r["bytes_frac"],
             r["accuracy"],
         )
-        lines.append("    Preset(" + ", ".join(_py(v) for v in fields) + "),")
+        # the page sizes the method sets, as keywords (most recipes keep the defaults)
+        sizes = [f"{k}={spec[k]}" for k in ("block_size", "quant_group") if k in spec]
+        lines.append("    Preset(" + ", ".join([*(_py(v) for v in fields), *sizes]) + "),")
     return "\n".join([*lines, ")"])
 
 

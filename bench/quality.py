@@ -42,6 +42,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,7 @@ import torch
 import kvcore
 import kvcore.hf as kh
 from kvcore.cache import Schedule
+from kvcore.cache.config import MIXED_BITS
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -136,10 +138,27 @@ GRIDS["issue18-mid"] = {
     "infinipot+kvmerger": (0.25,),
     "infinipot+cam": (0.25,),
 }
+# Issue 18's gap at 25 % of the bytes, after "issue18-mid" (KIVI-2 pages 6 of 8 at 22 %, int4
+# pages 8 of 8 at 35 %): KIVI's pages with 4-bit keys and 2-bit values (kv_format "k4v2") and
+# the reverse, keeping every token (which half of KIVI-2 loses the answers); k4v2 with pages of
+# 64 tokens, or of 32 tokens with one value group per head (+bs / +g: about 60 bytes a token
+# and head against bf16's 256, under 25 % with the open pages), and k4v2 under light eviction
+# (InfiniPot, kvcore's Expected Attention) at 85 to 88 % kept, just under 25 % of the bytes,
+# and at 44 % (12.5 %). Run with --skip-kvpress (kvpress's cells are "issue18-mid"'s) and
+# merged into its JSON (bench/quality_merge.py --kvcore).
+GRIDS["issue18-mixed"] = {
+    "full+k4v2": (1.0,),
+    "full+k2v4": (1.0,),
+    "full+k4v2+bs64": (1.0,),
+    "full+k4v2+bs32+g64": (1.0,),
+    "infinipot+k4v2": (0.88, 0.85, 0.44),
+    "expected_attention+k4v2": (0.88, 0.44),
+}
 GRID_PRESS_KEEPS = {
     "issue18": (0.75, 0.5, 0.25, 0.125),
     "issue18-core": (0.25, 0.125),
     "issue18-mid": (0.25, 0.125),
+    "issue18-mixed": (0.25, 0.125),
 }
 
 
@@ -147,20 +166,28 @@ def kvcore_methods(policies: list[str]) -> dict[str, dict[str, Any]]:
     """Method name -> keyword arguments of ``kvcore.hf.compressed_cache``.
 
     A method is a registry policy name, optionally with storage suffixes: ``snapkv+int4``
-    (quantized pages, ``kv_format``: int8/int4/int2/kivi2/kivi4), ``snapkv+ems`` (merged
+    (quantized pages, ``kv_format``: int8/int4/int2/kivi2/kivi4, or k4v2/k2v4/... with keys
+    and values at different bits), ``snapkv+ems`` (merged
     eviction, ``merge``: ems/kvmerger/cam), or both (``tova+int4+kvmerger``); ``+mikv8``,
     ``+mikv4``, ``+mikv2`` keep the evicted tokens in a low-precision tier (MiKV,
-    ``evicted_format``: int8/int4/int2).
+    ``evicted_format``: int8/int4/int2). ``+bs64`` sets the tokens per page (``block_size``:
+    KIVI pages quantize a page's keys per channel, so their scales and zero points cost
+    ``1 / block_size`` of a token each) and ``+g64`` the channels per group of the per-token
+    parts (``quant_group``): ``full+k4v2+bs64``.
     """
-    formats = ("int8", "int4", "int2", "kivi2", "kivi4")
+    formats = ("int8", "int4", "int2", "kivi2", "kivi4", *MIXED_BITS)
     merges = ("ems", "kvmerger", "cam")
     tiers = {"mikv8": "int8", "mikv4": "int4", "mikv2": "int2"}
+    sizes = {"bs": "block_size", "g": "quant_group"}
     out: dict[str, dict[str, Any]] = {}
     for p in policies:
         name, *extras = p.split("+")
         spec: dict[str, Any] = {"policy": None if name == "full" else name}
         for extra in extras:
-            if extra in formats and "kv_format" not in spec:
+            size = re.fullmatch(r"(bs|g)([1-9][0-9]*)", extra)
+            if size is not None and sizes[size[1]] not in spec:
+                spec[sizes[size[1]]] = int(size[2])
+            elif extra in formats and "kv_format" not in spec:
                 spec["kv_format"] = extra
             elif extra in merges and "merge" not in spec:
                 spec["merge"] = extra
@@ -337,7 +364,8 @@ def main() -> int:
     ap.add_argument(
         "--policies",
         default="streaming,knorm,snapkv,h2o,tova,pyramidkv,adakv,snapkv+int4,tova+int4",
-        help="kvcore methods: registry names, optionally +int8/+int4/+int2/+kivi2/+kivi4 and "
+        help="kvcore methods: registry names, optionally +int8/+int4/+int2/+kivi2/+kivi4/+k4v2 "
+        "(any k{key bits}v{value bits}), +bs64 (block_size), +g64 (quant_group) and "
         "+ems/+kvmerger/+cam and +mikv8/+mikv4/+mikv2; full+FMT keeps every token in FMT",
     )
     ap.add_argument(

@@ -556,7 +556,7 @@ def test_ems_merged_cache_generates_with_the_kvcore_attention():
         generate(model, cache, ids, mask, n=2)
 
 
-@pytest.mark.parametrize("fmt", ["kivi2", "kivi4"])
+@pytest.mark.parametrize("fmt", ["kivi2", "kivi4", "k4v2", "k2v4"])
 def test_kivi_cache_generates_on_the_tiny_model(fmt):
     """KIVI pages (keys per channel, values per token, the open page in full precision) with
     and without SnapKV: generation runs, takes less memory than float32 pages, the prompt's

@@ -166,13 +166,15 @@ def test_emulated_decode_attention_matches_the_reference(
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_emulated_attention_over_quantized_pages(build, bits: int) -> None:  # type: ignore[no-untyped-def]
-    gen = torch.Generator().manual_seed(bits)
+# (key bits, value bits): KIVI's uniform pages, and the mixed ones (kv_format="k4v2", ...)
+@pytest.mark.parametrize("bits", [(2, 2), (4, 4), (8, 8), (4, 2), (2, 4)])
+def test_emulated_attention_over_quantized_pages(build, bits: tuple[int, int]) -> None:  # type: ignore[no-untyped-def]
+    k_bits, v_bits = bits
+    gen = torch.Generator().manual_seed(k_bits * 10 + v_bits)
     bs, d = 16, 64
     k, v, table, lengths = _paged(gen, 1, 2, d, bs, [50, 33], torch.float16)
-    k_lay = kvcore.QuantLayout(bits, 16, bs, d, "token")  # KIVI keys: per channel
-    v_lay = kvcore.QuantLayout(bits, 32, bs, d, "channel")  # KIVI values: per token
+    k_lay = kvcore.QuantLayout(k_bits, 16, bs, d, "token")  # KIVI keys: per channel
+    v_lay = kvcore.QuantLayout(v_bits, 32, bs, d, "channel")  # KIVI values: per token
     kq, vq = quant.quantize(k, k_lay), quant.quantize(v, v_lay)
     query = (torch.randn(1, 4, 1, d, generator=gen) * 0.5).half()
     got = run_emulated(

@@ -83,6 +83,28 @@ def _preset(method: str, bytes_frac: float, accuracy: float) -> presets.Preset:
     return presets.Preset(method, 0.5, "tova", None, None, None, bytes_frac, accuracy)
 
 
+def test_page_sizes_travel_from_the_method_name_to_the_recipe() -> None:
+    """``+bs64`` / ``+g64`` in a method's name set block_size / quant_group; the preset
+    table prints them as keywords and the preset passes them to compressed_cache."""
+    name = "full+k4v2+bs64+g64"
+    spec = quality.kvcore_methods([name])[f"kvcore:{name}"]
+    assert spec == {"policy": None, "kv_format": "k4v2", "block_size": 64, "quant_group": 64}
+    row = {"method": f"kvcore:{name}", "keep": 1.0, "protocol": "agnostic"}
+    full = {"method": qr.FULL, "keep": 1.0, "protocol": "agnostic"}
+    summary = [
+        {**full, "kv_bytes": 1000, "accuracy": 1.0},
+        {**row, "kv_bytes": 240, "accuracy": 1.0},
+    ]
+    table = presets_table.render(summary)
+    assert 'Preset("full+k4v2+bs64+g64", 1.0, None, "k4v2", None, None, 0.24, 1.0, ' in table
+    assert "block_size=64, quant_group=64)," in table
+    p = presets.Preset(name, 1.0, None, "k4v2", None, None, 0.24, 1.0, block_size=64)
+    assert p.keywords(100)["block_size"] == 64 and "quant_group" not in p.keywords(100)
+    for bad in ("full+bs16+bs32", "full+g0", "full+bs"):
+        with pytest.raises(ValueError, match="unknown or repeated storage variant"):
+            quality.kvcore_methods([bad])
+
+
 def test_pick_prefers_accuracy_then_fewer_bytes() -> None:
     table = (_preset("a", 0.1, 0.5), _preset("b", 0.2, 0.75), _preset("c", 0.3, 0.75))
     assert presets.pick(0.1, table).method == "a"
@@ -184,6 +206,7 @@ def test_memory_builds_the_picked_recipe() -> None:
         ({"memory": 0.25, "prompt_tokens": 8, "policy": "tova"}, "memory= picks policy"),
         ({"memory": 0.25, "prompt_tokens": 8, "budget": 4}, "memory= picks budget"),
         ({"memory": 0.25, "prompt_tokens": 8, "kv_format": "int4"}, "memory= picks kv_format"),
+        ({"memory": 0.25, "prompt_tokens": 8, "block_size": 8}, "memory= picks block_size"),
         ({"memory_bytes": 10, "prompt_tokens": 8, "window": 4}, "memory_bytes= picks window"),
         ({"prompt_tokens": 8}, "prompt_tokens= goes with memory= or memory_bytes="),
         ({"memory": 2.0, "prompt_tokens": 8}, r"memory must be in \(0, 1\]"),

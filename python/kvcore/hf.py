@@ -374,7 +374,17 @@ def _rope(model: torch.nn.Module) -> torch.Tensor | None:
 _UNSET: Any = object()
 
 # What a memory preset decides (kvcore.presets.Preset.keywords), so a caller cannot also give.
-_PRESET_PICKS = ("policy", "budget", "config", "schedule", "kv_format", "merge", "evicted_format")
+_PRESET_PICKS = (
+    "policy",
+    "budget",
+    "config",
+    "schedule",
+    "kv_format",
+    "merge",
+    "evicted_format",
+    "block_size",
+    "quant_group",
+)
 
 
 def _kv_shape(model: Any) -> tuple[int, int, int]:

@@ -47,6 +47,8 @@ class Preset:
         evicted_format: the format of MiKV's tier for evicted tokens, or None.
         bytes_frac: K/V bytes it held over the full cache's, as measured.
         accuracy: the share of the grid's questions it answered.
+        block_size: tokens per page (``+bs64`` in the method's name), or None (the default).
+        quant_group: channels per quantization group (``+g64``), or None (the default).
     """
 
     method: str
@@ -57,6 +59,8 @@ class Preset:
     evicted_format: str | None
     bytes_frac: float
     accuracy: float
+    block_size: int | None = None
+    quant_group: int | None = None
 
     def keywords(self, prompt_tokens: int) -> dict[str, Any]:
         """The ``kvcore.hf.compressed_cache`` keywords of this recipe for a prompt of
@@ -74,7 +78,7 @@ class Preset:
             "budget": max(1, round(self.keep * prompt_tokens)),
             "schedule": Schedule.prefill(multi_turn="once"),
         }
-        for key in ("kv_format", "merge", "evicted_format"):
+        for key in ("kv_format", "merge", "evicted_format", "block_size", "quant_group"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -87,7 +91,8 @@ MEASURED: tuple[Preset, ...] = (
     Preset("infinipot+kivi2", 0.5, "infinipot", "kivi2", None, None, 0.10961839610978323, 0.25),
     Preset("infinipot+kivi2", 0.75, "infinipot", "kivi2", None, None, 0.16442759416467487, 0.375),
     Preset("full+kivi2", 1.0, None, "kivi2", None, None, 0.22113244869364543, 0.75),
-    Preset("full+int4", 1.0, None, "int4", None, None, 0.3457512569026622, 1.0),
+    Preset("infinipot+k4v2", 0.85, "infinipot", "k4v2", None, None, 0.2395944943542405, 0.875),
+    Preset("full+k4v2", 1.0, None, "k4v2", None, None, 0.2834418527981538, 1.0),
 )
 
 

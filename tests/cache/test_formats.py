@@ -18,6 +18,7 @@ from kvcore.cache.formats import (  # noqa: E402
     KINDS,
     KiviFormat,
     KiviStore,
+    MixedKiviFormat,
     NativeFormat,
     PageFormat,
     QuantizedFormat,
@@ -40,6 +41,9 @@ CASES = [
     ("int2", "channel", torch.float16, KiviFormat),
     ("kivi2", None, torch.float32, KiviFormat),
     ("kivi4", None, torch.float16, KiviFormat),
+    ("k4v2", None, torch.float32, MixedKiviFormat),
+    ("k2v4", None, torch.float16, MixedKiviFormat),
+    ("k8v4", None, torch.float32, MixedKiviFormat),
 ]
 IDS = [f"{f}-{kq_ or 'default'}-{str(dt)[6:]}" for f, kq_, dt, _ in CASES]
 
@@ -49,14 +53,15 @@ def make(kv_format: str, key_quant: str | None, dtype: torch.dtype) -> PageForma
     return page_format(storage, D, dtype)
 
 
-def bound(fmt: PageFormat, x: torch.Tensor) -> float:
-    """The largest error a stored vector may have: none for native pages; else one
-    quantization step over the data's whole range (a group's range is at most that; rounding
-    costs half a step, the float16 scales and zero points the rest) plus the dtype's own
-    rounding."""
-    if fmt.k_layout is None:
+def bound(fmt: PageFormat, x: torch.Tensor, side: str = "k") -> float:
+    """The largest error a stored vector of ``side`` may have: none for native pages; else
+    one quantization step of that side's bits over the data's whole range (a group's range is
+    at most that; rounding costs half a step, the float16 scales and zero points the rest)
+    plus the dtype's own rounding."""
+    layout = fmt.k_layout if side == "k" else fmt.v_layout
+    if layout is None:
         return 0.0
-    step = float(x.max() - x.min()) / (2**fmt.k_layout.bits - 1)
+    step = float(x.max() - x.min()) / (2**layout.bits - 1)
     return step + 2**-9 * float(x.abs().max())
 
 
@@ -114,7 +119,12 @@ def test_the_storage_config_picks_the_format(kv_format, key_quant, dtype, cls):
     fmt = make(kv_format, key_quant, dtype)
     assert type(fmt) is cls and fmt.name == kv_format
     assert (fmt.block_size, fmt.head_dim, fmt.dtype) == (BS, D, dtype)
-    assert set(KINDS.values()) == {NativeFormat, QuantizedFormat, KiviFormat}
+    assert set(KINDS.values()) == {NativeFormat, QuantizedFormat, KiviFormat, MixedKiviFormat}
+    if cls is MixedKiviFormat:  # "k{key bits}v{value bits}", KIVI's layout otherwise
+        kb, vb = int(kv_format[1]), int(kv_format[3])
+        assert (fmt.key_bits, fmt.value_bits, fmt.bits) == (kb, vb, max(kb, vb))
+        assert (fmt.k_layout.bits, fmt.k_layout.axis) == (kb, "token")
+        assert (fmt.v_layout.bits, fmt.v_layout.axis) == (vb, "channel")
 
 
 @pytest.mark.parametrize(("kv_format", "key_quant", "dtype", "cls"), CASES, ids=IDS)
@@ -125,14 +135,14 @@ def test_append_read_round_trip(kv_format, key_quant, dtype, cls):
         got = tier.read(side)
         assert got.dtype == dtype and got.shape == x.shape
         err = float((got.float() - x.float()).abs().max())
-        assert err <= bound(fmt, x.float()), (side, err)
+        assert err <= bound(fmt, x.float(), side), (side, err)
     if cls is NativeFormat:
         assert torch.equal(tier.read("k"), k)
     if cls is QuantizedFormat:  # every token encoded alone: kvcore.quant's round trip
         tok = fmt.token_layout
         want = kq.dequantize(kq.quantize(v.reshape(-1, 1, D).float(), tok), tok)
         assert torch.equal(tier.read("v").float(), want.reshape(S, -1, D).to(dtype).float())
-    if cls is KiviFormat:  # 19 tokens: two sealed pages and an open one of 3 tokens
+    if issubclass(cls, KiviFormat):  # 19 tokens: two sealed pages and an open one of 3
         assert isinstance(tier.store, KiviStore)
         slots, _ = tier.slots()
         rows = tier.store.block_row[slots // BS]
@@ -171,10 +181,11 @@ def test_move_applies_a_compaction_plan(kv_format, key_quant, dtype, cls):
     pos = torch.arange(num_slots)  # per-slot state moves in the same pass
     fmt.move(tier.store, src_t, dst_t, [pos])
     assert torch.equal(pos[dst_t], src_t)
-    for got, was in ((tier.read("k"), before_k), (tier.read("v"), before_v)):
+    for side, got, was in (("k", tier.read("k"), before_k), ("v", tier.read("v"), before_v)):
         want = was[:, keep]
-        if cls is KiviFormat:  # moved tokens re-seal their pages
-            assert float((got.float() - want.float()).abs().max()) <= bound(fmt, want.float())
+        if issubclass(cls, KiviFormat):  # moved tokens re-seal their pages
+            err = float((got.float() - want.float()).abs().max())
+            assert err <= bound(fmt, want.float(), side)
         else:  # bytes moved as they are
             assert torch.equal(got, want)
 
@@ -241,6 +252,10 @@ def test_bad_format_parameters_raise():
         NativeFormat(BS, D, torch.float32, 4)
     with pytest.raises(ValueError):
         KiviFormat(3, D, torch.float32, 2, 32)  # 3 tokens of 2 bits: not whole bytes
+    with pytest.raises(ValueError):
+        MixedKiviFormat(3, D, torch.float32, 4, 2, 32)  # 3 keys of 4 bits: not whole bytes
+    with pytest.raises(ValueError):
+        MixedKiviFormat(BS, D, torch.float32, 4, 3, 32)  # 3-bit values
 
 
 def test_the_mikv_low_tier_is_a_second_format_instance():

@@ -237,15 +237,17 @@ def test_decode_attention(dtype: torch.dtype, head_dim: int, block_size: int, q_
     torch.testing.assert_close(lse.cpu(), ref_lse, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+# (key bits, value bits): KIVI's uniform pages, and the mixed ones (kv_format="k4v2", ...)
+@pytest.mark.parametrize("bits", [(2, 2), (4, 4), (8, 8), (4, 2), (2, 4)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_decode_attention_quantized_pages(dtype: torch.dtype, bits: int) -> None:
-    gen = torch.Generator().manual_seed(bits)
+def test_decode_attention_quantized_pages(dtype: torch.dtype, bits: tuple[int, int]) -> None:
+    k_bits, v_bits = bits
+    gen = torch.Generator().manual_seed(k_bits * 10 + v_bits)
     b, h, group, d, bs = 1, 8, 4, 128, 32
     lens = [int(x) for x in torch.randint(1, 3000, (b * h,), generator=gen)]
     k, v, table, lengths = _paged(gen, b, h, d, bs, lens, dtype)
-    k_lay = kvcore.QuantLayout(bits, 32, bs, d, "token")  # KIVI keys: per channel
-    v_lay = kvcore.QuantLayout(bits, 32, bs, d, "channel")  # KIVI values: per token
+    k_lay = kvcore.QuantLayout(k_bits, 32, bs, d, "token")  # KIVI keys: per channel
+    v_lay = kvcore.QuantLayout(v_bits, 32, bs, d, "channel")  # KIVI values: per token
     kq, vq = quant.quantize(k, k_lay), quant.quantize(v, v_lay)
     query = _rand(gen, b, h * group, 1, d, dtype=dtype) * 0.3
     ref = paged_attention(query, kq, vq, table, lengths, k_layout=k_lay, v_layout=v_lay)

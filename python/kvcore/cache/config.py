@@ -27,6 +27,8 @@ from typing import Any
 
 __all__ = [
     "KEYWORDS",
+    "KV_FORMATS",
+    "MIXED_BITS",
     "CacheConfig",
     "MergeConfig",
     "Schedule",
@@ -35,6 +37,11 @@ __all__ = [
 ]
 
 BITS = {"native": 0, "int8": 8, "int4": 4, "int2": 2, "kivi2": 2, "kivi4": 4}
+# KIVI's layout with keys and values at different bits: kv_format -> (key bits, value bits).
+# "k4v2" sits between kivi2 and kivi4 in bytes: outlier key channels want the bits more than
+# the values do (issue 18).
+MIXED_BITS = {f"k{kb}v{vb}": (kb, vb) for kb in (8, 4, 2) for vb in (8, 4, 2) if kb != vb}
+KV_FORMATS = (*BITS, *MIXED_BITS)
 MERGES = (None, "ems", "kvmerger", "cam")
 LO_FORMATS = ("int8", "int4", "int2")
 KEY_QUANTS = ("channel", "token")
@@ -123,7 +130,10 @@ class StorageConfig:
     Attributes:
         kv_format: ``"native"`` (``dtype`` vectors), ``"int8"`` / ``"int4"`` / ``"int2"``
             (quantized pages, keys as ``key_quant`` says), ``"kivi2"`` / ``"kivi4"`` (KIVI:
-            sealed pages per channel / per token, an open page in ``dtype``); docs/cache.md.
+            sealed pages per channel / per token, an open page in ``dtype``), or
+            ``"k4v2"`` / ``"k2v4"`` / ``"k8v4"`` / ... (KIVI's layout with keys and values
+            at different bits: ``"k4v2"`` keys at 4 bits per channel, values at 2 bits per
+            token); docs/cache.md.
         quant_group: channels per quantization group of the per-token parts (None:
             ``min(32, head_dim)``).
         block_size: tokens per page.
@@ -144,9 +154,10 @@ class StorageConfig:
     key_quant: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kv_format not in BITS:
+        if self.kv_format not in KV_FORMATS:
             raise ValueError(
-                f"kv_format must be one of {', '.join(map(repr, BITS))}, got {self.kv_format!r}"
+                f"kv_format must be one of {', '.join(map(repr, KV_FORMATS))}, "
+                f"got {self.kv_format!r}"
             )
         _check_count("block_size", self.block_size, optional=False)
         if self.quant_group is not None and not (
@@ -163,7 +174,7 @@ class StorageConfig:
                     f"key_quant applies to kv_format 'int8', 'int4' or 'int2', not "
                     f"{self.kv_format!r} (KIVI pages always quantize keys per channel)"
                 )
-        bits = BITS[self.kv_format]
+        bits = self.key_bits
         if self.kivi and self.block_size * bits % 8:
             raise ValueError(
                 f"{self.kv_format}: keys are quantized per channel in groups of block_size "
@@ -173,13 +184,30 @@ class StorageConfig:
 
     @property
     def bits(self) -> int:
-        """Bits per stored value (0: native ``dtype``)."""
-        return BITS[self.kv_format]
+        """Bits per stored value, the wider side's when keys and values differ (0: native
+        ``dtype``)."""
+        return max(self.key_bits, self.value_bits)
+
+    @property
+    def key_bits(self) -> int:
+        """Bits per stored key channel value (0: native ``dtype``)."""
+        return MIXED_BITS[self.kv_format][0] if self.mixed else BITS[self.kv_format]
+
+    @property
+    def value_bits(self) -> int:
+        """Bits per stored value channel value (0: native ``dtype``)."""
+        return MIXED_BITS[self.kv_format][1] if self.mixed else BITS[self.kv_format]
+
+    @property
+    def mixed(self) -> bool:
+        """Keys and values at different bits (``"k4v2"``, ...; KIVI's layout)."""
+        return self.kv_format in MIXED_BITS
 
     @property
     def kivi(self) -> bool:
         """Pages of KIVI's layout (keys per channel, values per token, an open page in
-        ``dtype``): ``kivi2`` / ``kivi4``, and int pages with per-channel keys."""
+        ``dtype``): ``kivi2`` / ``kivi4``, ``k4v2`` and the other mixed formats, and int
+        pages with per-channel keys."""
         if self.kv_format.startswith("kivi"):
             return True
         return self.bits > 0 and self.key_quant != "token"
@@ -187,9 +215,12 @@ class StorageConfig:
     @property
     def layout(self) -> str:
         """Which page format stores it (:data:`kvcore.cache.formats.KINDS`): ``"native"``,
-        ``"token"`` (int pages, every token encoded alone) or ``"kivi"``."""
+        ``"token"`` (int pages, every token encoded alone), ``"kivi"`` or ``"mixed"`` (KIVI's
+        layout, keys and values at different bits)."""
         if self.bits == 0:
             return "native"
+        if self.mixed:
+            return "mixed"
         return "kivi" if self.kivi else "token"
 
     def group(self, head_dim: int) -> int:

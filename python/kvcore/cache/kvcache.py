@@ -84,7 +84,9 @@ class KVCache(AttentionDispatch):
             ``"int2"`` (quantized pages, keys as ``key_quant`` says), or ``"kivi2"``,
             ``"kivi4"``: KIVI (docs/cache.md): full pages sealed, keys per channel
             (``QuantLayout(bits, block_size, block_size, head_dim, "token")``), values per
-            token; each stream's open last page in ``dtype`` in a residual buffer.
+            token; each stream's open last page in ``dtype`` in a residual buffer; or
+            ``"k4v2"``, ``"k2v4"``, ... (``"k{key bits}v{value bits}"`` of 8, 4, 2): KIVI's
+            pages with keys and values at different bits.
         quant_group: channels per quantization group (default ``min(32, head_dim)``; with
             per-channel keys: of the values).
         key_quant: int pages only. ``"channel"`` (default): KIVI's page layout at the

@@ -7,7 +7,9 @@ quantized pages share (a slot holds its token alone).
 * :mod:`~kvcore.cache.formats.quantized`: per-token int8 / int4 / int2 pages (``key_quant=
   "token"``, and MiKV's low tier);
 * :mod:`~kvcore.cache.formats.kivi`: KIVI's sealed per-channel / per-token pages with an open
-  page per stream (``kivi2`` / ``kivi4``, and int pages with ``key_quant="channel"``).
+  page per stream (``kivi2`` / ``kivi4``, and int pages with ``key_quant="channel"``);
+* :mod:`~kvcore.cache.formats.mixed`: KIVI's pages with keys and values at different bits
+  (``k4v2``, ``k2v4``, ...).
 
 A cache picks its format once, from its :class:`~kvcore.cache.config.StorageConfig`, with
 :func:`page_format`; a new format is one new file, one entry in :data:`KINDS`, and its tests.
@@ -20,6 +22,7 @@ import torch
 from kvcore.cache.config import StorageConfig
 from kvcore.cache.formats.base import PageFormat, PageStore, Side, Streams
 from kvcore.cache.formats.kivi import KiviFormat, KiviStore
+from kvcore.cache.formats.mixed import MixedKiviFormat
 from kvcore.cache.formats.native import NativeFormat
 from kvcore.cache.formats.quantized import QuantizedFormat
 
@@ -27,6 +30,7 @@ __all__ = [
     "KINDS",
     "KiviFormat",
     "KiviStore",
+    "MixedKiviFormat",
     "NativeFormat",
     "PageFormat",
     "PageStore",
@@ -41,6 +45,7 @@ KINDS: dict[str, type[PageFormat]] = {
     "native": NativeFormat,
     "token": QuantizedFormat,
     "kivi": KiviFormat,
+    "mixed": MixedKiviFormat,
 }
 
 

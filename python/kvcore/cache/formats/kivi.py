@@ -68,11 +68,14 @@ class KiviFormat(PageFormat):
     prefix = "kivi"
 
     def _setup(self) -> None:
-        bits, g, bs, d = self.bits, self.group, self.block_size, self.head_dim
+        self._set_layouts(self.bits, self.bits)
+
+    def _set_layouts(self, key_bits: int, value_bits: int) -> None:
+        g, bs, d = self.group, self.block_size, self.head_dim
         # Keys: per channel, one group of block_size tokens per channel and page (KIVI's
         # R = G = block_size); values: per token, groups of `group` channels.
-        self.k_layout = QuantLayout(bits, bs, bs, d, "token", "float16")
-        self.v_layout = QuantLayout(bits, g, bs, d, "channel", "float16")
+        self.k_layout = QuantLayout(key_bits, bs, bs, d, "token", "float16")
+        self.v_layout = QuantLayout(value_bits, g, bs, d, "channel", "float16")
         self.page_bytes = int(self.k_layout.nbytes) + int(self.v_layout.nbytes)
         self._token_bytes = 2 * d * self.elt
         self.stream_bytes = bs * self._token_bytes
