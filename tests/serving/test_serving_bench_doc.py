@@ -1,4 +1,5 @@
-"""docs/benchmarks.md quotes bench/results/serving.json exactly (every run, and the targets)."""
+"""docs/benchmarks.md quotes bench/results/serving.json and serving_4k.json exactly (every run,
+and the targets)."""
 
 from __future__ import annotations
 
@@ -20,16 +21,16 @@ def section() -> str:
     return doc[start : end if end >= 0 else len(doc)]
 
 
-def test_serving_table_matches_the_json() -> None:
-    if not JSON.exists():
-        pytest.skip(
-            "bench/results/serving.json is not committed yet (python bench/bench_serving.py)"
-        )
+@pytest.mark.parametrize("name", ["serving.json", "serving_4k.json"])
+def test_serving_table_matches_the_json(name: str) -> None:
+    path = JSON.with_name(name)
+    if not path.exists():
+        pytest.skip(f"bench/results/{name} is not committed yet (python bench/bench_serving.py)")
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_serving import table
 
     text = section()
-    lines = [line for line in table(json.loads(JSON.read_text())).splitlines() if line]
+    lines = [line for line in table(json.loads(path.read_text())).splitlines() if line]
     assert len(lines) >= 4
     for line in lines:
         assert line in text, line
