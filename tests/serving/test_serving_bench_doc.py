@@ -1,5 +1,5 @@
-"""docs/benchmarks.md quotes bench/results/serving.json and serving_4k.json exactly (every run,
-and the targets)."""
+"""docs/benchmarks.md quotes bench/results/serving.json, serving_4k.json and serving_qwen.json
+exactly (every run, and the targets)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def section() -> str:
     return doc[start : end if end >= 0 else len(doc)]
 
 
-@pytest.mark.parametrize("name", ["serving.json", "serving_4k.json"])
+@pytest.mark.parametrize("name", ["serving.json", "serving_4k.json", "serving_qwen.json"])
 def test_serving_table_matches_the_json(name: str) -> None:
     path = JSON.with_name(name)
     if not path.exists():
