@@ -28,20 +28,29 @@ import quality_common as qc
 import quality_report as qr
 
 
-def merge(result: dict[str, Any], side: dict[str, Any], command: str) -> dict[str, Any]:
-    """``result`` with ``side``'s cells added and its summary recomputed (a new dict)."""
-    names = {t["name"] for t in result["tasks"]}
+def _with_cells(result: dict[str, Any], new: list[dict[str, Any]]) -> dict[str, Any]:
+    """``result`` with the cells ``new`` added, its summary and kept fractions recomputed (a
+    new dict). Refuses a (method, kept fraction) ``result`` already has."""
     have = {(c["method"], c["keep"]) for c in result["cells"]}
-    for c in side["cells"]:
+    for c in new:
         if (c["method"], c["keep"]) in have:
             raise SystemExit(f"{c['method']} at keep {c['keep']} is in the JSON already")
-        other = {r["task"] for r in c.get("rows", [])} - names
-        if other:
-            raise SystemExit(f"{c['method']} ran tasks the JSON does not have: {sorted(other)}")
-    cells = result["cells"] + side["cells"]
+    cells = result["cells"] + new
     out = dict(result)
     out["cells"] = cells
     out["summary"] = qr.summaries(cells)
+    out["keep"] = sorted(set(result["keep"]) | {c["keep"] for c in new}, reverse=True)
+    return out
+
+
+def merge(result: dict[str, Any], side: dict[str, Any], command: str) -> dict[str, Any]:
+    """``result`` with ``side``'s cells added and its summary recomputed (a new dict)."""
+    names = {t["name"] for t in result["tasks"]}
+    for c in side["cells"]:
+        other = {r["task"] for r in c.get("rows", [])} - names
+        if other:
+            raise SystemExit(f"{c['method']} ran tasks the JSON does not have: {sorted(other)}")
+    out = _with_cells(result, side["cells"])
     out["kvpress_versions"] = side.get("versions")
     out["kvpress_separate"] = {
         "command": command,
@@ -50,7 +59,6 @@ def merge(result: dict[str, Any], side: dict[str, Any], command: str) -> dict[st
         "run_kvpress_error": result.get("kvpress_error"),
     }
     out["kvpress_error"] = None
-    out["keep"] = sorted(set(result["keep"]) | {c["keep"] for c in side["cells"]}, reverse=True)
     return out
 
 
@@ -67,16 +75,8 @@ def merge_kvcore(result: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
     a, b = full_row(result), full_row(run)
     if (a["answered"], a["kv_bytes"]) != (b["answered"], b["kv_bytes"]):
         raise SystemExit("the run's full cache answered other questions or held other bytes")
-    have = {(c["method"], c["keep"]) for c in result["cells"]}
     new = [c for c in run["cells"] if qr.side(c["method"]) == "kvcore"]
-    for c in new:
-        if (c["method"], c["keep"]) in have:
-            raise SystemExit(f"{c['method']} at keep {c['keep']} is in the JSON already")
-    cells = result["cells"] + new
-    out = dict(result)
-    out["cells"] = cells
-    out["summary"] = qr.summaries(cells)
-    out["keep"] = sorted(set(result["keep"]) | {c["keep"] for c in new}, reverse=True)
+    out = _with_cells(result, new)
     record = {k: run.get(k) for k in ("command", "date_utc", "seconds", "machine")}
     record["cells"] = [[c["method"], c["keep"]] for c in new]
     out["kvcore_runs"] = [*result.get("kvcore_runs", []), record]
