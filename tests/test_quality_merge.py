@@ -66,3 +66,24 @@ def test_a_run_of_other_tasks_or_another_reference_is_refused() -> None:
     next(r for r in other["summary"] if r["method"] == qr.FULL)["answered"].pop()
     with pytest.raises(SystemExit, match="full cache answered other questions"):
         qm.merge_kvcore(base, other)
+
+
+def test_a_separate_kvpress_sides_cells_merge_into_the_grid() -> None:
+    grid, _, _ = _split()
+    presses = [c for c in grid["cells"] if qr.side(c["method"]) == "kvpress"]
+    assert presses, "the committed grid has kvpress cells"
+    base = dict(grid)
+    base["cells"] = [c for c in grid["cells"] if c not in presses]
+    base["summary"] = qr.summaries(base["cells"])
+    out = qm.merge(base, {"cells": presses, "versions": {"kvpress": "x"}}, "kvpress_side.py")
+    assert _key(out["summary"]) == _key(grid["summary"])
+    assert out["keep"] == grid["keep"]
+    assert out["kvpress_separate"]["command"] == "kvpress_side.py"
+    assert out["kvpress_versions"] == {"kvpress": "x"}
+    with pytest.raises(SystemExit, match="is in the JSON already"):
+        qm.merge(out, {"cells": presses}, "kvpress_side.py")
+    stray = copy.deepcopy(presses[:1])
+    stray[0]["keep"] = -1.0
+    stray[0]["rows"][0]["task"] = "no such task"
+    with pytest.raises(SystemExit, match="ran tasks the JSON does not have"):
+        qm.merge(base, {"cells": stray}, "kvpress_side.py")
