@@ -435,19 +435,15 @@ impl BlockPool {
                     self.ref_cnt[i]
                 ));
             }
-            match self.links[i].epoch != 0 {
-                true => {
-                    in_cached_part = true;
-                    cached += 1;
-                }
-                false => {
-                    if in_cached_part {
-                        return Err(format!(
-                            "uncached block {b} sits behind cached blocks in the free queue"
-                        ));
-                    }
-                    free += 1;
-                }
+            if self.links[i].epoch != 0 {
+                in_cached_part = true;
+                cached += 1;
+            } else if in_cached_part {
+                return Err(format!(
+                    "uncached block {b} sits behind cached blocks in the free queue"
+                ));
+            } else {
+                free += 1;
             }
         }
         if self.tail != prev {
