@@ -382,17 +382,14 @@ def main(argv: list[str] | None = None) -> int:
                 return " ".join(map(str, ids))
 
         tok = _Tok()
-    elif args.model == "qwen":
-        from kvcore.models import load_qwen
-
-        model, tok = load_qwen(attn_implementation="sdpa")
-        model_name = "Qwen2.5-Coder-0.5B-Instruct (bf16, CPU)"
-        reqs = requests(tok, args.requests, args.tokens, args.seed)
     else:
-        from kvcore.models import load_smollm2
+        from kvcore.models import load_qwen, load_smollm2
 
-        model, tok = load_smollm2(attn_implementation="sdpa")
-        model_name = "SmolLM2-135M-Instruct (bf16, CPU)"
+        load, model_name = {
+            "qwen": (load_qwen, "Qwen2.5-Coder-0.5B-Instruct (bf16, CPU)"),
+            "smollm2": (load_smollm2, "SmolLM2-135M-Instruct (bf16, CPU)"),
+        }[args.model]
+        model, tok = load(attn_implementation="sdpa")
         reqs = requests(tok, args.requests, args.tokens, args.seed)
     longest = max(len(p) for p, _ in reqs)
     per_request = longest + args.new_tokens
