@@ -154,11 +154,24 @@ GRIDS["issue18-mixed"] = {
     "infinipot+k4v2": (0.88, 0.85, 0.44),
     "expected_attention+k4v2": (0.88, 0.44),
 }
+# The tasks "issue18-mid" and "issue18-mixed" left out (--kinds needle,ruler_mk,ruler_mv,
+# ruler_vt,ruler_cwe --depths 0.1,0.9: needles at 10 and 90 % depth and RULER's four tasks),
+# for the recipes those grids found best at each byte fraction: k4v2 and KIVI-2 pages keeping
+# every token, InfiniPot at 85 % kept on k4v2 pages (under 25 %), at 50 % on KIVI-2 pages (under
+# 12.5 %) and alone at 25 and 12.5 %, against kvpress's expected_attention and snapkv.
+GRIDS["issue18-tasks"] = {
+    "full+k4v2": (1.0,),
+    "full+kivi2": (1.0,),
+    "infinipot+k4v2": (0.85,),
+    "infinipot+kivi2": (0.5,),
+    "infinipot": (0.25, 0.125),
+}
 GRID_PRESS_KEEPS = {
     "issue18": (0.75, 0.5, 0.25, 0.125),
     "issue18-core": (0.25, 0.125),
     "issue18-mid": (0.25, 0.125),
     "issue18-mixed": (0.25, 0.125),
+    "issue18-tasks": (0.25, 0.125),
 }
 
 

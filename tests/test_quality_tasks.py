@@ -280,7 +280,9 @@ def test_layer_prompt_bytes_of_a_gqa_model() -> None:
     assert qc.layer_prompt_bytes(model, 100) == 2 * 100 * 2 * 8 * 4
 
 
-@pytest.mark.parametrize("grid_name", ["issue18", "issue18-core", "issue18-mid", "issue18-mixed"])
+@pytest.mark.parametrize(
+    "grid_name", ["issue18", "issue18-core", "issue18-mid", "issue18-mixed", "issue18-tasks"]
+)
 def test_every_grid_names_real_methods(grid_name: str) -> None:
     """Every method of a grid parses into ``compressed_cache`` keywords whose policy is in
     kvcore's registry and builds a cache on a tiny model; every grid has kvpress budgets."""
