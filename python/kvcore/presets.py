@@ -91,7 +91,17 @@ MEASURED: tuple[Preset, ...] = (
     Preset("infinipot+kivi2", 0.5, "infinipot", "kivi2", None, None, 0.10961839610978323, 0.25),
     Preset("infinipot+kivi2", 0.75, "infinipot", "kivi2", None, None, 0.16442759416467487, 0.375),
     Preset("full+kivi2", 1.0, None, "kivi2", None, None, 0.22113244869364543, 0.75),
-    Preset("infinipot+k4v2", 0.85, "infinipot", "k4v2", None, None, 0.2395944943542405, 0.875),
+    Preset(
+        "infinipot+k4v2+bs32",
+        0.95,
+        "infinipot",
+        "k4v2",
+        None,
+        None,
+        0.23868787604055056,
+        0.875,
+        block_size=32,
+    ),
     Preset("full+k4v2", 1.0, None, "k4v2", None, None, 0.2834418527981538, 1.0),
 )
 
