@@ -55,12 +55,11 @@ impl Hasher for PassThroughHasher {
     }
 }
 
-/// Fixed bookkeeping bytes per block: a ref count, the hash it was last registered under and
-/// its free-list link. Blocks registered in the prefix cache also take an entry of the hash
-/// index (about 40 bytes), and an evicted block's stale entry stays until the next sweep.
-pub const BYTES_PER_BLOCK: usize = std::mem::size_of::<u32>()
-    + std::mem::size_of::<Link>()
-    + std::mem::size_of::<Option<BlockHash>>();
+/// Fixed bookkeeping bytes per block: a ref count and its free-list link (with its
+/// registration epoch). Blocks registered in the prefix cache also take an entry of the hash
+/// index (about 40 bytes), and an evicted block's stale entry stays until the next sweep. A
+/// block's hash lives only in its index entry: no lookup needs the hash of a given block.
+pub const BYTES_PER_BLOCK: usize = std::mem::size_of::<u32>() + std::mem::size_of::<Link>();
 
 /// A block's place in the free queue, and the epoch of its registration (0: it holds no
 /// hash), so the queue's operations (which pick the queue's end by it) and the index's
@@ -90,10 +89,6 @@ pub(crate) type HashIndex = HashMap<BlockHash, IndexEntry, BuildHasherDefault<Pa
 #[derive(Clone)]
 pub(crate) struct BlockPool {
     pub(crate) ref_cnt: Vec<u32>,
-    /// The hash the block was last registered under (`None` before its first registration);
-    /// it names the block in `index` while the block's epoch is nonzero. Written only by a
-    /// registration, never read on a hot path: `check` verifies the index against it.
-    hash: Vec<Option<BlockHash>>,
     /// Free-list links and registration epochs, one per block.
     links: Vec<Link>,
     head: u32,
@@ -125,15 +120,11 @@ impl BlockPool {
         let mut ref_cnt = Vec::new();
         try_reserve(&mut ref_cnt, n, what)?;
         ref_cnt.resize(n, 0);
-        let mut hash = Vec::new();
-        try_reserve(&mut hash, n, what)?;
-        hash.resize(n, None);
         let mut links = Vec::new();
         try_reserve(&mut links, n, what)?;
         links.resize(n, UNLINKED);
         let mut pool = BlockPool {
             ref_cnt,
-            hash,
             links,
             head: NIL,
             tail: NIL,
@@ -312,7 +303,6 @@ impl BlockPool {
             }
         }
         self.next_epoch += 1;
-        self.hash[i] = Some(h);
         self.links[i].epoch = fresh.epoch;
         self.num_hashed += 1;
         true
@@ -462,20 +452,30 @@ impl BlockPool {
                 self.num_free, self.num_cached
             ));
         }
-        // Every registered block is named by its hash's entry under its epoch; no two blocks
-        // share an epoch; stale entries stay within the sweep's bound.
-        let mut epochs = std::collections::HashSet::new();
-        for (b, link) in self.links.iter().enumerate().filter(|(_, l)| l.epoch != 0) {
-            let Some(h) = self.hash[b] else {
-                return Err(format!("registered block {b} holds no hash"));
-            };
-            let want = IndexEntry {
-                block: b as BlockId,
-                epoch: link.epoch,
-            };
-            if self.index.get(&h) != Some(&want) {
+        // Every registered block is named by exactly one live index entry (the entry of the
+        // hash it was registered under, carrying its epoch); no two blocks share an epoch;
+        // stale entries stay within the sweep's bound.
+        let mut named = vec![0u32; n];
+        for e in self.index.values() {
+            let b = e.block as usize;
+            if b == 0 || b >= n || e.epoch == 0 {
                 return Err(format!(
-                    "block {b} is registered but the hash index does not name it"
+                    "the hash index holds an entry for block {b} under epoch {}",
+                    e.epoch
+                ));
+            }
+            if self.live(*e) {
+                named[b] += 1;
+            }
+        }
+        let mut epochs = std::collections::HashSet::new();
+        for (b, (link, &count)) in self.links.iter().zip(&named).enumerate() {
+            if link.epoch == 0 {
+                continue;
+            }
+            if count != 1 {
+                return Err(format!(
+                    "block {b} is registered but {count} live hash index entries name it"
                 ));
             }
             if link.epoch >= self.next_epoch || !epochs.insert(link.epoch) {
@@ -488,13 +488,6 @@ impl BlockPool {
             return Err(format!(
                 "{} blocks are registered but the counter says {}",
                 epochs.len(),
-                self.num_hashed
-            ));
-        }
-        let live = self.index.values().filter(|&&e| self.live(e)).count();
-        if live != self.num_hashed {
-            return Err(format!(
-                "the hash index has {live} live entries for {} registered blocks",
                 self.num_hashed
             ));
         }
