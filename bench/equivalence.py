@@ -78,8 +78,6 @@ def check_trace(trace: tr.Trace, content: tr.Content, state_every: int = 500) ->
     run_handle = [0] * inp.max_batch
     n = 0
     dec_off = 0
-    wave: list[int] = []
-    prefill: Any = None
     for i, (k, a, b) in enumerate(zip(inp.kinds, inp.a, inp.b, strict=True)):
         what = f"event {i} ({tr.KIND_NAMES[k]})"
         if k in (tr.DECODE, tr.DECODE_OOB):
@@ -108,10 +106,14 @@ def check_trace(trace: tr.Trace, content: tr.Content, state_every: int = 500) ->
             run_handle[j] = last
             pos[last] = j
         elif k == tr.CREATE:
-            t_kv, t_py = kv.create_tables(b), py.create_tables(b)
-            _same(f"{what} table ids", t_kv, t_py)
-            wave = t_kv.tolist()
-            for h, t in enumerate(wave, a):
+            ip, toks = tr.wave_prompts(inp, a, b)
+            r_kv = kv.admit_batch(ip, toks)
+            r_py = py.admit_batch(ip, toks)
+            names = ("table ids", "hits", "slots", "indptr")
+            for name, x, y in zip(names, r_kv, r_py, strict=True):
+                _same(f"{what} {name}", x, y)
+            _same(f"{what} recorded hits", r_kv[1], inp.handle_hit[a : a + b])
+            for h, t in enumerate(r_kv[0].tolist(), a):
                 tid[h] = t
                 run[n] = t
                 run_handle[n] = h
@@ -125,19 +127,6 @@ def check_trace(trace: tr.Trace, content: tr.Content, state_every: int = 500) ->
             run_handle[n] = b
             pos[b] = n
             n += 1
-        elif k == tr.ADOPT:
-            (ip, toks), prefill = tr.wave_arrays(inp, a, b)
-            h_kv = kv.adopt_prefix_batch(np.array(wave), ip, toks)
-            _same(f"{what} hits", h_kv, py.adopt_prefix_batch(wave, ip, toks))
-            _same(f"{what} recorded hits", h_kv, inp.handle_hit[a : a + b])
-        elif k == tr.APPEND:
-            counts, rest = prefill
-            r_kv = kv.append_batch(np.array(wave), counts, token_ids=rest)
-            r_py = py.append_batch(wave, counts, token_ids=rest)
-            for name, x, y in zip(
-                ("slots", "indptr", "cow_src", "cow_dst"), r_kv, r_py, strict=True
-            ):
-                _same(f"{what} {name}", x, y)
         elif k in (tr.COMPACT, tr.COMPACT_OOB):
             keep = inp.keeps[b]
             r_kv, r_py = _both(

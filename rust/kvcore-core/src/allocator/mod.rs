@@ -19,6 +19,7 @@
 //! validates and checks capacity *before* it mutates anything, so a failed call leaves the
 //! allocator exactly as it was.
 
+mod admit;
 mod compact;
 mod export;
 mod invariants;
@@ -209,6 +210,8 @@ pub struct BlockAllocator {
     scratch_keep: Vec<i64>,
     /// Scratch buffer for the slot indices of a batch, reused across batch calls.
     scratch_idxs: Vec<usize>,
+    /// Scratch buffers of `admit_batch`'s lookups, reused across waves.
+    scratch_admit: admit::AdmitScratch,
 }
 
 impl BlockAllocator {
@@ -251,6 +254,7 @@ impl BlockAllocator {
             batch_stamp: 0,
             scratch_keep: Vec::new(),
             scratch_idxs: Vec::new(),
+            scratch_admit: admit::AdmitScratch::default(),
         })
     }
 
