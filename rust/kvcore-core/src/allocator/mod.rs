@@ -1121,7 +1121,10 @@ fn append_one(
             if t.tail.len() == bs {
                 let parent = t.hashes.last().copied().unwrap_or(prefix::ROOT_HASH);
                 let h = prefix::hash_block(parent, &t.tail, t.salt.as_deref());
-                let fresh = pool.register(t.blocks[t.hashes.len()], h);
+                // The block this token filled is the last one (`blocks[hashes.len()]` of a
+                // tracked table): its copy beside the table saves a read of the block list.
+                debug_assert_eq!(t.last_block, t.blocks[t.hashes.len()]);
+                let fresh = pool.register(t.last_block, h);
                 t.hashes.push(h);
                 t.tail.clear();
                 usize::from(fresh)
