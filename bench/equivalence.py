@@ -163,7 +163,32 @@ def check_fuzz(seed: int, num_ops: int) -> int:
     for i in range(num_ops):
         op = rnd.random()
         what = f"fuzz seed {seed} op {i}"
-        if op < 0.12 or not live:
+        if (op < 0.12 or not live) and toks and rnd.random() < 0.3:
+            # An admission wave in one call: other tables' tokens (cut) with a new tail.
+            sources = list(toks.values())
+            prompts = []
+            for _ in range(rnd.randint(1, 3)):
+                src = rnd.choice(sources)
+                tail = [rnd.randint(0, 1) for _ in range(rnd.randint(0, 2 * bs))]
+                prompts.append(src[: rnd.randint(0, len(src))] + tail)
+            wave_salt = rnd.choice([None, "a"])
+            ip = np.cumsum([0] + [len(x) for x in prompts])
+            flat = np.array([x for part in prompts for x in part], dtype=np.int64)
+            r_kv, r_py = _both(
+                f"{what} admit_batch",
+                lambda: kv.admit_batch(ip, flat, wave_salt),  # noqa: B023
+                lambda: py.admit_batch(ip, flat, wave_salt),  # noqa: B023
+            )
+            if r_kv is not None:
+                for name, x, y in zip(
+                    ("tables", "hits", "slots", "indptr"), r_kv, r_py, strict=True
+                ):
+                    _same(f"{what} admit_batch {name}", x, y)
+                for t, prompt in zip(r_kv[0].tolist(), prompts, strict=True):
+                    live.append(t)
+                    toks[t] = prompt
+                    salt[t] = wave_salt
+        elif op < 0.12 or not live:
             t_kv, t_py = kv.create_table(), py.create_table()
             _same(f"{what} create", t_kv, t_py)
             live.append(t_kv)
