@@ -15,7 +15,8 @@ asserts identical slots, copy-on-write pairs, plans, hits and table ids):
 * tables free their blocks tail first; ids are ``(generation << 32) | slot``;
 * copy-on-write when appending to a shared partial last block;
 * chained prefix hashes with register / adopt (Python's tuple hash instead of XXH3-128; only
-  hit/miss behaviour matters, not the hash values), single and batched over CSR token arrays;
+  hit/miss behaviour matters, not the hash values), single and batched over CSR token arrays,
+  and a whole admission wave in one call (``admit_batch``: lookups, adoptions, prefill);
 * decode-time registration: ``append_batch(..., token_ids=...)`` hashes and registers every
   block that fills, from the table's known chain (its hashes plus the ids of its partial last
   block), the way vLLM v1 hashes a request's blocks as its tokens arrive;
