@@ -11,17 +11,20 @@
 //!   appended:                      [ t(2*bs) ................ t(L-1) ]   slots[indptr[i]..indptr[i+1]]
 //! ```
 
-use super::{prefix, BatchAppend, BlockAllocator, BlockHash, BlockId, BlockKeys, TableId};
+use super::{prefix, push_slots, BatchAppend, BlockAllocator, BlockHash, BlockId, TableId};
 use crate::error::{try_reserve, KvError, Result};
 
 /// The hits of one wave, found before anything changes.
 #[derive(Clone, Default)]
 pub(crate) struct AdmitScratch {
-    /// Per prompt, the end of its hit blocks in `blocks` / `hashes`.
+    /// Per prompt, the end of its hit blocks in `blocks`.
     ends: Vec<usize>,
-    /// The hit blocks of every prompt, prompt after prompt, and their chain hashes.
+    /// The hit blocks of every prompt, prompt after prompt.
     blocks: Vec<BlockId>,
-    hashes: Vec<BlockHash>,
+    /// The chain hashes of every full block of every prompt, prompt after prompt (prompt
+    /// `i`'s start at `chain_starts[i]`): hashed once, for the lookups and the registration.
+    chain: Vec<BlockHash>,
+    chain_starts: Vec<usize>,
     /// Hit blocks that sit unreferenced in the free queue: adopting them takes them out of
     /// what the appends can use (each counted once, however many prompts hit it).
     taken: Vec<BlockId>,
@@ -87,33 +90,41 @@ impl BlockAllocator {
         let bs = self.block_size;
         let n = indptr.len() - 1;
         let prompt = |i: usize| &tokens[indptr[i] as usize..indptr[i + 1] as usize];
-        // 1. Look up every prompt's cached prefix; nothing changes yet.
+        // 1. Hash every full block of every prompt once (the lookups take the blocks before
+        // the last token, the appends register them all), then look up each prompt's cached
+        // prefix. Hashing first keeps the index probes back to back, so their cache misses
+        // overlap. Nothing changes yet.
         s.ends.clear();
         s.blocks.clear();
-        s.hashes.clear();
+        s.chain.clear();
+        s.chain_starts.clear();
         s.taken.clear();
+        try_reserve(&mut s.chain, tokens.len() / bs, "token_ids")?;
         let mut needed = 0usize;
         for i in 0..n {
             let p = prompt(i);
+            let c0 = s.chain.len();
+            s.chain_starts.push(c0);
+            let mut parent = prefix::ROOT_HASH;
+            for block in p.chunks_exact(bs) {
+                parent = prefix::hash_block(parent, block, salt);
+                s.chain.push(parent);
+            }
             let start = s.blocks.len();
-            if let Some(head) = p.len().checked_sub(1) {
-                let keys = BlockKeys::Tokens(&p[..head]);
-                let mut parent = prefix::ROOT_HASH;
-                for j in 0..keys.num_blocks(bs) {
-                    let h = keys.hash(j, bs, parent, salt);
-                    let Some(b) = self.pool.lookup(h) else { break };
-                    if self.pool.ref_cnt[b as usize] == 0 {
-                        s.taken.push(b);
-                    }
-                    s.blocks.push(b);
-                    s.hashes.push(h);
-                    parent = h;
+            // Never the last token: the blocks of `p[..len - 1]`.
+            let lookups = p.len().saturating_sub(1) / bs;
+            for &h in &s.chain[c0..c0 + lookups] {
+                let Some(b) = self.pool.lookup(h) else { break };
+                if self.pool.ref_cnt[b as usize] == 0 {
+                    s.taken.push(b);
                 }
+                s.blocks.push(b);
             }
             s.ends.push(s.blocks.len());
             // The prompt's blocks less the hit ones (at least one is left for the last token).
             needed += p.len().div_ceil(bs) - (s.blocks.len() - start);
         }
+        s.chain_starts.push(s.chain.len());
         s.taken.sort_unstable();
         s.taken.dedup();
         needed += s.taken.len();
@@ -135,27 +146,66 @@ impl BlockAllocator {
                 self.pool.incref(b);
             }
             table.blocks.extend_from_slice(&s.blocks[start..end]);
-            table.hashes.extend_from_slice(&s.hashes[start..end]);
+            let c0 = s.chain_starts[i];
+            table
+                .hashes
+                .extend_from_slice(&s.chain[c0..c0 + (end - start)]);
             table.num_tokens = (end - start) * bs;
             table.sync_last();
             table.set_salt(salt);
             hits.push(table.num_tokens as i64);
             start = end;
         }
-        // 3. Append the rest of every prompt, registering the blocks it fills.
+        // 3. Append the rest of every prompt, registering the blocks it fills under the
+        // hashes of step 1.
         out.indptr.push(out.slots.len() as i64);
         for i in 0..n {
             let idx = (tables[first + i] as u64 & 0xffff_ffff) as usize;
             let hit = hits[hits.len() - n + i] as usize;
             let rest = &prompt(i)[hit..];
-            let (outcome, registered) = self.append_at(idx, rest.len(), Some(rest), &mut out.slots);
-            debug_assert!(
-                outcome.cow.is_none(),
-                "a new table's blocks are private or full"
-            );
-            out.num_registered += registered;
+            let chain = &s.chain[s.chain_starts[i] + hit / bs..s.chain_starts[i + 1]];
+            out.num_registered += self.append_prompt_rest(idx, rest, chain, &mut out.slots);
             out.indptr.push(out.slots.len() as i64);
         }
         Ok(())
+    }
+
+    /// `append_at(idx, rest.len(), Some(rest))` for a new table that holds only adopted full
+    /// blocks, with the chain hashes of the blocks `rest` fills already computed (`hashes`,
+    /// one per full block of `rest`). Returns the blocks newly registered.
+    fn append_prompt_rest(
+        &mut self,
+        idx: usize,
+        rest: &[i64],
+        hashes: &[BlockHash],
+        out: &mut Vec<i64>,
+    ) -> usize {
+        let bs = self.block_size;
+        let table = self.slots[idx].table.as_mut().expect("a new table");
+        let pool = &mut self.pool;
+        debug_assert!(table.tracked && table.tail.is_empty());
+        debug_assert_eq!(table.num_tokens, table.blocks.len() * bs);
+        debug_assert_eq!(table.hashes.len(), table.blocks.len());
+        debug_assert_eq!(hashes.len(), rest.len() / bs);
+        // No copy on write: the last block is full (or there is none).
+        if !rest.is_empty() {
+            table.partial_hashed = false;
+            table.may_share_last = false;
+        }
+        let start = table.num_tokens;
+        let end = start + rest.len();
+        while table.blocks.len() * bs < end {
+            table.blocks.push(pool.pop());
+        }
+        table.sync_last();
+        table.num_tokens = end;
+        push_slots(bs, table, start, end, out);
+        let mut registered = 0;
+        for &h in hashes {
+            registered += usize::from(pool.register(table.blocks[table.hashes.len()], h));
+            table.hashes.push(h);
+        }
+        table.tail.extend_from_slice(&rest[hashes.len() * bs..]);
+        registered
     }
 }
