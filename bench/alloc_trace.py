@@ -18,10 +18,13 @@ it serves ``num_requests`` requests arriving over time:
 * preemption: when a decode step or a compaction raises OutOfBlocks, the most recently
   admitted other request is freed and re-queued (recompute), then the call is retried.
 
-Every event is one allocator call. The engine decisions that depend on the allocator (hits,
-OutOfBlocks) are taken once, at generation time, by simulating against kvcore; the recorded
-events then replay identically on any allocator with the same semantics (the replay checks
-that every recorded OutOfBlocks happens again, and no other).
+Every event is one allocator call. The replay (``Replayer``) folds a wave's three recorded
+calls into the one call an engine makes, ``admit_batch`` over the wave's prompt CSR, which does
+the same (the equivalence check compares it with the pure-Python allocator's). The engine
+decisions that depend on the allocator (hits, OutOfBlocks) are taken once, at generation
+time, by simulating against kvcore; the recorded events then replay identically on any
+allocator with the same semantics (the replay checks that every recorded OutOfBlocks happens
+again, and no other).
 
 Storage: the events and per-request parameters go to a compressed ``.npz``; token contents
 and keep positions are regenerated from the seed (a SHA-256 over everything is recorded, so a
@@ -63,6 +66,14 @@ KIND_NAMES = {
     COMPACT: "compact",
     DECODE_OOB: "decode_step(OutOfBlocks)",
     COMPACT_OOB: "compact(OutOfBlocks)",
+}
+
+# The replay folds a wave's three recorded calls into one ``admit_batch`` at its CREATE
+# event (the engine's admission step); these names are the replay's events.
+FOLDED = (ADOPT, APPEND)
+REPLAY_KIND_NAMES = {
+    **{k: v for k, v in KIND_NAMES.items() if k not in FOLDED},
+    CREATE: "admit_batch(wave)",
 }
 
 FORMAT_VERSION = 2
@@ -581,10 +592,13 @@ def prepare(trace: Trace, content: Content) -> ReplayInputs:
     def prompt(r: int) -> np.ndarray:
         return content.prompt(req_sys[r], off[r], ulen[r])
 
+    # One event per allocator call of the replay: a wave's adoption and prefill are part of
+    # its admit_batch call (at its CREATE event).
+    kept = ~np.isin(trace.kinds, FOLDED)
     return ReplayInputs(
-        kinds=trace.kinds.tolist(),
-        a=trace.a.tolist(),
-        b=trace.b.tolist(),
+        kinds=trace.kinds[kept].tolist(),
+        a=trace.a[kept].tolist(),
+        b=trace.b[kept].tolist(),
         keeps=keeps,
         prompt=prompt,
         handle_req=trace.handle_req.tolist(),
@@ -595,24 +609,17 @@ def prepare(trace: Trace, content: Content) -> ReplayInputs:
     )
 
 
-def wave_arrays(
-    inp: ReplayInputs, first: int, k: int
-) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """What an engine holds for an admission wave before it calls the allocator: the CSR of
-    the prompts without their last token (for the prefix lookup), and the prefill's counts
-    and input ids (the prompt tokens the recorded hits leave to compute)."""
-    prompts = [inp.prompt(inp.handle_req[h]) for h in range(first, first + k)]
-    adopt = csr([x[:-1] for x in prompts])
-    hits = inp.handle_hit[first : first + k]
-    ip, rest = csr([x[hit:] for x, hit in zip(prompts, hits, strict=True)])
-    return adopt, (np.diff(ip), rest)
+def wave_prompts(inp: ReplayInputs, first: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """What an engine holds for an admission wave before it calls the allocator: the CSR
+    (indptr, token ids) of the wave's prompts."""
+    return csr([inp.prompt(inp.handle_req[h]) for h in range(first, first + k)])
 
 
 class Replayer:
     """Replays a trace on one allocator, a chunk of events at a time.
 
     The token arrays an engine already holds when it calls the allocator (a wave's prompt
-    CSR and prefill input ids, the sampled ids of a decode step) are built per chunk outside
+    CSR, the sampled ids of a decode step) are built per chunk outside
     the timed region, in the side's natural container: numpy arrays for kvcore, lists for the
     pure-Python allocator. The engine's own bookkeeping (handle -> table id, the running
     batch) is the same code for both sides and is timed.
@@ -634,8 +641,6 @@ class Replayer:
         self.n = 0
         self.dec_off = 0
         self.decode_pool: Any = inp.decode_pool if numpy_side else inp.decode_pool.tolist()
-        self.waves: Any = []
-        self.prefill: Any = None
         self.hits: list[Any] = []
 
     def _side(self, x: np.ndarray) -> Any:
@@ -646,10 +651,9 @@ class Replayer:
         inp = self.inp
         args: list[Any] = [None] * (stop - start)
         for i in range(start, stop):
-            if inp.kinds[i] == ADOPT:
-                (ip, toks), (counts, rest) = wave_arrays(inp, inp.a[i], inp.b[i])
-                side = self._side
-                args[i - start] = (side(ip), side(toks), side(counts), side(rest))
+            if inp.kinds[i] == CREATE:
+                ip, toks = wave_prompts(inp, inp.a[i], inp.b[i])
+                args[i - start] = (self._side(ip), self._side(toks))
         return args
 
     def run_chunk(
@@ -669,9 +673,8 @@ class Replayer:
         numpy_side = self.numpy_side
         keeps = inp.keeps
         hits_out = self.hits
-        wave: Any = self.waves
-        prefill: Any = self.prefill
         append_batch = alloc.append_batch
+        admit_batch = alloc.admit_batch
         free = alloc.free
         # Per-kind breakdown: CPU time of this thread, like the whole-trace figure.
         clock = time.thread_time_ns
@@ -696,19 +699,17 @@ class Replayer:
                 run_handle[j] = last
                 pos[last] = j
             elif k == CREATE:
-                wave = alloc.create_tables(b)
+                # An admission wave in one call: new tables, their cached prefixes, the
+                # prefill's slots (registering the full prompt blocks).
+                ip, toks = args[i - start]
+                wave, hits, _, _ = admit_batch(ip, toks)
+                hits_out.append(hits)
                 for h, t in enumerate(wave.tolist() if numpy_side else wave, a):
                     tid[h] = t
                     run[n] = t
                     run_handle[n] = h
                     pos[h] = n
                     n += 1
-            elif k == ADOPT:
-                ip, toks, counts, rest = args[i - start]
-                hits_out.append(alloc.adopt_prefix_batch(wave, ip, toks))
-                prefill = (counts, rest)
-            elif k == APPEND:
-                append_batch(wave, prefill[0], token_ids=prefill[1])
             elif k == FORK:
                 t = alloc.fork(tid[a])
                 tid[b] = t
@@ -738,8 +739,6 @@ class Replayer:
                 kind_ns[k] += clock() - t0
         self.n = n
         self.dec_off = dec_off
-        self.waves = wave
-        self.prefill = prefill
 
     def check_hits(self) -> None:
         """Every wave hit what the recorded trace says (checked after the timed replay)."""

@@ -5,13 +5,14 @@ semantics (``pyalloc.py``, written in vLLM's style), measured in the same run.
    and must give identical slots, copy-on-write pairs, plans, hits and table ids
    (``--check`` runs a longer version of this and exits).
 2. Trace replay: a recorded realistic serving trace (``alloc_trace.py``; 100k requests) is
-   replayed through both, each in the engine's shape: an admission wave is
-   ``create_tables`` + ``adopt_prefix_batch`` + one ``append_batch`` with the prompt ids
-   (which registers the prompt's full blocks); a decode step is one ``append_batch`` with
-   the sampled ids, which registers every block that fills. One *operation* is one trace
-   event, i.e. one allocator call. Warm-up on a prefix, then ``--repeats`` full replays per
-   side, alternating sides; the median is reported. Token arrays the engine already holds
-   (prompt CSR, prefill input ids, sampled ids) are built outside the timed region.
+   replayed through both, each in the engine's shape: an admission wave is one
+   ``admit_batch`` over the wave's prompts (new tables, their cached prefixes, the
+   prefill's slots, registering the full prompt blocks; the trace records it as three
+   events, replayed as one call); a decode step is one ``append_batch`` with the sampled
+   ids, which registers every block that fills. One *operation* is one replayed event, i.e.
+   one allocator call. Warm-up on a prefix, then ``--repeats`` full replays per side,
+   alternating sides; the median is reported. Token arrays the engine already holds (the
+   prompt CSR, the sampled ids) are built outside the timed region.
 3. Per-kind breakdown: one instrumented replay of a prefix of the trace per side.
 4. Micro-benchmarks from Python: single-table ``append(t, 1)``, a decode step
    ``append_batch`` of 256 tables (without and with token ids), fork + free, compaction,
@@ -331,7 +332,7 @@ def main() -> int:
         "--baseline-events",
         type=int,
         default=0,
-        help="replay only this many leading events on the pure-Python side "
+        help="replay only this many leading recorded events on the pure-Python side "
         "(0: the whole trace; ops/s is a rate, so it stays comparable)",
     )
     ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="recorded trace (.npz)")
@@ -369,13 +370,19 @@ def main() -> int:
     trace, content, digest, fresh = tr.load_or_generate(args.trace, p, log)
     gen_s = time.perf_counter() - t0
     inp = tr.prepare(trace, content)
+    # Events of the replay: one per allocator call (a wave's three recorded calls are one).
     n_events = len(inp.kinds)
-    base_events = args.baseline_events or n_events
-    base_inp = tr.prepare(trace.prefix(base_events), content) if base_events < n_events else inp
+    n_recorded = len(trace.kinds)
+    base_inp = (
+        tr.prepare(trace.prefix(args.baseline_events), content)
+        if 0 < args.baseline_events < n_recorded
+        else inp
+    )
+    base_events = len(base_inp.kinds)
     log(f"  {n_events:,} events, {'generated' if fresh else 'loaded'} in {gen_s:.1f} s")
 
     # Warm-up: a prefix of the trace on each side (fills caches, numpy paths, allocators).
-    warm = tr.prepare(trace.prefix(n_events // 20), content)
+    warm = tr.prepare(trace.prefix(n_recorded // 20), content)
     for side in SIDES:
         timed_replay(side, p, warm)
 
@@ -395,9 +402,9 @@ def main() -> int:
     # The headline: CPU time, robust to the time a shared machine keeps the process waiting.
     ratio = cpu_ops["kvcore"] / cpu_ops["python"]
 
-    frac_events = max(1, int(n_events * args.breakdown_fraction))
-    part = tr.prepare(trace.prefix(frac_events), content)
-    counts = np.bincount(trace.kinds[:frac_events], minlength=max(tr.KIND_NAMES) + 1).tolist()
+    part = tr.prepare(trace.prefix(max(1, int(n_recorded * args.breakdown_fraction))), content)
+    frac_events = len(part.kinds)
+    counts = np.bincount(part.kinds, minlength=max(tr.KIND_NAMES) + 1).tolist()
     ns = {side: breakdown(side, p, part) for side in SIDES}
     clock_ns = clock_overhead_ns()
     # Each kind's time less the clock's cost of its events.
@@ -406,7 +413,7 @@ def main() -> int:
         for side, v in ns.items()
     }
     by_kind = {}
-    for k, name in tr.KIND_NAMES.items():
+    for k, name in tr.REPLAY_KIND_NAMES.items():
         if counts[k]:
             kv_us = ns["kvcore"][k] / counts[k] / 1e3
             py_us = ns["python"][k] / counts[k] / 1e3
@@ -449,7 +456,7 @@ def main() -> int:
         "trace_replay": {
             "operation": "one trace event = one allocator call from Python (a decode step is "
             "one append_batch with the sampled ids over the running batch; an admission wave "
-            "is create_tables + adopt_prefix_batch + append_batch with the prompt ids)",
+            "is one admit_batch over the wave's prompt CSR)",
             "timed": "the allocator calls and the engine's bookkeeping; token arrays the engine "
             "already holds are built per chunk of 4096 events outside the timed region",
             "events": n_events,

@@ -78,8 +78,6 @@ def check_trace(trace: tr.Trace, content: tr.Content, state_every: int = 500) ->
     run_handle = [0] * inp.max_batch
     n = 0
     dec_off = 0
-    wave: list[int] = []
-    prefill: Any = None
     for i, (k, a, b) in enumerate(zip(inp.kinds, inp.a, inp.b, strict=True)):
         what = f"event {i} ({tr.KIND_NAMES[k]})"
         if k in (tr.DECODE, tr.DECODE_OOB):
@@ -108,10 +106,14 @@ def check_trace(trace: tr.Trace, content: tr.Content, state_every: int = 500) ->
             run_handle[j] = last
             pos[last] = j
         elif k == tr.CREATE:
-            t_kv, t_py = kv.create_tables(b), py.create_tables(b)
-            _same(f"{what} table ids", t_kv, t_py)
-            wave = t_kv.tolist()
-            for h, t in enumerate(wave, a):
+            ip, toks = tr.wave_prompts(inp, a, b)
+            r_kv = kv.admit_batch(ip, toks)
+            r_py = py.admit_batch(ip, toks)
+            names = ("table ids", "hits", "slots", "indptr")
+            for name, x, y in zip(names, r_kv, r_py, strict=True):
+                _same(f"{what} {name}", x, y)
+            _same(f"{what} recorded hits", r_kv[1], inp.handle_hit[a : a + b])
+            for h, t in enumerate(r_kv[0].tolist(), a):
                 tid[h] = t
                 run[n] = t
                 run_handle[n] = h
@@ -125,19 +127,6 @@ def check_trace(trace: tr.Trace, content: tr.Content, state_every: int = 500) ->
             run_handle[n] = b
             pos[b] = n
             n += 1
-        elif k == tr.ADOPT:
-            (ip, toks), prefill = tr.wave_arrays(inp, a, b)
-            h_kv = kv.adopt_prefix_batch(np.array(wave), ip, toks)
-            _same(f"{what} hits", h_kv, py.adopt_prefix_batch(wave, ip, toks))
-            _same(f"{what} recorded hits", h_kv, inp.handle_hit[a : a + b])
-        elif k == tr.APPEND:
-            counts, rest = prefill
-            r_kv = kv.append_batch(np.array(wave), counts, token_ids=rest)
-            r_py = py.append_batch(wave, counts, token_ids=rest)
-            for name, x, y in zip(
-                ("slots", "indptr", "cow_src", "cow_dst"), r_kv, r_py, strict=True
-            ):
-                _same(f"{what} {name}", x, y)
         elif k in (tr.COMPACT, tr.COMPACT_OOB):
             keep = inp.keeps[b]
             r_kv, r_py = _both(
@@ -174,7 +163,32 @@ def check_fuzz(seed: int, num_ops: int) -> int:
     for i in range(num_ops):
         op = rnd.random()
         what = f"fuzz seed {seed} op {i}"
-        if op < 0.12 or not live:
+        if (op < 0.12 or not live) and toks and rnd.random() < 0.3:
+            # An admission wave in one call: other tables' tokens (cut) with a new tail.
+            sources = list(toks.values())
+            prompts = []
+            for _ in range(rnd.randint(1, 3)):
+                src = rnd.choice(sources)
+                tail = [rnd.randint(0, 1) for _ in range(rnd.randint(0, 2 * bs))]
+                prompts.append(src[: rnd.randint(0, len(src))] + tail)
+            wave_salt = rnd.choice([None, "a"])
+            ip = np.cumsum([0] + [len(x) for x in prompts])
+            flat = np.array([x for part in prompts for x in part], dtype=np.int64)
+            r_kv, r_py = _both(
+                f"{what} admit_batch",
+                lambda: kv.admit_batch(ip, flat, wave_salt),  # noqa: B023
+                lambda: py.admit_batch(ip, flat, wave_salt),  # noqa: B023
+            )
+            if r_kv is not None:
+                for name, x, y in zip(
+                    ("tables", "hits", "slots", "indptr"), r_kv, r_py, strict=True
+                ):
+                    _same(f"{what} admit_batch {name}", x, y)
+                for t, prompt in zip(r_kv[0].tolist(), prompts, strict=True):
+                    live.append(t)
+                    toks[t] = prompt
+                    salt[t] = wave_salt
+        elif op < 0.12 or not live:
             t_kv, t_py = kv.create_table(), py.create_table()
             _same(f"{what} create", t_kv, t_py)
             live.append(t_kv)

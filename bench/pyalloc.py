@@ -15,7 +15,8 @@ asserts identical slots, copy-on-write pairs, plans, hits and table ids):
 * tables free their blocks tail first; ids are ``(generation << 32) | slot``;
 * copy-on-write when appending to a shared partial last block;
 * chained prefix hashes with register / adopt (Python's tuple hash instead of XXH3-128; only
-  hit/miss behaviour matters, not the hash values), single and batched over CSR token arrays;
+  hit/miss behaviour matters, not the hash values), single and batched over CSR token arrays,
+  and a whole admission wave in one call (``admit_batch``: lookups, adoptions, prefill);
 * decode-time registration: ``append_batch(..., token_ids=...)`` hashes and registers every
   block that fills, from the table's known chain (its hashes plus the ids of its partial last
   block), the way vLLM v1 hashes a request's blocks as its tokens arrive;
@@ -484,6 +485,71 @@ class PyBlockAllocator:
         if any(self._t_ntok[self._slot(t)] != len(toks) for t, toks in parts):
             raise ValueError("token_ids must hold one id per token of the table")
         return [self.register_prefix(t, toks, salt) for t, toks in parts]
+
+    def admit_batch(
+        self, indptr: Any, token_ids: Any, salt: object = None
+    ) -> tuple[list[int], list[int], list[int], list[int]]:
+        """An admission wave in one call, all or nothing, like kvcore's: a new table per
+        prompt ``token_ids[indptr[i]:indptr[i+1]]`` adopts the cached prefix of the prompt
+        without its last token, then takes slots for the rest, registering the blocks it
+        fills. Every lookup comes first (nothing changes until the wave is known to fit),
+        then every adoption (so no append evicts a block the wave hits), then the appends.
+        Returns (tables, hits, slots, slot indptr)."""
+        ip = _as_list(indptr)
+        toks = _as_list(token_ids)
+        n = len(ip) - 1
+        if n < 0 or ip[0] != 0 or ip[-1] != len(toks):
+            raise ValueError("indptr must hold len(prompts) + 1 offsets from 0 to len(token_ids)")
+        if any(ip[i + 1] < ip[i] for i in range(n)):
+            raise ValueError("indptr must be non-decreasing")
+        bs = self.block_size
+        index = self._index
+        ref = self._ref
+        found: list[tuple[list[int], list[int]]] = []
+        taken: set[int] = set()
+        need = 0
+        for i in range(n):
+            s, e = ip[i], ip[i + 1]
+            blocks: list[int] = []
+            hashes: list[int] = []
+            parent = _ROOT_HASH
+            # The full blocks of the prompt without its last token.
+            for j in range(s, e - bs, bs):
+                h = hash((parent, salt, tuple(toks[j : j + bs])))
+                b = index.get(h)
+                if b is None:
+                    break
+                if ref[b] == 0:
+                    taken.add(b)
+                blocks.append(b)
+                hashes.append(h)
+                parent = h
+            need += -(-(e - s) // bs) - len(blocks)
+            found.append((blocks, hashes))
+        need += len(taken)
+        if need > self.num_free + self.num_cached:
+            raise OutOfBlocks(need)
+        incref = self._incref
+        insert = self._insert
+        tables = []
+        hits = []
+        for blocks, hashes in found:
+            for b in blocks:
+                incref(b)
+            hit = len(blocks) * bs
+            tables.append(insert(blocks, hit, hashes, [], salt))
+            hits.append(hit)
+        slots: list[int] = []
+        slot_ptr = [0]
+        append_at = self._append_at
+        extend_chain = self._extend_chain
+        for i, t in enumerate(tables):
+            idx = t & _SLOT_MASK
+            rest = toks[ip[i] + hits[i] : ip[i + 1]]
+            append_at(idx, len(rest), slots)
+            extend_chain(idx, rest)
+            slot_ptr.append(len(slots))
+        return tables, hits, slots, slot_ptr
 
     def reset_prefix_cache(self) -> int:
         nxt = self._next

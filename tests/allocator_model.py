@@ -20,6 +20,7 @@ observable, so the two agree (up to digest collisions, which the Rust side rules
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -506,6 +507,38 @@ class AllocatorModel:
         if any(t.num_tokens for t, _ in parts):
             raise InvalidArgument("adopt_prefix needs an empty table")
         return [self._adopt_at(t, k, salt, hashes) for t, k in parts]
+
+    def admit_batch(
+        self, indptr: Sequence[int], tokens: Sequence[int], salt: int | str | bytes | None = None
+    ) -> tuple[list[int], list[int], list[int], list[int]]:
+        """The three calls it stands for, on a copy of the model: ``create_table`` per prompt,
+        ``adopt_prefix_batch`` of every prompt but its last token, ``append_batch`` of the
+        rest with its ids. The copy replaces the model only when the whole wave fit; the
+        blocks a wave needs are those its appends took plus the cached blocks its hits took
+        out of the free queue."""
+        if not indptr:
+            raise InvalidArgument("indptr must hold len(prompts) + 1 offsets")
+        n = len(indptr) - 1
+        self._check_indptr(n, indptr, len(tokens))
+        prompts = [list(tokens[indptr[i] : indptr[i + 1]]) for i in range(n)]
+        trial = copy.deepcopy(self)
+        ids = [trial.create_table() for _ in range(n)]
+        heads = [p[:-1] for p in prompts]
+        head_ptr = [0]
+        for h in heads:
+            head_ptr.append(head_ptr[-1] + len(h))
+        hits = trial.adopt_prefix_batch(ids, head_ptr, [x for h in heads for x in h], salt)
+        taken = self.num_available_blocks - trial.num_available_blocks
+        parts = [p[hit:] for p, hit in zip(prompts, hits, strict=True)]
+        try:
+            slots, slot_ptr, src, _ = trial.append_batch(
+                ids, [len(x) for x in parts], [x for part in parts for x in part]
+            )
+        except OutOfBlocks as err:
+            raise self._out_of_blocks(err.needed + taken) from None
+        assert not src, "a new table's blocks are private or full"
+        self.__dict__ = trial.__dict__
+        return ids, hits, slots, slot_ptr
 
     def reset_prefix_cache(self) -> int:
         dropped = 0

@@ -53,14 +53,20 @@ def test_decode_registration_uses_the_salt_of_the_adoption() -> None:
     assert a.adopt_prefix(a.create_table(), i64(5, 6), salt="lora-1") == 2
 
 
+def hold_prefix(a: kvcore.BlockAllocator, tokens: np.ndarray) -> int:
+    """A table holding ``tokens``, registered: a cached prefix for later tables to hit."""
+    t = a.create_table()
+    a.append(t, len(tokens))
+    a.register_prefix(t, tokens)
+    return t
+
+
 def test_admission_wave_matches_one_request_at_a_time() -> None:
     prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 9, 9, 9], [7, 7]]
     wave = kvcore.BlockAllocator(num_blocks=32, block_size=2)
     single = kvcore.BlockAllocator(num_blocks=32, block_size=2)
-    for a in (wave, single):  # a cached prefix to hit
-        t = a.create_table()
-        a.append(t, 4)
-        a.register_prefix(t, i64(1, 2, 3, 4))
+    for a in (wave, single):
+        hold_prefix(a, i64(1, 2, 3, 4))
     tables = wave.create_tables(3)
     look = np.concatenate([i64(*p[:-1]) for p in prompts])
     indptr = np.cumsum([0] + [len(p) - 1 for p in prompts])
@@ -83,6 +89,56 @@ def test_admission_wave_matches_one_request_at_a_time() -> None:
         np.concatenate([i64(*p) for p in prompts]),
     )
     assert got.tolist() == [0, 0, 0]  # the prefill already registered every full block
+
+
+def test_admit_batch_is_the_three_calls_in_one() -> None:
+    prompts = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 9, 9, 9], [7, 7], [], [1, 2, 3, 4]]
+    one = kvcore.BlockAllocator(num_blocks=32, block_size=2)
+    three = kvcore.BlockAllocator(num_blocks=32, block_size=2)
+    for a in (one, three):
+        a.free(hold_prefix(a, i64(1, 2, 3, 4)))
+    indptr = np.cumsum([0] + [len(p) for p in prompts])
+    flat = np.concatenate([i64(*p) for p in prompts])
+    tables, hits, slots, slot_indptr = one.admit_batch(indptr, flat.astype(np.int32), "s")
+    assert all(x.dtype == np.int64 for x in (tables, hits, slots, slot_indptr))
+    # The same on the other allocator, in three calls (no salt on either side: a miss).
+    want_tables = three.create_tables(len(prompts))
+    heads = [p[:-1] for p in prompts]
+    want_hits = three.adopt_prefix_batch(
+        want_tables,
+        np.cumsum([0] + [len(h) for h in heads]),
+        np.concatenate([i64(*h) for h in heads]),
+        "s",
+    )
+    rest = [p[h:] for p, h in zip(prompts, want_hits.tolist(), strict=True)]
+    want = three.append_batch(
+        want_tables,
+        i64(*[len(r) for r in rest]),
+        token_ids=np.concatenate([i64(*r) for r in rest]),
+    )
+    assert hits.tolist() == want_hits.tolist() == [0, 0, 0, 0, 0]  # another salt
+    assert tables.tolist() == want_tables.tolist()
+    assert (slots.tolist(), slot_indptr.tolist()) == (want[0].tolist(), want[1].tolist())
+    assert one.free_queue().tolist() == three.free_queue().tolist()
+    # Without the salt the cached prefix hits, never the last token: [1, 2, 3, 4] hits 2.
+    _, hits, _, slot_indptr = one.admit_batch(indptr, flat)
+    assert hits.tolist() == [4, 4, 0, 0, 2]
+    assert np.diff(slot_indptr).tolist() == [1, 3, 2, 0, 2]
+    one.check_invariants()
+
+
+def test_admit_batch_that_does_not_fit_changes_nothing() -> None:
+    a = kvcore.BlockAllocator(num_blocks=5, block_size=2)  # 4 usable blocks
+    a.free(hold_prefix(a, i64(1, 2, 3, 4)))  # 2 cached blocks, 2 free
+    before = (a.stats(), a.free_queue().tolist())
+    # Hits 4 tokens (2 cached blocks taken out of the queue), then 3 more blocks: 5 > 4.
+    with pytest.raises(kvcore.OutOfBlocksError, match="needs 5 block"):
+        a.admit_batch(i64(0, 10), i64(1, 2, 3, 4, 5, 6, 7, 8, 9, 10))
+    assert (a.stats(), a.free_queue().tolist()) == before
+    assert a.num_tables == 0
+    tables, hits, _, _ = a.admit_batch(i64(0, 8), i64(1, 2, 3, 4, 5, 6, 7, 8))  # 2 + 2 fit
+    assert hits.tolist() == [4] and a.num_free_blocks + a.num_cached_blocks == 0
+    a.check_invariants()
 
 
 def test_engine_block_hashes_in_every_form() -> None:
@@ -153,6 +209,33 @@ def test_engine_block_hashes_in_every_form() -> None:
             ValueError,
             "appears more than once",
         ),
+        (
+            lambda a, t: a.admit_batch(i64(), i64()),
+            ValueError,
+            r"indptr must hold len\(prompts\) \+ 1 offsets, got an empty array",
+        ),
+        (
+            lambda a, t: a.admit_batch(i64(0, 3), i64(1, 2)),
+            ValueError,
+            r"indptr must start at 0 and end at len\(token_ids\) = 2, got 0 and 3",
+        ),
+        (
+            lambda a, t: a.admit_batch(i64(0, 2, 1), i64(1)),
+            ValueError,
+            r"indptr must be non-decreasing, but indptr\[2\] = 1 < indptr\[1\] = 2",
+        ),
+        (lambda a, t: a.admit_batch([0, 1], i64(1)), TypeError, "indptr must be a 1-D numpy"),
+        (
+            lambda a, t: a.admit_batch(i64(0, 1), np.array([1.0])),
+            TypeError,
+            "token_ids must be",
+        ),
+        (lambda a, t: a.admit_batch(i64(0, 1), i64(1), 1.5), TypeError, "salt"),
+        (
+            lambda a, t: a.admit_batch(i64(0, 30), np.arange(30)),
+            kvcore.OutOfBlocksError,
+            "needs 8 block",
+        ),
     ],
 )
 def test_bad_engine_arguments_raise_and_change_nothing(call, error, match) -> None:  # type: ignore[no-untyped-def]
@@ -163,3 +246,4 @@ def test_bad_engine_arguments_raise_and_change_nothing(call, error, match) -> No
     with pytest.raises(error, match=match):
         call(a, t)
     assert (a.stats(), a.free_queue().tolist(), a.block_table(t).tolist()) == before
+    a.check_invariants()

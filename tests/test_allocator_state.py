@@ -535,6 +535,38 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.check_append_result(*res, tids, parts)
 
     @rule(data=st.data())
+    def admit_batch(self, data: st.DataObject) -> None:
+        """Admission in one call: ``admit_batch`` does what ``admit_wave``'s three calls do,
+        all or nothing (a wave that does not fit changes nothing: the invariants check)."""
+        k = data.draw(st.integers(0, 3), label="wave size")
+        prompts = [self.prompt(data)[0] for _ in range(k)]
+        salt = data.draw(SALTS, label="salt") if not self.histories else self.prompt(data)[1]
+        indptr = np.cumsum([0] + [len(p) for p in prompts])
+        flat = [x for p in prompts for x in p]
+        dtype = data.draw(ID_DTYPES, label="dtype")
+        res = both(
+            lambda: self.model.admit_batch(indptr.tolist(), flat, salt),
+            lambda: self.alloc.admit_batch(
+                indptr.astype(dtype), np.asarray(flat, dtype=dtype), salt
+            ),
+        )
+        if res is None:
+            return
+        want, got = res
+        assert all(x.dtype == np.int64 for x in got)
+        tids, hits, slots, slot_ptr = (x.tolist() for x in got)
+        assert (tids, hits, slots, slot_ptr) == want
+        if any(hits):
+            event("admit_batch: hit")
+        for i, (tid, p, hit) in enumerate(zip(tids, prompts, hits, strict=True)):
+            self.live.append(tid)
+            self.salts[tid] = salt
+            self.tokens[tid] = p[:hit]
+            self.uids[tid] = self.mem[self.model.slot_mapping(tid)[:hit], 1].tolist()
+            self.write(tid, got[2][slot_ptr[i] : slot_ptr[i + 1]], p[hit:])
+            self.remember_chain(tid)
+
+    @rule(data=st.data())
     def register_prefix_batch(self, data: st.DataObject) -> None:
         tids = self.pick_tables(data)
         salt = data.draw(SALTS, label="salt")
@@ -602,6 +634,11 @@ class AllocatorMachine(RuleBasedStateMachine):
                 lambda: a.register_prefix_batch(i64([tid]), i64([0, n + 1]), i64([0] * (n + 1))),
             ),
         }
+        for ptr, what in (([], "empty"), ([0, 1], "past the end"), ([0, 1, 0], "decreasing")):
+            calls[f"admit_batch with an indptr {what}"] = (
+                lambda ptr=ptr: m.admit_batch(ptr, []),
+                lambda ptr=ptr: a.admit_batch(i64(ptr), i64([])),
+            )
         if n > 0:
             fresh = self.new_table(None)
             calls["adopt_prefix_batch with a table holding tokens"] = (

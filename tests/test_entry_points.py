@@ -151,11 +151,11 @@ def test_too_large_is_a_value_error_naming_the_argument_and_the_limit(name: str)
 # Sizes that are too large only for a machine with less memory than they need (bytes): on a
 # larger machine they are valid requests, so the test skips rather than allocate them.
 MACHINE_DEPENDENT = {
-    # The largest pool: 2**31 - 1 blocks of 48 bytes of bookkeeping (docs/allocator.md §1).
+    # The largest pool: 2**31 - 1 blocks of 16 bytes of bookkeeping (docs/allocator.md §1).
     "BlockAllocator_bookkeeping": (
         "k.BlockAllocator(2**31 - 1, 2**32)",
         "num_blocks",
-        48 * (2**31 - 1),
+        16 * (2**31 - 1),
     ),
     "ScoreState_31": ("k.ScoreState(2**31)", "num_rows", 24 * 2**31),
 }

@@ -228,6 +228,48 @@ class BlockAllocator:
             ValueError: lengths differ (``token_ids`` included), a table is listed twice, or a
                 count is negative.
         """
+    def admit_batch(
+        self,
+        indptr: _IdArray,
+        token_ids: NDArray[np.int64] | NDArray[np.int32],
+        salt: _Salt | None = None,
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+        """Admits a wave of new requests in one call, all or nothing: the scheduler's
+        admission step. Prompt ``i`` is ``token_ids[indptr[i]:indptr[i+1]]``. Each prompt
+        gets a new table, which adopts the longest cached prefix of the prompt without its
+        last token (the engine needs that token's logits, as vLLM caps hits at
+        ``num_tokens - 1``) and then takes slots for the rest of the prompt, registering
+        every block that fills under ``salt``. The same as ``create_tables`` +
+        ``adopt_prefix_batch`` (every prompt but its last token) + ``append_batch`` (the
+        rest, with its ids), except that a wave that does not fit changes nothing. GIL
+        released from 1024 tokens on.
+
+        ::
+
+            prompt i:  [ t0 ............................................ t(L-1) ]
+            lookup:    [ block 0 | block 1 | ... full blocks of t0..t(L-2) ]
+            hit:       [ block 0 | block 1 ]                 hits[i] = 2 * block_size
+            new slots:                     [ t(2 * block_size) ...... t(L-1) ]
+
+        Args:
+            indptr: ``(n + 1,)`` int64 offsets into ``token_ids``, from 0 to its length.
+            token_ids: ``(indptr[n],)`` int64 or int32, the prompts' ids one after another.
+            salt: the chain's salt for every table of the wave (e.g. a LoRA or cache key).
+
+        Returns:
+            ``(tables, hits, slots, slot_indptr)``, all int64: the ``(n,)`` new table ids;
+            the ``(n,)`` tokens hit per prompt (multiples of ``block_size``); the slots of the
+            tokens past the hit, prompt ``i``'s being
+            ``slots[slot_indptr[i]:slot_indptr[i+1]]`` (``slot_indptr`` ``(n + 1,)``). A new
+            table adopts full blocks only, so admission never copies on write.
+
+        Raises:
+            OutOfBlocksError: the wave does not fit: the blocks its appends take plus the
+                cached blocks its hits take out of the free queue (nothing changed).
+            ValueError: ``indptr`` is empty, does not start at 0 and end at
+                ``len(token_ids)``, or decreases (nothing changed).
+            TypeError: an argument is not an integer array.
+        """
     def fork(self, table: int) -> int:
         """Creates a table that shares every block of ``table`` (ref counts go up; no block is
         taken, so it never runs out). Returns the new id."""

@@ -171,7 +171,7 @@ fn prefix(c: &mut Criterion) {
 
 /// Admission of a wave of 4 requests of 512 tokens sharing a 256-token system prompt: one
 /// `adopt_prefix_batch` (16 cached blocks hit per request) then one `append_batch_with` of the
-/// missed tokens, which registers their full blocks.
+/// missed tokens, which registers their full blocks; and the same wave as one `admit_batch`.
 fn admission(c: &mut Criterion) {
     let system: Vec<i64> = (0..256).collect();
     let prompts: Vec<Vec<i64>> = (0..4i64)
@@ -208,6 +208,27 @@ fn admission(c: &mut Criterion) {
                     .flat_map(|(p, &h)| p[h as usize..].iter().copied())
                     .collect();
                 a.append_batch_with(wave, &counts, Some(&rest), &mut out)
+                    .unwrap();
+                black_box(out.num_registered)
+            },
+            BatchSize::LargeInput,
+        );
+    });
+    // The same wave in the engine's one call: `admit_batch` creates the 4 tables, adopts
+    // (each prompt but its last token: 16 blocks hit per request) and appends the rest.
+    let mut tables = Vec::new();
+    c.bench_function("admit_batch_4x512", |b| {
+        b.iter_batched_ref(
+            || {
+                let (mut a, ids) = with_tables(1024, 1, system.len());
+                a.register_prefix(ids[0], &system, None).unwrap();
+                a
+            },
+            |a| {
+                tables.clear();
+                hits.clear();
+                out.clear();
+                a.admit_batch(&indptr, &flat, None, &mut tables, &mut hits, &mut out)
                     .unwrap();
                 black_box(out.num_registered)
             },

@@ -264,6 +264,14 @@ enum Op {
         n: usize,
         salt: u8,
     },
+    /// `admit_batch` of a wave of prompts (sequences seen before, each extended by a few
+    /// fresh tokens), checked against the three calls it replaces; `bad` first tries a
+    /// malformed `indptr` (0: empty, 1: wrong end, 2: decreasing), which must change nothing.
+    AdmitBatch {
+        sources: Vec<(usize, usize)>,
+        salt: u8,
+        bad: Option<u8>,
+    },
 }
 
 fn count_strategy() -> impl Strategy<Value = Count> {
@@ -392,6 +400,12 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => (vec(0usize..64, 0..4), 0u8..3, proptest::option::weighted(0.2, t()))
             .prop_map(|(sources, salt, bad)| Op::AdoptBatch { sources, salt, bad }),
         1 => (0usize..20, 0u8..3).prop_map(|(n, salt)| Op::Keys { n, salt }),
+        3 => (
+            vec((0usize..64, prop_oneof![2 => Just(0usize), 1 => 0usize..20]), 0..5),
+            0u8..3,
+            proptest::option::weighted(0.2, 0u8..3),
+        )
+            .prop_map(|(sources, salt, bad)| Op::AdmitBatch { sources, salt, bad }),
     ]
 }
 
@@ -821,6 +835,7 @@ impl Run {
             Op::RegisterBatch { ts, salt } => self.op_register_batch(ts, *salt),
             Op::AdoptBatch { sources, salt, bad } => self.op_adopt_batch(sources, *salt, *bad),
             Op::Keys { n, salt } => self.op_keys(*n, *salt),
+            Op::AdmitBatch { sources, salt, bad } => self.op_admit_batch(sources, *salt, *bad),
         }
     }
 
@@ -1829,6 +1844,171 @@ impl Run {
             "used blocks after adopting {} cached blocks",
             revived.len()
         );
+        Ok(())
+    }
+
+    /// `admit_batch` against the three calls it replaces, run on a clone of the allocator:
+    /// `create_tables`, `adopt_prefix_batch` with every prompt but its last token, and
+    /// `append_batch_with` of the rest with its ids. The same tables, hits, slots,
+    /// registrations and pool state, or `OutOfBlocks` (nothing changed) exactly when those
+    /// appends run out, counting the cached blocks the hits take out of the free queue.
+    fn op_admit_batch(&mut self, sources: &[(usize, usize)], salt: u8, bad: Option<u8>) -> Res {
+        let bs = self.m.bs;
+        let mut candidates: Vec<Vec<i64>> = self.m.history.iter().map(|(_, t)| t.clone()).collect();
+        candidates.extend(self.m.tables.iter().map(|t| t.tokens.clone()));
+        let mut prompts = Vec::new();
+        for &(source, extra) in sources {
+            let mut p = match candidates.len() {
+                0 => Vec::new(),
+                n => candidates[source % n].clone(),
+            };
+            for _ in 0..extra {
+                p.push(self.m.fresh());
+            }
+            prompts.push(p);
+        }
+        let csr = |parts: &mut dyn Iterator<Item = &[i64]>| {
+            let (mut ptr, mut flat) = (vec![0i64], Vec::new());
+            for p in parts {
+                flat.extend_from_slice(p);
+                ptr.push(flat.len() as i64);
+            }
+            (ptr, flat)
+        };
+        let (indptr, flat) = csr(&mut prompts.iter().map(|p| &p[..]));
+        let before = self.snapshot();
+        let untouched = |t: &[i64], h: &[i64], o: &BatchAppend| {
+            t == [SENTINEL] && h == [SENTINEL] && o.slots == [SENTINEL] && o.indptr.is_empty()
+        };
+        if let Some(kind) = bad {
+            let mut ptr = indptr.clone();
+            match kind {
+                0 => ptr.clear(),
+                1 => *ptr.last_mut().unwrap() += 1,
+                // [0, len + 1, ..., len]: decreasing at its end.
+                _ => ptr.insert(1, flat.len() as i64 + 1),
+            }
+            let (mut t, mut h) = (vec![SENTINEL], vec![SENTINEL]);
+            let mut o = BatchAppend {
+                slots: vec![SENTINEL],
+                ..BatchAppend::default()
+            };
+            let r = self
+                .a
+                .admit_batch(&ptr, &flat, salt_bytes(salt), &mut t, &mut h, &mut o);
+            ensure!(
+                untouched(&t, &h, &o),
+                "a failed admit_batch wrote its outputs"
+            );
+            self.expect_err(&before, "admit_batch with a bad indptr", r, |e| {
+                matches!(e, KvError::InvalidArgument(_))
+            })?;
+        }
+        // The three calls, on a clone.
+        let mut twin = self.a.clone();
+        let mut ids = Vec::new();
+        twin.create_tables(prompts.len(), &mut ids)
+            .map_err(err_str("create_tables"))?;
+        let (head_ptr, head_flat) =
+            csr(&mut prompts.iter().map(|p| &p[..p.len().saturating_sub(1)]));
+        let mut hits = Vec::new();
+        twin.adopt_prefix_batch(
+            &ids,
+            &head_ptr,
+            BlockKeys::Tokens(&head_flat),
+            salt_bytes(salt),
+            &mut hits,
+        )
+        .map_err(err_str("adopt_prefix_batch"))?;
+        let taken = before.available - twin.num_available_blocks();
+        let counts: Vec<usize> = prompts
+            .iter()
+            .zip(&hits)
+            .map(|(p, &h)| p.len() - h as usize)
+            .collect();
+        let rest: Vec<i64> = prompts
+            .iter()
+            .zip(&hits)
+            .flat_map(|(p, &h)| p[h as usize..].to_vec())
+            .collect();
+        let mut want = BatchAppend::default();
+        let r3 = twin.append_batch_with(&ids, &counts, Some(&rest), &mut want);
+        let (mut tables, mut got_hits) = (vec![SENTINEL], vec![SENTINEL]);
+        let mut out = BatchAppend {
+            slots: vec![SENTINEL],
+            ..BatchAppend::default()
+        };
+        let r = self.a.admit_batch(
+            &indptr,
+            &flat,
+            salt_bytes(salt),
+            &mut tables,
+            &mut got_hits,
+            &mut out,
+        );
+        match r3 {
+            Err(KvError::OutOfBlocks { needed, .. }) => {
+                ensure!(
+                    untouched(&tables, &got_hits, &out),
+                    "a failed admit_batch wrote its outputs"
+                );
+                return self.expect_oob(&before, "admit_batch", r, needed + taken);
+            }
+            r3 => r3.map_err(err_str("append_batch_with after adoption"))?,
+        }
+        r.map_err(err_str("admit_batch"))?;
+        ensure_eq!(tables[1..], ids[..], "admit_batch table ids");
+        ensure_eq!(got_hits[1..], hits[..], "admit_batch hits");
+        ensure_eq!(out.slots[1..], want.slots[..], "admit_batch slots");
+        let shifted: Vec<i64> = out.indptr.iter().map(|&x| x - 1).collect();
+        ensure_eq!(shifted, want.indptr, "admit_batch indptr");
+        ensure!(
+            out.cow_src.is_empty() && out.cow_dst.is_empty() && want.cow_src.is_empty(),
+            "admission copied on write"
+        );
+        ensure_eq!(
+            out.num_registered,
+            want.num_registered,
+            "admit_batch registrations"
+        );
+        ensure_eq!(self.a.stats(), twin.stats(), "stats after admit_batch");
+        ensure_eq!(
+            self.a.free_queue(),
+            twin.free_queue(),
+            "free queue after admit_batch"
+        );
+        ensure_eq!(
+            self.a.ref_counts(),
+            twin.ref_counts(),
+            "ref counts after admit_batch"
+        );
+        // The model learns the new tables: the hit prefix, then the appended rest.
+        for (k, p) in prompts.iter().enumerate() {
+            ensure_eq!(
+                self.blocks(ids[k])?,
+                twin.block_table(ids[k]).unwrap().to_vec(),
+                "admitted block table"
+            );
+            let hit = hits[k] as usize;
+            for j in 1..=hit / bs {
+                ensure!(
+                    self.m.registered.contains(&(salt, p[..j * bs].to_vec())),
+                    "admit_batch hit {:?} with salt {salt}, never registered",
+                    &p[..j * bs]
+                );
+            }
+            self.add_table(ids[k], p[..hit].to_vec(), salt, hit / bs)?;
+            let ti = self.m.tables.len() - 1;
+            self.m.tables[ti].chain_salt = salt;
+            let (lo, hi) = (out.indptr[k] as usize, out.indptr[k + 1] as usize);
+            let seg = out.slots[lo..hi].to_vec();
+            self.write_appended(ti, hit, &seg, Some(&p[hit..]), false)?;
+            let full = p.len() / bs;
+            for j in hit / bs + 1..=full {
+                self.m.registered.insert((salt, p[..j * bs].to_vec()));
+            }
+            self.m.tables[ti].hashed = full;
+        }
         Ok(())
     }
 

@@ -63,6 +63,34 @@ impl PyBlockAllocator {
         self.with(py, |a| Ok(f(a)))
     }
 
+    /// Runs a call that writes slots into this thread's reused output buffers (taken out of
+    /// the thread-local while in use, so a nested call from a finaliser finds it empty, not
+    /// borrowed), with the GIL released when `detach`, then builds the results with `convert`:
+    /// copies into fresh numpy arrays, cheaper than wrapping new vectors. A huge prefill's
+    /// buffers are not kept for the rest of the thread.
+    fn with_append_out<T: Send, R>(
+        &self,
+        py: Python<'_>,
+        detach: bool,
+        run: impl FnOnce(&mut BlockAllocator, &mut BatchAppend) -> Core<T> + Send,
+        convert: impl FnOnce(T, &BatchAppend) -> R,
+    ) -> PyResult<R> {
+        let mut out = APPEND_OUT.take();
+        out.clear();
+        let buf = &mut out;
+        let call = move |a: &mut BlockAllocator| run(a, buf);
+        let got = if detach {
+            self.detached(py, call)
+        } else {
+            self.with(py, call)
+        };
+        let res = got.map(|v| convert(v, &out));
+        if out.slots.capacity() <= APPEND_OUT_KEEP {
+            APPEND_OUT.set(out);
+        }
+        res
+    }
+
     /// The shared body of `register_prefix` and `adopt_prefix`.
     fn prefix_one(
         &self,
@@ -455,32 +483,59 @@ impl PyBlockAllocator {
             _ => None,
         };
         let tokens = tokens.as_ref().map(|t| t.as_cow());
-        // The core writes into this thread's reused buffers (taken out of the thread-local
-        // while in use, so a nested call from a finaliser finds it empty, not borrowed); the
-        // results are copied into fresh numpy arrays, cheaper than wrapping new vectors.
-        let mut out = APPEND_OUT.take();
-        out.clear();
-        let run = |a: &mut BlockAllocator| match &counts {
-            Counts::Same(n) => a.append_batch_same(&ids, *n, tokens.as_deref(), &mut out),
-            Counts::Each(c) => a.append_batch_with(&ids, c, tokens.as_deref(), &mut out),
-        };
         // A decode step (a few hundred rows) is cheaper than releasing the GIL; a prefill is not.
-        if ids.len().saturating_add(total.unwrap_or(usize::MAX)) >= DETACH_MIN_TOKENS {
-            self.detached(py, run)?;
-        } else {
-            self.with(py, run)?;
-        }
-        let arrays = (
-            PyArray1::from_slice(py, &out.slots),
-            PyArray1::from_slice(py, &out.indptr),
-            PyArray1::from_slice(py, &to_i32(&out.cow_src)),
-            PyArray1::from_slice(py, &to_i32(&out.cow_dst)),
-        );
-        // A huge prefill's buffers are not kept for the rest of the thread.
-        if out.slots.capacity() <= APPEND_OUT_KEEP {
-            APPEND_OUT.set(out);
-        }
-        Ok(arrays)
+        let detach = ids.len().saturating_add(total.unwrap_or(usize::MAX)) >= DETACH_MIN_TOKENS;
+        self.with_append_out(
+            py,
+            detach,
+            |a, out| match &counts {
+                Counts::Same(n) => a.append_batch_same(&ids, *n, tokens.as_deref(), out),
+                Counts::Each(c) => a.append_batch_with(&ids, c, tokens.as_deref(), out),
+            },
+            |(), out| {
+                (
+                    PyArray1::from_slice(py, &out.slots),
+                    PyArray1::from_slice(py, &out.indptr),
+                    PyArray1::from_slice(py, &to_i32(&out.cow_src)),
+                    PyArray1::from_slice(py, &to_i32(&out.cow_dst)),
+                )
+            },
+        )
+    }
+
+    #[pyo3(signature = (indptr, token_ids, salt = None))]
+    fn admit_batch<'py>(
+        &self,
+        py: Python<'py>,
+        indptr: &Bound<'py, PyAny>,
+        token_ids: &Bound<'py, PyAny>,
+        salt: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<(I64Array<'py>, I64Array<'py>, I64Array<'py>, I64Array<'py>)> {
+        let indptr = convert::i64_array(indptr, "indptr")?;
+        let indptr = indptr.as_cow();
+        let tokens = convert::i64_array(token_ids, "token_ids")?;
+        let tokens = tokens.as_cow();
+        let salt = convert::salt(salt)?;
+        // A wave's lookups and hashing are O(tokens): a long prompt releases the GIL.
+        let detach = tokens.len().saturating_add(indptr.len()) >= DETACH_MIN_TOKENS;
+        self.with_append_out(
+            py,
+            detach,
+            |a, out| {
+                let (mut tables, mut hits) = (Vec::new(), Vec::new());
+                let salt = salt.as_deref();
+                a.admit_batch(&indptr, &tokens, salt, &mut tables, &mut hits, out)
+                    .map(|()| (tables, hits))
+            },
+            |(tables, hits), out| {
+                (
+                    PyArray1::from_slice(py, &tables),
+                    PyArray1::from_slice(py, &hits),
+                    PyArray1::from_slice(py, &out.slots),
+                    PyArray1::from_slice(py, &out.indptr),
+                )
+            },
+        )
     }
 
     fn fork(&self, py: Python<'_>, table: &Bound<'_, PyAny>) -> PyResult<i64> {

@@ -12,8 +12,11 @@ impl BlockAllocator {
     /// * each table holds exactly `ceil(num_tokens / block_size)` blocks and at most
     ///   `num_tokens / block_size` chain hashes, exactly that many (plus the ids of the
     ///   partial block) when it tracks its chain for decode-time registration;
-    /// * the hash index and the per-block hashes agree, and a hashed block is full in each
-    ///   table that lists it (or is the partial last block a compaction left).
+    /// * every registered block is named by exactly one live hash index entry, under an
+    ///   epoch no other block holds, and stale entries stay within the sweep's bound
+    ///   (`BlockPool::check`);
+    /// * a hashed block is full in each table that lists it (or is the partial last block a
+    ///   compaction left).
     pub fn check_invariants(&self) -> Result<()> {
         let fail = |m: String| Err(KvError::InvariantViolation(m));
         if let Err(m) = self.pool.check() {

@@ -19,6 +19,7 @@
 //! validates and checks capacity *before* it mutates anything, so a failed call leaves the
 //! allocator exactly as it was.
 
+mod admit;
 mod compact;
 mod export;
 mod invariants;
@@ -209,6 +210,8 @@ pub struct BlockAllocator {
     scratch_keep: Vec<i64>,
     /// Scratch buffer for the slot indices of a batch, reused across batch calls.
     scratch_idxs: Vec<usize>,
+    /// Scratch buffers of `admit_batch`'s lookups, reused across waves.
+    scratch_admit: admit::AdmitScratch,
 }
 
 impl BlockAllocator {
@@ -251,6 +254,7 @@ impl BlockAllocator {
             batch_stamp: 0,
             scratch_keep: Vec::new(),
             scratch_idxs: Vec::new(),
+            scratch_admit: admit::AdmitScratch::default(),
         })
     }
 
@@ -1117,7 +1121,10 @@ fn append_one(
             if t.tail.len() == bs {
                 let parent = t.hashes.last().copied().unwrap_or(prefix::ROOT_HASH);
                 let h = prefix::hash_block(parent, &t.tail, t.salt.as_deref());
-                let fresh = pool.register(t.blocks[t.hashes.len()], h);
+                // The block this token filled is the last one (`blocks[hashes.len()]` of a
+                // tracked table): its copy beside the table saves a read of the block list.
+                debug_assert_eq!(t.last_block, t.blocks[t.hashes.len()]);
+                let fresh = pool.register(t.last_block, h);
                 t.hashes.push(h);
                 t.tail.clear();
                 usize::from(fresh)
