@@ -321,7 +321,7 @@ def fmt_rate(x: float) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--check", action="store_true", help="run the equivalence checks and exit")
-    ap.add_argument("--repeats", type=int, default=3, help="timed replays per side (median)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed replays per side (median)")
     ap.add_argument(
         "--breakdown-fraction",
         type=float,
