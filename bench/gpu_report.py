@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +48,24 @@ def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _steps(summary: dict[str, Any]) -> list[str]:
+def _sanitizer_summary(log: Path) -> str | None:
+    """The last summary line of a compute-sanitizer log (memcheck: "ERROR SUMMARY: ...",
+    racecheck: "RACECHECK SUMMARY: ..."), or None."""
+    if not log.exists():
+        return None
+    found = re.findall(r"(?:ERROR|RACECHECK) SUMMARY: .*", log.read_text(errors="replace"))
+    return found[-1].strip() if found else None
+
+
+def _steps(summary: dict[str, Any], results: Path, tag: str) -> list[str]:
+    """The steps' table. A sanitizer step shows its log's own summary line (read from the
+    collected log, so a run whose summary.json missed it still shows what the tool said)."""
     lines = ["| step | status | seconds | summary |", "|---|---|---|---|"]
     for s in summary["steps"]:
-        note = s.get("sanitizer") or s.get("summary") or s.get("reason") or ""
+        note = s.get("sanitizer")
+        if not note and s["step"] in ("memcheck", "racecheck") and s["status"] != "skipped":
+            note = _sanitizer_summary(results / f"{s['step']}_{tag}.log")
+        note = note or s.get("summary") or s.get("reason") or ""
         lines.append(f"| {s['step']} | {s['status']} | {s['seconds']} | {note} |")
     return lines
 
@@ -156,7 +171,7 @@ def render(results: Path) -> str:
             f"### {s['device']} (run of {s['started_utc']}, commit "
             f"{str(build.get('commit'))[:10]}, wheel {s['wheel']})",
             "",
-            *_steps(s),
+            *_steps(s, results, tag),
             "",
         ]
         k = _load(results / f"kernels_{tag}.json")

@@ -68,6 +68,8 @@ DRY_OUTPUTS = ("summary.json", "gpu_check.log", "smoke.json", "kernels.json", "e
 # The dry run's end-to-end methods: one evicting cache and one with int4 pages, at 8x.
 DRY_E2E = "kvcore:streaming@0.125,kvcore:snapkv@0.125+int4"
 PYTEST_SUMMARY = r"^=*\s*\d+ (?:passed|failed|skipped|errors?|deselected).*$"
+# memcheck ends its log with "ERROR SUMMARY: ...", racecheck with "RACECHECK SUMMARY: ..."
+SANITIZER_SUMMARY = r"(?:ERROR|RACECHECK) SUMMARY: .*"
 LOG_CHARS = 400_000  # per step in gpu_check.log: its head and its tail
 # Step time limits in seconds on the GPU machine (all of them also inside --budget).
 LIMITS = {
@@ -315,12 +317,12 @@ def run(out: Path, budget: float, dry: bool, wheel: Path | None = None) -> int:
                 tool, [*base, "--kernel-name", "kns=kv_", *smoke], LIMITS[tool], r"^kernel smoke.*$"
             )
             text = log.read_text(errors="replace") if log.exists() else ""
-            if rec["status"] == "failed" and "ERROR SUMMARY" not in text:
+            if rec["status"] == "failed" and not re.search(SANITIZER_SUMMARY, text):
                 # the kernel filter's syntax differs between releases: all kernels, once more
                 r.steps.pop()
                 rec = r.step(tool, [*base, *smoke], LIMITS[tool], r"^kernel smoke.*$")
                 text = log.read_text(errors="replace") if log.exists() else ""
-            found = re.findall(r"ERROR SUMMARY: .*", text)
+            found = re.findall(SANITIZER_SUMMARY, text)
             rec["sanitizer"] = found[-1] if found else None
         e2e = [py, "bench/bench_e2e.py", "--out", str(out / "e2e.json")]
         tiny = ["--smoke", "--contexts", "256", "--new-tokens", "2", "--methods", DRY_E2E]
