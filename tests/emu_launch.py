@@ -73,7 +73,7 @@ def compile_emu(src: str) -> ctypes.CDLL:
 
 
 def _lib(name: str, defines: Mapping[str, int], kernel: str) -> ctypes.CDLL:
-    threads = name == "decode_attention"  # the only kernel with barriers and shuffles
+    threads = name in ("decode_attention", "compact")  # the kernels with barriers
     header = "cuda_emu_threads.h" if threads else "cuda_emu.h"
     return compile_emu(
         f'#include "{header}"\n#include <type_traits>\n'

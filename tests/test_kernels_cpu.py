@@ -1,10 +1,12 @@
 """Kernels 1-4 compiled for the CPU with g++ and cuda/emu/cuda_emu.h, against the references.
 
 The emulation runs the exact kernel source (``kvcore.kernels.kernel_source``) with every
-(block, thread) index visited serially, so indexing, packing and rounding bugs show up here
-without a GPU. References: issue 4's ``kvcore.quant`` / ``kvcore.quantize`` (bytes),
-``kvcore.MergePlan.apply`` / ``kvcore.MergeBook`` (merges), the allocator's ``compact_batch``
-(plans) and ``kvcore.kernels.rotate_reference`` (issue 5's ``rotate_keys`` rule).
+(block, thread) index visited serially (compaction, whose chunks need ``__syncthreads``,
+with cuda/emu/cuda_emu_threads.h: a std::thread per CUDA thread), so indexing, packing and
+rounding bugs show up here without a GPU. References: issue 4's ``kvcore.quant`` /
+``kvcore.quantize`` (bytes), ``kvcore.MergePlan.apply`` / ``kvcore.MergeBook`` (merges), the
+allocator's ``compact_batch`` (plans) and ``kvcore.kernels.rotate_reference`` (issue 5's
+``rotate_keys`` rule).
 """
 
 from __future__ import annotations
@@ -60,8 +62,10 @@ def emu_build() -> Callable[..., Callable[..., None]]:
     """``emu_build(file, kernel, defines)`` -> the C launcher of that kernel (built once)."""
 
     def build(name: str, kernel: str, defines: dict[str, int]) -> Callable[..., None]:
+        # compaction's chunks need __syncthreads: one std::thread per CUDA thread
+        header = "cuda_emu_threads.h" if name == "compact" else "cuda_emu.h"
         src = (
-            '#include "cuda_emu.h"\n'
+            f'#include "{header}"\n'
             + kernels.kernel_source(name, defines)
             + WRAPPERS[(name, kernel)]
         )
@@ -93,7 +97,7 @@ def emu_compact(build, tensors, plan_of, src, dst, indptr, num_slots) -> None:  
     pt = torch.tensor(ptrs, dtype=torch.int64)
     un, grp = torch.tensor(units, dtype=torch.int32), torch.tensor(plan_of, dtype=torch.int32)
     fn(
-        grid(int(g[:, 0].max())),
+        ctypes.c_uint(1),
         ctypes.c_uint(len(tensors)),
         p(pt),
         p(g),
@@ -158,6 +162,22 @@ def test_compaction_runs_moves_in_order_when_ranges_overlap(emu_build) -> None: 
     emu_compact(emu_build, [x], [0], src, dst, ip, 10)
     assert torch.equal(x[:9], torch.arange(4, 40, dtype=torch.float32).reshape(9, 4))
     assert torch.equal(x[9], torch.arange(36, 40, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("shift", [1, 37, 300])
+def test_compaction_chunks_keep_plan_order_across_chunk_boundaries(emu_build, shift) -> None:  # type: ignore[no-untyped-def]
+    """Rows of 3 units (12 bytes: unit 4), so pieces straddle the kernel's chunks of
+    8 * 32 elements; move i reads row i + shift, which move i + shift overwrites later, in the
+    same chunk or in a later one. Against the moves applied one by one, in order."""
+    rows, moves = 700, 700 - shift
+    x = torch.randn(rows, 3, generator=torch.Generator().manual_seed(shift))
+    src = torch.arange(shift, rows, dtype=torch.int64)
+    dst = torch.arange(0, moves, dtype=torch.int64)
+    want = x.clone()
+    for s, d in zip(src.tolist(), dst.tolist(), strict=True):
+        want[d] = want[s]
+    emu_compact(emu_build, [x], [0], src, dst, torch.tensor([0, moves]), rows)
+    assert torch.equal(x, want)
 
 
 def page_pieces(pool: torch.Tensor, page: kvcore.QuantLayout, tok: kvcore.QuantLayout):  # type: ignore[no-untyped-def]

@@ -14,7 +14,7 @@ import torch
 
 from kvcore import _args
 from kvcore import kernels as _k
-from kvcore.kernels import _THREADS, _blocks, _check, _ptr
+from kvcore.kernels import _THREADS, _check, _ptr
 
 
 def _slot_pieces(t: torch.Tensor, num_slots: int, name: str) -> tuple[int, int, int, int, int]:
@@ -127,13 +127,12 @@ def compact_pools(
     dev_ptrs = torch.tensor(ptrs, dtype=torch.int64).to(device)
     dev_geom = torch.tensor(geom, dtype=torch.int64).to(device)  # (num_tensors, 4)
     small = torch.tensor([units, list(plan_of)], dtype=torch.int32).to(device)
-    widest = max(g[0] for g in geom)
     _k._launch(
         device,
         "compact",
         {},
         "kv_compact",
-        (_blocks(widest), len(tensors)),
+        (1, len(tensors)),  # one CTA per tensor walks its plan in chunks (compact.cu)
         (_THREADS,),
         (
             _ptr(dev_ptrs),

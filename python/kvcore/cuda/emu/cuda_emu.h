@@ -1,6 +1,7 @@
-// CPU emulation of the few CUDA features kernels 1-4 use, so that g++ can compile them for
+// CPU emulation of the few CUDA features kernels 2-4 use, so that g++ can compile them for
 // the test suite. A launch is a plain loop over every (block, thread) index: kernels compiled
-// this way must not use __syncthreads, shared memory or warp intrinsics (kernels 1-4 do not).
+// this way must not use __syncthreads, shared memory or warp intrinsics (kernels 2-4 do not;
+// compaction and decode attention do, and run under cuda_emu_threads.h).
 #pragma once
 #include <cmath>
 #include <cstring>

@@ -1,5 +1,5 @@
-// CPU emulation for kernels that cooperate inside a CTA (the decode attention): every thread
-// of a block is a std::thread, __syncthreads is a block barrier, __shared__ variables are
+// CPU emulation for kernels that cooperate inside a CTA (compaction, decode attention): every
+// thread of a block is a std::thread, __syncthreads is a block barrier, __shared__ variables are
 // function statics (one block runs at a time), and a warp shuffle exchanges values through a
 // per-warp buffer between two warp barriers. Slow, but exact in its indexing: it exists to
 // check the kernel's addressing and reductions against the torch reference without a GPU.
