@@ -19,10 +19,14 @@
 // dequantized in registers. Optional per-slot inputs: KV_HAS_BIAS (float32 logit bias, the log-count of
 // merged slots) and KV_HAS_VALID (uint8, 0 masks the slot).
 //
-// Each of the 4 warps takes every 4th token; lane l holds channels l, l + 32, ... (KV_D / 32
-// of them). Scores are float32; -inf masking; a row with no visible key outputs zeros.
+// Each of the 4 warps takes every 4th run of KV_UNROLL consecutive tokens, loading a run's keys
+// and values before it scores any of them (the first version took one token at a time, so a
+// warp had one token's loads in flight: on an H200 it ran at 0.10x SDPA, docs/kernels.md);
+// lane l holds channels l, l + 32, ... (KV_D / 32 of them). Scores are float32; -inf masking;
+// a row with no visible key outputs zeros.
 
 #define KV_WARPS 4
+#define KV_UNROLL 4
 #define KV_ROWS (KV_GROUP * KV_QLEN)
 #define KV_PER_LANE (KV_D / 32)
 #define KV_NEG_INF (-__int_as_float(0x7f800000))
@@ -120,37 +124,56 @@ extern "C" __global__ void __launch_bounds__(KV_WARPS * 32) kv_decode_partial(
 
     kv_i64 begin = (kv_i64)split * split_len;
     kv_i64 end = begin + split_len < len ? begin + split_len : len;
-    for (kv_i64 j = begin + warp; j < end; j += KV_WARPS) {
-        kv_i64 block = block_table[stream * width + j / KV_BS];
-        int off = (int)(j % KV_BS);
-        kv_i64 slot = block * KV_BS + off;
+    // Warp w takes runs of KV_UNROLL consecutive tokens, every KV_WARPS-th run. It first loads
+    // the whole run's keys and values (all of those loads in flight at once), then folds the
+    // tokens into the online softmax one by one, in token order.
+    for (kv_i64 j0 = begin + warp * KV_UNROLL; j0 < end; j0 += KV_WARPS * KV_UNROLL) {
+        float kr[KV_UNROLL][KV_PER_LANE], vr[KV_UNROLL][KV_PER_LANE], bias[KV_UNROLL];
+        bool live[KV_UNROLL];  // the same for every lane of the warp
+        for (int u = 0; u < KV_UNROLL; ++u) {
+            kv_i64 j = j0 + u;
+            live[u] = j < end;
+            bias[u] = 0.0f;
+            if (!live[u]) continue;
+            kv_i64 block = block_table[stream * width + j / KV_BS];
+            int off = (int)(j % KV_BS);
+            kv_i64 slot = block * KV_BS + off;
 #if KV_HAS_VALID
-        if (!slot_valid[slot]) continue;
+            if (!slot_valid[slot]) {
+                live[u] = false;
+                continue;
+            }
 #endif
-        float bias = 0.0f;
 #if KV_HAS_BIAS
-        bias = slot_bias[slot];
-        if (bias == KV_NEG_INF) continue;  // a slot of mass 0 gets no weight
+            bias[u] = slot_bias[slot];
+            if (bias[u] == KV_NEG_INF) {  // a slot of mass 0 gets no weight
+                live[u] = false;
+                continue;
+            }
 #endif
-        float kr[KV_PER_LANE], vr[KV_PER_LANE];
-        for (int k = 0; k < KV_PER_LANE; ++k) {
-            kr[k] = kv_page_get(k_pool, block, off, lane + 32 * k, KV_K_QUANT, KV_K_BITS, KV_K_G,
-                                KV_K_AXIS_TOKEN);
-            vr[k] = kv_page_get(v_pool, block, off, lane + 32 * k, KV_V_QUANT, KV_V_BITS, KV_V_G,
-                                KV_V_AXIS_TOKEN);
+            for (int k = 0; k < KV_PER_LANE; ++k) {
+                kr[u][k] = kv_page_get(k_pool, block, off, lane + 32 * k, KV_K_QUANT, KV_K_BITS,
+                                       KV_K_G, KV_K_AXIS_TOKEN);
+                vr[u][k] = kv_page_get(v_pool, block, off, lane + 32 * k, KV_V_QUANT, KV_V_BITS,
+                                       KV_V_G, KV_V_AXIS_TOKEN);
+            }
         }
-        for (int r = 0; r < KV_ROWS; ++r) {
-            int t = r % KV_QLEN;
-            if (j >= len - KV_QLEN + t + 1) continue;  // causal inside the chunk
-            float dot = 0.0f;
-            for (int k = 0; k < KV_PER_LANE; ++k) dot += q_s[r][lane + 32 * k] * kr[k];
-            float s = kv_warp_sum(dot) + bias;
-            float m_new = s > m[r] ? s : m[r];
-            float corr = __expf(m[r] - m_new);  // m[r] = -inf: exp(-inf) = 0
-            float p = __expf(s - m_new);
-            l[r] = l[r] * corr + p;
-            for (int k = 0; k < KV_PER_LANE; ++k) acc[r][k] = acc[r][k] * corr + p * vr[k];
-            m[r] = m_new;
+        for (int u = 0; u < KV_UNROLL; ++u) {
+            if (!live[u]) continue;
+            kv_i64 j = j0 + u;
+            for (int r = 0; r < KV_ROWS; ++r) {
+                int t = r % KV_QLEN;
+                if (j >= len - KV_QLEN + t + 1) continue;  // causal inside the chunk
+                float dot = 0.0f;
+                for (int k = 0; k < KV_PER_LANE; ++k) dot += q_s[r][lane + 32 * k] * kr[u][k];
+                float s = kv_warp_sum(dot) + bias[u];
+                float m_new = s > m[r] ? s : m[r];
+                float corr = __expf(m[r] - m_new);  // m[r] = -inf: exp(-inf) = 0
+                float p = __expf(s - m_new);
+                l[r] = l[r] * corr + p;
+                for (int k = 0; k < KV_PER_LANE; ++k) acc[r][k] = acc[r][k] * corr + p * vr[u][k];
+                m[r] = m_new;
+            }
         }
     }
 
