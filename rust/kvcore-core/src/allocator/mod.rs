@@ -49,7 +49,7 @@ const MAX_GENERATION: u32 = i32::MAX as u32;
 /// Table ids keep the slot index in their low 32 bits.
 const MAX_TABLE_SLOTS: usize = u32::MAX as usize;
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(crate) struct Table {
     pub(crate) blocks: Vec<BlockId>,
     pub(crate) num_tokens: usize,
@@ -97,6 +97,40 @@ impl Default for Table {
             may_share_last: false,
             last_block: NULL_BLOCK,
         }
+    }
+}
+
+impl Clone for Table {
+    fn clone(&self) -> Self {
+        let mut t = Table::default();
+        t.clone_from(self);
+        t
+    }
+
+    /// Field by field, so the vectors keep their buffers (a derived `Clone` would allocate
+    /// new ones and drop the old): `fork` builds its child in a freed slot's spare table.
+    fn clone_from(&mut self, source: &Self) {
+        // Destructured, so a new field cannot be forgotten here.
+        let Table {
+            blocks,
+            num_tokens,
+            hashes,
+            tail,
+            tracked,
+            salt,
+            partial_hashed,
+            may_share_last,
+            last_block,
+        } = source;
+        self.blocks.clone_from(blocks);
+        self.num_tokens = *num_tokens;
+        self.hashes.clone_from(hashes);
+        self.tail.clone_from(tail);
+        self.tracked = *tracked;
+        self.salt.clone_from(salt);
+        self.partial_hashed = *partial_hashed;
+        self.may_share_last = *may_share_last;
+        self.last_block = *last_block;
     }
 }
 
@@ -208,6 +242,8 @@ pub struct BlockAllocator {
     batch_stamp: u64,
     /// Scratch buffer for keep positions, reused across compactions.
     scratch_keep: Vec<i64>,
+    /// Scratch buffer for a compacted table's old block list, reused across compactions.
+    scratch_blocks: Vec<BlockId>,
     /// Scratch buffer for the slot indices of a batch, reused across batch calls.
     scratch_idxs: Vec<usize>,
     /// Scratch buffers of `admit_batch`'s lookups, reused across waves.
@@ -253,6 +289,7 @@ impl BlockAllocator {
             num_tables: 0,
             batch_stamp: 0,
             scratch_keep: Vec::new(),
+            scratch_blocks: Vec::new(),
             scratch_idxs: Vec::new(),
             scratch_admit: admit::AdmitScratch::default(),
         })
@@ -704,10 +741,17 @@ impl BlockAllocator {
         self.table(id)?;
         self.room_for_one_table()?;
         let idx = self.slot_index(id)?;
+        // The child is built in the buffers of the slot it will take (when a freed one is
+        // reused), as `create_table` does: no allocation per fork, and its token tail keeps
+        // room for a block, so the next decode step does not grow it.
+        let mut child = match self.free_slots.last() {
+            Some(&i) => std::mem::take(&mut self.spares[i as usize]),
+            None => Table::default(),
+        };
         let parent = self.slots[idx].table.as_mut().expect("live slot");
         // Both tables now share the partial last block (if any).
         parent.may_share_last = true;
-        let child = parent.clone();
+        child.clone_from(parent);
         for &b in &child.blocks {
             self.pool.incref(b);
         }
