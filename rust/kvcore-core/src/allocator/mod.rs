@@ -667,6 +667,11 @@ impl BlockAllocator {
         let stamp = self.batch_stamp;
         idxs.clear();
         idxs.reserve(ids.len());
+        // A decode step usually fits whatever its rows need: when the bound on the batch
+        // (`per_row_bound`) fits the pool, the rows' exact needs are not added up.
+        let count_each = per_row_bound(bs, counts)
+            .and_then(|b| b.checked_mul(ids.len()))
+            .is_none_or(|b| b > self.pool.num_available());
         let mut needed = 0usize;
         for (i, &id) in ids.iter().enumerate() {
             let idx = self.slot_index(id)?;
@@ -678,10 +683,16 @@ impl BlockAllocator {
             }
             slot.stamp = stamp;
             idxs.push(idx);
-            let t = slot.table.as_ref().expect("checked by slot_index");
-            needed = blocks_for_append(bs, &self.pool, t, counts.get(i))
-                .and_then(|b| needed.checked_add(b))
-                .unwrap_or(usize::MAX);
+            if count_each {
+                let t = slot.table.as_ref().expect("checked by slot_index");
+                needed = match counts {
+                    // At most one block a row: the sum cannot overflow.
+                    Counts::Same(1) => needed + blocks_for_one(bs, &self.pool, t),
+                    _ => blocks_for_append(bs, &self.pool, t, counts.get(i))
+                        .and_then(|b| needed.checked_add(b))
+                        .unwrap_or(usize::MAX),
+                };
+            }
         }
         let total = counts.total(ids.len());
         if let Some(t) = tokens {
@@ -707,6 +718,10 @@ impl BlockAllocator {
         tokens: Option<&[i64]>,
         out: &mut BatchAppend,
     ) {
+        if let Counts::Same(1) = counts {
+            self.apply_decode_step(idxs, tokens, out);
+            return;
+        }
         let bs = self.block_size;
         // Every table's length was checked to fit, so the total fits too.
         out.slots.reserve(counts.total(idxs.len()).unwrap_or(0));
@@ -719,7 +734,9 @@ impl BlockAllocator {
                 // The decode step: one token, no division, no chain bookkeeping beyond a push.
                 let table = self.slots[idx].table.as_mut().expect("live slot");
                 let tok = tokens.map(|t| t[at]);
-                append_one(bs, table, &mut self.pool, tok, &mut out.slots)
+                let (slot, cow, registered) = append_one(bs, table, &mut self.pool, tok);
+                out.slots.push(slot);
+                (cow, registered)
             } else {
                 let toks = tokens.map(|t| &t[at..at + n]);
                 let (outcome, registered) = self.append_at(idx, n, toks, &mut out.slots);
@@ -733,6 +750,45 @@ impl BlockAllocator {
             out.num_registered += registered;
             out.indptr.push(out.slots.len() as i64);
         }
+    }
+
+    /// `apply_batch_append` for one token per table (the decode step): every row pushes one
+    /// slot, so the offsets are `0, 1, .., len` past the slots already there, written at once.
+    fn apply_decode_step(&mut self, idxs: &[usize], tokens: Option<&[i64]>, out: &mut BatchAppend) {
+        let base = out.slots.len();
+        out.indptr
+            .extend((base..=base + idxs.len()).map(|at| at as i64));
+        // One loop per case, so a row tests neither the option nor a token index.
+        match tokens {
+            Some(t) => self.decode_rows(idxs, t.iter().map(|&x| Some(x)), out),
+            None => self.decode_rows(idxs, std::iter::repeat(None), out),
+        }
+    }
+
+    /// The rows of a decode step: `toks` yields each row's token id (or `None`). The slots
+    /// go out through one `extend` of an exactly sized iterator: no capacity check per row.
+    #[inline(always)]
+    fn decode_rows(
+        &mut self,
+        idxs: &[usize],
+        toks: impl Iterator<Item = Option<i64>>,
+        out: &mut BatchAppend,
+    ) {
+        let bs = self.block_size;
+        let (tables, pool) = (&mut self.slots, &mut self.pool);
+        let (cow_src, cow_dst) = (&mut out.cow_src, &mut out.cow_dst);
+        let mut registered = 0;
+        out.slots.extend(idxs.iter().zip(toks).map(|(&idx, tok)| {
+            let table = tables[idx].table.as_mut().expect("live slot");
+            let (slot, cow, reg) = append_one(bs, table, pool, tok);
+            if let Some((s, d)) = cow {
+                cow_src.push(s);
+                cow_dst.push(d);
+            }
+            registered += reg;
+            slot
+        }));
+        out.num_registered += registered;
     }
 
     /// A new table sharing every block of `id` (ref counts go up; no block is taken).
@@ -1077,6 +1133,33 @@ impl Counts<'_> {
     }
 }
 
+/// The most blocks one row of a batch append can take from the pool, when that is small
+/// (`None`: count each row): a row of at most `block_size` tokens takes at most one fresh
+/// block and one copy-on-write block, and a single token only one of the two (a fresh block
+/// when the last one is full, a copy when it is partial and shared).
+#[inline]
+fn per_row_bound(bs: usize, counts: Counts<'_>) -> Option<usize> {
+    match counts {
+        Counts::Same(0) => Some(0),
+        Counts::Same(1) => Some(1),
+        // A table's length is at most `num_blocks * block_size`, which fits i64 (checked by
+        // `new`), so adding at most `block_size` cannot overflow usize: no per-row check.
+        Counts::Same(n) if n <= bs => Some(2),
+        _ => None,
+    }
+}
+
+/// `blocks_for_append(bs, pool, t, 1)` without its general arithmetic: a fresh block when
+/// the last one is full (or there is none), a copy when it is partial and shared.
+#[inline]
+fn blocks_for_one(bs: usize, pool: &BlockPool, t: &Table) -> usize {
+    if t.num_tokens == t.blocks.len() * bs {
+        1
+    } else {
+        usize::from(last_may_be_shared(t) && pool.ref_cnt[t.last_block as usize] > 1)
+    }
+}
+
 /// Blocks that appending `n` tokens to `t` takes from the pool, counting the copy-on-write
 /// block when the partial last block is shared; `None` when the table's length would
 /// overflow.
@@ -1111,20 +1194,19 @@ fn blocks_for_append(bs: usize, pool: &BlockPool, t: &Table, n: usize) -> Option
     fresh.checked_add(cow)
 }
 
-/// Appends one token to `t` (capacity already checked) and pushes its slot id: the decode
+/// Appends one token to `t` (capacity already checked) and returns its slot id: the decode
 /// step's row. Does what `append_at` does for `n == 1`, without its divisions and slices:
 /// a fresh block when the last one is full (or there is none), else a copy-on-write of a
 /// shared partial block, or the unregistering of a partial block that still carries a hash.
 /// With `tok` a tracked table pushes the id to its tail and registers the block it fills.
-/// Returns the copy-on-write pair and the blocks newly registered (0 or 1).
-#[inline]
+/// Returns the slot, the copy-on-write pair and the blocks newly registered (0 or 1).
+#[inline(always)]
 fn append_one(
     bs: usize,
     t: &mut Table,
     pool: &mut BlockPool,
     tok: Option<i64>,
-    slots: &mut Vec<i64>,
-) -> (Option<(BlockId, BlockId)>, usize) {
+) -> (i64, Option<(BlockId, BlockId)>, usize) {
     let nb = t.blocks.len();
     // Tokens in the last block; `bs` when it is full or there is none.
     let used = if nb == 0 {
@@ -1158,7 +1240,7 @@ fn append_one(
     t.partial_hashed = false;
     t.may_share_last = false;
     t.num_tokens += 1;
-    slots.push((block as usize * bs + off) as i64);
+    let slot = (block as usize * bs + off) as i64;
     let registered = match tok {
         Some(id) if t.tracked => {
             t.tail.push(id);
@@ -1182,7 +1264,7 @@ fn append_one(
             0
         }
     };
-    (cow, registered)
+    (slot, cow, registered)
 }
 
 /// Rejects engine keys of width 0 (they would name every block alike).
