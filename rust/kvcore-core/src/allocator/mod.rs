@@ -665,15 +665,17 @@ impl BlockAllocator {
         let bs = self.block_size;
         self.batch_stamp += 1;
         let stamp = self.batch_stamp;
+        // Written by index (one slot per id), not pushed: no capacity check per row. On an
+        // error it is left partly written; the caller then applies nothing.
         idxs.clear();
-        idxs.reserve(ids.len());
+        idxs.resize(ids.len(), 0);
         // A decode step usually fits whatever its rows need: when the bound on the batch
         // (`per_row_bound`) fits the pool, the rows' exact needs are not added up.
         let count_each = per_row_bound(bs, counts)
             .and_then(|b| b.checked_mul(ids.len()))
             .is_none_or(|b| b > self.pool.num_available());
         let mut needed = 0usize;
-        for (i, &id) in ids.iter().enumerate() {
+        for (i, (&id, out)) in ids.iter().zip(idxs.iter_mut()).enumerate() {
             let idx = self.slot_index(id)?;
             let slot = &mut self.slots[idx];
             if slot.stamp == stamp {
@@ -682,7 +684,7 @@ impl BlockAllocator {
                 )));
             }
             slot.stamp = stamp;
-            idxs.push(idx);
+            *out = idx;
             if count_each {
                 let t = slot.table.as_ref().expect("checked by slot_index");
                 needed = match counts {
