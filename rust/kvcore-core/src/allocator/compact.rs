@@ -26,7 +26,7 @@
 //! * Moves are minimal for these rules: a kept token already at its destination does not
 //!   move, except in a replaced shared block, where every kept token must move.
 
-use super::{check_indptr, BlockAllocator, BlockId, Table, TableId};
+use super::{check_indptr, BlockAllocator, Table, TableId};
 use crate::error::{KvError, Result};
 
 /// The positions to keep, for [`BlockAllocator::compact`].
@@ -127,7 +127,14 @@ impl BlockAllocator {
         let bs = self.block_size;
         let g = self.geometry(keep);
         let mut table = self.slots[idx].table.take().expect("live slot");
-        let old: Vec<BlockId> = table.blocks.clone();
+        // The old block list, in a buffer kept across compactions.
+        let mut old = std::mem::take(&mut self.scratch_blocks);
+        old.clone_from(&table.blocks);
+        // Every kept position past the first rewritten block may move: one reservation
+        // instead of a doubling of the plan's buffers per compaction.
+        let moves = keep.len().saturating_sub(g.write_start * bs);
+        plan.src.reserve(moves);
+        plan.dst.reserve(moves);
 
         // 1. Private destinations: replace every shared block that will be written.
         //    New blocks are taken before any old block is released, so a destination is
@@ -175,6 +182,7 @@ impl BlockAllocator {
         table.num_tokens = g.num_kept;
         table.partial_hashed = g.num_kept % bs != 0;
         self.slots[idx].table = Some(table);
+        self.scratch_blocks = old;
     }
 
     /// Copies `keep` into the scratch buffer as validated positions.

@@ -49,7 +49,7 @@ const MAX_GENERATION: u32 = i32::MAX as u32;
 /// Table ids keep the slot index in their low 32 bits.
 const MAX_TABLE_SLOTS: usize = u32::MAX as usize;
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub(crate) struct Table {
     pub(crate) blocks: Vec<BlockId>,
     pub(crate) num_tokens: usize,
@@ -97,6 +97,40 @@ impl Default for Table {
             may_share_last: false,
             last_block: NULL_BLOCK,
         }
+    }
+}
+
+impl Clone for Table {
+    fn clone(&self) -> Self {
+        let mut t = Table::default();
+        t.clone_from(self);
+        t
+    }
+
+    /// Field by field, so the vectors keep their buffers (a derived `Clone` would allocate
+    /// new ones and drop the old): `fork` builds its child in a freed slot's spare table.
+    fn clone_from(&mut self, source: &Self) {
+        // Destructured, so a new field cannot be forgotten here.
+        let Table {
+            blocks,
+            num_tokens,
+            hashes,
+            tail,
+            tracked,
+            salt,
+            partial_hashed,
+            may_share_last,
+            last_block,
+        } = source;
+        self.blocks.clone_from(blocks);
+        self.num_tokens = *num_tokens;
+        self.hashes.clone_from(hashes);
+        self.tail.clone_from(tail);
+        self.tracked = *tracked;
+        self.salt.clone_from(salt);
+        self.partial_hashed = *partial_hashed;
+        self.may_share_last = *may_share_last;
+        self.last_block = *last_block;
     }
 }
 
@@ -208,6 +242,8 @@ pub struct BlockAllocator {
     batch_stamp: u64,
     /// Scratch buffer for keep positions, reused across compactions.
     scratch_keep: Vec<i64>,
+    /// Scratch buffer for a compacted table's old block list, reused across compactions.
+    scratch_blocks: Vec<BlockId>,
     /// Scratch buffer for the slot indices of a batch, reused across batch calls.
     scratch_idxs: Vec<usize>,
     /// Scratch buffers of `admit_batch`'s lookups, reused across waves.
@@ -253,6 +289,7 @@ impl BlockAllocator {
             num_tables: 0,
             batch_stamp: 0,
             scratch_keep: Vec::new(),
+            scratch_blocks: Vec::new(),
             scratch_idxs: Vec::new(),
             scratch_admit: admit::AdmitScratch::default(),
         })
@@ -628,10 +665,17 @@ impl BlockAllocator {
         let bs = self.block_size;
         self.batch_stamp += 1;
         let stamp = self.batch_stamp;
+        // Written by index (one slot per id), not pushed: no capacity check per row. On an
+        // error it is left partly written; the caller then applies nothing.
         idxs.clear();
-        idxs.reserve(ids.len());
+        idxs.resize(ids.len(), 0);
+        // A decode step usually fits whatever its rows need: when the bound on the batch
+        // (`per_row_bound`) fits the pool, the rows' exact needs are not added up.
+        let count_each = per_row_bound(bs, counts)
+            .and_then(|b| b.checked_mul(ids.len()))
+            .is_none_or(|b| b > self.pool.num_available());
         let mut needed = 0usize;
-        for (i, &id) in ids.iter().enumerate() {
+        for (i, (&id, out)) in ids.iter().zip(idxs.iter_mut()).enumerate() {
             let idx = self.slot_index(id)?;
             let slot = &mut self.slots[idx];
             if slot.stamp == stamp {
@@ -640,11 +684,17 @@ impl BlockAllocator {
                 )));
             }
             slot.stamp = stamp;
-            idxs.push(idx);
-            let t = slot.table.as_ref().expect("checked by slot_index");
-            needed = blocks_for_append(bs, &self.pool, t, counts.get(i))
-                .and_then(|b| needed.checked_add(b))
-                .unwrap_or(usize::MAX);
+            *out = idx;
+            if count_each {
+                let t = slot.table.as_ref().expect("checked by slot_index");
+                needed = match counts {
+                    // At most one block a row: the sum cannot overflow.
+                    Counts::Same(1) => needed + blocks_for_one(bs, &self.pool, t),
+                    _ => blocks_for_append(bs, &self.pool, t, counts.get(i))
+                        .and_then(|b| needed.checked_add(b))
+                        .unwrap_or(usize::MAX),
+                };
+            }
         }
         let total = counts.total(ids.len());
         if let Some(t) = tokens {
@@ -670,6 +720,10 @@ impl BlockAllocator {
         tokens: Option<&[i64]>,
         out: &mut BatchAppend,
     ) {
+        if let Counts::Same(1) = counts {
+            self.apply_decode_step(idxs, tokens, out);
+            return;
+        }
         let bs = self.block_size;
         // Every table's length was checked to fit, so the total fits too.
         out.slots.reserve(counts.total(idxs.len()).unwrap_or(0));
@@ -682,7 +736,9 @@ impl BlockAllocator {
                 // The decode step: one token, no division, no chain bookkeeping beyond a push.
                 let table = self.slots[idx].table.as_mut().expect("live slot");
                 let tok = tokens.map(|t| t[at]);
-                append_one(bs, table, &mut self.pool, tok, &mut out.slots)
+                let (slot, cow, registered) = append_one(bs, table, &mut self.pool, tok);
+                out.slots.push(slot);
+                (cow, registered)
             } else {
                 let toks = tokens.map(|t| &t[at..at + n]);
                 let (outcome, registered) = self.append_at(idx, n, toks, &mut out.slots);
@@ -698,16 +754,62 @@ impl BlockAllocator {
         }
     }
 
+    /// `apply_batch_append` for one token per table (the decode step): every row pushes one
+    /// slot, so the offsets are `0, 1, .., len` past the slots already there, written at once.
+    fn apply_decode_step(&mut self, idxs: &[usize], tokens: Option<&[i64]>, out: &mut BatchAppend) {
+        let base = out.slots.len();
+        out.indptr
+            .extend((base..=base + idxs.len()).map(|at| at as i64));
+        // One loop per case, so a row tests neither the option nor a token index.
+        match tokens {
+            Some(t) => self.decode_rows(idxs, t.iter().map(|&x| Some(x)), out),
+            None => self.decode_rows(idxs, std::iter::repeat(None), out),
+        }
+    }
+
+    /// The rows of a decode step: `toks` yields each row's token id (or `None`). The slots
+    /// go out through one `extend` of an exactly sized iterator: no capacity check per row.
+    #[inline(always)]
+    fn decode_rows(
+        &mut self,
+        idxs: &[usize],
+        toks: impl Iterator<Item = Option<i64>>,
+        out: &mut BatchAppend,
+    ) {
+        let bs = self.block_size;
+        let (tables, pool) = (&mut self.slots, &mut self.pool);
+        let (cow_src, cow_dst) = (&mut out.cow_src, &mut out.cow_dst);
+        let mut registered = 0;
+        out.slots.extend(idxs.iter().zip(toks).map(|(&idx, tok)| {
+            let table = tables[idx].table.as_mut().expect("live slot");
+            let (slot, cow, reg) = append_one(bs, table, pool, tok);
+            if let Some((s, d)) = cow {
+                cow_src.push(s);
+                cow_dst.push(d);
+            }
+            registered += reg;
+            slot
+        }));
+        out.num_registered += registered;
+    }
+
     /// A new table sharing every block of `id` (ref counts go up; no block is taken).
     /// Appending to either table later copies a shared partial last block on write.
     pub fn fork(&mut self, id: TableId) -> Result<TableId> {
         self.table(id)?;
         self.room_for_one_table()?;
         let idx = self.slot_index(id)?;
+        // The child is built in the buffers of the slot it will take (when a freed one is
+        // reused), as `create_table` does: no allocation per fork, and its token tail keeps
+        // room for a block, so the next decode step does not grow it.
+        let mut child = match self.free_slots.last() {
+            Some(&i) => std::mem::take(&mut self.spares[i as usize]),
+            None => Table::default(),
+        };
         let parent = self.slots[idx].table.as_mut().expect("live slot");
         // Both tables now share the partial last block (if any).
         parent.may_share_last = true;
-        let child = parent.clone();
+        child.clone_from(parent);
         for &b in &child.blocks {
             self.pool.incref(b);
         }
@@ -1033,6 +1135,33 @@ impl Counts<'_> {
     }
 }
 
+/// The most blocks one row of a batch append can take from the pool, when that is small
+/// (`None`: count each row): a row of at most `block_size` tokens takes at most one fresh
+/// block and one copy-on-write block, and a single token only one of the two (a fresh block
+/// when the last one is full, a copy when it is partial and shared).
+#[inline]
+fn per_row_bound(bs: usize, counts: Counts<'_>) -> Option<usize> {
+    match counts {
+        Counts::Same(0) => Some(0),
+        Counts::Same(1) => Some(1),
+        // A table's length is at most `num_blocks * block_size`, which fits i64 (checked by
+        // `new`), so adding at most `block_size` cannot overflow usize: no per-row check.
+        Counts::Same(n) if n <= bs => Some(2),
+        _ => None,
+    }
+}
+
+/// `blocks_for_append(bs, pool, t, 1)` without its general arithmetic: a fresh block when
+/// the last one is full (or there is none), a copy when it is partial and shared.
+#[inline]
+fn blocks_for_one(bs: usize, pool: &BlockPool, t: &Table) -> usize {
+    if t.num_tokens == t.blocks.len() * bs {
+        1
+    } else {
+        usize::from(last_may_be_shared(t) && pool.ref_cnt[t.last_block as usize] > 1)
+    }
+}
+
 /// Blocks that appending `n` tokens to `t` takes from the pool, counting the copy-on-write
 /// block when the partial last block is shared; `None` when the table's length would
 /// overflow.
@@ -1067,20 +1196,19 @@ fn blocks_for_append(bs: usize, pool: &BlockPool, t: &Table, n: usize) -> Option
     fresh.checked_add(cow)
 }
 
-/// Appends one token to `t` (capacity already checked) and pushes its slot id: the decode
+/// Appends one token to `t` (capacity already checked) and returns its slot id: the decode
 /// step's row. Does what `append_at` does for `n == 1`, without its divisions and slices:
 /// a fresh block when the last one is full (or there is none), else a copy-on-write of a
 /// shared partial block, or the unregistering of a partial block that still carries a hash.
 /// With `tok` a tracked table pushes the id to its tail and registers the block it fills.
-/// Returns the copy-on-write pair and the blocks newly registered (0 or 1).
-#[inline]
+/// Returns the slot, the copy-on-write pair and the blocks newly registered (0 or 1).
+#[inline(always)]
 fn append_one(
     bs: usize,
     t: &mut Table,
     pool: &mut BlockPool,
     tok: Option<i64>,
-    slots: &mut Vec<i64>,
-) -> (Option<(BlockId, BlockId)>, usize) {
+) -> (i64, Option<(BlockId, BlockId)>, usize) {
     let nb = t.blocks.len();
     // Tokens in the last block; `bs` when it is full or there is none.
     let used = if nb == 0 {
@@ -1114,7 +1242,7 @@ fn append_one(
     t.partial_hashed = false;
     t.may_share_last = false;
     t.num_tokens += 1;
-    slots.push((block as usize * bs + off) as i64);
+    let slot = (block as usize * bs + off) as i64;
     let registered = match tok {
         Some(id) if t.tracked => {
             t.tail.push(id);
@@ -1138,7 +1266,7 @@ fn append_one(
             0
         }
     };
-    (cow, registered)
+    (slot, cow, registered)
 }
 
 /// Rejects engine keys of width 0 (they would name every block alike).

@@ -114,6 +114,32 @@ fn fork_shares_and_copy_on_write_privatises_the_partial_block() {
 }
 
 #[test]
+fn fork_into_a_freed_slot_copies_the_parent_exactly() {
+    // The child is built in the buffers the freed (longer, salted) table left behind,
+    // emptied but with their capacity: the copy must still equal the parent in every field.
+    let mut a = BlockAllocator::new(32, 4).unwrap();
+    let old = a.create_table().unwrap();
+    let tokens: Vec<i64> = (0..23).collect();
+    append(&mut a, old, 23);
+    a.register_prefix(old, &tokens, Some(b"old-salt")).unwrap();
+    let p = a.create_table().unwrap();
+    append(&mut a, p, 6);
+    a.register_prefix(p, &[9, 8, 7, 6, 5, 4], None).unwrap();
+    a.free(old).unwrap();
+    let c = a.fork(p).unwrap();
+    assert_eq!(
+        c & 0xffff_ffff,
+        old & 0xffff_ffff,
+        "the fork reuses the freed slot"
+    );
+    let (parent, child) = (a.table(p).unwrap(), a.table(c).unwrap());
+    assert!(parent.salt.is_none() && parent.tail == [5, 4]);
+    // Every field, through the derived Debug.
+    assert_eq!(format!("{parent:?}"), format!("{child:?}"));
+    a.check_invariants().unwrap();
+}
+
+#[test]
 fn full_shared_last_block_needs_no_copy() {
     let mut a = BlockAllocator::new(8, 4).unwrap();
     let p = a.create_table().unwrap();
