@@ -48,12 +48,14 @@ def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _sanitizer_summary(log: Path) -> str | None:
-    """The last summary line of a compute-sanitizer log (memcheck: "ERROR SUMMARY: ...",
-    racecheck: "RACECHECK SUMMARY: ..."), or None."""
-    if not log.exists():
-        return None
-    found = re.findall(r"(?:ERROR|RACECHECK) SUMMARY: .*", log.read_text(errors="replace"))
+# memcheck ends its log with "ERROR SUMMARY: ...", racecheck with "RACECHECK SUMMARY: ..."
+SANITIZER_SUMMARY = r"(?:ERROR|RACECHECK) SUMMARY: .*"
+
+
+def sanitizer_summary(text: str) -> str | None:
+    """The last summary line of a compute-sanitizer log's text, or None (also what
+    ``tools/gpu_check.py run`` records as a sanitizer step's ``sanitizer``)."""
+    found = re.findall(SANITIZER_SUMMARY, text)
     return found[-1].strip() if found else None
 
 
@@ -63,8 +65,9 @@ def _steps(summary: dict[str, Any], results: Path, tag: str) -> list[str]:
     lines = ["| step | status | seconds | summary |", "|---|---|---|---|"]
     for s in summary["steps"]:
         note = s.get("sanitizer")
-        if not note and s["step"] in ("memcheck", "racecheck") and s["status"] != "skipped":
-            note = _sanitizer_summary(results / f"{s['step']}_{tag}.log")
+        log = results / f"{s['step']}_{tag}.log"
+        if not note and s["step"] in ("memcheck", "racecheck") and log.exists():
+            note = sanitizer_summary(log.read_text(errors="replace"))
         note = note or s.get("summary") or s.get("reason") or ""
         lines.append(f"| {s['step']} | {s['status']} | {s['seconds']} | {note} |")
     return lines

@@ -72,11 +72,15 @@ def compile_emu(src: str) -> ctypes.CDLL:
     return _LIBS[key]
 
 
+def emu_header(name: str) -> str:
+    """The emulation header a kernel file compiles under: the threaded one for the kernels
+    with barriers and shuffles (compaction, decode attention), else the serial loops."""
+    return "cuda_emu_threads.h" if name in ("decode_attention", "compact") else "cuda_emu.h"
+
+
 def _lib(name: str, defines: Mapping[str, int], kernel: str) -> ctypes.CDLL:
-    threads = name in ("decode_attention", "compact")  # the kernels with barriers
-    header = "cuda_emu_threads.h" if threads else "cuda_emu.h"
     return compile_emu(
-        f'#include "{header}"\n#include <type_traits>\n'
+        f'#include "{emu_header(name)}"\n#include <type_traits>\n'
         + kernels.kernel_source(name, defines)
         + f"\n#define KERNEL {kernel}\n"
         + _INVOKE

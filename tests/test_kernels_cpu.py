@@ -20,7 +20,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the kernel references need torch")
 
-from emu_launch import compile_emu  # noqa: E402
+from emu_launch import compile_emu, emu_header  # noqa: E402
 
 import kvcore  # noqa: E402
 from kvcore import kernels, quant  # noqa: E402
@@ -62,10 +62,8 @@ def emu_build() -> Callable[..., Callable[..., None]]:
     """``emu_build(file, kernel, defines)`` -> the C launcher of that kernel (built once)."""
 
     def build(name: str, kernel: str, defines: dict[str, int]) -> Callable[..., None]:
-        # compaction's chunks need __syncthreads: one std::thread per CUDA thread
-        header = "cuda_emu_threads.h" if name == "compact" else "cuda_emu.h"
         src = (
-            f'#include "{header}"\n'
+            f'#include "{emu_header(name)}"\n'
             + kernels.kernel_source(name, defines)
             + WRAPPERS[(name, kernel)]
         )

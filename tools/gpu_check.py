@@ -68,8 +68,6 @@ DRY_OUTPUTS = ("summary.json", "gpu_check.log", "smoke.json", "kernels.json", "e
 # The dry run's end-to-end methods: one evicting cache and one with int4 pages, at 8x.
 DRY_E2E = "kvcore:streaming@0.125,kvcore:snapkv@0.125+int4"
 PYTEST_SUMMARY = r"^=*\s*\d+ (?:passed|failed|skipped|errors?|deselected).*$"
-# memcheck ends its log with "ERROR SUMMARY: ...", racecheck with "RACECHECK SUMMARY: ..."
-SANITIZER_SUMMARY = r"(?:ERROR|RACECHECK) SUMMARY: .*"
 LOG_CHARS = 400_000  # per step in gpu_check.log: its head and its tail
 # Step time limits in seconds on the GPU machine (all of them also inside --budget).
 LIMITS = {
@@ -244,6 +242,17 @@ def _sanitizer() -> str | None:
     return None
 
 
+def _gpu_report() -> Any:
+    """``bench/gpu_report.py`` (stdlib only): the report, and the sanitizer-summary rule that
+    ``run`` records and the report falls back on."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_report
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return gpu_report
+
+
 def run(out: Path, budget: float, dry: bool, wheel: Path | None = None) -> int:
     """The check itself (``dry``: the CPU modes). Returns 0 when every step passed."""
     out.mkdir(parents=True, exist_ok=True)
@@ -303,7 +312,7 @@ def run(out: Path, budget: float, dry: bool, wheel: Path | None = None) -> int:
             LIMITS["bench_kernels"],
             r"^target .*$",
         )
-        san = _sanitizer()
+        san, report = _sanitizer(), _gpu_report()
         for tool in ("memcheck", "racecheck"):
             if dry:
                 r.skip(tool, "dry run: compute-sanitizer needs a GPU")
@@ -317,13 +326,12 @@ def run(out: Path, budget: float, dry: bool, wheel: Path | None = None) -> int:
                 tool, [*base, "--kernel-name", "kns=kv_", *smoke], LIMITS[tool], r"^kernel smoke.*$"
             )
             text = log.read_text(errors="replace") if log.exists() else ""
-            if rec["status"] == "failed" and not re.search(SANITIZER_SUMMARY, text):
+            if rec["status"] == "failed" and report.sanitizer_summary(text) is None:
                 # the kernel filter's syntax differs between releases: all kernels, once more
                 r.steps.pop()
                 rec = r.step(tool, [*base, *smoke], LIMITS[tool], r"^kernel smoke.*$")
                 text = log.read_text(errors="replace") if log.exists() else ""
-            found = re.findall(SANITIZER_SUMMARY, text)
-            rec["sanitizer"] = found[-1] if found else None
+            rec["sanitizer"] = report.sanitizer_summary(text)
         e2e = [py, "bench/bench_e2e.py", "--out", str(out / "e2e.json")]
         tiny = ["--smoke", "--contexts", "256", "--new-tokens", "2", "--methods", DRY_E2E]
         e2e += tiny if dry else ["--quick"]
@@ -373,12 +381,7 @@ def collect(src: Path, results: Path, doc: Path) -> list[Path]:
     for name, target in names.items():
         if (src / name).exists():
             copied.append(Path(shutil.copy2(src / name, results / target)))
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import gpu_report
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    gpu_report.update_doc(doc, results)
+    _gpu_report().update_doc(doc, results)
     for p in copied:
         print(f"gpu_check.py: wrote {p}")
     print(f"gpu_check.py: regenerated the GPU section of {doc}")
